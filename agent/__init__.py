@@ -1,0 +1,1 @@
+"""tether: sidecarless service-mesh node agent."""

@@ -1,0 +1,122 @@
+"""`tether` command line: run, status, cleanup, demo, bench, bpf-source."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import urllib.request
+from collections.abc import Sequence
+
+
+def _cmd_run(a: argparse.Namespace) -> int:
+    from agent.app import main_run
+
+    return main_run(a.config, True if a.sk_msg else None)
+
+
+def _cmd_status(a: argparse.Namespace) -> int:
+    url = f"http://127.0.0.1:{a.admin_port}/config_dump"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            data = json.load(r)
+    except OSError as e:
+        print(f"tether status: no agent answers on {url} ({e}); is `tether run` up?",
+              file=sys.stderr)
+        return 1
+    if a.json:
+        print(json.dumps(data, indent=1))
+        return 0
+    dp = data["datapath"]
+    print(f"node {data['node']}  ready={data['ready']}  sk_msg={dp['skmsg']}  pins={dp['pin_dir']}")
+    print("programs: " + ", ".join(f"{n} ({h})" for n, h in dp["programs"].items()))
+    print(f"enrolled pods: {len(dp['pods'])}")
+    for key, p in dp["pods"].items():
+        print(f"  {key:30} slot {p['slot']:<4} ips {','.join(p['spec']['ips'])}  "
+              f"hooks {','.join(p['links'])}")
+    for key, err in data["pod_errors"].items():
+        print(f"  {key:30} NOT CAPTURED: {err}")
+    print("bpf counters: " + ", ".join(f"{k}={v}" for k, v in dp["stats"].items() if v))
+    opened = data["connections"]["open"]
+    print(f"open connections: {len(opened)}")
+    for c in opened:
+        print(f"  {c['pod']:20} {c['direction']:8} {c['src']} -> {c['dst']} via {c['path']}")
+    return 0
+
+
+def _cmd_cleanup(a: argparse.Namespace) -> int:
+    from agent.datapath.datapath import cleanup
+
+    report = cleanup(a.pin_dir, a.state_dir)
+    print(json.dumps(report, indent=1) if a.json else
+          f"removed {len(report['links'])} links, {len(report['maps'])} pinned maps, "
+          f"routing in {len(report['netns'])} pod netns")
+    return 0
+
+
+def _cmd_demo(a: argparse.Namespace) -> int:
+    from agent.demo import main as demo_main
+
+    return demo_main(json_out=a.json, sk_msg=a.sk_msg)
+
+
+def _cmd_bench(a: argparse.Namespace) -> int:
+    from agent.bench import main as bench_main
+
+    return bench_main(a.what, seconds=a.seconds, json_out=a.json)
+
+
+def _cmd_bpf_source(a: argparse.Namespace) -> int:
+    from agent.datapath.loader import BuildOptions, compose_source
+
+    opts = BuildOptions(pin_dir=a.pin_dir)
+    print("// cflags: " + " ".join(opts.cflags()))
+    print(compose_source(opts))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tether", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    r = sub.add_parser("run", help="run the node agent from a local config file")
+    r.add_argument("--config", required=True, help="local-file model (YAML)")
+    r.add_argument("--sk-msg", action="store_true", help="splice pod<->agent hops with sk_msg")
+    r.set_defaults(fn=_cmd_run)
+
+    s = sub.add_parser("status", help="what the running agent captures")
+    s.add_argument("--admin-port", type=int, default=15000)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=_cmd_status)
+
+    c = sub.add_parser("cleanup", help="remove every link, program, pin and rule tether made")
+    c.add_argument("--pin-dir", default="/sys/fs/bpf/tether")
+    c.add_argument("--state-dir", default="/run/tether")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(fn=_cmd_cleanup)
+
+    d = sub.add_parser("demo", help="simulated node: capture pods' traffic, then tear down")
+    d.add_argument("--json", action="store_true")
+    d.add_argument("--sk-msg", action="store_true")
+    d.set_defaults(fn=_cmd_demo)
+
+    b = sub.add_parser("bench", help="benchmarks (numbers as ratios to a same-run baseline)")
+    b.add_argument("what", choices=["datapath"])
+    b.add_argument("--seconds", type=float, default=3.0)
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(fn=_cmd_bench)
+
+    e = sub.add_parser("bpf-source", help="print the C text BCC compiles, with its cflags")
+    e.add_argument("--pin-dir", default="/sys/fs/bpf/tether")
+    e.set_defaults(fn=_cmd_bpf_source)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    rc: int = a.fn(a)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

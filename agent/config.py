@@ -1,0 +1,170 @@
+"""The local-file model: one YAML file describes a node's agent settings, the
+namespaces (with their labels) and the workloads.  It plays the part of
+ztunnel's LOCAL_XDS_PATH: the agent runs without a cluster, and the demo and
+the tests drive it this way.
+
+Enrollment follows Istio ambient: a workload is captured when its namespace
+carries istio.io/dataplane-mode=ambient (or the pod does), unless the pod says
+istio.io/dataplane-mode=none.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DATAPLANE_MODE = "istio.io/dataplane-mode"
+
+
+class ConfigError(ValueError):
+    """A field of the local file is wrong; the message names it and says what fits."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    name: str
+    namespace: str
+    service_account: str
+    node: str
+    addresses: tuple[str, ...]
+    labels: dict[str, str]
+    netns: str | None = None
+    cgroup: str | None = None
+    exclude_outbound_ports: tuple[int, ...] = ()
+    exclude_inbound_ports: tuple[int, ...] = ()
+    exclude_outbound_cidrs: tuple[str, ...] = ()
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentSettings:
+    pin_dir: str = "/sys/fs/bpf/tether"
+    state_dir: str = "/run/tether"
+    cgroup: str | None = None  # None: the agent's own cgroup
+    kubelet_cgroups: tuple[str, ...] = ()
+    sk_msg: bool = False
+    admin_port: int = 15000
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalConfig:
+    node: str
+    agent: AgentSettings
+    namespaces: dict[str, dict[str, str]]  # name -> labels
+    workloads: tuple[Workload, ...]
+
+    def enrolled(self, w: Workload) -> bool:
+        mode = w.labels.get(DATAPLANE_MODE)
+        if mode == "none":
+            return False
+        if mode == "ambient":
+            return True
+        return self.namespaces.get(w.namespace, {}).get(DATAPLANE_MODE) == "ambient"
+
+    def local_enrolled(self) -> list[Workload]:
+        return [w for w in self.workloads if w.node == self.node and self.enrolled(w)]
+
+
+def _str_list(v: Any, where: str) -> tuple[str, ...]:
+    if v is None:
+        return ()
+    if not isinstance(v, list) or not all(isinstance(x, str | int) for x in v):
+        raise ConfigError(f"{where}: expected a list of strings")
+    return tuple(str(x) for x in v)
+
+
+def _ports(v: Any, where: str) -> tuple[int, ...]:
+    out = []
+    for x in _str_list(v, where):
+        if not x.isdigit() or not 0 < int(x) < 65536:
+            raise ConfigError(f"{where}: {x!r} is not a port number (1-65535)")
+        out.append(int(x))
+    return tuple(out)
+
+
+def _workload(d: Any, i: int, node: str) -> Workload:
+    where = f"workloads[{i}]"
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where}: expected a mapping")
+    for field in ("name", "namespace"):
+        if not isinstance(d.get(field), str) or not d[field]:
+            raise ConfigError(f"{where}.{field}: required string")
+    addrs = _str_list(d.get("addresses"), f"{where}.addresses")
+    for a in addrs:
+        try:
+            ipaddress.ip_address(a)
+        except ValueError:
+            raise ConfigError(f"{where}.addresses: {a!r} is not an IP address") from None
+    cidrs = _str_list(d.get("excludeOutboundCIDRs"), f"{where}.excludeOutboundCIDRs")
+    for c in cidrs:
+        try:
+            ipaddress.ip_network(c, strict=False)
+        except ValueError:
+            raise ConfigError(f"{where}.excludeOutboundCIDRs: {c!r} is not a CIDR") from None
+    labels = d.get("labels") or {}
+    if not isinstance(labels, dict):
+        raise ConfigError(f"{where}.labels: expected a mapping")
+    return Workload(
+        name=d["name"],
+        namespace=d["namespace"],
+        service_account=str(d.get("serviceAccount", "default")),
+        node=str(d.get("node", node)),
+        addresses=addrs,
+        labels={str(k): str(v) for k, v in labels.items()},
+        netns=d.get("netns"),
+        cgroup=d.get("cgroup"),
+        exclude_outbound_ports=_ports(d.get("excludeOutboundPorts"),
+                                      f"{where}.excludeOutboundPorts"),
+        exclude_inbound_ports=_ports(d.get("excludeInboundPorts"),
+                                     f"{where}.excludeInboundPorts"),
+        exclude_outbound_cidrs=cidrs,
+    )
+
+
+def parse(doc: Any) -> LocalConfig:
+    if not isinstance(doc, dict):
+        raise ConfigError("the file must be a YAML mapping with node, agent, namespaces, workloads")
+    node = doc.get("node")
+    if not isinstance(node, str) or not node:
+        raise ConfigError("node: required, the name of the node this agent runs on")
+    a = doc.get("agent") or {}
+    if not isinstance(a, dict):
+        raise ConfigError("agent: expected a mapping")
+    known = {"pinDir", "stateDir", "cgroup", "kubeletCgroups", "skMsg", "adminPort"}
+    unknown = set(a) - known
+    if unknown:
+        raise ConfigError(f"agent: unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
+    agent = AgentSettings(
+        pin_dir=str(a.get("pinDir", AgentSettings.pin_dir)),
+        state_dir=str(a.get("stateDir", AgentSettings.state_dir)),
+        cgroup=a.get("cgroup"),
+        kubelet_cgroups=_str_list(a.get("kubeletCgroups"), "agent.kubeletCgroups"),
+        sk_msg=bool(a.get("skMsg", False)),
+        admin_port=int(a.get("adminPort", 15000)),
+    )
+    namespaces: dict[str, dict[str, str]] = {}
+    for i, ns in enumerate(doc.get("namespaces") or []):
+        if not isinstance(ns, dict) or not isinstance(ns.get("name"), str):
+            raise ConfigError(f"namespaces[{i}]: expected a mapping with a name")
+        namespaces[ns["name"]] = {str(k): str(v) for k, v in (ns.get("labels") or {}).items()}
+    workloads = []
+    for i, w in enumerate(doc.get("workloads") or []):
+        workloads.append(_workload(w, i, node))
+    return LocalConfig(node, agent, namespaces, tuple(workloads))
+
+
+def load(path: str | Path) -> LocalConfig:
+    try:
+        doc = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from e
+    return parse(doc)

@@ -1,0 +1,1 @@
+"""Kernel datapath: eBPF loading, maps, links and pins."""

@@ -1,0 +1,245 @@
+"""Compile tether's C programs with BCC and load them.
+
+This is the only module that imports bcc.  It composes one translation unit
+from the per-hook files in bpf/ (BCC shares maps only within one module, and
+rewrites map calls only in the main file, so the lib/ headers are inlined with
+#line markers that keep compiler and verifier messages pointing at the real
+files), passes configuration as -D cflags, and returns program and map fds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.resources
+import io
+import os
+import platform
+import re
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from agent.datapath.errors import DatapathError, KernelTooOld
+
+# Order matters only for readability of the composed text.
+HOOK_FILES = ("sock_connect.c", "sock_peer.c", "sockops.c", "sockopt.c", "sk_lookup.c", "sk_msg.c")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgSpec:
+    """A BPF entry point: its program type, the attach type it is loaded for,
+    and the oldest kernel that has the hook."""
+
+    name: str
+    hook: str
+    prog_type: int
+    attach_type: int
+    kernel: tuple[int, int]
+    needs_ipv6: bool = False
+    needs_skmsg: bool = False
+
+
+# Program and attach type numbers from include/uapi/linux/bpf.h.
+PROGRAMS: dict[str, ProgSpec] = {
+    p.name: p
+    for p in (
+        # netns cookie in sock_addr programs: 5.7
+        ProgSpec("tether_connect4", "cgroup/connect4", 18, 10, (5, 7)),
+        ProgSpec("tether_connect6", "cgroup/connect6", 18, 11, (5, 7), needs_ipv6=True),
+        ProgSpec("tether_peer4", "cgroup/getpeername4", 18, 29, (5, 8)),
+        ProgSpec("tether_peer6", "cgroup/getpeername6", 18, 30, (5, 8), needs_ipv6=True),
+        ProgSpec("tether_sockops", "sockops", 13, 3, (5, 3)),
+        ProgSpec("tether_probe", "sockops (kubelet)", 13, 3, (5, 3)),
+        ProgSpec("tether_sockopt", "cgroup/getsockopt", 25, 21, (5, 3)),
+        ProgSpec("tether_lookup", "sk_lookup", 30, 36, (5, 9)),
+        ProgSpec("tether_sk_msg", "sk_msg", 16, 7, (4, 17), needs_skmsg=True),
+    )
+}
+
+# Maps: name -> (map type, key size, value size); checked against pinned maps
+# before they are adopted.
+MAPS: dict[str, tuple[int, int, int]] = {
+    "tether_pods": (1, 8, 8),
+    "tether_podips": (1, 20, 8),
+    "tether_orig": (9, 8, 20),
+    "tether_tuple": (9, 40, 20),
+    "tether_bypass": (9, 40, 1),
+    "tether_ports": (1, 8, 1),
+    "tether_nets": (11, 28, 1),
+    "tether_cfg": (2, 4, 8),
+    "tether_stats": (6, 4, 8),
+    "tether_listen": (15, 4, 4),
+    "tether_socks": (18, 40, 4),
+}
+PINNED_MAPS = tuple(n for n, (t, _, _) in MAPS.items() if t not in (15, 18))
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildOptions:
+    """Everything that is compiled into the programs (-D cflags)."""
+
+    pin_dir: str = "/sys/fs/bpf/tether"
+    outbound_port: int = 15001
+    inbound_port: int = 15006
+    hbone_port: int = 15008
+    max_pods: int = 1024
+    max_conns: int = 65536
+    ipv6: bool = True
+    skmsg: bool = True
+    debug: bool = False
+
+    def cflags(self) -> list[str]:
+        return [
+            f'-DTETHER_PIN_DIR="{self.pin_dir}"',
+            f"-DTETHER_OUTBOUND_PORT={self.outbound_port}",
+            f"-DTETHER_INBOUND_PORT={self.inbound_port}",
+            f"-DTETHER_HBONE_PORT={self.hbone_port}",
+            f"-DTETHER_MAX_PODS={self.max_pods}",
+            f"-DTETHER_MAX_CONNS={self.max_conns}",
+            f"-DTETHER_ENABLE_IPV6={int(self.ipv6)}",
+            f"-DTETHER_ENABLE_SKMSG={int(self.skmsg)}",
+            f"-DTETHER_DEBUG={int(self.debug)}",
+        ]
+
+    def programs(self) -> list[ProgSpec]:
+        return [
+            p
+            for p in PROGRAMS.values()
+            if (self.ipv6 or not p.needs_ipv6) and (self.skmsg or not p.needs_skmsg)
+        ]
+
+
+def bpf_dir() -> Path:
+    """The installed C sources (package data), resolved to an absolute path:
+    BCC resolves relative paths against sys.argv[0]."""
+    return Path(str(importlib.resources.files("agent.bpf"))).resolve()
+
+
+_INCLUDE = re.compile(r'^\s*#include\s+"([\w./]+)"')
+
+
+def compose_source(opts: BuildOptions, directory: Path | None = None) -> str:
+    """The single translation unit BCC compiles (what `tether bpf-source` prints)."""
+    base = directory or bpf_dir()
+    seen: set[Path] = set()
+
+    def inline(path: Path) -> str:
+        out = [f'#line 1 "{path}"\n']
+        for lineno, line in enumerate(path.read_text().splitlines(keepends=True), 1):
+            m = _INCLUDE.match(line)
+            if not m:
+                out.append(line)
+                continue
+            inc = (path.parent / m.group(1)).resolve()
+            if not inc.exists():
+                inc = (base / "lib" / m.group(1)).resolve()
+            if inc not in seen:
+                seen.add(inc)
+                out.append(inline(inc))
+            out.append(f'#line {lineno + 1} "{path}"\n')
+        return "".join(out)
+
+    files = [f for f in HOOK_FILES if opts.skmsg or f != "sk_msg.c"]
+    return "".join(inline(base / f) for f in files)
+
+
+def kernel_version() -> tuple[int, int]:
+    m = re.match(r"(\d+)\.(\d+)", platform.release())
+    if not m:
+        raise DatapathError(f"cannot parse kernel version {platform.release()!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def check_headers() -> None:
+    """BCC needs kernel headers at /lib/modules/$(uname -r)/build (or the
+    kernel's built-in /sys/kernel/kheaders.tar.xz)."""
+    kdir = Path("/lib/modules") / platform.release()
+    if (kdir / "build" / "include" / "generated" / "autoconf.h").exists():
+        return
+    if Path("/sys/kernel/kheaders.tar.xz").exists():
+        return
+    raise DatapathError(
+        f"no kernel headers for {platform.release()} in {kdir}/build: BCC cannot compile. "
+        "Run `vagrant/provision.sh` (installs the distribution's headers and links them "
+        "for kernels that have none packaged), or install linux-headers-$(uname -r)."
+    )
+
+
+def _import_bcc() -> Any:
+    try:
+        import bcc
+    except ImportError as e:
+        raise DatapathError(
+            "BCC's Python module is not importable: install Debian's python3-bpfcc and use "
+            "a venv built from /usr/bin/python3 with --system-site-packages "
+            f"(vagrant/provision.sh does both). ({e})"
+        ) from e
+    return bcc
+
+
+@contextlib.contextmanager
+def _capture_fd2() -> Iterator[io.StringIO]:
+    """BCC prints compiler and verifier messages to fd 2 from C; keep them for
+    the error we raise instead of letting them scatter over the agent's log.
+    A temporary file, not a pipe: a verifier log can exceed a pipe's buffer."""
+    buf = io.StringIO()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield buf
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            buf.write(tmp.read().decode(errors="replace"))
+
+
+class Programs:
+    """A compiled and loaded module: program fds by name, map fds by name.
+    Owns the BCC object; close() releases every fd it holds."""
+
+    def __init__(self, opts: BuildOptions) -> None:
+        bcc = _import_bcc()
+        check_headers()
+        Path(opts.pin_dir).mkdir(parents=True, exist_ok=True)
+        self.opts = opts
+        self.kernel = kernel_version()
+        text = compose_source(opts)
+        with _capture_fd2() as log:
+            try:
+                self._bpf = bcc.BPF(text=text, cflags=opts.cflags())
+            except Exception as e:
+                raise DatapathError(f"BPF compile failed: {e}\n{log.getvalue()[-4000:]}") from e
+        self.prog_fds: dict[str, int] = {}
+        for spec in opts.programs():
+            self.prog_fds[spec.name] = self._load(spec)
+        lib = bcc.libbcc.lib
+        self.map_fds: dict[str, int] = {}
+        for name in MAPS:
+            fd = lib.bpf_table_fd(self._bpf.module, name.encode())
+            if fd < 0:
+                raise DatapathError(f"map {name} missing from the compiled module")
+            self.map_fds[name] = fd
+
+    def _load(self, spec: ProgSpec) -> int:
+        with _capture_fd2() as log:
+            try:
+                fn = self._bpf.load_func(
+                    spec.name.encode(), spec.prog_type, attach_type=spec.attach_type
+                )
+            except Exception as e:
+                if self.kernel < spec.kernel:
+                    raise KernelTooOld(spec.hook, spec.kernel, self.kernel) from e
+                raise DatapathError(
+                    f"the kernel rejected {spec.name} ({spec.hook}): {e}\n"
+                    f"verifier log (tail):\n{log.getvalue()[-4000:]}"
+                ) from e
+        return int(fn.fd)
+
+    def close(self) -> None:
+        self._bpf.cleanup()
+        self.prog_fds.clear()
+        self.map_fds.clear()

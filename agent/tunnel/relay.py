@@ -1,0 +1,135 @@
+"""Byte relay between two connected sockets on asyncio transports.
+
+Protocols rather than stream coroutines: data_received hands bytes straight to
+the other transport with no task switch, flow control is the transports' own
+(pause_writing on one side pauses reading on the other), and a relay can be
+frozen at a clean point (reads paused, write buffers drained) so its sockets
+can be handed to a successor agent without losing a byte.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from typing import Any
+
+
+class _Half(asyncio.Protocol):
+    """One socket of a relay; what it reads goes to its peer's transport."""
+
+    def __init__(self, relay: Relay, name: str) -> None:
+        self.relay = relay
+        self.name = name
+        self.transport: asyncio.Transport | None = None
+        self.peer: _Half | None = None
+        self.bytes_in = 0
+        self.pending: list[bytes] = []
+        self.eof = False
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        # The peer may have read bytes before this end existed.
+        if self.peer is not None and self.peer.pending:
+            for chunk in self.peer.pending:
+                transport.write(chunk)
+            self.peer.pending.clear()
+        if self.peer is not None and self.peer.eof and transport.can_write_eof():
+            transport.write_eof()
+
+    def data_received(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        assert self.peer is not None
+        if self.peer.transport is None:
+            self.pending.append(data)
+        else:
+            self.peer.transport.write(data)
+
+    def eof_received(self) -> bool:
+        """Half-close: pass the FIN on, keep the other direction open."""
+        self.eof = True
+        assert self.peer is not None
+        if self.peer.transport is None:
+            return True  # the peer's connection_made passes it on
+        if self.peer.transport.can_write_eof() and not self.peer.transport.is_closing():
+            self.peer.transport.write_eof()
+        if self.peer.eof:
+            self.relay.close()
+        return True
+
+    def pause_writing(self) -> None:
+        if self.peer and self.peer.transport:
+            self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer and self.peer.transport and not self.relay.frozen:
+            self.peer.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if not self.relay.frozen:
+            self.relay.close()
+
+
+class Relay:
+    """Relays a and b until both sides finish.  `done` resolves then."""
+
+    def __init__(self, info: dict[str, Any]) -> None:
+        self.info = info
+        self.a = _Half(self, "a")
+        self.b = _Half(self, "b")
+        self.a.peer, self.b.peer = self.b, self.a
+        self.frozen = False
+        self.started = time.monotonic()
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def start(self, a: socket.socket, b: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.connect_accepted_socket(lambda: self.b, b)
+        await loop.connect_accepted_socket(lambda: self.a, a)
+
+    @property
+    def bytes_a_to_b(self) -> int:
+        return self.a.bytes_in
+
+    @property
+    def bytes_b_to_a(self) -> int:
+        return self.b.bytes_in
+
+    def close(self) -> None:
+        for half in (self.a, self.b):
+            if half.transport is not None and not half.transport.is_closing():
+                half.transport.close()
+        if not self.done.done():
+            self.done.set_result(None)
+
+    async def freeze(self, timeout: float = 5.0) -> tuple[socket.socket, socket.socket] | None:
+        """Stop reading, let buffered bytes drain to the kernel, and give back
+        duplicates of both sockets for a successor; the relay is then closed
+        here without shutting the connections down.  None if it ended first."""
+        self.frozen = True
+        halves = (self.a, self.b)
+        for half in halves:
+            if half.transport is not None and not half.transport.is_closing():
+                half.transport.pause_reading()
+        deadline = time.monotonic() + timeout
+        while any(
+            h.transport is not None and h.transport.get_write_buffer_size() > 0 for h in halves
+        ):
+            if time.monotonic() > deadline:
+                raise TimeoutError("relay did not drain")
+            await asyncio.sleep(0.005)
+        socks: list[socket.socket] = []
+        for half in halves:
+            if half.transport is None or half.closed:
+                return None
+            ts = half.transport.get_extra_info("socket")
+            socks.append(socket.socket(fileno=socket.dup(ts.fileno())))
+        for half in halves:
+            assert half.transport is not None
+            half.transport.abort()  # closes our fd only; the dups keep the connection
+        if not self.done.done():
+            self.done.set_result(None)
+        return socks[0], socks[1]

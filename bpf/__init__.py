@@ -1,0 +1,1 @@
+"""C sources of tether's eBPF programs, shipped as package data (agent.bpf)."""
