@@ -13,9 +13,9 @@ import json
 import logging
 import os
 import signal
-from pathlib import Path
 from typing import Any
 
+from agent import cgroupfs
 from agent import config as localconfig
 from agent import handoff
 from agent.datapath.datapath import Datapath, DatapathConfig, PodSpec
@@ -29,16 +29,6 @@ log = logging.getLogger(__name__)
 LISTEN_KINDS = {"in4": Listen.PLAIN4, "in6": Listen.PLAIN6}
 
 
-def own_cgroup() -> str:
-    """The cgroup v2 directory this process runs in."""
-    from agent.sim.cgroup import cgroup2_root
-
-    for line in Path("/proc/self/cgroup").read_text().splitlines():
-        if line.startswith("0::"):
-            return str(cgroup2_root() / line[3:].lstrip("/"))
-    raise DatapathError("this process has no cgroup v2 membership (cgroup v2 not mounted?)")
-
-
 class Agent:
     def __init__(self, config_path: str, skmsg: bool | None = None) -> None:
         self.config_path = config_path
@@ -48,7 +38,7 @@ class Agent:
             DatapathConfig(
                 build=BuildOptions(pin_dir=s.pin_dir),
                 state_dir=s.state_dir,
-                agent_cgroup=s.cgroup or own_cgroup(),
+                agent_cgroup=s.cgroup or str(cgroupfs.own_cgroup()),
                 kubelet_cgroups=s.kubelet_cgroups,
                 skmsg=s.sk_msg if skmsg is None else skmsg,
             )

@@ -32,7 +32,7 @@ from typing import Any, Protocol
 
 from pyroute2 import IPRoute
 
-from agent.sim.cgroup import cgroup2_root, make_cgroup, remove_cgroup
+from agent.cgroupfs import cgroup2_root, make_cgroup, remove_cgroup
 from agent.netns import create_netns, delete_netns, entered, libc, list_netns, setns_fd
 
 IFA_F_NODAD = 0x02

@@ -20,10 +20,10 @@ from typing import Any
 
 import pytest
 
-from agent.sim import cgroup as cg
+from agent import cgroupfs as cg
 from agent.sim import peer
 from agent.sim import topology as topo
-from agent.sim.cgroup import CgroupError, cgroup2_root, own_cgroup
+from agent.cgroupfs import CgroupError, cgroup2_root, own_cgroup
 from agent.netns import entered, list_netns, netns_inode
 from agent.sim.topology import Pod, Testbed, cleanup_prefix, random_prefix
 
