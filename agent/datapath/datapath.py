@@ -480,8 +480,9 @@ def cleanup(pin_dir: str, state_dir: str) -> dict[str, list[str]]:
             pin.unlink()
             report["maps"].append(str(pin))
         pins.rmdir()
-    with contextlib.suppress(FileNotFoundError):
-        state.unlink()
+    for name in (STATE_FILE, "handoff.sock"):
+        with contextlib.suppress(FileNotFoundError):
+            (Path(state_dir) / name).unlink()
     with contextlib.suppress(OSError):
         Path(state_dir).rmdir()
     return report

@@ -210,7 +210,7 @@ class Programs:
         text = compose_source(opts)
         with _capture_fd2() as log:
             try:
-                self._bpf = bcc.BPF(text=text, cflags=opts.cflags())
+                self._bpf = bcc.BPF(text=text.encode(), cflags=opts.cflags())
             except Exception as e:
                 raise DatapathError(f"BPF compile failed: {e}\n{log.getvalue()[-4000:]}") from e
         self.prog_fds: dict[str, int] = {}

@@ -107,6 +107,7 @@ class Connection:
     ended: float | None = None
     error: str | None = None
     inherited: bool = False  # taken over from a predecessor agent
+    delivered_as: tuple[str, int] | None = None  # inbound: the source the app sees
 
     def record(self) -> dict[str, Any]:
         return {
@@ -122,6 +123,8 @@ class Connection:
             "open": self.ended is None,
             "error": self.error,
             "inherited": self.inherited,
+            "delivered_as": f"{self.delivered_as[0]}:{self.delivered_as[1]}"
+            if self.delivered_as else None,
         }
 
 
@@ -243,6 +246,7 @@ class PodProxy:
             app.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, DELIVERY_MARK)
             app.bind((src[0], 0))
             local = _plain(app.getsockname())
+            c.delivered_as = local
             self.capture.bypass(local, dst)
             try:
                 await asyncio.wait_for(loop.sock_connect(app, dst), CONNECT_TIMEOUT)

@@ -1,0 +1,48 @@
+# tether: the two commands the README promises, plus the developer loop.
+#   make demo   - simulated node, real eBPF capture, report, teardown
+#   make test   - every test tier (unit, bpf, netns); privileged tiers need root
+# Each does its own setup (Debian packages, kernel headers for BCC, venv).
+
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.provisioned
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-unit test-bpf test-netns presubmit lint typecheck bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml vagrant/provision.sh
+	vagrant/provision.sh $(VENV)
+
+demo: setup
+	$(VENV)/bin/tether demo
+
+# CI (CI=true) also fails the run if a privileged tier was skipped.
+test: setup
+	TETHER_REQUIRE_ALL_TIERS=$${CI:+1} $(PY) -m pytest -ra $(PYTEST_ARGS) tests
+
+test-unit: setup
+	$(PY) -m pytest -q tests/unit
+
+test-bpf: setup
+	$(PY) -m pytest -q tests/bpf
+
+test-netns: setup
+	$(PY) -m pytest -q tests/netns
+
+lint: setup
+	$(VENV)/bin/ruff check agent tests
+	$(VENV)/bin/ruff format --check agent/sim agent/datapath/bpfsys.py
+
+typecheck: setup
+	$(VENV)/bin/mypy
+
+presubmit: lint typecheck
+	$(PY) -m pytest -q tests/unit tests/bpf/test_compile_matrix.py
+
+bench: setup
+	$(VENV)/bin/tether bench datapath
+
+clean:
+	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache

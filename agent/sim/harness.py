@@ -1,0 +1,235 @@
+"""A simulated node with a real tether agent on it: the demo, the netns tests
+and the benchmarks all drive the agent through this one harness.
+
+The agent runs as its own process (`tether run --config FILE`) inside the
+node's netns and the node's agent cgroup, exactly as it would on a node;
+the harness only writes its local file, reads its admin endpoint and runs
+traffic from pod processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from agent import netns
+from agent.datapath import inventory
+from agent.datapath.datapath import cleanup
+from agent.sim.topology import Node, NodeRole, Pod, Testbed
+
+PY = sys.executable
+READY_TIMEOUT = 60.0
+DATAPLANE_MODE = "istio.io/dataplane-mode"
+
+
+class AgentNode:
+    """One node of a Testbed, its pods, and a tether agent enrolling them."""
+
+    def __init__(self, tb: Testbed, name: str = "node1", sk_msg: bool = False) -> None:
+        self.tb = tb
+        self.node: Node = tb.add_node(name)
+        self.sk_msg = sk_msg
+        self.pods: list[Pod] = []
+        self.namespaces: dict[str, dict[str, str]] = {}
+        self.pod_labels: dict[str, dict[str, str]] = {}
+        self.extra: dict[str, dict[str, Any]] = {}
+        self._tmp = tempfile.TemporaryDirectory(prefix=f"tether-{tb.prefix}-")
+        self.dir = Path(self._tmp.name)
+        self.config_path = self.dir / f"{name}.yaml"
+        self.log_path = self.dir / "agent.log"
+        self.pin_dir = f"/sys/fs/bpf/{tb.prefix}-{name}"
+        self.state_dir = f"/run/{tb.prefix}-{name}"
+        self.agent: subprocess.Popen[Any] | None = None
+        self._servers: list[subprocess.Popen[Any]] = []
+
+    # -- topology and config -----------------------------------------------
+
+    def add_pod(self, name: str, namespace: str = "default", service_account: str = "default",
+                labels: dict[str, str] | None = None, **extra: Any) -> Pod:
+        p = self.node.add_pod(name, namespace=namespace, service_account=service_account)
+        self.pods.append(p)
+        self.namespaces.setdefault(namespace, {})
+        self.pod_labels[name] = labels or {}
+        self.extra[name] = extra
+        return p
+
+    def enroll_namespace(self, namespace: str, on: bool = True) -> None:
+        labels = self.namespaces.setdefault(namespace, {})
+        if on:
+            labels[DATAPLANE_MODE] = "ambient"
+        else:
+            labels.pop(DATAPLANE_MODE, None)
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "node": self.node.name,
+            "agent": {
+                "pinDir": self.pin_dir,
+                "stateDir": self.state_dir,
+                "cgroup": str(self.node.agent.cgroup_path),
+                "kubeletCgroups": [str(self.node.kubelet.cgroup_path)],
+                "skMsg": self.sk_msg,
+            },
+            "namespaces": [{"name": n, "labels": lab} for n, lab in self.namespaces.items()],
+            "workloads": [
+                {
+                    "name": p.name,
+                    "namespace": p.namespace,
+                    "serviceAccount": p.service_account,
+                    "node": self.node.name,
+                    "addresses": [p.ip4, p.ip6],
+                    "netns": str(p.netns_path),
+                    "cgroup": str(p.cgroup_path),
+                    "labels": self.pod_labels[p.name],
+                    **self.extra[p.name],
+                }
+                for p in self.pods
+            ],
+        }
+
+    def write_config(self) -> None:
+        tmp = self.config_path.with_suffix(".tmp")
+        tmp.write_text(yaml.safe_dump(self.config(), sort_keys=False))
+        tmp.replace(self.config_path)
+
+    # -- processes -----------------------------------------------------------
+
+    def serve(self, pod: Pod, port: int = 8080, *args: str) -> subprocess.Popen[Any]:
+        """An echo server in the pod (agent.sim.peer serve); returns once listening."""
+        p = self.tb.spawn(pod, [PY, "-m", "agent.sim.peer", "serve", "--port", str(port), *args],
+                          stdout=subprocess.PIPE)
+        assert p.stdout is not None
+        line = p.stdout.readline()
+        if b"ready" not in line:
+            raise RuntimeError(f"server in {pod.name} did not start: {line!r}")
+        self._servers.append(p)
+        return p
+
+    def start_agent(self, *extra_args: str) -> subprocess.Popen[Any]:
+        self.write_config()
+        with self.log_path.open("a") as log:
+            self.agent = self.tb.spawn(
+                self.node.agent,
+                [PY, "-m", "agent.cli", "run", "--config", str(self.config_path), *extra_args],
+                stdout=log, stderr=log,
+            )
+        self.wait_ready(self.agent)
+        return self.agent
+
+    def stop_agent(self, sig_kill: bool = False) -> None:
+        if self.agent is None:
+            return
+        if sig_kill:
+            self.agent.kill()
+        else:
+            self.agent.terminate()
+        try:
+            self.agent.wait(20)
+        except subprocess.TimeoutExpired:
+            self.agent.kill()
+            self.agent.wait(5)
+        self.agent = None
+
+    def wait_ready(self, proc: subprocess.Popen[Any]) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"agent exited with {proc.returncode}; log:\n"
+                                   + self.log_tail(40))
+            with contextlib.suppress(OSError, ValueError):
+                if self.admin("/ready") == "ready\n":
+                    return
+            time.sleep(0.1)
+        raise RuntimeError("agent not ready in time; log:\n" + self.log_tail(40))
+
+    def admin(self, path: str) -> Any:
+        """GET from the agent's admin port, which listens in the node netns."""
+        with netns.entered(self.node.netns_path), urllib.request.urlopen(
+            f"http://127.0.0.1:15000{path}", timeout=5
+        ) as r:
+            body = r.read().decode()
+        return body if path in ("/ready", "/healthz") else json.loads(body)
+
+    def status(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.admin("/config_dump")
+        return result
+
+    def connections(self) -> list[dict[str, Any]]:
+        c = self.status()["connections"]
+        return list(c["closed"]) + list(c["open"])
+
+    def log_tail(self, n: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text().splitlines()[-n:])
+        except FileNotFoundError:
+            return ""
+
+    # -- traffic --------------------------------------------------------------
+
+    def peer(self, where: Pod | NodeRole, args: Sequence[str],
+             timeout: float = 60.0) -> dict[str, Any]:
+        """Run `agent.sim.peer ARGS` in a pod (or the kubelet) and return its JSON."""
+        p = self.tb.spawn(where, [PY, "-m", "agent.sim.peer", *args],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = p.communicate(timeout=timeout)
+        try:
+            result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            return {"ok": False, "error": f"no result (rc {p.returncode}): {err.decode()[-800:]}"}
+        return result
+
+    def connect(self, client: Pod | NodeRole, server: Pod, port: int = 8080, family: int = 4,
+                nbytes: int = 65536, *extra: str) -> dict[str, Any]:
+        host = server.ip4 if family == 4 else server.ip6
+        return self.peer(client, ["connect", host, str(port), "--bytes", str(nbytes),
+                                  "--timeout", "10", *extra])
+
+    def spawn_peer(self, where: Pod | NodeRole, args: Sequence[str]) -> subprocess.Popen[Any]:
+        return self.tb.spawn(where, [PY, "-m", "agent.sim.peer", *args],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    # -- teardown --------------------------------------------------------------
+
+    def inventory(self) -> inventory.Inventory:
+        return inventory.from_pins(self.pin_dir)
+
+    def cleanup(self) -> dict[str, list[str]]:
+        """`tether cleanup` for this node's pins and state."""
+        return cleanup(self.pin_dir, self.state_dir)
+
+    def close(self) -> None:
+        self.stop_agent()
+        for s in self._servers:
+            with contextlib.suppress(OSError):
+                s.kill()
+        with contextlib.suppress(OSError):
+            self.cleanup()
+        self._tmp.cleanup()
+
+
+def classify(result: dict[str, Any], conns: Iterable[dict[str, Any]]) -> tuple[str, str]:
+    """How one client connection travelled, from the agent's records:
+    (outbound, inbound), each 'captured', 'captured (sk_msg)' or 'direct'."""
+    if not result.get("ok"):
+        return "failed", "failed"
+
+    def ep(a: Sequence[Any]) -> str:
+        return f"{a[0]}:{a[1]}"
+
+    conns = list(conns)
+    client_sock = ep(result["getsockname"])
+    server_saw = ep(result["server_saw_peer"])
+    outs = [c for c in conns if c["direction"] == "outbound" and c["src"] == client_sock]
+    ins = [c for c in conns if c["direction"] == "inbound" and c["delivered_as"] == server_saw]
+    out = ("captured" + (" (sk_msg)" if outs[0]["path"] == "sk_msg" else "")) if outs else "direct"
+    return out, "captured" if ins else "direct"

@@ -1,0 +1,111 @@
+"""Every build configuration compiles, verifies and yields all its programs and maps."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from agent.datapath import bpfsys
+from agent.datapath.errors import DatapathError
+from agent.datapath.loader import (
+    HOOK_FILES,
+    MAPS,
+    PROGRAMS,
+    BuildOptions,
+    Programs,
+    bpf_dir,
+    compose_source,
+)
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0, reason="bpf tier needs root (bpf(2), bpffs, cgroup v2)"
+)
+
+MATRIX = list(itertools.product([True, False], [True, False], [False, True]))
+LIB_HEADERS = ("common.h", "maps.h", "types.h")
+_LINE = re.compile(r'^#line (\d+) "([^"]+)"$')
+
+
+@pytest.mark.parametrize(
+    ("ipv6", "skmsg", "debug"),
+    MATRIX,
+    ids=[f"ipv6={a}-skmsg={b}-debug={c}" for a, b, c in MATRIX],
+)
+def test_build_loads_every_program_and_map(
+    pin_dir: Path, ipv6: bool, skmsg: bool, debug: bool
+) -> None:
+    opts = BuildOptions(pin_dir=str(pin_dir), ipv6=ipv6, skmsg=skmsg, debug=debug)
+    try:
+        progs = Programs(opts)
+    except DatapathError as e:  # carries the compiler / verifier text
+        pytest.fail(f"build {opts} failed:\n{e}")
+    try:
+        wanted = {p.name for p in opts.programs()}
+        assert set(progs.prog_fds) == wanted
+        if not ipv6:
+            assert not wanted & {"tether_connect6", "tether_peer6"}
+        if not skmsg:
+            assert "tether_sk_msg" not in wanted
+        for name, fd in progs.prog_fds.items():
+            info = bpfsys.prog_info(fd)
+            assert info.type == PROGRAMS[name].prog_type, name
+            assert name.startswith(info.name), (name, info.name)  # names cut at 15 chars
+        assert set(progs.map_fds) == set(MAPS)
+        for name, fd in progs.map_fds.items():
+            info = bpfsys.map_info(fd)
+            assert (info.type, info.key_size, info.value_size) == MAPS[name], name
+        # the pinned maps are really pinned under this build's pin dir
+        for name, (mtype, _, _) in MAPS.items():
+            pinned = pin_dir / name
+            if mtype in (15, 18):  # socket maps are not pinned
+                assert not pinned.exists(), name
+                continue
+            fd = bpfsys.obj_get(pinned)
+            try:
+                assert bpfsys.map_info(fd).id == bpfsys.map_info(progs.map_fds[name]).id
+            finally:
+                os.close(fd)
+    finally:
+        progs.close()
+
+
+@pytest.mark.parametrize("skmsg", [True, False])
+def test_compose_source_line_markers(skmsg: bool) -> None:
+    opts = BuildOptions(skmsg=skmsg)
+    text = compose_source(opts)
+    base = bpf_dir()
+    starts: list[Path] = []
+    cur_file: Path | None = None
+    cur_line = 0
+    lines_of: dict[Path, list[str]] = {}
+    for out_line in text.splitlines():
+        m = _LINE.match(out_line)
+        if m:
+            cur_file, cur_line = Path(m.group(2)), int(m.group(1))
+            assert cur_file.is_absolute() and cur_file.is_file(), f"#line names {cur_file}"
+            if cur_line == 1:
+                starts.append(cur_file.resolve())
+            if cur_file not in lines_of:
+                lines_of[cur_file] = cur_file.read_text().splitlines()
+            continue
+        # every text line is the line of the real file the last marker points at
+        assert cur_file is not None, "text before the first #line marker"
+        real = lines_of[cur_file]
+        assert cur_line <= len(real), f"{cur_file}:{cur_line} past the end"
+        assert out_line == real[cur_line - 1], f"{cur_file}:{cur_line} mismatch"
+        cur_line += 1
+
+    hooks = [f for f in HOOK_FILES if skmsg or f != "sk_msg.c"]
+    for f in hooks:
+        assert starts.count((base / f).resolve()) == 1, f
+    if not skmsg:
+        assert (base / "sk_msg.c").resolve() not in starts
+    for h in LIB_HEADERS:
+        assert starts.count((base / "lib" / h).resolve()) == 1, h
+    assert len(starts) == len(hooks) + len(LIB_HEADERS)
+    # every quoted include was inlined; only system (<...>) includes remain
+    assert not re.search(r'^\s*#include\s+"', text, re.M)

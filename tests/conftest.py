@@ -1,0 +1,32 @@
+"""Tier gating shared by every test tier.
+
+Privileged tiers (bpf, netns) skip with a reason when not root.  In CI
+(TETHER_REQUIRE_ALL_TIERS=1, set by `make test` when CI is set) a skip in a
+privileged tier fails the run: CI runs as root and must exercise them all.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+PRIVILEGED_TIERS = ("tests/bpf/", "tests/netns/", "tests/k8s/")
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatus: int) -> None:
+    if os.environ.get("TETHER_REQUIRE_ALL_TIERS") != "1":
+        return
+    skipped = [
+        r for r in terminalreporter.stats.get("skipped", [])
+        if any(t in str(getattr(r, "nodeid", "")) or t in str(getattr(r, "location", ""))
+               for t in PRIVILEGED_TIERS)
+    ]
+    if skipped:
+        terminalreporter.write_line(
+            f"FAIL: {len(skipped)} privileged-tier test(s) skipped, but CI must run them all:",
+            red=True,
+        )
+        for r in skipped[:20]:
+            terminalreporter.write_line(f"  {r.nodeid}: {r.longrepr}")
+        terminalreporter._session.exitstatus = pytest.ExitCode.TESTS_FAILED  # type: ignore[attr-defined]
