@@ -18,7 +18,7 @@ from typing import Any
 from agent import cgroupfs
 from agent import config as localconfig
 from agent import handoff
-from agent.datapath.datapath import Datapath, DatapathConfig, PodSpec
+from agent.datapath.datapath import Datapath, DatapathConfig, PodSpec, check_pod
 from agent.datapath.errors import DatapathError, PodError
 from agent.datapath.loader import BuildOptions
 from agent.datapath.structs import Listen
@@ -56,13 +56,17 @@ class Agent:
         """Make enrolled pods match the config.  One bad pod is reported and
         skipped; it never stops the others."""
         want = {w.key: w for w in self.cfg.local_enrolled()}
-        for key in list(self.proxies):
-            if key not in want:
+        gone = [k for k in self.proxies if k not in want]
+        gone += [k for k in self.datapath.leftover_pods() if k not in want]
+        for key in gone:
+            try:
                 self.datapath.unenroll(key)
-                self.proxies.pop(key).close()
-        for key in self.datapath.leftover_pods():
-            if key not in want:
-                self.datapath.unenroll(key)
+            except (OSError, DatapathError) as e:
+                self.errors[key] = f"unenroll failed: {e}"
+                log.error("pod %s: unenroll failed: %s", key, e)
+            proxy = self.proxies.pop(key, None)
+            if proxy is not None:
+                proxy.close()
         for key, w in want.items():
             if key in self.proxies:
                 continue
@@ -76,17 +80,18 @@ class Agent:
     def _enroll(self, w: localconfig.Workload, inherited: dict[str, Any] | None) -> None:
         if not w.netns or not w.cgroup:
             raise PodError(w.key, "the local file gives no netns/cgroup for this pod")
-        proxy = PodProxy(PodRef(w.key, w.netns, w.addresses), Ports(), self.datapath, self.conns)
-        if inherited:
-            proxy.adopt(inherited["listeners"])
-        else:
-            proxy.open()
         spec = PodSpec(
             key=w.key, netns=w.netns, cgroup=w.cgroup, ips=w.addresses,
             exclude_out_ports=w.exclude_outbound_ports,
             exclude_in_ports=w.exclude_inbound_ports,
             exclude_out_cidrs=w.exclude_outbound_cidrs,
         )
+        check_pod(spec)
+        proxy = PodProxy(PodRef(w.key, w.netns, w.addresses), Ports(), self.datapath, self.conns)
+        if inherited:
+            proxy.adopt(inherited["listeners"])
+        else:
+            proxy.open()
         try:
             self.datapath.enroll(
                 spec, {LISTEN_KINDS[k]: s for k, s in proxy.listeners.items() if k in LISTEN_KINDS}
@@ -139,7 +144,10 @@ class Agent:
             except (OSError, localconfig.ConfigError) as e:
                 log.error("config reload failed, keeping the last good one: %s", e)
                 continue
-            self.reconcile()
+            try:
+                self.reconcile()
+            except Exception:
+                log.exception("reconcile failed; retrying on the next change")
 
     async def _give(self) -> handoff.Bundle:
         """Freeze every pod's listeners and relays for a successor."""

@@ -180,12 +180,7 @@ class Datapath:
 
         The listeners go in before the pod's addresses, so no inbound SYN is
         steered to a slot without a socket."""
-        if not os.path.exists(spec.netns):
-            raise PodError(spec.key, f"network namespace {spec.netns} does not exist "
-                           "(pod gone or not started yet)")
-        if not os.path.isdir(spec.cgroup):
-            raise PodError(spec.key, f"cgroup {spec.cgroup} does not exist: is it a cgroup v2 "
-                           "directory of this node (see `tether status` for the mount)?")
+        check_pod(spec)
         cookie = netns_cookie(spec.netns)
         slot = self._slot_for(spec)
         try:
@@ -412,6 +407,16 @@ class Datapath:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"pin_dir": str(self.pin_dir), "pods": pods}, indent=1))
         tmp.replace(path)
+
+
+def check_pod(spec: PodSpec) -> None:
+    """The pod's netns and cgroup must exist before anything is attached."""
+    if not os.path.exists(spec.netns):
+        raise PodError(spec.key, f"network namespace {spec.netns} does not exist "
+                       "(pod gone or not started yet)")
+    if not os.path.isdir(spec.cgroup):
+        raise PodError(spec.key, f"cgroup {spec.cgroup} does not exist: is it a cgroup v2 "
+                       "directory of this node?")
 
 
 def _spec_args(d: Mapping[str, Any]) -> dict[str, Any]:

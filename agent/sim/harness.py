@@ -198,6 +198,10 @@ class AgentNode:
         return self.tb.spawn(where, [PY, "-m", "agent.sim.peer", *args],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
+    @property
+    def pin_dir_path(self) -> Path:
+        return Path(self.pin_dir)
+
     # -- teardown --------------------------------------------------------------
 
     def inventory(self) -> inventory.Inventory:

@@ -381,3 +381,15 @@ def tcpi_u64(sock: socket.socket, offset: int) -> int:
 
 def c_sizeof(obj: object) -> int:
     return ctypes.sizeof(obj)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def ns_cookie() -> Callable[[Path], int]:
+    """netns_cookie(path): the cookie bpf_get_netns_cookie() returns for that netns."""
+    return netns_cookie
+
+
+@pytest.fixture(name="wait_for")
+def wait_for_fixture() -> Callable[..., None]:
+    """wait_for(cond, timeout=5.0, what=...): poll cond() until true, or fail."""
+    return wait_for

@@ -1,0 +1,281 @@
+"""netns tier: a real agent process captures simulated pods' traffic.
+
+Every check reads what happened on the wire or in the kernel: what the
+server saw, what the client's getpeername() says, the agent's per-connection
+records, BPF counters, and kernel object ids after cleanup.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from agent.datapath import bpfsys, inventory
+from agent.sim.harness import AgentNode, classify
+from agent.sim.topology import Testbed
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="netns tier needs root")
+
+
+@pytest.fixture(scope="module")
+def node() -> Iterator[AgentNode]:
+    with Testbed() as tb:
+        an = AgentNode(tb)
+        an.add_pod("a", "shop", "sa-a")
+        an.add_pod("b", "shop", "sa-b")
+        an.add_pod("c", "other", "sa-c")
+        an.add_pod("d", "shop", "sa-d", labels={"istio.io/dataplane-mode": "none"})
+        an.add_pod("e", "shop", "sa-e", excludeInboundPorts=[8081],
+                   excludeOutboundPorts=[8082])
+        an.enroll_namespace("shop")
+        for p in an.pods:
+            an.serve(p, 8080)
+        e = an.tb.pod("e")
+        an.serve(e, 8081)
+        an.serve(an.tb.pod("b"), 8082)
+        an.start_agent()
+        try:
+            yield an
+        finally:
+            an.close()
+
+
+def _path(an: AgentNode, r: dict[str, object]) -> tuple[str, str]:
+    time.sleep(0.1)
+    return classify(r, an.connections())
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_enrolled_to_enrolled_is_captured_both_ways(node: AgentNode, family: int) -> None:
+    a, b = node.tb.pod("a"), node.tb.pod("b")
+    r = node.connect(a, b, family=family, nbytes=1 << 20)
+    assert r["ok"], r
+    b_ip, a_ip = (b.ip4, a.ip4) if family == 4 else (b.ip6, a.ip6)
+    assert r["getpeername"] == [b_ip, 8080], "getpeername4/6 must show the dialled address"
+    assert r["server_saw_peer"][0] == a_ip, "the app must see the client pod's own IP"
+    assert r["server_saw_local"] == [b_ip, 8080]
+    assert _path(node, r) == ("captured", "captured")
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_not_enrolled_pod_goes_direct_but_is_captured_inbound_at_enrolled(
+    node: AgentNode, family: int
+) -> None:
+    c, b = node.tb.pod("c"), node.tb.pod("b")
+    r = node.connect(c, b, family=family)
+    assert r["ok"], r
+    assert r["server_saw_peer"][0] == (c.ip4 if family == 4 else c.ip6)
+    assert _path(node, r) == ("direct", "captured")
+    r = node.connect(b, c, family=family)
+    assert r["ok"], r
+    assert _path(node, r) == ("captured", "direct")
+
+
+def test_pod_opted_out_with_label_none(node: AgentNode) -> None:
+    d, c = node.tb.pod("d"), node.tb.pod("c")
+    r = node.connect(d, c)
+    assert r["ok"], r
+    assert _path(node, r) == ("direct", "direct")
+    assert "shop/d" not in node.status()["datapath"]["pods"]
+
+
+def test_kubelet_probe_bypasses_inbound_capture(node: AgentNode) -> None:
+    before = node.status()["datapath"]["stats"]
+    r = node.connect(node.node.kubelet, node.tb.pod("b"))
+    assert r["ok"], r
+    after = node.status()["datapath"]["stats"]
+    assert _path(node, r)[1] == "direct", "a probe must reach the app without the agent"
+    assert after["probe_marked"] >= before["probe_marked"] + 1
+    assert after["in_bypass"] >= before["in_bypass"] + 1
+    # the same connection from a non-kubelet process on the node IS captured
+    r = node.peer(node.node.agent, ["connect", node.tb.pod("b").ip4, "8080"])
+    assert r["ok"], r
+    assert _path(node, r)[1] == "captured"
+
+
+def test_excluded_ports_are_not_captured(node: AgentNode) -> None:
+    a, e, b = node.tb.pod("a"), node.tb.pod("e"), node.tb.pod("b")
+    r = node.connect(a, e, port=8081)
+    assert r["ok"], r
+    assert _path(node, r) == ("captured", "direct")  # e excludes inbound 8081
+    r = node.connect(e, b, port=8082)
+    assert r["ok"], r
+    assert _path(node, r) == ("direct", "captured")  # e excludes outbound 8082
+
+
+def test_loopback_inside_pod_is_not_captured(node: AgentNode) -> None:
+    a = node.tb.pod("a")
+    before = node.status()["datapath"]["stats"]["out_skipped"]
+    r = node.peer(a, ["connect", "127.0.0.1", "8080"])
+    assert r["ok"], r
+    assert r["server_saw_peer"][0] == "127.0.0.1"
+    assert node.status()["datapath"]["stats"]["out_skipped"] > before
+
+
+def test_bad_pod_is_reported_and_others_keep_working(node: AgentNode) -> None:
+    try:
+        node.add_pod("f", "shop", "sa-f")
+        node.extra["f"]["netns"] = "/run/netns/missing-" + node.tb.prefix
+        node.write_config()
+        deadline = time.monotonic() + 10
+        while "shop/f" not in node.status()["pod_errors"]:
+            assert time.monotonic() < deadline, node.log_tail()
+            time.sleep(0.2)
+        err = node.status()["pod_errors"]["shop/f"]
+        assert "does not exist" in err and "missing-" in err
+        r = node.connect(node.tb.pod("a"), node.tb.pod("b"))
+        assert r["ok"] and _path(node, r) == ("captured", "captured")
+    finally:
+        node.pods = [p for p in node.pods if p.name != "f"]
+        node.write_config()
+
+
+def test_reload_unenrolls_and_reenrolls_a_namespace(node: AgentNode) -> None:
+    a, b = node.tb.pod("a"), node.tb.pod("b")
+    node.enroll_namespace("shop", on=False)
+    node.write_config()
+    try:
+        deadline = time.monotonic() + 10
+        while node.status()["datapath"]["pods"]:
+            assert time.monotonic() < deadline, node.log_tail()
+            time.sleep(0.2)
+        r = node.connect(a, b)
+        assert r["ok"] and _path(node, r) == ("direct", "direct")
+        assert not any(p.exists() for p in (node.pin_dir_path / "pods").glob("*"))
+    finally:
+        node.enroll_namespace("shop", on=True)
+        node.write_config()
+    deadline = time.monotonic() + 10
+    while len(node.status()["datapath"]["pods"]) < 3:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    r = node.connect(a, b)
+    assert r["ok"] and _path(node, r) == ("captured", "captured")
+
+
+@pytest.mark.parametrize("sk_msg", [False, True])
+@pytest.mark.parametrize("family", [4, 6])
+def test_sk_msg_on_and_off_is_byte_exact(sk_msg: bool, family: int) -> None:
+    with Testbed() as tb:
+        an = AgentNode(tb, sk_msg=sk_msg)
+        try:
+            a, b = an.add_pod("a", "shop"), an.add_pod("b", "shop")
+            an.enroll_namespace("shop")
+            an.serve(b)
+            an.start_agent()
+            r = an.connect(a, b, family=family, nbytes=8 << 20)
+            assert r["ok"], r  # the client checks the echo byte for byte
+            out, inn = _path(an, r)
+            assert out == ("captured (sk_msg)" if sk_msg else "captured")
+            assert inn == "captured"
+            stats = an.status()["datapath"]["stats"]
+            assert (stats["sockhash_add"] > 0) == sk_msg
+            assert stats["sockhash_fail"] == 0
+        finally:
+            an.close()
+
+
+def test_restart_hands_over_a_live_connection_and_adopts_pins() -> None:
+    with Testbed() as tb:
+        an = AgentNode(tb)
+        try:
+            a, b = an.add_pod("a", "shop"), an.add_pod("b", "shop")
+            an.enroll_namespace("shop")
+            an.serve(b)
+            old = an.start_agent()
+            links_before = an.inventory().links
+            progs_before = an.inventory().progs
+            # a long-lived connection through both captures, echoing every 0.2 s
+            held = an.spawn_peer(a, ["connect", b.ip4, "8080", "--hold", "6", "--timeout", "10"])
+            time.sleep(1.5)
+            assert any(c["open"] for c in an.connections())
+            # the successor takes over while the old agent still runs
+            an.agent = None
+            new = an.start_agent()
+            assert old.wait(15) == 0, an.log_tail()
+            out, _ = held.communicate(timeout=30)
+            assert held.returncode == 0, out
+            assert '"ok": true' in out.decode()
+            inv = an.inventory()
+            assert inv.links == links_before, "pinned links are adopted, not re-created"
+            assert inv.progs.isdisjoint(progs_before), "links point at the new programs"
+            assert any(c["inherited"] for c in an.connections())
+            r = an.connect(a, b)
+            assert r["ok"] and _path(an, r) == ("captured", "captured")
+            assert new.poll() is None
+        finally:
+            an.close()
+
+
+def test_crash_restart_adopts_kernel_state() -> None:
+    with Testbed() as tb:
+        an = AgentNode(tb)
+        try:
+            a, b = an.add_pod("a", "shop"), an.add_pod("b", "shop")
+            an.enroll_namespace("shop")
+            an.serve(b)
+            an.start_agent()
+            slots = {k: v["slot"] for k, v in an.status()["datapath"]["pods"].items()}
+            links = an.inventory().links
+            an.stop_agent(sig_kill=True)
+            # capture stays in place with no agent: the pod's connections are refused,
+            # never sent around the mesh
+            r = an.connect(a, b)
+            assert not r["ok"]
+            an.start_agent()
+            assert {k: v["slot"] for k, v in an.status()["datapath"]["pods"].items()} == slots
+            assert an.inventory().links == links
+            r = an.connect(a, b)
+            assert r["ok"] and _path(an, r) == ("captured", "captured")
+        finally:
+            an.close()
+
+
+def test_cleanup_leaves_nothing_in_the_kernel() -> None:
+    with Testbed() as tb:
+        an = AgentNode(tb)
+        a, b = an.add_pod("a", "shop"), an.add_pod("b", "shop")
+        an.enroll_namespace("shop")
+        an.serve(b)
+        an.start_agent()
+        assert an.connect(a, b)["ok"]
+        inv = an.inventory()
+        cgroup_ids = {
+            li.cgroup_id for li in _links(inv.links) if li.cgroup_id is not None
+        }
+        netns_inos = {li.netns_ino for li in _links(inv.links) if li.netns_ino is not None}
+        # two pods (cgroup + netns each), the agent (getsockopt) and the kubelet (probe)
+        assert len(inv.links) == 14 and len(cgroup_ids) == 4 and len(netns_inos) == 2
+        an.stop_agent()
+        report = an.cleanup()
+        assert len(report["links"]) == 14
+        left = inventory.remaining(inv, an.pin_dir)
+        assert left == {"links": 0, "programs": 0, "maps": 0, "pins": 0}
+        # no link in the whole kernel still targets our cgroups or netns
+        for li in _links(bpfsys.link_ids()):
+            assert li.cgroup_id not in cgroup_ids and li.netns_ino not in netns_inos
+        assert not os.path.exists(an.state_dir)
+        an.close()
+        prefix = tb.prefix
+    from agent.cgroupfs import cgroup2_root
+    from agent.netns import list_netns
+
+    assert not [n for n in list_netns() if n.startswith(prefix)]
+    assert not (cgroup2_root() / prefix).exists()
+
+
+def _links(ids: object) -> list[bpfsys.LinkInfo]:
+    out = []
+    for i in ids:  # type: ignore[attr-defined]
+        try:
+            fd = bpfsys.link_get_fd_by_id(i)
+        except OSError:
+            continue
+        try:
+            out.append(bpfsys.link_info(fd))
+        finally:
+            os.close(fd)
+    return out
