@@ -13,7 +13,6 @@ getsockopt) and the programs behave exactly as for the real process.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import secrets
 import shutil
@@ -107,10 +106,6 @@ def u32(n: int) -> bytes:
     return n.to_bytes(4, sys.byteorder)
 
 
-def u64(n: int) -> bytes:
-    return n.to_bytes(8, sys.byteorder)
-
-
 class Maps:
     """Map access by name on a Programs object, with the value sizes from loader.MAPS."""
 
@@ -174,10 +169,6 @@ def maps(programs: Programs) -> Iterator[Maps]:
         m.reset()
 
 
-def stat_delta(before: dict[Stat, int], after: dict[Stat, int]) -> dict[Stat, int]:
-    return {s: after[s] - before[s] for s in Stat if after[s] != before[s]}
-
-
 def wait_for(cond: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while not cond():
@@ -232,12 +223,6 @@ def netns_cookie(path: Path) -> int:
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     with s:
         return bpfsys.netns_cookie(s)
-
-
-def socket_in(path: Path, family: int, type_: int = socket.SOCK_STREAM) -> socket.socket:
-    """A socket created in netns `path` by this process (the test's own cgroup)."""
-    with netns.entered(path):
-        return socket.socket(family, type_)
 
 
 # -- cgroups ------------------------------------------------------------------
@@ -361,26 +346,6 @@ def socks() -> Iterator[list[socket.socket]]:
     finally:
         for s in owned:
             s.close()
-
-
-def tcp_info(sock: socket.socket) -> bytes:
-    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
-
-
-TCPI_STATE = 0  # u8
-TCPI_BYTES_ACKED = 120  # u64, struct tcp_info (Linux >= 4.1)
-TCPI_BYTES_RECEIVED = 128  # u64
-TCP_SYN_SENT = 2
-
-
-def tcpi_u64(sock: socket.socket, offset: int) -> int:
-    info = tcp_info(sock)
-    assert len(info) >= offset + 8, f"TCP_INFO too short ({len(info)} bytes)"
-    return int.from_bytes(info[offset : offset + 8], sys.byteorder)
-
-
-def c_sizeof(obj: object) -> int:
-    return ctypes.sizeof(obj)  # type: ignore[arg-type]
 
 
 @pytest.fixture

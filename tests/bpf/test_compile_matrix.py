@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.datapath import bpfsys
+from agent.datapath import bpfsys, loader
 from agent.datapath.errors import DatapathError
 from agent.datapath.loader import (
     HOOK_FILES,
@@ -109,3 +109,42 @@ def test_compose_source_line_markers(skmsg: bool) -> None:
     assert len(starts) == len(hooks) + len(LIB_HEADERS)
     # every quoted include was inlined; only system (<...>) includes remain
     assert not re.search(r'^\s*#include\s+"', text, re.M)
+
+
+def test_compile_error_carries_compiler_text(
+    pin_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    good = compose_source
+
+    def broken(opts: BuildOptions, directory: Path | None = None) -> str:
+        return good(opts, directory) + "\nint tether_broken(void *ctx) { return undeclared_x; }\n"
+
+    monkeypatch.setattr(loader, "compose_source", broken)
+    with pytest.raises(DatapathError) as exc:
+        Programs(BuildOptions(pin_dir=str(pin_dir)))
+    assert "undeclared_x" in str(exc.value), str(exc.value)
+
+
+def test_verifier_rejection_carries_verifier_log(
+    pin_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    good = compose_source
+
+    def rejected(opts: BuildOptions, directory: Path | None = None) -> str:
+        # a load through a scalar: compiles, but the verifier refuses it
+        return good(opts, directory) + (
+            "\nint tether_bad(struct __sk_buff *skb){ return *(volatile int *)(long)skb->len; }\n"
+        )
+
+    monkeypatch.setattr(loader, "compose_source", rejected)
+    monkeypatch.setitem(
+        loader.PROGRAMS, "tether_bad", loader.ProgSpec("tether_bad", "tc", 3, 0, (4, 1))
+    )
+    progs = None
+    with pytest.raises(DatapathError) as exc:
+        progs = Programs(BuildOptions(pin_dir=str(pin_dir)))
+    if progs is not None:  # pragma: no cover - only if the kernel accepted it
+        progs.close()
+    msg = str(exc.value)
+    assert "tether_bad" in msg
+    assert "verifier log" in msg and "invalid mem access" in msg, msg

@@ -81,7 +81,7 @@ def accept_from(listener: socket.socket, client: socket.socket) -> socket.socket
         conn.close()
 
 
-def endpoint(addr: tuple) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:  # type: ignore[type-arg]
+def endpoint(addr: tuple) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
     """(ip, port) with v4-mapped IPv6 addresses as IPv4, for comparing both ends."""
     ip = ipaddress.ip_address(addr[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
@@ -153,8 +153,9 @@ class Env:
         s.settimeout(TIMEOUT)
         return s
 
-    def plain_listener(self, family: int, addr: str, port: int, ns: Path | None = None,
-                       backlog: int = 16) -> socket.socket:
+    def plain_listener(
+        self, family: int, addr: str, port: int, ns: Path | None = None, backlog: int = 16
+    ) -> socket.socket:
         from agent import netns as _netns
 
         with _netns.entered(ns or self.netns):
@@ -163,7 +164,7 @@ class Env:
 
 
 @pytest.fixture
-def env(programs, maps, scratch_netns, scratch_cgroup, sock_factory, fds, socks, ns_cookie) -> Env:  # type: ignore[no-untyped-def]
+def env(programs, maps, scratch_netns, scratch_cgroup, sock_factory, fds, socks, ns_cookie) -> Env:
     ns = scratch_netns(ADDRS)
     pod_cg, agent_cg = scratch_cgroup("pod"), scratch_cgroup("agent")
 
@@ -173,8 +174,13 @@ def env(programs, maps, scratch_netns, scratch_cgroup, sock_factory, fds, socks,
         link = bpfsys.link_create(programs.prog_fds[prog], cg_fd, PROGRAMS[prog].attach_type)
         fds.append(link)
 
-    for prog in ("tether_connect4", "tether_connect6", "tether_peer4", "tether_peer6",
-                 "tether_sockops"):
+    for prog in (
+        "tether_connect4",
+        "tether_connect6",
+        "tether_peer4",
+        "tether_peer6",
+        "tether_sockops",
+    ):
         attach(prog, pod_cg)
     attach("tether_sockopt", agent_cg)
 
@@ -184,9 +190,21 @@ def env(programs, maps, scratch_netns, scratch_cgroup, sock_factory, fds, socks,
     pod = sock_factory(ns, pod_cg)
     agent = sock_factory(ns, agent_cg)
     e = Env(
-        progs=programs, maps=maps, netns=ns, pod_cg=pod_cg, agent_cg=agent_cg,
-        pod=pod, agent=agent, l4=None, l6=None, app4=None, app6=None,  # type: ignore[arg-type]
-        socks=socks, attach=attach, make_netns=scratch_netns, make_cgroup=scratch_cgroup,
+        progs=programs,
+        maps=maps,
+        netns=ns,
+        pod_cg=pod_cg,
+        agent_cg=agent_cg,
+        pod=pod,
+        agent=agent,
+        l4=None,
+        l6=None,
+        app4=None,
+        app6=None,
+        socks=socks,
+        attach=attach,
+        make_netns=scratch_netns,
+        make_cgroup=scratch_cgroup,
         sock_factory=sock_factory,
     )
     e.l4 = listen_on(e.keep(agent.socket(socket.AF_INET)), "127.0.0.1", OUTBOUND)
@@ -196,7 +214,7 @@ def env(programs, maps, scratch_netns, scratch_cgroup, sock_factory, fds, socks,
     return e
 
 
-def test_factories_live_where_they_should(env: Env, ns_cookie) -> None:  # type: ignore[no-untyped-def]
+def test_factories_live_where_they_should(env: Env, ns_cookie) -> None:
     s = env.client(socket.AF_INET)
     assert bpfsys.netns_cookie(s) == ns_cookie(env.netns)
     pid_cg = Path(f"/proc/{env.pod.proc.pid}/cgroup").read_text()
@@ -304,7 +322,8 @@ def test_excluded_port_is_not_redirected(env: Env, family: int) -> None:
 
 
 @pytest.mark.parametrize(
-    ("family", "cidr"), [(socket.AF_INET, "10.77.0.0/16"), (socket.AF_INET6, "fd77::/64")],
+    ("family", "cidr"),
+    [(socket.AF_INET, "10.77.0.0/16"), (socket.AF_INET6, "fd77::/64")],
     ids=["ipv4", "ipv6"],
 )
 def test_excluded_cidr_is_not_redirected(env: Env, family: int, cidr: str) -> None:
@@ -339,7 +358,7 @@ def test_pod_cgroup_in_another_netns_is_not_redirected(env: Env) -> None:
     assert stat_delta(before, env.maps.stats()) == {}
 
 
-def test_enrolled_inbound_only_is_not_redirected(env: Env, ns_cookie) -> None:  # type: ignore[no-untyped-def]
+def test_enrolled_inbound_only_is_not_redirected(env: Env, ns_cookie) -> None:
     env.maps.put("tether_pods", u64(ns_cookie(env.netns)), TetherPod(slot=0, flags=POD_INBOUND))
     assert _assert_direct(env, socket.AF_INET) == {}
 
@@ -364,8 +383,10 @@ def test_orig_dst_miss_for_unknown_connection(env: Env) -> None:
 
 
 @pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6], ids=["ipv4", "ipv6"])
-def test_state_is_removed_when_the_connection_closes(env: Env, family: int, wait_for) -> None:  # type: ignore[no-untyped-def]
-    dst, lis, lo = (DST4, env.l4, "127.0.0.1") if family == socket.AF_INET else (DST6, env.l6, "::1")
+def test_state_is_removed_when_the_connection_closes(env: Env, family: int, wait_for) -> None:
+    dst, lis, lo = (
+        (DST4, env.l4, "127.0.0.1") if family == socket.AF_INET else (DST6, env.l6, "::1")
+    )
     c = env.client(family)
     c.connect((dst, APP_PORT))
     a = accept_from(lis, c)
@@ -376,8 +397,10 @@ def test_state_is_removed_when_the_connection_closes(env: Env, family: int, wait
     assert m.get("tether_tuple", key) is not None
     c.close()
     a.close()
-    wait_for(lambda: m.get("tether_orig", cookie) is None
-             and m.get("tether_tuple", key) is None, what="tether_orig/tether_tuple cleanup")
+    wait_for(
+        lambda: m.get("tether_orig", cookie) is None and m.get("tether_tuple", key) is None,
+        what="tether_orig/tether_tuple cleanup",
+    )
 
 
 def test_sockops_puts_socket_in_sockhash_when_enabled(env: Env) -> None:
@@ -404,7 +427,7 @@ def test_sockops_puts_socket_in_sockhash_when_enabled(env: Env) -> None:
 
 
 @pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6], ids=["ipv4", "ipv6"])
-def test_probe_records_tuple_before_the_handshake(env: Env, family: int, wait_for) -> None:  # type: ignore[no-untyped-def]
+def test_probe_records_tuple_before_the_handshake(env: Env, family: int, wait_for) -> None:
     kubelet_cg = env.make_cgroup("kubelet")
     env.attach("tether_probe", kubelet_cg)
     kubelet = env.sock_factory(env.netns, kubelet_cg)
@@ -427,7 +450,7 @@ def test_probe_records_tuple_before_the_handshake(env: Env, family: int, wait_fo
 
 
 @pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6], ids=["ipv4", "ipv6"])
-def test_probe_entry_lives_as_long_as_the_connection(env: Env, family: int, wait_for) -> None:  # type: ignore[no-untyped-def]
+def test_probe_entry_lives_as_long_as_the_connection(env: Env, family: int, wait_for) -> None:
     kubelet_cg = env.make_cgroup("kubelet")
     env.attach("tether_probe", kubelet_cg)
     kubelet = env.sock_factory(env.netns, kubelet_cg)

@@ -74,17 +74,24 @@ class Run:
 
 
 @pytest.fixture
-def lookup(programs: Programs, maps):  # type: ignore[no-untyped-def]
+def lookup(programs: Programs, maps):
     prog_fd = programs.prog_fds["tether_lookup"]
 
-    def run(dst: str, dport: int, src: str | None = None, sport: int = PEER_PORT,
-            proto: int = socket.IPPROTO_TCP) -> Run:
+    def run(
+        dst: str,
+        dport: int,
+        src: str | None = None,
+        sport: int = PEER_PORT,
+        proto: int = socket.IPPROTO_TCP,
+    ) -> Run:
         family = socket.AF_INET6 if ":" in dst else socket.AF_INET
         if src is None:
             src = PEER6 if family == socket.AF_INET6 else PEER4
         before = maps.stats()
         res = bpfsys.prog_test_run(
-            prog_fd, b"", ctx_in=sk_lookup_ctx(family, src, sport, dst, dport, proto),
+            prog_fd,
+            b"",
+            ctx_in=sk_lookup_ctx(family, src, sport, dst, dport, proto),
             ctx_size_out=_CTX.size,
         )
         after = maps.stats()
@@ -107,7 +114,7 @@ def listener(family: int) -> socket.socket:
 
 
 @pytest.fixture
-def listeners(maps) -> Iterator[dict[Listen, socket.socket]]:  # type: ignore[no-untyped-def]
+def listeners(maps) -> Iterator[dict[Listen, socket.socket]]:
     """Four distinct agent listeners in tether_listen at SLOT."""
     socks = {
         Listen.PLAIN4: listener(socket.AF_INET),
@@ -125,7 +132,7 @@ def listeners(maps) -> Iterator[dict[Listen, socket.socket]]:  # type: ignore[no
             s.close()
 
 
-def enroll(maps, flags: int = POD_INBOUND | POD_OUTBOUND) -> None:  # type: ignore[no-untyped-def]
+def enroll(maps, flags: int = POD_INBOUND | POD_OUTBOUND) -> None:
     for ip in (POD4, POD6):
         maps.put("tether_podips", TetherIpKey.of(ip), TetherPod(slot=SLOT, flags=flags))
 
@@ -138,20 +145,24 @@ FAMILIES = pytest.mark.parametrize(
 
 
 @FAMILIES
-def test_not_enrolled_passes_untouched(lookup, listeners, pod, plain, hbone) -> None:  # type: ignore[no-untyped-def]
+def test_not_enrolled_passes_untouched(lookup, listeners, pod, plain, hbone) -> None:
     r = lookup(pod, APP_PORT)
     assert (r.retval, r.cookie, r.delta) == (SK_PASS, 0, {})
 
 
 @FAMILIES
-def test_enrolled_outbound_only_passes_untouched(lookup, maps, listeners, pod, plain, hbone) -> None:  # type: ignore[no-untyped-def]
+def test_enrolled_outbound_only_passes_untouched(
+    lookup, maps, listeners, pod, plain, hbone
+) -> None:
     enroll(maps, flags=POD_OUTBOUND)
     r = lookup(pod, APP_PORT)
     assert (r.retval, r.cookie, r.delta) == (SK_PASS, 0, {})
 
 
 @FAMILIES
-def test_enrolled_is_steered_to_plaintext_listener(lookup, maps, listeners, pod, plain, hbone) -> None:  # type: ignore[no-untyped-def]
+def test_enrolled_is_steered_to_plaintext_listener(
+    lookup, maps, listeners, pod, plain, hbone
+) -> None:
     enroll(maps)
     r = lookup(pod, APP_PORT)
     assert r.retval == SK_PASS
@@ -160,7 +171,7 @@ def test_enrolled_is_steered_to_plaintext_listener(lookup, maps, listeners, pod,
 
 
 @FAMILIES
-def test_hbone_port_goes_to_hbone_listener(lookup, maps, listeners, pod, plain, hbone) -> None:  # type: ignore[no-untyped-def]
+def test_hbone_port_goes_to_hbone_listener(lookup, maps, listeners, pod, plain, hbone) -> None:
     enroll(maps)
     r = lookup(pod, 15008)
     assert r.retval == SK_PASS
@@ -170,7 +181,7 @@ def test_hbone_port_goes_to_hbone_listener(lookup, maps, listeners, pod, plain, 
 
 
 @FAMILIES
-def test_excluded_inbound_port_passes(lookup, maps, listeners, pod, plain, hbone) -> None:  # type: ignore[no-untyped-def]
+def test_excluded_inbound_port_passes(lookup, maps, listeners, pod, plain, hbone) -> None:
     enroll(maps)
     maps.put("tether_ports", TetherPortKey(slot=SLOT, port=APP_PORT, dir=DIR_IN), b"\x01")
     r = lookup(pod, APP_PORT)
@@ -181,7 +192,9 @@ def test_excluded_inbound_port_passes(lookup, maps, listeners, pod, plain, hbone
 
 
 @FAMILIES
-def test_excluded_port_of_another_slot_or_direction_is_steered(lookup, maps, listeners, pod, plain, hbone) -> None:  # type: ignore[no-untyped-def]
+def test_excluded_port_of_another_slot_or_direction_is_steered(
+    lookup, maps, listeners, pod, plain, hbone
+) -> None:
     enroll(maps)
     maps.put("tether_ports", TetherPortKey(slot=SLOT + 1, port=APP_PORT, dir=DIR_IN), b"\x01")
     maps.put("tether_ports", TetherPortKey(slot=SLOT, port=APP_PORT, dir=DIR_OUT), b"\x01")
@@ -191,7 +204,7 @@ def test_excluded_port_of_another_slot_or_direction_is_steered(lookup, maps, lis
 
 
 @FAMILIES
-def test_bypass_tuple_passes(lookup, maps, listeners, pod, plain, hbone) -> None:  # type: ignore[no-untyped-def]
+def test_bypass_tuple_passes(lookup, maps, listeners, pod, plain, hbone) -> None:
     enroll(maps)
     peer = PEER6 if ":" in pod else PEER4
     maps.put("tether_bypass", TetherTuple.of((peer, PEER_PORT), (pod, APP_PORT)), b"\x01")
@@ -203,31 +216,33 @@ def test_bypass_tuple_passes(lookup, maps, listeners, pod, plain, hbone) -> None
 
 
 @FAMILIES
-def test_enrolled_without_listener_drops(lookup, maps, pod, plain, hbone) -> None:  # type: ignore[no-untyped-def]
+def test_enrolled_without_listener_drops(lookup, maps, pod, plain, hbone) -> None:
     enroll(maps)
     r = lookup(pod, APP_PORT)
     assert (r.retval, r.cookie, r.delta) == (SK_DROP, 0, {Stat.IN_NO_LISTENER: 1})
 
 
-def test_wrong_family_listener_drops(lookup, maps) -> None:  # type: ignore[no-untyped-def]
+def test_wrong_family_listener_drops(lookup, maps) -> None:
     """An IPv6 SYN whose PLAIN6 slot holds an IPv4 socket cannot be assigned: refused."""
     enroll(maps)
     s = listener(socket.AF_INET)
     try:
-        maps.put_sock("tether_listen", (SLOT * LISTEN_PER_POD + Listen.PLAIN6).to_bytes(4, sys.byteorder), s)
+        maps.put_sock(
+            "tether_listen", (SLOT * LISTEN_PER_POD + Listen.PLAIN6).to_bytes(4, sys.byteorder), s
+        )
         r = lookup(POD6, APP_PORT)
         assert (r.retval, r.cookie, r.delta) == (SK_DROP, 0, {Stat.IN_NO_LISTENER: 1})
     finally:
         s.close()
 
 
-def test_udp_is_never_steered(lookup, maps, listeners) -> None:  # type: ignore[no-untyped-def]
+def test_udp_is_never_steered(lookup, maps, listeners) -> None:
     enroll(maps)
     r = lookup(POD4, APP_PORT, proto=socket.IPPROTO_UDP)
     assert (r.retval, r.cookie, r.delta) == (SK_PASS, 0, {})
 
 
-def test_other_address_of_node_is_not_steered(lookup, maps, listeners) -> None:  # type: ignore[no-untyped-def]
+def test_other_address_of_node_is_not_steered(lookup, maps, listeners) -> None:
     enroll(maps)
     r = lookup("10.77.0.2", APP_PORT)
     assert (r.retval, r.cookie, r.delta) == (SK_PASS, 0, {})
