@@ -15,9 +15,8 @@ import os
 import signal
 from typing import Any
 
-from agent import cgroupfs
+from agent import cgroupfs, handoff
 from agent import config as localconfig
-from agent import handoff
 from agent.datapath.datapath import Datapath, DatapathConfig, PodSpec, check_pod
 from agent.datapath.errors import DatapathError, PodError
 from agent.datapath.loader import BuildOptions

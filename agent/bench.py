@@ -12,10 +12,11 @@ nothing here asserts a speed.
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 from agent.sim.harness import AgentNode
@@ -69,14 +70,14 @@ def _sockperf(an: AgentNode, client: Pod, server: Pod, seconds: float) -> dict[s
 def _agent_cpu(an: AgentNode) -> float:
     """CPU seconds (user+system) the agent process has used so far."""
     assert an.agent is not None
-    fields = open(f"/proc/{an.agent.pid}/stat").read().rsplit(")", 1)[1].split()
+    fields = Path(f"/proc/{an.agent.pid}/stat").read_text().rsplit(")", 1)[1].split()
     ticks = int(fields[11]) + int(fields[12])
     return ticks / float(os.sysconf("SC_CLK_TCK"))
 
 
 def _agent_rss_mib(an: AgentNode) -> float:
     assert an.agent is not None
-    for line in open(f"/proc/{an.agent.pid}/status"):
+    for line in Path(f"/proc/{an.agent.pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return 0.0

@@ -92,6 +92,11 @@ if [ ! -f "$stamp" ] || [ "$repo/pyproject.toml" -nt "$stamp" ]; then
   log "installing tether and its dev dependencies into $venv"
   "$venv/bin/python" -m pip install -q --upgrade pip
   "$venv/bin/python" -m pip install -q -e "$repo[dev]"
+  # Tools that pip found already installed system-wide (outside Debian's
+  # packages) would be missing from the venv: install them into it.
+  for tool in ruff mypy pytest; do
+    [ -x "$venv/bin/$tool" ] || "$venv/bin/python" -m pip install -q --ignore-installed "$tool"
+  done
   touch "$stamp"
 fi
 "$venv/bin/python" -c 'import bcc' 2>/dev/null || { log "bcc does not import in $venv"; exit 1; }

@@ -100,7 +100,7 @@ class Enrollment:
 
 @dataclasses.dataclass(frozen=True)
 class DatapathConfig:
-    build: BuildOptions = BuildOptions()
+    build: BuildOptions = dataclasses.field(default_factory=BuildOptions)
     state_dir: str = "/run/tether"
     agent_cgroup: str | None = None  # where the agent's listeners are created
     kubelet_cgroups: tuple[str, ...] = ()  # health probes come from here
@@ -227,7 +227,8 @@ class Datapath:
             spec, slot, cookie = enr.spec, enr.slot, enr.netns_cookie
         else:
             assert rec is not None
-            spec, slot, cookie = PodSpec(**_spec_args(rec["spec"])), rec["slot"], rec["netns_cookie"]
+            spec = PodSpec(**_spec_args(rec["spec"]))
+            slot, cookie = rec["slot"], rec["netns_cookie"]
         self._remove(spec, slot, cookie)
         self._write_state()
         log.info("unenrolled %s", key)

@@ -208,35 +208,48 @@ class Programs:
         self.opts = opts
         self.kernel = kernel_version()
         text = compose_source(opts)
+        # The captured text is in `log` only once the with block has exited.
+        failed: Exception | None = None
         with _capture_fd2() as log:
             try:
                 self._bpf = bcc.BPF(text=text.encode(), cflags=opts.cflags())
             except Exception as e:
-                raise DatapathError(f"BPF compile failed: {e}\n{log.getvalue()[-4000:]}") from e
+                failed = e
+        if failed is not None:
+            raise DatapathError(
+                f"BPF compile failed: {failed}\n{log.getvalue()[-4000:]}"
+            ) from failed
         self.prog_fds: dict[str, int] = {}
-        for spec in opts.programs():
-            self.prog_fds[spec.name] = self._load(spec)
-        lib = bcc.libbcc.lib
         self.map_fds: dict[str, int] = {}
-        for name in MAPS:
-            fd = lib.bpf_table_fd(self._bpf.module, name.encode())
-            if fd < 0:
-                raise DatapathError(f"map {name} missing from the compiled module")
-            self.map_fds[name] = fd
+        try:
+            for spec in opts.programs():
+                self.prog_fds[spec.name] = self._load(spec)
+            lib = bcc.libbcc.lib
+            for name in MAPS:
+                fd = lib.bpf_table_fd(self._bpf.module, name.encode())
+                if fd < 0:
+                    raise DatapathError(f"map {name} missing from the compiled module")
+                self.map_fds[name] = fd
+        except BaseException:
+            self._bpf.cleanup()  # release map and program fds; nothing is attached yet
+            raise
 
     def _load(self, spec: ProgSpec) -> int:
+        failed: Exception | None = None
         with _capture_fd2() as log:
             try:
                 fn = self._bpf.load_func(
                     spec.name.encode(), spec.prog_type, attach_type=spec.attach_type
                 )
             except Exception as e:
-                if self.kernel < spec.kernel:
-                    raise KernelTooOld(spec.hook, spec.kernel, self.kernel) from e
-                raise DatapathError(
-                    f"the kernel rejected {spec.name} ({spec.hook}): {e}\n"
-                    f"verifier log (tail):\n{log.getvalue()[-4000:]}"
-                ) from e
+                failed = e
+        if failed is not None:
+            if self.kernel < spec.kernel:
+                raise KernelTooOld(spec.hook, spec.kernel, self.kernel) from failed
+            raise DatapathError(
+                f"the kernel rejected {spec.name} ({spec.hook}): {failed}\n"
+                f"verifier log (tail):\n{log.getvalue()[-4000:]}"
+            ) from failed
         return int(fn.fd)
 
     def close(self) -> None:

@@ -159,7 +159,3 @@ MIRRORS: dict[str, type[ctypes.Structure]] = {
     "tether_portkey": TetherPortKey,
     "tether_cfg": TetherCfg,
 }
-
-
-def raw(obj: ctypes.Structure | ctypes._SimpleCData) -> bytes:  # type: ignore[type-arg]
-    return bytes(obj)  # type: ignore[call-overload]

@@ -137,7 +137,8 @@ class PodProxy:
         self.capture = capture
         self.conns = conns
         self.listeners: dict[str, socket.socket] = {}
-        self._tasks: list[asyncio.Task[None]] = []
+        self._accepting: list[asyncio.Task[None]] = []
+        self._handlers: set[asyncio.Task[None]] = set()  # strong refs until done
 
     def open(self) -> dict[str, socket.socket]:
         """Create the listening sockets inside the pod's netns (not yet serving).
@@ -178,7 +179,7 @@ class PodProxy:
         loop = asyncio.get_running_loop()
         for name, sock in self.listeners.items():
             handler = self._outbound if name.startswith("out") else self._inbound
-            self._tasks.append(loop.create_task(self._accept_loop(sock, handler)))
+            self._accepting.append(loop.create_task(self._accept_loop(sock, handler)))
 
     async def _accept_loop(
         self, listener: socket.socket, handler: Callable[[socket.socket], Any]
@@ -196,7 +197,7 @@ class PodProxy:
                 await asyncio.sleep(0.05)
                 continue
             conn.setblocking(False)
-            loop.create_task(self._guard(handler, conn))
+            self._track(loop.create_task(self._guard(handler, conn)))
 
     async def _guard(self, handler: Callable[[socket.socket], Any], conn: socket.socket) -> None:
         """One bad connection is logged and closed; nothing else is touched."""
@@ -272,9 +273,9 @@ class PodProxy:
     async def freeze(self) -> dict[str, Any]:
         """Stop accepting and freeze every relay of this pod; give back the
         listeners and connection sockets for a successor (agent.handoff)."""
-        for t in self._tasks:
+        for t in self._accepting:
             t.cancel()
-        self._tasks.clear()
+        self._accepting.clear()
         listeners = {n: socket.socket(fileno=socket.dup(s.fileno())) for n, s in
                      self.listeners.items()}
         for s in self.listeners.values():
@@ -297,12 +298,17 @@ class PodProxy:
         c = self.conns.add(self.pod.key, info["direction"], tuple(info["src"]),
                            tuple(info["dst"]), info["path"])
         c.inherited = True
-        asyncio.get_running_loop().create_task(self._relay(c, handed["a"], handed["b"]))
+        self._track(asyncio.get_running_loop().create_task(
+            self._relay(c, handed["a"], handed["b"])))
+
+    def _track(self, task: asyncio.Task[None]) -> None:
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
 
     def close(self) -> None:
-        for t in self._tasks:
+        for t in [*self._accepting, *self._handlers]:
             t.cancel()
-        self._tasks.clear()
+        self._accepting.clear()
         for s in self.listeners.values():
             s.close()
         self.listeners.clear()

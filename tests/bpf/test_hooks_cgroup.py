@@ -363,6 +363,15 @@ def test_enrolled_inbound_only_is_not_redirected(env: Env, ns_cookie) -> None:
     assert _assert_direct(env, socket.AF_INET) == {}
 
 
+def test_udp_connect_is_not_redirected(env: Env) -> None:
+    before = env.maps.stats()
+    c = env.keep(env.pod.socket(socket.AF_INET, socket.SOCK_DGRAM))
+    c.connect((DST4, APP_PORT))
+    assert c.getpeername() == (DST4, APP_PORT)
+    assert env.maps.get("tether_orig", u64(bpfsys.socket_cookie(c))) is None
+    assert stat_delta(before, env.maps.stats()) == {}
+
+
 def test_agent_cgroup_connect_is_not_redirected(env: Env) -> None:
     c = env.client(socket.AF_INET, factory=env.agent)
     c.connect((DST4, APP_PORT))

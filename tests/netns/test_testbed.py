@@ -21,10 +21,10 @@ from typing import Any
 import pytest
 
 from agent import cgroupfs as cg
-from agent.sim import peer
-from agent.sim import topology as topo
 from agent.cgroupfs import CgroupError, cgroup2_root, own_cgroup
 from agent.netns import entered, list_netns, netns_inode
+from agent.sim import peer
+from agent.sim import topology as topo
 from agent.sim.topology import Pod, Testbed, cleanup_prefix, random_prefix
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="netns tier needs root")
