@@ -1,8 +1,9 @@
 """The node agent process: reconcile the desired pods (from the local file)
-with the datapath and the in-pod listeners, serve the admin endpoint, and hand
-everything to a successor on restart.
+with the datapath and the in-pod listeners, serve admin and metrics, and hand
+everything it can to a successor on restart.
 
-One writer: only Agent.reconcile() changes what is enrolled.
+One writer: only Agent.reconcile() changes the state store and what is
+enrolled; the tunnel, the datapath and the admin endpoint read.
 """
 
 from __future__ import annotations
@@ -13,19 +14,55 @@ import json
 import logging
 import os
 import signal
+import ssl
+from pathlib import Path
 from typing import Any
 
-from agent import cgroupfs, handoff
+from agent import cgroupfs, handoff, rbac
 from agent import config as localconfig
 from agent.datapath.datapath import Datapath, DatapathConfig, PodSpec, check_pod
 from agent.datapath.errors import DatapathError, PodError
 from agent.datapath.loader import BuildOptions
 from agent.datapath.structs import Listen
-from agent.tunnel.proxy import ConnTable, PodProxy, PodRef, Ports
+from agent.identity.ca import CertificateAuthority
+from agent.identity.manager import CertificateManager, EmbeddedCA
+from agent.identity.spiffe import SpiffeId
+from agent.metrics import Metrics
+from agent.state.store import Store
+from agent.tunnel.conns import ConnTable
+from agent.tunnel.hbone import HboneClient
+from agent.tunnel.proxy import AuthzRequest, AuthzResult, PodProxy, PodRef, Ports, Tunnel
 
 log = logging.getLogger(__name__)
 
-LISTEN_KINDS = {"in4": Listen.PLAIN4, "in6": Listen.PLAIN6}
+LISTEN_KINDS = {"in4": Listen.PLAIN4, "in6": Listen.PLAIN6,
+                "hbone4": Listen.HBONE4, "hbone6": Listen.HBONE6}
+METRICS_PORT = 15020
+DRAIN_TIMEOUT = float(os.environ.get("TETHER_DRAIN_TIMEOUT", "300"))
+
+
+class Policies:
+    """Istio security policy for the tunnel, enforced at the destination."""
+
+    def __init__(self) -> None:
+        self.store = rbac.PolicyStore()
+        self.report: Any = None
+
+    def load(self, docs: tuple[dict[str, Any], ...]) -> None:
+        self.report = self.store.load(docs, replace=True)
+        for err in getattr(self.report, "errors", ()):
+            log.error("policy not applied: %s", err)
+
+    def authorize(self, req: AuthzRequest) -> AuthzResult:
+        d = self.store.evaluate(rbac.Conn.make(req.src_ip, req.src_identity, req.dst_ip,
+                                               req.dst_port, req.workload))
+        return AuthzResult(d.allowed, d.reason, d.policy)
+
+    def plaintext_allowed(self, workload: localconfig.Workload, port: int) -> bool:
+        return self.store.plaintext_allowed(workload, port)
+
+    def describe(self) -> Any:
+        return self.store.describe()
 
 
 class Agent:
@@ -42,18 +79,39 @@ class Agent:
                 skmsg=s.sk_msg if skmsg is None else skmsg,
             )
         )
+        self.store = Store(self.cfg.identity.trust_domain)
+        self.policies = Policies()
         self.conns = ConnTable()
+        self.metrics = Metrics(self.datapath.stats)
+        self.conns.on_open.append(self.metrics.on_open)
+        self.conns.on_close.append(self.metrics.on_close)
+        self.certs: CertificateManager | None = None
+        self.tunnel: Tunnel | None = None
         self.proxies: dict[str, PodProxy] = {}
         self.errors: dict[str, str] = {}
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
         self._mtime = 0.0
 
+    # -- identity ------------------------------------------------------------
+
+    def _make_certs(self) -> CertificateManager | None:
+        ca_dir = self.cfg.identity.ca_dir
+        if ca_dir is None:
+            log.warning("no identity.caDir: mesh traffic is passed through in plaintext")
+            return None
+        ca = CertificateAuthority.load_or_generate(ca_dir, self.cfg.identity.trust_domain)
+        tmp = Path(self.cfg.agent.state_dir) / "tls"
+        tmp.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return CertificateManager(EmbeddedCA(ca), tls_tmp_dir=str(tmp))
+
     # -- reconcile ----------------------------------------------------------
 
     def reconcile(self, inherited: dict[str, dict[str, Any]] | None = None) -> None:
-        """Make enrolled pods match the config.  One bad pod is reported and
-        skipped; it never stops the others."""
+        """Make the store and the enrolled pods match the config.  One bad pod
+        is reported and skipped; it never stops the others."""
+        self.store.replace(self.cfg)
+        self.policies.load(self.cfg.policies)
         want = {w.key: w for w in self.cfg.local_enrolled()}
         gone = [k for k in self.proxies if k not in want]
         gone += [k for k in self.datapath.leftover_pods() if k not in want]
@@ -66,6 +124,8 @@ class Agent:
             proxy = self.proxies.pop(key, None)
             if proxy is not None:
                 proxy.close()
+        if self.certs is not None:
+            self.certs.retain(self.store.identity_of(w) for w in want.values())
         for key, w in want.items():
             if key in self.proxies:
                 continue
@@ -86,7 +146,11 @@ class Agent:
             exclude_out_cidrs=w.exclude_outbound_cidrs,
         )
         check_pod(spec)
-        proxy = PodProxy(PodRef(w.key, w.netns, w.addresses), Ports(), self.datapath, self.conns)
+        assert self.tunnel is not None
+        identity = self.store.identity_of(w)
+        if self.certs is not None:
+            self.certs.prefetch(identity)
+        proxy = PodProxy(PodRef(w.key, w.netns, w.addresses, w, identity), Ports(), self.tunnel)
         if inherited:
             proxy.adopt(inherited["listeners"])
         else:
@@ -112,23 +176,56 @@ class Agent:
             loop.add_signal_handler(sig, self._stop.set)
         inherited = await handoff.receive(self.cfg.agent.state_dir)
         await loop.run_in_executor(None, self.datapath.start)
+        self.certs = self._make_certs()
+        hbone = None
+        server_ctx = None
+        if self.certs is not None:
+            certs = self.certs
+
+            async def client_ctx(i: SpiffeId) -> ssl.SSLContext:
+                return await certs.ssl_context_client(i)
+
+            async def server_ctx_(i: SpiffeId) -> ssl.SSLContext:
+                return await certs.ssl_context_server(i)
+
+            hbone = HboneClient(client_ctx)
+            server_ctx = server_ctx_
+        self.tunnel = Tunnel(self.datapath, self.store, self.conns, self.policies, hbone,
+                             server_ctx)
         self.reconcile(inherited)
         admin = await asyncio.start_server(self._admin, "127.0.0.1", self.cfg.agent.admin_port)
+        with contextlib.suppress(OSError):
+            self.metrics.serve(METRICS_PORT)
         giver = await handoff.serve(self.cfg.agent.state_dir, self._give, self._stop)
         self._mtime = os.stat(self.config_path).st_mtime
         self.ready.set()
-        log.info("agent ready: %d pods enrolled, admin on 127.0.0.1:%d", len(self.proxies),
-                 self.cfg.agent.admin_port)
+        log.info("agent ready: %d pods enrolled, admin on 127.0.0.1:%d, metrics on :%d",
+                 len(self.proxies), self.cfg.agent.admin_port, METRICS_PORT)
         watcher = loop.create_task(self._watch())
         await self._stop.wait()
         watcher.cancel()
         admin.close()
         giver.close()
-        if not handoff.given(self):
-            for p in self.proxies.values():
-                p.close()
+        if handoff.given(self):
+            await self._drain()
+        for p in self.proxies.values():
+            p.close()
+        if hbone is not None:
+            hbone.close()
+        if self.certs is not None:
+            await self.certs.close()
         self.datapath.close()
         log.info("agent stopped")
+
+    async def _drain(self) -> None:
+        """After a handoff: HBONE connections (TLS state lives here) run to
+        their end, bounded by DRAIN_TIMEOUT, while the successor serves new ones."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DRAIN_TIMEOUT
+        while self.conns.open and loop.time() < deadline:
+            await asyncio.sleep(0.2)
+        if self.conns.open:
+            log.warning("drain timeout: closing %d connections", len(self.conns.open))
 
     async def _watch(self) -> None:
         """Reload the local file when it changes (bounded poll, 1 s)."""
@@ -149,7 +246,7 @@ class Agent:
                 log.exception("reconcile failed; retrying on the next change")
 
     async def _give(self) -> handoff.Bundle:
-        """Freeze every pod's listeners and relays for a successor."""
+        """Freeze every pod's listeners and plain relays for a successor."""
         bundle: handoff.Bundle = {}
         for key, p in self.proxies.items():
             bundle[key] = await p.freeze()
@@ -164,6 +261,11 @@ class Agent:
             "ready": self.ready.is_set(),
             "datapath": self.datapath.status(),
             "pod_errors": self.errors,
+            "state": self.store.describe(),
+            "policies": self.policies.describe(),
+            "certificates": self.certs.describe() if self.certs else [],
+            "hbone_pool": self.tunnel.hbone.describe() if self.tunnel and self.tunnel.hbone
+            else [],
             "connections": {
                 "open": [c.record() for c in self.conns.open.values()],
                 "closed": [c.record() for c in self.conns.closed[-200:]],
@@ -181,10 +283,10 @@ class Agent:
             code, body = 200, b""
             if path == "/healthz":
                 body = b"ok\n"
-            elif path == "/ready":
+            elif path in ("/ready", "/healthz/ready"):
                 code, body = (200, b"ready\n") if self.ready.is_set() else (503, b"starting\n")
             elif path in ("/config_dump", "/status"):
-                body = json.dumps(self.status(), indent=1).encode()
+                body = json.dumps(self.status(), indent=1, default=str).encode()
             elif path == "/connections":
                 body = json.dumps(self.status()["connections"], indent=1).encode()
             else:

@@ -44,6 +44,31 @@ class Workload:
 
 
 @dataclasses.dataclass(frozen=True)
+class ServicePort:
+    port: int
+    target_port: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Service:
+    name: str
+    namespace: str
+    addresses: tuple[str, ...]  # cluster VIPs
+    ports: tuple[ServicePort, ...]
+    selector: dict[str, str]
+
+    @property
+    def hostname(self) -> str:
+        return f"{self.name}.{self.namespace}.svc.cluster.local"
+
+
+@dataclasses.dataclass(frozen=True)
+class IdentitySettings:
+    trust_domain: str = "cluster.local"
+    ca_dir: str | None = None  # local mode: root key and cert shared by the node agents
+
+
+@dataclasses.dataclass(frozen=True)
 class AgentSettings:
     pin_dir: str = "/sys/fs/bpf/tether"
     state_dir: str = "/run/tether"
@@ -59,6 +84,9 @@ class LocalConfig:
     agent: AgentSettings
     namespaces: dict[str, dict[str, str]]  # name -> labels
     workloads: tuple[Workload, ...]
+    services: tuple[Service, ...] = ()
+    identity: IdentitySettings = dataclasses.field(default_factory=IdentitySettings)
+    policies: tuple[dict[str, Any], ...] = ()  # Istio security documents, as given
 
     def enrolled(self, w: Workload) -> bool:
         mode = w.labels.get(DATAPLANE_MODE)
@@ -128,7 +156,55 @@ def _workload(d: Any, i: int, node: str) -> Workload:
     )
 
 
-def parse(doc: Any) -> LocalConfig:
+def _service(d: Any, i: int) -> Service:
+    where = f"services[{i}]"
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where}: expected a mapping")
+    for field in ("name", "namespace"):
+        if not isinstance(d.get(field), str) or not d[field]:
+            raise ConfigError(f"{where}.{field}: required string")
+    addrs = _str_list(d.get("addresses"), f"{where}.addresses")
+    for a in addrs:
+        try:
+            ipaddress.ip_address(a)
+        except ValueError:
+            raise ConfigError(f"{where}.addresses: {a!r} is not an IP address") from None
+    ports = []
+    for j, p in enumerate(d.get("ports") or []):
+        pw = f"{where}.ports[{j}]"
+        if not isinstance(p, dict) or "port" not in p:
+            raise ConfigError(f"{pw}: expected a mapping with port (and targetPort)")
+        port = _ports([p["port"]], f"{pw}.port")[0]
+        target = _ports([p.get("targetPort", port)], f"{pw}.targetPort")[0]
+        ports.append(ServicePort(port, target))
+    selector = d.get("selector") or {}
+    if not isinstance(selector, dict):
+        raise ConfigError(f"{where}.selector: expected a mapping of labels")
+    return Service(d["name"], d["namespace"], addrs, tuple(ports),
+                   {str(k): str(v) for k, v in selector.items()})
+
+
+def _policies(doc: dict[str, Any], base: Path | None) -> tuple[dict[str, Any], ...]:
+    out: list[dict[str, Any]] = []
+    for i, p in enumerate(doc.get("policies") or []):
+        if not isinstance(p, dict):
+            raise ConfigError(f"policies[{i}]: expected an Istio document (a mapping)")
+        out.append(p)
+    for i, f in enumerate(doc.get("policyFiles") or []):
+        path = Path(str(f))
+        if base is not None and not path.is_absolute():
+            path = base / path
+        try:
+            docs = list(yaml.safe_load_all(path.read_text()))
+        except OSError as e:
+            raise ConfigError(f"policyFiles[{i}]: cannot read {path}: {e.strerror}") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"policyFiles[{i}]: {path} is not valid YAML: {e}") from e
+        out.extend(d for d in docs if isinstance(d, dict))
+    return tuple(out)
+
+
+def parse(doc: Any, base: Path | None = None) -> LocalConfig:
     if not isinstance(doc, dict):
         raise ConfigError("the file must be a YAML mapping with node, agent, namespaces, workloads")
     node = doc.get("node")
@@ -157,7 +233,16 @@ def parse(doc: Any) -> LocalConfig:
     workloads = []
     for i, w in enumerate(doc.get("workloads") or []):
         workloads.append(_workload(w, i, node))
-    return LocalConfig(node, agent, namespaces, tuple(workloads))
+    services = tuple(_service(s, i) for i, s in enumerate(doc.get("services") or []))
+    ident = doc.get("identity") or {}
+    if not isinstance(ident, dict):
+        raise ConfigError("identity: expected a mapping (trustDomain, caDir)")
+    identity = IdentitySettings(
+        trust_domain=str(ident.get("trustDomain", "cluster.local")),
+        ca_dir=ident.get("caDir"),
+    )
+    return LocalConfig(node, agent, namespaces, tuple(workloads), services, identity,
+                       _policies(doc, base))
 
 
 def load(path: str | Path) -> LocalConfig:
@@ -167,4 +252,4 @@ def load(path: str | Path) -> LocalConfig:
         raise ConfigError(f"cannot read {path}: {e.strerror}") from e
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from e
-    return parse(doc)
+    return parse(doc, Path(path).parent)

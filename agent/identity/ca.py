@@ -20,7 +20,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from agent.identity.spiffe import DEFAULT_TRUST_DOMAIN, SpiffeId, SpiffeIdError, as_spiffe_id
+from agent.identity.spiffe import (
+    DEFAULT_TRUST_DOMAIN,
+    SpiffeId,
+    SpiffeIdError,
+    as_spiffe_id,
+    check_trust_domain,
+)
 from agent.identity.svid import (
     ChainError,
     generate_key,
@@ -82,8 +88,7 @@ class CertificateAuthority:
         clock_skew: timedelta = CLOCK_SKEW,
         clock: Clock = utcnow,
     ) -> None:
-        # Validates the trust domain with the same rules as SPIFFE IDs.
-        SpiffeId(trust_domain, "x", "x")
+        check_trust_domain(trust_domain)
         if max_ttl <= timedelta(0) or default_ttl <= timedelta(0):
             raise ValueError("default_ttl and max_ttl must be positive")
         self_signed = signer_cert.issuer == signer_cert.subject
@@ -107,8 +112,10 @@ class CertificateAuthority:
         self._clock = clock
         self._key = signer_key
         self._cert = signer_cert
-        self._intermediates = tuple(i for i in intermediates if i not in roots)
+        self._intermediates = tuple(i for i in intermediates if i not in roots and i != signer_cert)
         self._roots = tuple(roots)
+        # What follows a leaf in an answer: the signer unless it is a root, then the rest.
+        self._issuers = (() if signer_cert in self._roots else (signer_cert,)) + self._intermediates
 
     # -- construction -----------------------------------------------------
 
@@ -337,7 +344,7 @@ class CertificateAuthority:
         if uris != [ident.uri]:
             raise CsrError(f"CSR URI SANs {uris} differ from the authorized identity [{ident.uri}]")
         leaf = self.issue(pub, ident, ttl)
-        return [to_pem(c) for c in (leaf, *self._intermediates, *self._roots)]
+        return [to_pem(c) for c in (leaf, *self._issuers, *self._roots)]
 
     def issue(
         self,
@@ -423,4 +430,4 @@ class CertificateAuthority:
             )
             .sign(self._key, hashes.SHA256())
         )
-        return [to_pem(c) for c in (cert, *self._intermediates, *self._roots)]
+        return [to_pem(c) for c in (cert, *self._issuers, *self._roots)]

@@ -24,6 +24,19 @@ from agent.identity import tls
 from agent.identity.ca import CertificateAuthority
 from agent.identity.spiffe import SpiffeId, as_spiffe_id
 from agent.identity.svid import Svid, build_csr, generate_key, svid_from_response, utcnow
+from agent.identity.tls import PeerIdentityError, peer_identity, verify_peer
+
+__all__ = [
+    "Backoff",
+    "CertificateManager",
+    "CertificateSource",
+    "CertificateUnavailable",
+    "EmbeddedCA",
+    "PeerIdentityError",
+    "Svid",
+    "peer_identity",
+    "verify_peer",
+]
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +263,10 @@ class CertificateManager:
             )
         else:
             log.warning(
-                "fetching certificate for %s failed (%s); retry in %.1fs", entry.identity, exc, delay
+                "fetching certificate for %s failed (%s); retry in %.1fs",
+                entry.identity,
+                exc,
+                delay,
             )
         return delay
 

@@ -16,11 +16,12 @@ from datetime import timedelta
 from pathlib import Path
 
 import grpc
+from cryptography.hazmat.primitives import serialization
 
 from agent.identity.ca import MAX_TTL, CertificateAuthority
 from agent.identity.server import Authenticator, CaServer, StaticAuthenticator
 from agent.identity.spiffe import DEFAULT_TRUST_DOMAIN
-from agent.identity.svid import Svid, generate_key
+from agent.identity.svid import generate_key
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,9 @@ def server_credentials(
     # The served chain is leaf + intermediates; the root is what clients hold.
     n_roots = len(ca.roots)
     chain_pem = "".join(chain[: len(chain) - n_roots]).encode("ascii")
-    key_pem = Svid.key_pem_of(key)
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     return grpc.ssl_server_credentials([(key_pem, chain_pem)])
 
 

@@ -133,9 +133,7 @@ class StaticAuthenticator:
         if caller.node is None:
             raise PermissionDeniedError(f"{caller.name} may not request other identities")
         if identity not in set(self._placement(caller.node)):
-            raise PermissionDeniedError(
-                f"identity {identity} does not run on node {caller.node!r}"
-            )
+            raise PermissionDeniedError(f"identity {identity} does not run on node {caller.node!r}")
 
 
 class _Refusal(Exception):
@@ -198,7 +196,7 @@ class CertificateService:
             )
         return next(iter(caller.identities))
 
-    async def CreateCertificate(  # noqa: N802 (gRPC method name)
+    async def CreateCertificate(
         self, request: ca_pb2.IstioCertificateRequest, context: Any
     ) -> ca_pb2.IstioCertificateResponse:
         try:

@@ -40,6 +40,12 @@ def _check_trust_domain(td: str, whole: str) -> None:
         )
 
 
+def check_trust_domain(td: str) -> str:
+    """Return td if it is a valid SPIFFE trust domain, else raise SpiffeIdError."""
+    _check_trust_domain(td, f"{URI_PREFIX}{td}")
+    return td
+
+
 def _check_segment(what: str, value: str, whole: str) -> None:
     if not value:
         raise SpiffeIdError(f"{whole!r}: empty {what}")

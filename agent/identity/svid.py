@@ -17,7 +17,6 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtensionOID
 
 from agent.identity.spiffe import SpiffeId, SpiffeIdError
 
@@ -89,7 +88,7 @@ def identity_of(cert: x509.Certificate) -> SpiffeId:
 
 def _is_ca(cert: x509.Certificate) -> bool:
     try:
-        bc = cert.extensions.get_extension_for_oid(ExtensionOID.BASIC_CONSTRAINTS).value
+        bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
     except x509.ExtensionNotFound:
         return False
     return bool(bc.ca)

@@ -32,15 +32,42 @@ READY_TIMEOUT = 60.0
 DATAPLANE_MODE = "istio.io/dataplane-mode"
 
 
+class Cluster:
+    """What every node's agent is told about the mesh: namespaces, all
+    workloads, services, policies and the shared CA (local mode)."""
+
+    def __init__(self, tb: Testbed) -> None:
+        self.tb = tb
+        self.nodes: list[AgentNode] = []
+        self.namespaces: dict[str, dict[str, str]] = {}
+        self.services: list[dict[str, Any]] = []
+        self.policies: list[dict[str, Any]] = []
+        self._tmp = tempfile.TemporaryDirectory(prefix=f"tether-{tb.prefix}-ca-")
+        self.ca_dir = self._tmp.name
+        self.mtls = True
+
+    def write_configs(self) -> None:
+        for n in self.nodes:
+            n.write_config()
+
+    def close(self) -> None:
+        for n in self.nodes:
+            n.close()
+        self._tmp.cleanup()
+
+
 class AgentNode:
     """One node of a Testbed, its pods, and a tether agent enrolling them."""
 
-    def __init__(self, tb: Testbed, name: str = "node1", sk_msg: bool = False) -> None:
+    def __init__(self, tb: Testbed, name: str = "node1", sk_msg: bool = False,
+                 cluster: Cluster | None = None) -> None:
         self.tb = tb
         self.node: Node = tb.add_node(name)
         self.sk_msg = sk_msg
+        self.cluster = cluster or Cluster(tb)
+        self.cluster.nodes.append(self)
         self.pods: list[Pod] = []
-        self.namespaces: dict[str, dict[str, str]] = {}
+        self.namespaces = self.cluster.namespaces
         self.pod_labels: dict[str, dict[str, str]] = {}
         self.extra: dict[str, dict[str, Any]] = {}
         self._tmp = tempfile.TemporaryDirectory(prefix=f"tether-{tb.prefix}-")
@@ -70,7 +97,21 @@ class AgentNode:
         else:
             labels.pop(DATAPLANE_MODE, None)
 
+    def _workload(self, p: Pod, local: bool) -> dict[str, Any]:
+        w: dict[str, Any] = {
+            "name": p.name,
+            "namespace": p.namespace,
+            "serviceAccount": p.service_account,
+            "node": p.node,
+            "addresses": [p.ip4, p.ip6],
+            "labels": self.pod_labels[p.name],
+        }
+        if local:
+            w.update(netns=str(p.netns_path), cgroup=str(p.cgroup_path), **self.extra[p.name])
+        return w
+
     def config(self) -> dict[str, Any]:
+        c = self.cluster
         return {
             "node": self.node.name,
             "agent": {
@@ -81,20 +122,10 @@ class AgentNode:
                 "skMsg": self.sk_msg,
             },
             "namespaces": [{"name": n, "labels": lab} for n, lab in self.namespaces.items()],
-            "workloads": [
-                {
-                    "name": p.name,
-                    "namespace": p.namespace,
-                    "serviceAccount": p.service_account,
-                    "node": self.node.name,
-                    "addresses": [p.ip4, p.ip6],
-                    "netns": str(p.netns_path),
-                    "cgroup": str(p.cgroup_path),
-                    "labels": self.pod_labels[p.name],
-                    **self.extra[p.name],
-                }
-                for p in self.pods
-            ],
+            "identity": {"caDir": c.ca_dir} if c.mtls else {},
+            "workloads": [n._workload(p, n is self) for n in c.nodes for p in n.pods],
+            "services": c.services,
+            "policies": c.policies,
         }
 
     def write_config(self) -> None:
@@ -219,6 +250,8 @@ class AgentNode:
         with contextlib.suppress(OSError):
             self.cleanup()
         self._tmp.cleanup()
+        if self.cluster.nodes == [self]:
+            self.cluster._tmp.cleanup()
 
 
 def classify(result: dict[str, Any], conns: Iterable[dict[str, Any]]) -> tuple[str, str]:
@@ -235,5 +268,5 @@ def classify(result: dict[str, Any], conns: Iterable[dict[str, Any]]) -> tuple[s
     server_saw = ep(result["server_saw_peer"])
     outs = [c for c in conns if c["direction"] == "outbound" and c["src"] == client_sock]
     ins = [c for c in conns if c["direction"] == "inbound" and c["delivered_as"] == server_saw]
-    out = ("captured" + (" (sk_msg)" if outs[0]["path"] == "sk_msg" else "")) if outs else "direct"
+    out = ("captured" + (" (sk_msg)" if outs[0]["spliced"] else "")) if outs else "direct"
     return out, "captured" if ins else "direct"

@@ -1,18 +1,22 @@
-"""The agent's listeners inside each enrolled pod's network namespace, and the
-plaintext passthrough behind them.
+"""The agent's listeners inside each enrolled pod's network namespace.
 
 The agent lives in the node's network namespace but opens its listeners in
 the pod's (enter the netns on this thread, socket/bind/listen, come back), as
 ztunnel's in-pod mode does.  Sockets stay in the namespace they were made in,
-so one event loop serves every pod.  Upstream connections are made from the
-pod's namespace too: on the wire they carry the pod's own IP, and the CNI,
-routing and NetworkPolicy see ordinary pod traffic.
+so one event loop serves every pod.  Connections leave from the pod's
+namespace too: on the wire they carry the pod's own IP, and the CNI, routing
+and NetworkPolicy see ordinary pod traffic.
 
-- outbound (15001, loopback): original destination by SO_ORIGINAL_DST, then a
-  connection to it from the pod.  (The HBONE tunnel slots in here.)
-- inbound (15006, steered by sk_lookup): original destination is the accepted
-  socket's own address; delivery to the app keeps the client's source IP
-  (IP_TRANSPARENT + SO_MARK, routed back by agent.datapath.podnet).
+- 15001 outbound (loopback; connect4/6 redirect here): original destination
+  from SO_ORIGINAL_DST, endpoint from the state, then HBONE to the endpoint's
+  15008 if a mesh node captures it, plain TCP otherwise.
+- 15008 inbound HBONE (sk_lookup steers here): mTLS as the pod's identity,
+  CONNECT checked and authorized, delivered to the app.
+- 15006 inbound plaintext (sk_lookup steers here): refused under STRICT
+  PeerAuthentication, authorized without identity under PERMISSIVE.
+
+Delivery to the app keeps the client's source IP (IP_TRANSPARENT + SO_MARK,
+routed back by agent.datapath.podnet).
 """
 
 from __future__ import annotations
@@ -22,15 +26,29 @@ import contextlib
 import dataclasses
 import errno
 import ipaddress
-import itertools
 import logging
 import socket
+import ssl
 import struct
-import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from agent import netns
+from agent.config import Workload
+from agent.identity.spiffe import SpiffeId
+from agent.identity.tls import peer_identity
+from agent.state.store import Store
+from agent.tunnel.bridge import Bridge
+from agent.tunnel.conns import Connection, ConnTable
+from agent.tunnel.h2conn import H2Conn, H2Stream
+from agent.tunnel.hbone import (
+    HBONE_PORT,
+    HboneClient,
+    HboneError,
+    PoolKey,
+    check_request,
+    request_headers,
+)
 from agent.tunnel.relay import Relay
 
 log = logging.getLogger(__name__)
@@ -40,6 +58,7 @@ IP_TRANSPARENT = 19
 IPV6_TRANSPARENT = 75
 DELIVERY_MARK = 0x539  # agent.datapath.podnet.DELIVERY_MARK
 CONNECT_TIMEOUT = 10.0
+TLS_HANDSHAKE_TIMEOUT = 10.0
 
 
 class Capture(Protocol):
@@ -52,17 +71,54 @@ class Capture(Protocol):
 
 
 @dataclasses.dataclass(frozen=True)
+class AuthzRequest:
+    """An inbound connection as the destination's policy sees it."""
+
+    src_ip: str
+    src_identity: SpiffeId | None  # None: plaintext
+    dst_ip: str
+    dst_port: int
+    workload: Workload
+
+
+@dataclasses.dataclass(frozen=True)
+class AuthzResult:
+    allowed: bool
+    reason: str
+    policy: str | None = None
+
+
+class Policy(Protocol):
+    def authorize(self, req: AuthzRequest) -> AuthzResult: ...
+    def plaintext_allowed(self, workload: Workload, port: int) -> bool: ...
+
+
+@dataclasses.dataclass
+class Tunnel:
+    """Everything a pod's listeners share on a node."""
+
+    capture: Capture
+    store: Store
+    conns: ConnTable
+    policy: Policy
+    hbone: HboneClient | None = None  # None: no identity yet, plaintext only
+    server_context: Callable[[SpiffeId], Awaitable[ssl.SSLContext]] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class PodRef:
     key: str
     netns: str
     ips: tuple[str, ...]
+    workload: Workload | None = None
+    identity: SpiffeId | None = None
 
 
 @dataclasses.dataclass
 class Ports:
     outbound: int = 15001
     inbound: int = 15006
-    hbone: int = 15008
+    hbone: int = HBONE_PORT
 
 
 def original_dst(sock: socket.socket) -> tuple[str, int]:
@@ -92,71 +148,47 @@ def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
-@dataclasses.dataclass
-class Connection:
-    """One relayed connection, for status, access logs and the demo."""
-
-    id: int
-    pod: str
-    direction: str  # outbound | inbound
-    src: tuple[str, int]
-    dst: tuple[str, int]
-    path: str  # relay | sk_msg
-    started: float
-    relay: Relay | None = None
-    ended: float | None = None
-    error: str | None = None
-    inherited: bool = False  # taken over from a predecessor agent
-    delivered_as: tuple[str, int] | None = None  # inbound: the source the app sees
-
-    def record(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "pod": self.pod,
-            "direction": self.direction,
-            "src": f"{self.src[0]}:{self.src[1]}",
-            "dst": f"{self.dst[0]}:{self.dst[1]}",
-            "path": self.path,
-            "bytes_sent": self.relay.bytes_a_to_b if self.relay else 0,
-            "bytes_received": self.relay.bytes_b_to_a if self.relay else 0,
-            "duration_s": round((self.ended or time.monotonic()) - self.started, 6),
-            "open": self.ended is None,
-            "error": self.error,
-            "inherited": self.inherited,
-            "delivered_as": f"{self.delivered_as[0]}:{self.delivered_as[1]}"
-            if self.delivered_as else None,
-        }
+def _refuse(sock: socket.socket) -> None:
+    """Close with RST, as a refused connection looks to the client."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
 
 
 class PodProxy:
     """Listeners and connections of one enrolled pod."""
 
-    def __init__(self, pod: PodRef, ports: Ports, capture: Capture, conns: ConnTable) -> None:
+    LISTENERS = (
+        ("out4", socket.AF_INET, "127.0.0.1", "outbound"),
+        ("out6", socket.AF_INET6, "::1", "outbound"),
+        ("in4", socket.AF_INET, "127.0.0.1", "inbound"),
+        ("in6", socket.AF_INET6, "::1", "inbound"),
+        ("hbone4", socket.AF_INET, "127.0.0.1", "hbone"),
+        ("hbone6", socket.AF_INET6, "::1", "hbone"),
+    )
+
+    def __init__(self, pod: PodRef, ports: Ports, tunnel: Tunnel) -> None:
         self.pod = pod
         self.ports = ports
-        self.capture = capture
-        self.conns = conns
+        self.t = tunnel
         self.listeners: dict[str, socket.socket] = {}
         self._accepting: list[asyncio.Task[None]] = []
         self._handlers: set[asyncio.Task[None]] = set()  # strong refs until done
 
+    # -- listeners -------------------------------------------------------------
+
     def open(self) -> dict[str, socket.socket]:
-        """Create the listening sockets inside the pod's netns (not yet serving).
-        Keys: out4, out6, in4, in6."""
-        specs = [
-            ("out4", socket.AF_INET, "127.0.0.1", self.ports.outbound),
-            ("out6", socket.AF_INET6, "::1", self.ports.outbound),
-            ("in4", socket.AF_INET, "127.0.0.1", self.ports.inbound),
-            ("in6", socket.AF_INET6, "::1", self.ports.inbound),
-        ]
+        """Create the listening sockets inside the pod's netns (not yet serving)."""
         with netns.entered(self.pod.netns):
-            for name, fam, host, port in specs:
+            for name, fam, host, kind in self.LISTENERS:
+                if kind == "hbone" and self.t.server_context is None:
+                    continue
                 s = socket.socket(fam, socket.SOCK_STREAM)
                 try:
                     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                     if fam == socket.AF_INET6:
                         s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                    s.bind((host, port))
+                    s.bind((host, getattr(self.ports, kind)))
                     s.listen(4096)
                     s.setblocking(False)
                 except OSError as e:
@@ -177,19 +209,20 @@ class PodProxy:
 
     def serve(self) -> None:
         loop = asyncio.get_running_loop()
+        handlers: dict[str, Callable[[socket.socket], Awaitable[None]]] = {
+            "out": self._outbound, "in": self._inbound_plain, "hbone": self._inbound_hbone,
+        }
         for name, sock in self.listeners.items():
-            handler = self._outbound if name.startswith("out") else self._inbound
+            handler = handlers[name.rstrip("46")]
             self._accepting.append(loop.create_task(self._accept_loop(sock, handler)))
 
     async def _accept_loop(
-        self, listener: socket.socket, handler: Callable[[socket.socket], Any]
+        self, listener: socket.socket, handler: Callable[[socket.socket], Awaitable[None]]
     ) -> None:
         loop = asyncio.get_running_loop()
         while True:
             try:
                 conn, _ = await loop.sock_accept(listener)
-            except asyncio.CancelledError:
-                raise
             except OSError as e:
                 if listener.fileno() < 0:
                     return
@@ -199,7 +232,8 @@ class PodProxy:
             conn.setblocking(False)
             self._track(loop.create_task(self._guard(handler, conn)))
 
-    async def _guard(self, handler: Callable[[socket.socket], Any], conn: socket.socket) -> None:
+    async def _guard(self, handler: Callable[[socket.socket], Awaitable[None]],
+                     conn: socket.socket) -> None:
         """One bad connection is logged and closed; nothing else is touched."""
         try:
             await handler(conn)
@@ -207,34 +241,76 @@ class PodProxy:
             log.info("connection in %s failed: %s", self.pod.key, e)
             conn.close()
 
+    # -- outbound ---------------------------------------------------------------
+
     async def _outbound(self, app: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
         src = _plain(app.getpeername())
         try:
             dst = original_dst(app)
         except OSError as e:
             log.warning("%s: no original destination for %s (%s); closing", self.pod.key, src, e)
-            app.close()
+            _refuse(app)
             return
-        spliced = self.capture.splice(app)
-        c = self.conns.add(self.pod.key, "outbound", src, dst, "sk_msg" if spliced else "relay")
+        target = self.t.store.resolve(dst)
+        w = self.pod.workload
+        spliced = self.t.capture.splice(app)
+        common = {
+            "spliced": spliced,
+            "src_workload": self.pod.key,
+            "src_identity": self.pod.identity.uri if self.pod.identity else None,
+            "dst_workload": target.workload.key if target.workload else None,
+            "dst_service": target.service.hostname if target.service else None,
+        }
+        if target.hbone and self.t.hbone is not None and self.pod.identity is not None:
+            assert target.identity is not None
+            c = self.t.conns.add(self.pod.key, "outbound", src, dst, "hbone",
+                                 dst_identity=target.identity.uri, security="mutual_tls",
+                                 **common)
+            headers = request_headers(
+                target.authority, (self.pod.ips[0] if self.pod.ips else src[0], src[1]),
+                namespace=w.namespace if w else "", workload=w.name if w else "",
+                service_host=target.service.hostname if target.service else "",
+            )
+            key = PoolKey(self.pod.identity, target.identity, self.pod.netns,
+                          (target.address[0], self.ports.hbone))
+            try:
+                stream = await self.t.hbone.open(key, headers)
+            except HboneError as e:
+                _refuse(app)
+                self.t.conns.opened(c)
+                self.t.conns.end(c, str(e), e.flag)
+                return
+            self.t.conns.opened(c)
+            await self._bridge(c, app, stream, initiator="socket")
+            return
+        c = self.t.conns.add(self.pod.key, "outbound", src, dst, "passthrough", **common)
         with netns.entered(self.pod.netns):
-            up = socket.socket(_family(dst[0]), socket.SOCK_STREAM)
+            up = socket.socket(_family(target.address[0]), socket.SOCK_STREAM)
         up.setblocking(False)
         try:
-            await asyncio.wait_for(loop.sock_connect(up, dst), CONNECT_TIMEOUT)
+            await asyncio.wait_for(asyncio.get_running_loop().sock_connect(up, target.address),
+                                   CONNECT_TIMEOUT)
         except (OSError, TimeoutError) as e:
             up.close()
-            app.close()
-            self.conns.end(c, f"connect {dst[0]}:{dst[1]}: {e}")
+            _refuse(app)
+            self.t.conns.opened(c)
+            self.t.conns.end(c, f"connect {target.authority}: {e}", "UF")
             return
+        self.t.conns.opened(c)
         await self._relay(c, app, up)
 
-    async def _inbound(self, client: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        src = _plain(client.getpeername())
-        dst = _plain(client.getsockname())  # sk_lookup kept the dialled address
-        c = self.conns.add(self.pod.key, "inbound", src, dst, "relay")
+    # -- inbound ------------------------------------------------------------------
+
+    def _authorize(self, c: Connection, src_ip: str, ident: SpiffeId | None,
+                   dst: tuple[str, int]) -> AuthzResult:
+        w = self.pod.workload
+        if w is None:
+            return AuthzResult(True, "no workload record: no policy applies")
+        return self.t.policy.authorize(AuthzRequest(src_ip, ident, dst[0], dst[1], w))
+
+    async def _deliver(self, src_ip: str, dst: tuple[str, int]) -> tuple[socket.socket,
+                                                                         tuple[str, int]]:
+        """Connect to the app from inside the pod, with the client's source IP."""
         fam = _family(dst[0])
         with netns.entered(self.pod.netns):
             app = socket.socket(fam, socket.SOCK_STREAM)
@@ -245,20 +321,128 @@ class PodProxy:
             else:
                 app.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
             app.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, DELIVERY_MARK)
-            app.bind((src[0], 0))
+            if _family(src_ip) != fam:  # an IPv4 client reaching an IPv6 target
+                src_ip = f"::ffff:{src_ip}" if fam == socket.AF_INET6 else dst[0]
+            app.bind((src_ip, 0))
             local = _plain(app.getsockname())
-            c.delivered_as = local
-            self.capture.bypass(local, dst)
+            self.t.capture.bypass(local, dst)
             try:
-                await asyncio.wait_for(loop.sock_connect(app, dst), CONNECT_TIMEOUT)
+                await asyncio.wait_for(asyncio.get_running_loop().sock_connect(app, dst),
+                                       CONNECT_TIMEOUT)
             finally:
-                self.capture.unbypass(local, dst)
-        except (OSError, TimeoutError) as e:
+                self.t.capture.unbypass(local, dst)
+        except BaseException:
             app.close()
-            client.close()
-            self.conns.end(c, f"deliver to {dst[0]}:{dst[1]}: {e}")
+            raise
+        return app, local
+
+    async def _inbound_plain(self, client: socket.socket) -> None:
+        src = _plain(client.getpeername())
+        dst = _plain(client.getsockname())  # sk_lookup kept the dialled address
+        w = self.pod.workload
+        c = self.t.conns.add(self.pod.key, "inbound", src, dst, "plaintext",
+                             reporter="destination", dst_workload=self.pod.key,
+                             dst_identity=self.pod.identity.uri if self.pod.identity else None,
+                             src_workload=self._workload_at(src[0]))
+        if w is not None and not self.t.policy.plaintext_allowed(w, dst[1]):
+            _refuse(client)
+            self.t.conns.opened(c)
+            self.t.conns.end(c, "plaintext refused: PeerAuthentication STRICT", "DENY")
             return
+        decision = self._authorize(c, src[0], None, dst)
+        if not decision.allowed:
+            _refuse(client)
+            self.t.conns.opened(c)
+            self.t.conns.end(c, f"denied: {decision.reason}", "DENY")
+            return
+        try:
+            app, local = await self._deliver(src[0], dst)
+        except (OSError, TimeoutError) as e:
+            _refuse(client)
+            self.t.conns.opened(c)
+            self.t.conns.end(c, f"deliver to {dst[0]}:{dst[1]}: {e}", "UF")
+            return
+        c.delivered_as = local
+        self.t.conns.opened(c)
         await self._relay(c, client, app)
+
+    async def _inbound_hbone(self, sock: socket.socket) -> None:
+        assert self.t.server_context is not None and self.pod.identity is not None
+        loop = asyncio.get_running_loop()
+        peer = _plain(sock.getpeername())
+        local = _plain(sock.getsockname())
+        try:
+            ctx = await self.t.server_context(self.pod.identity)
+            _, conn = await loop.connect_accepted_socket(
+                lambda: H2Conn(client=False, on_request=self._on_connect,
+                               peer={"addr": peer, "local": local}),
+                sock, ssl=ctx, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
+        except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as e:
+            c = self.t.conns.add(self.pod.key, "inbound", peer, local, "hbone",
+                                 reporter="destination", dst_workload=self.pod.key,
+                                 dst_identity=self.pod.identity.uri)
+            self.t.conns.opened(c)
+            self.t.conns.end(c, f"TLS handshake failed: {e}", "TLS_FAILURE")
+            sock.close()
+            return
+        assert conn.transport is not None
+        try:
+            conn.peer["identity"] = peer_identity(conn.transport.get_extra_info("ssl_object"))
+        except (ssl.SSLError, ValueError) as e:
+            c = self.t.conns.add(self.pod.key, "inbound", peer, local, "hbone",
+                                 reporter="destination", dst_workload=self.pod.key)
+            self.t.conns.opened(c)
+            self.t.conns.end(c, f"client certificate has no SPIFFE identity: {e}",
+                             "TLS_FAILURE")
+            conn.close()
+
+    async def _on_connect(self, conn: H2Conn, stream: H2Stream) -> None:
+        """One CONNECT request on an authenticated HBONE connection."""
+        assert self.pod.identity is not None
+        peer: tuple[str, int] = conn.peer["addr"]
+        local: tuple[str, int] = conn.peer["local"]
+        ident: SpiffeId | None = conn.peer.get("identity")
+        c = self.t.conns.add(self.pod.key, "inbound", peer, local, "hbone",
+                             reporter="destination", security="mutual_tls",
+                             src_identity=ident.uri if ident else None,
+                             dst_identity=self.pod.identity.uri, dst_workload=self.pod.key,
+                             src_workload=self._workload_at(peer[0]))
+        try:
+            dst = check_request(stream.request_headers, local[0])
+        except HboneError as e:
+            conn.respond(stream, e.status or 400)
+            self.t.conns.opened(c)
+            self.t.conns.end(c, f"bad request: {e}", "-")
+            return
+        c.dst = dst
+        if ident is None:
+            conn.respond(stream, 401)
+            self.t.conns.opened(c)
+            self.t.conns.end(c, "no peer identity", "DENY")
+            return
+        decision = self._authorize(c, peer[0], ident, dst)
+        if not decision.allowed:
+            conn.respond(stream, 401)
+            self.t.conns.opened(c)
+            self.t.conns.end(c, f"denied: {decision.reason}", "DENY")
+            return
+        try:
+            app, delivered = await self._deliver(peer[0], dst)
+        except (OSError, TimeoutError) as e:
+            conn.respond(stream, 503)
+            self.t.conns.opened(c)
+            self.t.conns.end(c, f"deliver to {dst[0]}:{dst[1]}: {e}", "UF")
+            return
+        c.delivered_as = delivered
+        conn.respond(stream, 200)
+        self.t.conns.opened(c)
+        await self._bridge(c, app, stream, initiator="stream")
+
+    def _workload_at(self, ip: str) -> str | None:
+        w = self.t.store.workload_by_ip(ip)
+        return w.key if w else None
+
+    # -- relaying ----------------------------------------------------------------
 
     async def _relay(self, c: Connection, a: socket.socket, b: socket.socket) -> None:
         r = Relay(c.record())
@@ -268,36 +452,55 @@ class PodProxy:
             await r.done
         finally:
             if not r.frozen:
-                self.conns.end(c, None)
+                self.t.conns.end(c, None)
+
+    async def _bridge(self, c: Connection, sock: socket.socket, stream: H2Stream,
+                      initiator: str) -> None:
+        b = Bridge(stream, initiator=initiator)
+        c.relay = b
+        try:
+            await b.start(sock)
+            await b.done
+        finally:
+            self.t.conns.end(c, str(b.error) if b.error else None)
+
+    # -- handoff -------------------------------------------------------------------
 
     async def freeze(self) -> dict[str, Any]:
-        """Stop accepting and freeze every relay of this pod; give back the
-        listeners and connection sockets for a successor (agent.handoff)."""
+        """Stop accepting and freeze every plain relay of this pod; give back
+        the listeners and those connections' sockets for a successor
+        (agent.handoff).  HBONE connections cannot move (their TLS state is in
+        this process): they keep running here until they end."""
         for t in self._accepting:
             t.cancel()
         self._accepting.clear()
-        listeners = {n: socket.socket(fileno=socket.dup(s.fileno())) for n, s in
-                     self.listeners.items()}
+        listeners = {n: socket.socket(fileno=socket.dup(s.fileno()))
+                     for n, s in self.listeners.items()}
         for s in self.listeners.values():
             s.close()
         self.listeners.clear()
         conns = []
-        for c in [c for c in self.conns.open.values() if c.pod == self.pod.key]:
-            if c.relay is None:
-                continue  # still connecting: it fails over to a client retry
+        for c in [c for c in self.t.conns.open.values() if c.pod == self.pod.key]:
+            if not isinstance(c.relay, Relay):
+                continue  # HBONE, or still connecting: drains here
             socks = await c.relay.freeze()
             if socks is not None:
                 info = c.record()
                 info["src"], info["dst"] = list(c.src), list(c.dst)
                 conns.append({"info": info, "a": socks[0], "b": socks[1]})
+                self.t.conns.end(c, None)
         return {"listeners": listeners, "connections": conns}
 
     def resume(self, handed: dict[str, Any]) -> None:
         """Carry on relaying a connection a predecessor froze."""
         info = handed["info"]
-        c = self.conns.add(self.pod.key, info["direction"], tuple(info["src"]),
-                           tuple(info["dst"]), info["path"])
-        c.inherited = True
+        c = self.t.conns.add(self.pod.key, info["direction"], tuple(info["src"]),
+                             tuple(info["dst"]), info["path"], inherited=True,
+                             sent_base=info.get("bytes_sent", 0),
+                             received_base=info.get("bytes_received", 0))
+        if info.get("delivered_as"):
+            host, _, port = info["delivered_as"].rpartition(":")
+            c.delivered_as = (host, int(port))
         self._track(asyncio.get_running_loop().create_task(
             self._relay(c, handed["a"], handed["b"])))
 
@@ -312,31 +515,3 @@ class PodProxy:
         for s in self.listeners.values():
             s.close()
         self.listeners.clear()
-
-
-class ConnTable:
-    """Open and recently closed connections (bounded), for status and the demo."""
-
-    def __init__(self, keep_closed: int = 1000) -> None:
-        self._ids = itertools.count(1)
-        self.open: dict[int, Connection] = {}
-        self.closed: list[Connection] = []
-        self.keep_closed = keep_closed
-        self.on_close: list[Callable[[Connection], None]] = []
-
-    def add(self, pod: str, direction: str, src: tuple[str, int], dst: tuple[str, int],
-            path: str) -> Connection:
-        c = Connection(next(self._ids), pod, direction, src, dst, path, time.monotonic())
-        self.open[c.id] = c
-        return c
-
-    def end(self, c: Connection, error: str | None) -> None:
-        if c.id not in self.open:
-            return
-        del self.open[c.id]
-        c.ended = time.monotonic()
-        c.error = error
-        self.closed.append(c)
-        del self.closed[: -self.keep_closed]
-        for cb in self.on_close:
-            cb(c)

@@ -1,0 +1,121 @@
+"""Relay between a plain TCP socket (the app's side) and an HBONE stream."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+from agent.tunnel.h2conn import HIGH_WATER, H2Stream
+
+
+class _SocketSide(asyncio.Protocol):
+    def __init__(self, bridge: Bridge) -> None:
+        self.bridge = bridge
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.bridge._socket_ready(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.bridge.from_socket += len(data)
+        stream = self.bridge.stream
+        stream.write(data)
+        if stream.buffered() > HIGH_WATER and self.transport is not None:
+            self.transport.pause_reading()
+            self.bridge._resume_when_drained()
+
+    def eof_received(self) -> bool:
+        self.bridge.stream.write_eof()
+        self.bridge._half_closed("socket")
+        return True
+
+    def pause_writing(self) -> None:
+        self.bridge.stream.pause_reading()  # stop acking: the peer's window closes
+
+    def resume_writing(self) -> None:
+        self.bridge.stream.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None:
+            self.bridge.stream.reset()
+        elif not self.bridge.socket_eof:
+            self.bridge.stream.write_eof()
+        self.bridge._finish(exc)
+
+
+class Bridge:
+    """Bytes from the socket go out as DATA on the stream and back.  `done`
+    resolves when both directions have ended (or either side failed)."""
+
+    def __init__(self, stream: H2Stream, initiator: str = "socket") -> None:
+        self.stream = stream
+        self.initiator = initiator  # which side opened the connection, for byte counts
+        self.transport: asyncio.Transport | None = None
+        self.from_socket = 0
+        self.socket_eof = False
+        self.stream_eof = False
+        self.error: Exception | None = None
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def start(self, sock: socket.socket) -> None:
+        await asyncio.get_running_loop().connect_accepted_socket(lambda: _SocketSide(self), sock)
+
+    @property
+    def to_socket(self) -> int:
+        return self.stream.bytes_in
+
+    @property
+    def bytes_a_to_b(self) -> int:
+        """Bytes from the initiator towards the destination."""
+        return self.from_socket if self.initiator == "socket" else self.to_socket
+
+    @property
+    def bytes_b_to_a(self) -> int:
+        return self.to_socket if self.initiator == "socket" else self.from_socket
+
+    def _socket_ready(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self.stream.attach(self._on_data, self._on_eof, self._on_close)
+
+    def _on_data(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def _on_eof(self) -> None:
+        self.stream_eof = True
+        if self.transport is not None and self.transport.can_write_eof() \
+                and not self.transport.is_closing():
+            self.transport.write_eof()
+        self._half_closed("stream")
+
+    def _on_close(self, exc: Exception | None) -> None:
+        if exc is not None:
+            self.error = exc
+            if self.transport is not None:
+                self.transport.abort()
+            self._finish(exc)
+        elif self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def _half_closed(self, side: str) -> None:
+        if side == "socket":
+            self.socket_eof = True
+        if self.socket_eof and self.stream_eof and self.transport is not None:
+            self.transport.close()
+
+    def _resume_when_drained(self) -> None:
+        async def wait() -> None:
+            await self.stream.drain()
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.resume_reading()
+        task = asyncio.get_running_loop().create_task(wait())
+        task.add_done_callback(lambda t: None)
+        self._drain_task = task
+
+    def _finish(self, exc: Exception | None) -> None:
+        if exc is not None and self.error is None:
+            self.error = exc
+        if not self.done.done():
+            self.done.set_result(None)

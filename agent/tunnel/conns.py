@@ -1,0 +1,130 @@
+"""Open and recent connections: the agent's record of what it relays, read by
+/config_dump, `tether status`, access logs and metrics."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+access_log = logging.getLogger("tether.access")
+
+
+class Counted(Protocol):
+    """Anything relaying bytes both ways: a plain relay or an HBONE bridge."""
+
+    @property
+    def bytes_a_to_b(self) -> int: ...
+
+    @property
+    def bytes_b_to_a(self) -> int: ...
+
+
+@dataclasses.dataclass
+class Connection:
+    """One connection the agent handles, in Istio's terms where they exist."""
+
+    id: int
+    pod: str  # the enrolled pod whose listener took it (namespace/name)
+    direction: str  # outbound | inbound
+    src: tuple[str, int]
+    dst: tuple[str, int]
+    path: str  # passthrough | sk_msg | hbone | plaintext
+    started: float
+    reporter: str = "source"  # source | destination (Istio's `reporter` label)
+    src_identity: str | None = None  # spiffe://...
+    dst_identity: str | None = None
+    src_workload: str | None = None  # namespace/name
+    dst_workload: str | None = None
+    dst_service: str | None = None
+    security: str = "unknown"  # mutual_tls | unknown
+    flag: str = "-"  # Istio response flag: -, DENY, CONNECT, TLS_FAILURE, ...
+    relay: Counted | None = None
+    ended: float | None = None
+    error: str | None = None
+    inherited: bool = False  # taken over from a predecessor agent
+    spliced: bool = False  # the pod<->agent loopback hop goes through sk_msg
+    delivered_as: tuple[str, int] | None = None  # inbound: the source the app sees
+    sent_base: int = 0  # bytes counted before a handoff
+    received_base: int = 0
+
+    @property
+    def bytes_sent(self) -> int:
+        return self.sent_base + (self.relay.bytes_a_to_b if self.relay else 0)
+
+    @property
+    def bytes_received(self) -> int:
+        return self.received_base + (self.relay.bytes_b_to_a if self.relay else 0)
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "pod": self.pod,
+            "direction": self.direction,
+            "reporter": self.reporter,
+            "src": f"{self.src[0]}:{self.src[1]}",
+            "dst": f"{self.dst[0]}:{self.dst[1]}",
+            "path": self.path,
+            "src_identity": self.src_identity,
+            "dst_identity": self.dst_identity,
+            "src_workload": self.src_workload,
+            "dst_workload": self.dst_workload,
+            "dst_service": self.dst_service,
+            "security": self.security,
+            "response_flag": self.flag,
+            "bytes_sent": self.bytes_sent,
+            "bytes_received": self.bytes_received,
+            "duration_s": round((self.ended or time.monotonic()) - self.started, 6),
+            "open": self.ended is None,
+            "error": self.error,
+            "inherited": self.inherited,
+            "spliced": self.spliced,
+            "delivered_as": f"{self.delivered_as[0]}:{self.delivered_as[1]}"
+            if self.delivered_as else None,
+        }
+
+
+class ConnTable:
+    """Open and recently closed connections (bounded).  Every end is written
+    to the JSON access log and handed to the close callbacks (metrics)."""
+
+    def __init__(self, keep_closed: int = 1000) -> None:
+        self._ids = itertools.count(1)
+        self.open: dict[int, Connection] = {}
+        self.closed: list[Connection] = []
+        self.keep_closed = keep_closed
+        self.on_open: list[Callable[[Connection], None]] = []
+        self.on_close: list[Callable[[Connection], None]] = []
+
+    def add(self, pod: str, direction: str, src: tuple[str, int], dst: tuple[str, int],
+            path: str, **fields: Any) -> Connection:
+        c = Connection(next(self._ids), pod, direction, src, dst, path, time.monotonic(),
+                       **fields)
+        self.open[c.id] = c
+        return c
+
+    def opened(self, c: Connection) -> None:
+        """The connection is established (or refused): count it as opened."""
+        for cb in self.on_open:
+            cb(c)
+
+    def end(self, c: Connection, error: str | None, flag: str | None = None) -> None:
+        if c.id not in self.open:
+            return
+        del self.open[c.id]
+        c.ended = time.monotonic()
+        c.error = error
+        if flag is not None:
+            c.flag = flag
+        elif error and c.flag == "-":
+            c.flag = "CONNECT"
+        self.closed.append(c)
+        del self.closed[: -self.keep_closed]
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info("%s", json.dumps(c.record(), separators=(",", ":")))
+        for cb in self.on_close:
+            cb(c)
