@@ -19,6 +19,7 @@ import errno
 import json
 import logging
 import os
+import shutil
 import socket
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -489,6 +490,7 @@ def cleanup(pin_dir: str, state_dir: str) -> dict[str, list[str]]:
     for name in (STATE_FILE, "handoff.sock"):
         with contextlib.suppress(FileNotFoundError):
             (Path(state_dir) / name).unlink()
+    shutil.rmtree(Path(state_dir) / "tls", ignore_errors=True)  # identity manager's temp
     with contextlib.suppress(OSError):
         Path(state_dir).rmdir()
     return report

@@ -107,7 +107,8 @@ class AgentNode:
             "labels": self.pod_labels[p.name],
         }
         if local:
-            w.update(netns=str(p.netns_path), cgroup=str(p.cgroup_path), **self.extra[p.name])
+            w.update(netns=str(p.netns_path), cgroup=str(p.cgroup_path))
+        w.update(self.extra[p.name])
         return w
 
     def config(self) -> dict[str, Any]:

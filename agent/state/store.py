@@ -100,7 +100,8 @@ class Store:
         return self._target((ip, port), w, None)
 
     def _target(self, addr: tuple[str, int], w: Workload, s: Service | None) -> Target:
-        hbone = self.captured(w)
+        # A port the destination excludes from inbound capture takes no tunnel.
+        hbone = self.captured(w) and addr[1] not in w.exclude_inbound_ports
         return Target(addr, w, s, hbone, self.identity_of(w) if hbone else None)
 
     def describe(self) -> dict[str, Any]:

@@ -130,6 +130,7 @@ if [ ! -e "$base/.done" ]; then
   # never rm -rf a tree with something mounted inside it
   if [ -d "$rootfs" ]; then undo_chroot_mounts; fi
   if grep -q " $base/" /proc/mounts; then die "something is still mounted under $base"; fi
+  if [ ! -e "$base/.os-done" ]; then
   rm -rf "$base"
   mkdir -p "$base"
   log "debootstrap $base_suite (minbase) into $rootfs"
@@ -148,6 +149,14 @@ EOF
   chroot "$rootfs" /usr/bin/env DEBIAN_FRONTEND=noninteractive sh -c \
     "apt-get -qq update && apt-get -y -qq upgrade && apt-get install -y -qq --no-install-recommends $(echo $base_pkgs)" \
     >"$base/apt.log" 2>&1 || { tail -20 "$base/apt.log" >&2; die "apt-get in the image failed (log: $base/apt.log)"; }
+  chroot "$rootfs" sh -c 'apt-get clean; rm -rf /var/lib/apt/lists/* /usr/share/doc/* /usr/share/man/*'
+  touch "$base/.os-done"
+  else
+    log "reusing the Debian packages in $rootfs; redoing the venv"
+    trap undo_chroot_mounts EXIT
+    in_chroot_mounts
+    rm -rf "$rootfs/tether" "$rootfs/wheels" "$rootfs/opt/tether-venv"
+  fi
   # The venv the tests run in, as vagrant/provision.sh makes it: from Debian's
   # python3 with system site packages (bcc).  tether is installed editable from
   # /tether, where the runner mounts the project disk at boot.  The wheels come
@@ -163,7 +172,7 @@ EOF
   (cd "$repo" && { git ls-files -z --cached --others --exclude-standard 2>/dev/null ||
      find . -path ./.venv -prune -o -type f -print0; } | xargs -0 cp --parents -t "$rootfs/tether")
   log "fetching wheels for tether[dev] with $hostpy"
-  "$hostpy" -m pip wheel -q -w "$rootfs/wheels" "$rootfs/tether[dev]" >"$base/wheels.log" 2>&1 ||
+  "$hostpy" -m pip wheel -q -w "$rootfs/wheels" "$rootfs/tether[dev]" wheel >"$base/wheels.log" 2>&1 ||
     { tail -20 "$base/wheels.log" >&2; die "pip wheel failed (log: $base/wheels.log)"; }
   rm -f "$rootfs"/wheels/tether-*.whl
   rm -rf "$rootfs/tether/build" "$rootfs"/tether/*.egg-info
@@ -172,6 +181,7 @@ EOF
     set -e
     unset PIP_FIND_LINKS PIP_CERT
     python3 -m venv --system-site-packages /opt/tether-venv
+    /opt/tether-venv/bin/pip install -q --no-index --find-links /wheels wheel
     /opt/tether-venv/bin/pip install -q --no-index --find-links /wheels --no-build-isolation -e "/tether[dev]"
     /opt/tether-venv/bin/python -c "import bcc, agent.datapath.loader, pytest"
   ' >"$base/pip.log" 2>&1 || { tail -20 "$base/pip.log" >&2; die "pip in the image failed (log: $base/pip.log)"; }
@@ -182,7 +192,7 @@ EOF
   install -m 0755 "$here/tether-init" "$rootfs/sbin/tether-init"
   echo tether-vm >"$rootfs/etc/hostname"
   printf '127.0.0.1 localhost tether-vm\n::1 localhost ip6-localhost\n' >"$rootfs/etc/hosts"
-  chroot "$rootfs" sh -c 'apt-get clean; rm -rf /var/lib/apt/lists/* /usr/share/doc/* /usr/share/man/* /root/.cache'
+  rm -rf "$rootfs/root/.cache"
   undo_chroot_mounts
   trap - EXIT
   touch "$base/.done"
@@ -207,7 +217,7 @@ log "composing the $abi root filesystem"
 cp -a "$rootfs" "$work"
 for p in "${kdebs[@]}"; do dpkg-deb -x "$(deb_of "$p")" "$work"; done
 install -m 0755 "$here/tether-init" "$work/sbin/tether-init"
-chroot "$work" depmod -a "$abi"
+chroot "$work" /sbin/depmod -a "$abi"
 mv "$work/boot/vmlinuz-$abi" "$img/vmlinuz"
 python3 "$here/mkinitrd.py" "$work" "$abi" "$work/bin/busybox" "$img/initrd.img" >&2
 # The image: the tree plus room for the tests (BCC objects, pins, logs).
