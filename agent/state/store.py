@@ -90,9 +90,9 @@ class Store:
             service, target_port = svc
             eps = self.endpoints(service)
             if eps:
-                w = eps[next(self._rr) % len(eps)]
-                addr = _same_family(w.addresses, ip)
-                return self._target((addr, target_port), w, service)
+                ep = eps[next(self._rr) % len(eps)]
+                addr = _same_family(ep.addresses, ip)
+                return self._target((addr, target_port), ep, service)
             return Target((ip, port), None, service, False, None)
         w = self.workload_by_ip(ip)
         if w is None:

@@ -240,24 +240,24 @@ class H2Conn(asyncio.Protocol):
             self._handlers.add(task)
             task.add_done_callback(self._handlers.discard)
         elif isinstance(ev, h2.events.ResponseReceived):
-            s = self.streams.get(ev.stream_id or 0)
-            if s is not None and not s.response.done() and ev.headers is not None:
-                s.response.set_result([(str(k), str(v)) for k, v in ev.headers])
+            rs = self.streams.get(ev.stream_id or 0)
+            if rs is not None and not rs.response.done() and ev.headers is not None:
+                rs.response.set_result([(str(k), str(v)) for k, v in ev.headers])
         elif isinstance(ev, h2.events.DataReceived):
-            s = self.streams.get(ev.stream_id or 0)
-            if s is None:
+            ds = self.streams.get(ev.stream_id or 0)
+            if ds is None:
                 return
             assert ev.data is not None
-            s._deliver(ev.data, ev.flow_controlled_length or 0)
+            ds._deliver(ev.data, ev.flow_controlled_length or 0)
         elif isinstance(ev, h2.events.StreamEnded):
-            s = self.streams.get(ev.stream_id or 0)
-            if s is not None:
-                s._deliver_eof()
-                self._maybe_forget(s)
+            es = self.streams.get(ev.stream_id or 0)
+            if es is not None:
+                es._deliver_eof()
+                self._maybe_forget(es)
         elif isinstance(ev, h2.events.StreamReset):
-            s = self.streams.pop(ev.stream_id or 0, None)
-            if s is not None:
-                s._closed(StreamReset(f"stream reset by peer (code {ev.error_code})"))
+            gone = self.streams.pop(ev.stream_id or 0, None)
+            if gone is not None:
+                gone._closed(StreamReset(f"stream reset by peer (code {ev.error_code})"))
         elif isinstance(ev, h2.events.WindowUpdated):
             targets = (list(self.streams.values()) if not ev.stream_id
                        else [s for s in [self.streams.get(ev.stream_id)] if s])
@@ -361,10 +361,8 @@ class H2Conn(asyncio.Protocol):
         if stream.closed:
             return
         end_stream = status != 200 if end is None else end
-        try:
+        with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
             self.h2.send_headers(stream.id, [(":status", str(status))], end_stream=end_stream)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-            pass
         self._flush()
         if end_stream:
             self._maybe_forget(stream)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import ipaddress
 import logging
 import os
@@ -167,7 +168,7 @@ class HboneClient:
                     return c
             c = await self._dial(key)
             self.pool.setdefault(key, []).append(c)
-            c.closed.add_done_callback(lambda _f, c=c: self._forget(key, c))
+            c.closed.add_done_callback(functools.partial(self._forget_cb, key, c))
             if self._sweeper is None:
                 self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
             return c
@@ -209,6 +210,9 @@ class HboneClient:
         await asyncio.wait_for(conn.ready, CONNECT_TIMEOUT)
         conn.peer["identity"] = got
         return conn
+
+    def _forget_cb(self, key: PoolKey, c: H2Conn, _f: asyncio.Future[None]) -> None:
+        self._forget(key, c)
 
     def _forget(self, key: PoolKey, c: H2Conn) -> None:
         conns = self.pool.get(key, [])
