@@ -221,7 +221,7 @@ class AgentNode:
         return result
 
     def connect(self, client: Pod | NodeRole, server: Pod, port: int = 8080, family: int = 4,
-                nbytes: int = 65536, *extra: str) -> dict[str, Any]:
+                nbytes: int = 65536, extra: Sequence[str] = ()) -> dict[str, Any]:
         host = server.ip4 if family == 4 else server.ip6
         return self.peer(client, ["connect", host, str(port), "--bytes", str(nbytes),
                                   "--timeout", "10", *extra])

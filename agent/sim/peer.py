@@ -238,8 +238,12 @@ def connect(
     nbytes: int = 4096,
     hold: float = 0.0,
     timeout: float = DEFAULT_TIMEOUT_S,
+    marker: str = "",
 ) -> dict[str, Any]:
-    """One connection: hello, echo of ``nbytes`` random bytes, optional hold; never raises."""
+    """One connection: hello, echo of ``nbytes`` random bytes, optional hold; never raises.
+
+    ``marker`` is repeated over the payload instead of random bytes, so a wire
+    capture can tell whether the payload crossed a link in plaintext."""
     result: dict[str, Any] = {
         "ok": False,
         "server_saw_peer": None,
@@ -259,7 +263,11 @@ def connect(
             sock.setblocking(False)
             with selectors.DefaultSelector() as sel:
                 sel.register(sock, selectors.EVENT_READ)
-                payload = os.urandom(nbytes)
+                payload = (
+                    (marker.encode() * (nbytes // max(len(marker), 1) + 1))[:nbytes]
+                    if marker
+                    else os.urandom(nbytes)
+                )
                 echo = _exchange(sock, sel, payload, nbytes, timeout, rest)
                 if echo != payload:
                     raise ValueError(
@@ -411,6 +419,7 @@ def _parser() -> argparse.ArgumentParser:
         if name == "connect":
             c.add_argument("--bytes", type=int, default=4096)
             c.add_argument("--hold", type=float, default=0.0, help="keep talking for this long (s)")
+            c.add_argument("--marker", default="", help="repeat this text as the payload")
         elif name == "rr":
             c.add_argument("--size", type=int, default=1024)
             c.add_argument("--count", type=int, default=1000)
@@ -447,7 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.bytes < 0 or args.hold < 0:
             print("--bytes and --hold must be >= 0", file=sys.stderr)
             return 2
-        result = connect(args.host, args.port, args.bytes, args.hold, args.timeout)
+        result = connect(args.host, args.port, args.bytes, args.hold, args.timeout, args.marker)
     elif args.cmd == "rr":
         result = rr(args.host, args.port, args.size, args.count, args.timeout)
     else:

@@ -196,6 +196,8 @@ EOF
   undo_chroot_mounts
   trap - EXIT
   touch "$base/.done"
+  # older userspaces are not needed: every image is self-contained
+  for d in "$cache"/base-*; do [ "$d" = "$base" ] || [ ! -d "$d" ] || grep -q " $d/" /proc/mounts || rm -rf "$d"; done
   log "base userspace built in $((SECONDS - t0)) s ($(du -sh "$rootfs" | cut -f1))"
 fi
 # --- end of the shared userspace ---------------------------------------------
@@ -215,7 +217,11 @@ mkdir -p "$img"
 work=$img/root
 log "composing the $abi root filesystem"
 cp -a "$rootfs" "$work"
-for p in "${kdebs[@]}"; do dpkg-deb -x "$(deb_of "$p")" "$work"; done
+# tar --keep-directory-symlink: the packages ship ./lib/modules, and /lib is a
+# symlink (merged /usr) that plain dpkg-deb -x would replace by a directory.
+for p in "${kdebs[@]}"; do
+  dpkg-deb --fsys-tarfile "$(deb_of "$p")" | tar -x --keep-directory-symlink -C "$work"
+done
 install -m 0755 "$here/tether-init" "$work/sbin/tether-init"
 chroot "$work" /sbin/depmod -a "$abi"
 mv "$work/boot/vmlinuz-$abi" "$img/vmlinuz"
@@ -230,5 +236,6 @@ cat >"$img/info.json" <<EOF
  "base": "$base_hash", "userspace": "$base_suite"}
 EOF
 touch "$img/.done"
+for d in "$cache/img-$line-"*; do [ "$d" = "$img" ] || rm -rf "$d"; done
 log "image $img built in $((SECONDS - t0)) s ($(du -sh --apparent-size "$img/rootfs.img" | cut -f1) apparent, $(du -sh "$img/rootfs.img" | cut -f1) used)"
 echo "$img"
