@@ -191,7 +191,8 @@ class Agent:
             hbone = HboneClient(client_ctx)
             server_ctx = server_ctx_
         self.tunnel = Tunnel(self.datapath, self.store, self.conns, self.policies, hbone,
-                             server_ctx)
+                             server_ctx, splicing=self.datapath.config.skmsg,
+                             local=self.proxies)
         self.reconcile(inherited)
         admin = await asyncio.start_server(self._admin, "127.0.0.1", self.cfg.agent.admin_port)
         with contextlib.suppress(OSError):

@@ -61,7 +61,7 @@ class Flow:
 FLOWS = [
     Flow("frontend -> backend, cross-node (IPv4)", "frontend", "backend", 4, "allowed", "hbone"),
     Flow("frontend -> backend, cross-node (IPv6)", "frontend", "backend", 6, "allowed", "hbone"),
-    Flow("backend -> db, same node", "backend", "db", 4, "allowed", "hbone"),
+    Flow("backend -> db, same node", "backend", "db", 4, "allowed", "local"),
     Flow("frontend -> db: not the backend identity", "frontend", "db", 4, "denied", "hbone"),
     Flow("legacy -> db: plaintext, db is STRICT", "legacy", "db", 4, "denied", "plaintext"),
     Flow("legacy -> backend: plaintext, PERMISSIVE", "legacy", "backend", 4, "allowed",

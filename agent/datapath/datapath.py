@@ -155,6 +155,10 @@ class Datapath:
             self.node_links["sockopt"] = self._attach(
                 self.pin_dir / "links" / "sockopt", "tether_sockopt", self.config.agent_cgroup
             )
+            self.node_links["agentops"] = self._attach(
+                self.pin_dir / "links" / "agentops", "tether_agent_ops",
+                self.config.agent_cgroup
+            )
         for i, cg in enumerate(self.config.kubelet_cgroups):
             self.node_links[f"probe{i}"] = self._attach(
                 self.pin_dir / "links" / f"probe{i}", "tether_probe", cg
@@ -247,21 +251,6 @@ class Datapath:
 
     def unbypass(self, src: tuple[str, int], dst: tuple[str, int]) -> None:
         bpfsys.map_delete(self._map("tether_bypass"), bytes(TetherTuple.of(src, dst)))
-
-    def splice(self, sock: socket.socket) -> bool:
-        """Put the agent's end of a pod loopback connection in tether_socks, so
-        sk_msg moves bytes between it and the pod's socket directly."""
-        if not self.config.skmsg:
-            return False
-        local = sock.getsockname()[:2]
-        peer = sock.getpeername()[:2]
-        key = TetherTuple.of(local, peer)
-        try:
-            bpfsys.sockmap_update(self._map("tether_socks"), bytes(key), sock.fileno())
-        except OSError as e:
-            log.debug("sockhash insert failed for %s->%s: %s", local, peer, e)
-            return False
-        return True
 
     def stats(self) -> dict[str, int]:
         """Counters from tether_stats, summed over CPUs."""

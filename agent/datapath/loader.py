@@ -52,6 +52,7 @@ PROGRAMS: dict[str, ProgSpec] = {
         ProgSpec("tether_peer6", "cgroup/getpeername6", 18, 30, (5, 8), needs_ipv6=True),
         ProgSpec("tether_sockops", "sockops", 13, 3, (5, 3)),
         ProgSpec("tether_probe", "sockops (kubelet)", 13, 3, (5, 3)),
+        ProgSpec("tether_agent_ops", "sockops (agent)", 13, 3, (5, 3)),
         ProgSpec("tether_sockopt", "cgroup/getsockopt", 25, 21, (5, 3)),
         ProgSpec("tether_lookup", "sk_lookup", 30, 36, (5, 9)),
         ProgSpec("tether_sk_msg", "sk_msg", 16, 7, (4, 17), needs_skmsg=True),

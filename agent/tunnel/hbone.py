@@ -114,7 +114,7 @@ def check_request(headers: list[tuple[str, str]], local_ip: str) -> tuple[str, i
         ip, port = parse_authority(h[":authority"])
     except ValueError as e:
         raise HboneError(str(e), 400) from None
-    if ipaddress.ip_address(ip) != _plain_ip(local_ip):
+    if _plain_ip(ip) != _plain_ip(local_ip):
         raise HboneError(f"authority {h[':authority']} is not this destination ({local_ip})", 400)
     return ip, port
 

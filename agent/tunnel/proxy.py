@@ -67,7 +67,6 @@ class Capture(Protocol):
 
     def bypass(self, src: tuple[str, int], dst: tuple[str, int]) -> None: ...
     def unbypass(self, src: tuple[str, int], dst: tuple[str, int]) -> None: ...
-    def splice(self, sock: socket.socket) -> bool: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +102,8 @@ class Tunnel:
     policy: Policy
     hbone: HboneClient | None = None  # None: no identity yet, plaintext only
     server_context: Callable[[SpiffeId], Awaitable[ssl.SSLContext]] | None = None
+    splicing: bool = False  # sk_msg splices the loopback hops (kernel-side)
+    local: dict[str, PodProxy] = dataclasses.field(default_factory=dict)  # this node's pods
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +147,22 @@ def _plain(addr: tuple[Any, ...]) -> tuple[str, int]:
 
 def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+class _Mirror:
+    """Byte counts of another connection's relay (the destination's record of
+    a same-node connection shares the source's relay)."""
+
+    def __init__(self, c: Connection) -> None:
+        self.c = c
+
+    @property
+    def bytes_a_to_b(self) -> int:
+        return self.c.relay.bytes_a_to_b if self.c.relay else 0
+
+    @property
+    def bytes_b_to_a(self) -> int:
+        return self.c.relay.bytes_b_to_a if self.c.relay else 0
 
 
 def _refuse(sock: socket.socket) -> None:
@@ -253,14 +270,17 @@ class PodProxy:
             return
         target = self.t.store.resolve(dst)
         w = self.pod.workload
-        spliced = self.t.capture.splice(app)
         common = {
-            "spliced": spliced,
+            "spliced": self.t.splicing,
             "src_workload": self.pod.key,
             "src_identity": self.pod.identity.uri if self.pod.identity else None,
             "dst_workload": target.workload.key if target.workload else None,
             "dst_service": target.service.hostname if target.service else None,
         }
+        peer_proxy = self.t.local.get(target.workload.key) if target.workload else None
+        if target.hbone and peer_proxy is not None and self.pod.identity is not None:
+            await self._same_node(app, src, dst, target.address, peer_proxy, common)
+            return
         if target.hbone and self.t.hbone is not None and self.pod.identity is not None:
             assert target.identity is not None
             c = self.t.conns.add(self.pod.key, "outbound", src, dst, "hbone",
@@ -299,6 +319,49 @@ class PodProxy:
         self.t.conns.opened(c)
         await self._relay(c, app, up)
 
+    async def _same_node(self, app: socket.socket, src: tuple[str, int],
+                         dst: tuple[str, int], target: tuple[str, int], peer: PodProxy,
+                         common: dict[str, Any]) -> None:
+        """Both pods are on this node: the agent captured the source itself, so
+        it knows the source identity first-hand.  Authorize as the destination
+        would, deliver, relay; no TLS round trip through the node's own veth.
+        Both ends are recorded, as two ztunnels would record them."""
+        assert self.pod.identity is not None and peer.pod.identity is not None
+        src_ip = next((ip for ip in self.pod.ips if _family(ip) == _family(target[0])),
+                      self.pod.ips[0] if self.pod.ips else src[0])
+        out = self.t.conns.add(self.pod.key, "outbound", src, dst, "local",
+                               dst_identity=peer.pod.identity.uri, security="mutual_tls",
+                               **common)
+        inn = self.t.conns.add(peer.pod.key, "inbound", (src_ip, src[1]), target, "local",
+                               reporter="destination", security="mutual_tls",
+                               src_identity=self.pod.identity.uri,
+                               dst_identity=peer.pod.identity.uri, src_workload=self.pod.key,
+                               dst_workload=peer.pod.key, spliced=self.t.splicing)
+        decision = peer._authorize(inn, src_ip, self.pod.identity, target)
+        if not decision.allowed:
+            _refuse(app)
+            for c in (out, inn):
+                self.t.conns.opened(c)
+                self.t.conns.end(c, f"denied: {decision.reason}", "DENY")
+            return
+        try:
+            up, delivered = await peer._deliver(src_ip, target)
+        except (OSError, TimeoutError) as e:
+            _refuse(app)
+            for c in (out, inn):
+                self.t.conns.opened(c)
+                self.t.conns.end(c, f"deliver to {target[0]}:{target[1]}: {e}", "UF")
+            return
+        inn.delivered_as = delivered
+        for c in (out, inn):
+            self.t.conns.opened(c)
+        inn.relay = _Mirror(out)
+        try:
+            await self._relay(out, app, up)
+        finally:
+            peer._undeliver(inn)
+            self.t.conns.end(inn, out.error)
+
     # -- inbound ------------------------------------------------------------------
 
     def _authorize(self, c: Connection, src_ip: str, ident: SpiffeId | None,
@@ -325,16 +388,24 @@ class PodProxy:
                 src_ip = f"::ffff:{src_ip}" if fam == socket.AF_INET6 else dst[0]
             app.bind((src_ip, 0))
             local = _plain(app.getsockname())
+            # Stays until the connection ends (undeliver): the datapath also
+            # uses it to recognise this hop for sk_msg when it is established.
             self.t.capture.bypass(local, dst)
             try:
                 await asyncio.wait_for(asyncio.get_running_loop().sock_connect(app, dst),
                                        CONNECT_TIMEOUT)
-            finally:
+            except BaseException:
                 self.t.capture.unbypass(local, dst)
+                raise
         except BaseException:
             app.close()
             raise
         return app, local
+
+    def _undeliver(self, c: Connection) -> None:
+        if c.delivered_as is not None:
+            with contextlib.suppress(OSError):
+                self.t.capture.unbypass(c.delivered_as, c.dst)
 
     async def _inbound_plain(self, client: socket.socket) -> None:
         src = _plain(client.getpeername())
@@ -452,6 +523,7 @@ class PodProxy:
             await r.done
         finally:
             if not r.frozen:
+                self._undeliver(c)
                 self.t.conns.end(c, None)
 
     async def _bridge(self, c: Connection, sock: socket.socket, stream: H2Stream,
@@ -462,6 +534,7 @@ class PodProxy:
             await b.start(sock)
             await b.done
         finally:
+            self._undeliver(c)
             self.t.conns.end(c, str(b.error) if b.error else None)
 
     # -- handoff -------------------------------------------------------------------

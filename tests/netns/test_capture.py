@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from agent.datapath import bpfsys, inventory
-from agent.sim.harness import AgentNode, classify
+from agent.sim.harness import AgentNode, Cluster, classify
 from agent.sim.topology import Testbed
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="netns tier needs root")
@@ -179,26 +179,30 @@ def test_sk_msg_on_and_off_is_byte_exact(sk_msg: bool, family: int) -> None:
 
 
 def test_restart_keeps_live_connections_and_adopts_pins() -> None:
-    """A new agent takes over from a running one.  The plain relay (to a pod
-    outside the mesh) is handed over socket and all; the HBONE connection
-    (TLS state lives in the old process) is drained there to its end.
-    Both clients see every echo."""
+    """A new agent takes over from a running one.  Plain relays (same-node
+    mesh traffic, traffic to pods outside the mesh) are handed over socket and
+    all; the cross-node HBONE connection (TLS state lives in the old process)
+    is drained there to its end.  Every client sees every echo."""
     with Testbed() as tb:
-        an = AgentNode(tb)
+        cluster = Cluster(tb)
+        an = AgentNode(tb, "n1", cluster=cluster)
+        other = AgentNode(tb, "n2", cluster=cluster)
         try:
-            a, b = an.add_pod("a", "shop"), an.add_pod("b", "shop")
+            a, d = an.add_pod("a", "shop"), an.add_pod("d", "shop")
             c = an.add_pod("c", "other")
+            b = other.add_pod("b", "shop")
             an.enroll_namespace("shop")
-            an.serve(b)
-            an.serve(c)
+            for node, pod in ((an, d), (an, c), (other, b)):
+                node.serve(pod)
+            other.start_agent()
             old = an.start_agent()
             links_before = an.inventory().links
             progs_before = an.inventory().progs
             held = [an.spawn_peer(a, ["connect", dst.ip4, "8080", "--hold", "6",
-                                      "--timeout", "10"]) for dst in (b, c)]
+                                      "--timeout", "10"]) for dst in (b, c, d)]
             time.sleep(1.5)
             paths = {x["path"] for x in an.connections() if x["open"]}
-            assert {"hbone", "passthrough"} <= paths, paths
+            assert {"hbone", "passthrough", "local"} <= paths, paths
             # the successor takes over while the old agent still runs
             an.agent = None
             new = an.start_agent()
@@ -211,13 +215,13 @@ def test_restart_keeps_live_connections_and_adopts_pins() -> None:
             assert inv.links == links_before, "pinned links are adopted, not re-created"
             assert inv.progs.isdisjoint(progs_before), "links point at the new programs"
             inherited = [x for x in an.connections() if x["inherited"]]
-            assert [x["path"] for x in inherited] == ["passthrough"]
-            assert inherited[0]["bytes_sent"] > 4096
+            assert sorted(x["path"] for x in inherited) == ["local", "passthrough"]
+            assert all(x["bytes_sent"] > 4096 for x in inherited)
             r = an.connect(a, b)
-            assert r["ok"] and _path(an, r) == ("captured", "captured")
+            assert r["ok"] and _path(an, r)[0] == "captured"
             assert new.poll() is None
         finally:
-            an.close()
+            cluster.close()
 
 
 def test_crash_restart_adopts_kernel_state() -> None:
@@ -257,11 +261,12 @@ def test_cleanup_leaves_nothing_in_the_kernel() -> None:
             li.cgroup_id for li in _links(inv.links) if li.cgroup_id is not None
         }
         netns_inos = {li.netns_ino for li in _links(inv.links) if li.netns_ino is not None}
-        # two pods (cgroup + netns each), the agent (getsockopt) and the kubelet (probe)
-        assert len(inv.links) == 14 and len(cgroup_ids) == 4 and len(netns_inos) == 2
+        # two pods (5 cgroup hooks + sk_lookup each), the agent (getsockopt and
+        # sockops) and the kubelet (probe sockops)
+        assert len(inv.links) == 15 and len(cgroup_ids) == 4 and len(netns_inos) == 2
         an.stop_agent()
         report = an.cleanup()
-        assert len(report["links"]) == 14
+        assert len(report["links"]) == 15
         left = inventory.remaining(inv, an.pin_dir)
         assert left == {"links": 0, "programs": 0, "maps": 0, "pins": 0}
         # no link in the whole kernel still targets our cgroups or netns

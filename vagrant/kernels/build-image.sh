@@ -228,7 +228,7 @@ mv "$work/boot/vmlinuz-$abi" "$img/vmlinuz"
 python3 "$here/mkinitrd.py" "$work" "$abi" "$work/bin/busybox" "$img/initrd.img" >&2
 # The image: the tree plus room for the tests (BCC objects, pins, logs).
 mb=$(( $(du -sm "$work" | cut -f1) + 768 ))
-mkfs.ext4 -q -F -L tether-root -d "$work" "$img/rootfs.img" "${mb}M" ||
+mkfs.ext4 -q -F -L tether-root -d "$work" "$img/rootfs.img" "${mb}M" >&2 ||
   die "mkfs.ext4 -d failed"
 rm -rf "$work"
 cat >"$img/info.json" <<EOF

@@ -113,7 +113,7 @@ def parse_junit(path: Path) -> dict[str, Any]:
 
 def run_tier(name: str, args: list[str], extra: list[str]) -> dict[str, Any]:
     junit = Path(f"/tmp/junit-{name}.xml")
-    cmd = [sys.executable, "-m", "pytest", "-rfEs", "-p", "no:cacheprovider",
+    cmd = [sys.executable, "-m", "pytest", "-rfEs", "--color=no", "-p", "no:cacheprovider",
            f"--junitxml={junit}", *extra, *args]
     say(f"tier {name}: {' '.join(cmd)}")
     t0 = time.monotonic()

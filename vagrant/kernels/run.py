@@ -87,7 +87,7 @@ def project_disk(path: Path, config: dict[str, Any]) -> None:
         (stage / ".kernel-run").mkdir(parents=True, exist_ok=True)
         (stage / ".kernel-run" / "config.json").write_text(json.dumps(config))
         subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "tether-proj", "-d", str(stage), str(path),
-                        "256M"], check=True)
+                        "256M"], check=True, stdout=subprocess.DEVNULL)
 
 
 # -- the VM -------------------------------------------------------------------
