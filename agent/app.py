@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import ssl
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -47,11 +48,17 @@ class Policies:
     def __init__(self) -> None:
         self.store = rbac.PolicyStore()
         self.report: Any = None
+        self._docs: tuple[dict[str, Any], ...] = ()
 
-    def load(self, docs: tuple[dict[str, Any], ...]) -> None:
+    def load(self, docs: tuple[dict[str, Any], ...]) -> bool:
+        """Load the full set; True if it differs from the last one."""
+        if self.report is not None and docs == self._docs:
+            return False
+        self._docs = docs
         self.report = self.store.load(docs, replace=True)
         for err in getattr(self.report, "errors", ()):
             log.error("policy not applied: %s", err)
+        return True
 
     def authorize(self, req: AuthzRequest) -> AuthzResult:
         d = self.store.evaluate(rbac.Conn.make(req.src_ip, req.src_identity, req.dst_ip,
@@ -103,7 +110,9 @@ class Agent:
         ca = CertificateAuthority.load_or_generate(ca_dir, self.cfg.identity.trust_domain)
         tmp = Path(self.cfg.agent.state_dir) / "tls"
         tmp.mkdir(mode=0o700, parents=True, exist_ok=True)
-        return CertificateManager(EmbeddedCA(ca), tls_tmp_dir=str(tmp))
+        ttl = self.cfg.identity.cert_ttl
+        return CertificateManager(EmbeddedCA(ca, timedelta(seconds=ttl) if ttl else None),
+                                  tls_tmp_dir=str(tmp))
 
     # -- reconcile ----------------------------------------------------------
 
@@ -111,7 +120,7 @@ class Agent:
         """Make the store and the enrolled pods match the config.  One bad pod
         is reported and skipped; it never stops the others."""
         self.store.replace(self.cfg)
-        self.policies.load(self.cfg.policies)
+        changed = self.policies.load(self.cfg.policies)
         want = {w.key: w for w in self.cfg.local_enrolled()}
         gone = [k for k in self.proxies if k not in want]
         gone += [k for k in self.datapath.leftover_pods() if k not in want]
@@ -126,6 +135,11 @@ class Agent:
                 proxy.close()
         if self.certs is not None:
             self.certs.retain(self.store.identity_of(w) for w in want.values())
+        if changed:
+            for p in self.proxies.values():
+                n = p.revalidate()
+                if n:
+                    log.info("policy change closed %d connections of %s", n, p.pod.key)
         for key, w in want.items():
             if key in self.proxies:
                 continue

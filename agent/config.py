@@ -66,6 +66,7 @@ class Service:
 class IdentitySettings:
     trust_domain: str = "cluster.local"
     ca_dir: str | None = None  # local mode: root key and cert shared by the node agents
+    cert_ttl: float | None = None  # seconds; None: the CA's default (24 h)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,10 +237,11 @@ def parse(doc: Any, base: Path | None = None) -> LocalConfig:
     services = tuple(_service(s, i) for i, s in enumerate(doc.get("services") or []))
     ident = doc.get("identity") or {}
     if not isinstance(ident, dict):
-        raise ConfigError("identity: expected a mapping (trustDomain, caDir)")
+        raise ConfigError("identity: expected a mapping (trustDomain, caDir, certTTL)")
     identity = IdentitySettings(
         trust_domain=str(ident.get("trustDomain", "cluster.local")),
         ca_dir=ident.get("caDir"),
+        cert_ttl=float(ident["certTTL"]) if ident.get("certTTL") is not None else None,
     )
     return LocalConfig(node, agent, namespaces, tuple(workloads), services, identity,
                        _policies(doc, base))

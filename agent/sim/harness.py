@@ -45,6 +45,7 @@ class Cluster:
         self._tmp = tempfile.TemporaryDirectory(prefix=f"tether-{tb.prefix}-ca-")
         self.ca_dir = self._tmp.name
         self.mtls = True
+        self.cert_ttl: float | None = None
 
     def write_configs(self) -> None:
         for n in self.nodes:
@@ -123,7 +124,7 @@ class AgentNode:
                 "skMsg": self.sk_msg,
             },
             "namespaces": [{"name": n, "labels": lab} for n, lab in self.namespaces.items()],
-            "identity": {"caDir": c.ca_dir} if c.mtls else {},
+            "identity": ({"caDir": c.ca_dir, "certTTL": c.cert_ttl} if c.mtls else {}),
             "workloads": [n._workload(p, n is self) for n in c.nodes for p in n.pods],
             "services": c.services,
             "policies": c.policies,

@@ -114,6 +114,13 @@ class Bridge:
         task.add_done_callback(lambda t: None)
         self._drain_task = task
 
+    def close(self) -> None:
+        """Abort both sides (the stream is reset, the socket gets an RST)."""
+        self.stream.reset()
+        if self.transport is not None:
+            self.transport.abort()
+        self._finish(ConnectionAbortedError("closed by the agent"))
+
     def _finish(self, exc: Exception | None) -> None:
         if exc is not None and self.error is None:
             self.error = exc

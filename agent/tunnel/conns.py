@@ -51,6 +51,7 @@ class Connection:
     delivered_as: tuple[str, int] | None = None  # inbound: the source the app sees
     sent_base: int = 0  # bytes counted before a handoff
     received_base: int = 0
+    kill: Callable[[], None] | None = None  # tear the connection down (policy change)
 
     @property
     def bytes_sent(self) -> int:
@@ -117,7 +118,7 @@ class ConnTable:
             return
         del self.open[c.id]
         c.ended = time.monotonic()
-        c.error = error
+        c.error = c.error or error  # a reason given earlier (policy change) wins
         if flag is not None:
             c.flag = flag
         elif error and c.flag == "-":

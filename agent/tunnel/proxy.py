@@ -356,6 +356,7 @@ class PodProxy:
         for c in (out, inn):
             self.t.conns.opened(c)
         inn.relay = _Mirror(out)
+        inn.kill = lambda: out.kill() if out.kill else None
         try:
             await self._relay(out, app, up)
         finally:
@@ -509,6 +510,22 @@ class PodProxy:
         self.t.conns.opened(c)
         await self._bridge(c, app, stream, initiator="stream")
 
+    def revalidate(self) -> int:
+        """Policy changed: close this pod's inbound connections that the new
+        policy denies (ztunnel does the same); others are untouched."""
+        closed = 0
+        for c in [c for c in self.t.conns.open.values()
+                  if c.pod == self.pod.key and c.direction == "inbound" and c.kill]:
+            ident = SpiffeId.parse(c.src_identity) if c.src_identity else None
+            decision = self._authorize(c, c.src[0], ident, c.dst)
+            if not decision.allowed:
+                c.flag = "DENY"
+                c.error = f"closed by policy change: {decision.reason}"
+                assert c.kill is not None
+                c.kill()
+                closed += 1
+        return closed
+
     def _workload_at(self, ip: str) -> str | None:
         w = self.t.store.workload_by_ip(ip)
         return w.key if w else None
@@ -518,6 +535,7 @@ class PodProxy:
     async def _relay(self, c: Connection, a: socket.socket, b: socket.socket) -> None:
         r = Relay(c.record())
         c.relay = r
+        c.kill = r.close
         try:
             await r.start(a, b)
             await r.done
@@ -530,6 +548,7 @@ class PodProxy:
                       initiator: str) -> None:
         b = Bridge(stream, initiator=initiator)
         c.relay = b
+        c.kill = b.close
         try:
             await b.start(sock)
             await b.done
