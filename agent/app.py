@@ -19,6 +19,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 from agent import cgroupfs, handoff, rbac
 from agent import config as localconfig
 from agent.datapath.datapath import Datapath, DatapathConfig, PodSpec, check_pod
@@ -26,7 +28,8 @@ from agent.datapath.errors import DatapathError, PodError
 from agent.datapath.loader import BuildOptions
 from agent.datapath.structs import Listen
 from agent.identity.ca import CertificateAuthority
-from agent.identity.manager import CertificateManager, EmbeddedCA
+from agent.identity.client import CaClient, token_file
+from agent.identity.manager import CertificateManager, CertificateSource, EmbeddedCA
 from agent.identity.spiffe import SpiffeId
 from agent.metrics import Metrics
 from agent.state.store import Store
@@ -39,6 +42,7 @@ log = logging.getLogger(__name__)
 LISTEN_KINDS = {"in4": Listen.PLAIN4, "in6": Listen.PLAIN6,
                 "hbone4": Listen.HBONE4, "hbone6": Listen.HBONE6}
 METRICS_PORT = 15020
+DEFAULT_CERT_TTL = timedelta(hours=24)
 DRAIN_TIMEOUT = float(os.environ.get("TETHER_DRAIN_TIMEOUT", "300"))
 
 
@@ -103,16 +107,30 @@ class Agent:
     # -- identity ------------------------------------------------------------
 
     def _make_certs(self) -> CertificateManager | None:
-        ca_dir = self.cfg.identity.ca_dir
-        if ca_dir is None:
-            log.warning("no identity.caDir: mesh traffic is passed through in plaintext")
-            return None
-        ca = CertificateAuthority.load_or_generate(ca_dir, self.cfg.identity.trust_domain)
+        """Embedded CA (local mode, caDir shared by the nodes) or a remote
+        IstioCertificateService (`tether ca` or istiod) asked with this node's
+        token and ImpersonatedIdentity."""
+        ident = self.cfg.identity
+        ttl = timedelta(seconds=ident.cert_ttl) if ident.cert_ttl else None
         tmp = Path(self.cfg.agent.state_dir) / "tls"
         tmp.mkdir(mode=0o700, parents=True, exist_ok=True)
-        ttl = self.cfg.identity.cert_ttl
-        return CertificateManager(EmbeddedCA(ca, timedelta(seconds=ttl) if ttl else None),
-                                  tls_tmp_dir=str(tmp))
+        source: CertificateSource
+        if ident.ca_address:
+            roots = Path(ident.ca_root_file).read_text() if ident.ca_root_file else ""
+            creds = None if ident.ca_plaintext else grpc.ssl_channel_credentials(
+                roots.encode() if roots else None)
+            source = CaClient(ident.ca_address,
+                              token=token_file(ident.token_file) if ident.token_file else None,
+                              trust_roots=[roots] if roots else (),
+                              channel_credentials=creds, ttl=ttl or DEFAULT_CERT_TTL)
+        elif ident.ca_dir:
+            ca = CertificateAuthority.load_or_generate(ident.ca_dir, ident.trust_domain)
+            source = EmbeddedCA(ca, ttl)
+        else:
+            log.warning("no identity.caDir or caAddress: mesh traffic is passed through in "
+                        "plaintext")
+            return None
+        return CertificateManager(source, tls_tmp_dir=str(tmp))
 
     # -- reconcile ----------------------------------------------------------
 

@@ -37,10 +37,18 @@ def _cmd_status(a: argparse.Namespace) -> int:
     for key, err in data["pod_errors"].items():
         print(f"  {key:30} NOT CAPTURED: {err}")
     print("bpf counters: " + ", ".join(f"{k}={v}" for k, v in dp["stats"].items() if v))
+    for c in data.get("certificates", []):
+        print(f"certificate {c.get('identity')}: {c.get('state')}, serial {c.get('serial')}, "
+              f"until {c.get('not_after')}")
+    for p in data.get("hbone_pool", []):
+        print(f"hbone pool {p['src']} -> {p['dst']} at {p['address']}: "
+              f"{p['connections']} connections, {p['streams']} streams")
     opened = data["connections"]["open"]
     print(f"open connections: {len(opened)}")
     for c in opened:
-        print(f"  {c['pod']:20} {c['direction']:8} {c['src']} -> {c['dst']} via {c['path']}")
+        ids = f" [{c['src_identity'] or '-'} -> {c['dst_identity'] or '-'}]"
+        print(f"  {c['pod']:20} {c['direction']:8} {c['src']} -> {c['dst']} via {c['path']}"
+              + ids)
     return 0
 
 
@@ -64,6 +72,24 @@ def _cmd_bench(a: argparse.Namespace) -> int:
     from agent.bench import main as bench_main
 
     return bench_main(a.what, seconds=a.seconds, json_out=a.json)
+
+
+def _cmd_ca(a: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from agent.identity.serve_ca import run_ca
+
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        asyncio.run(run_ca(a.bind, a.root_dir, trust_domain=a.trust_domain,
+                           auth_file=a.auth_file, tls=not a.insecure))
+    except (ValueError, OSError) as e:
+        print(f"tether ca: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        pass
+    return 0
 
 
 def _cmd_bpf_source(a: argparse.Namespace) -> int:
@@ -105,6 +131,16 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--seconds", type=float, default=3.0)
     b.add_argument("--json", action="store_true")
     b.set_defaults(fn=_cmd_bench)
+
+    ca = sub.add_parser("ca", help="serve istio.v1.auth.IstioCertificateService (the mesh CA)")
+    ca.add_argument("--bind", default="0.0.0.0:15012")
+    ca.add_argument("--root-dir", help="ca-key.pem/ca-cert.pem (Istio cacerts layout); "
+                    "generated there if absent")
+    ca.add_argument("--trust-domain", default="cluster.local")
+    ca.add_argument("--auth-file", required=True,
+                    help="YAML: bearer tokens -> node, and which identities run on which node")
+    ca.add_argument("--insecure", action="store_true", help="serve without TLS (tests only)")
+    ca.set_defaults(fn=_cmd_ca)
 
     e = sub.add_parser("bpf-source", help="print the C text BCC compiles, with its cflags")
     e.add_argument("--pin-dir", default="/sys/fs/bpf/tether")

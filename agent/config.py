@@ -67,6 +67,10 @@ class IdentitySettings:
     trust_domain: str = "cluster.local"
     ca_dir: str | None = None  # local mode: root key and cert shared by the node agents
     cert_ttl: float | None = None  # seconds; None: the CA's default (24 h)
+    ca_address: str | None = None  # host:port of an IstioCertificateService (tether ca, istiod)
+    ca_root_file: str | None = None  # PEM of the mesh root; also verifies the CA's TLS
+    token_file: str | None = None  # this node's bearer token for the CA
+    ca_plaintext: bool = False  # gRPC without TLS to the CA (tests; never across nodes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,12 +241,19 @@ def parse(doc: Any, base: Path | None = None) -> LocalConfig:
     services = tuple(_service(s, i) for i, s in enumerate(doc.get("services") or []))
     ident = doc.get("identity") or {}
     if not isinstance(ident, dict):
-        raise ConfigError("identity: expected a mapping (trustDomain, caDir, certTTL)")
+        raise ConfigError("identity: expected a mapping (trustDomain, caDir | caAddress, "
+                          "caRootFile, tokenFile, certTTL)")
     identity = IdentitySettings(
         trust_domain=str(ident.get("trustDomain", "cluster.local")),
         ca_dir=ident.get("caDir"),
         cert_ttl=float(ident["certTTL"]) if ident.get("certTTL") is not None else None,
+        ca_address=ident.get("caAddress"),
+        ca_root_file=ident.get("caRootFile"),
+        token_file=ident.get("tokenFile"),
+        ca_plaintext=bool(ident.get("caPlaintext", False)),
     )
+    if identity.ca_address and identity.ca_dir:
+        raise ConfigError("identity: give caDir (embedded CA) or caAddress (remote CA), not both")
     return LocalConfig(node, agent, namespaces, tuple(workloads), services, identity,
                        _policies(doc, base))
 
