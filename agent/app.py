@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -77,9 +78,18 @@ class Policies:
 
 
 class Agent:
-    def __init__(self, config_path: str, skmsg: bool | None = None) -> None:
+    def __init__(self, config_path: str, skmsg: bool | None = None,
+                 kube: dict[str, Any] | None = None) -> None:
+        """kube: None for local-file mode; else {"node": ..., "kubeconfig": ...}:
+        agent and identity settings still come from the file, the mesh from
+        the Kubernetes API."""
         self.config_path = config_path
+        self.kube = kube
         self.cfg = localconfig.load(config_path)
+        if kube is not None:
+            self.cfg = dataclasses.replace(self.cfg, node=kube["node"], namespaces={},
+                                           workloads=(), services=(), policies=())
+        self.source: Any = None
         s = self.cfg.agent
         self.datapath = Datapath(
             DatapathConfig(
@@ -167,10 +177,19 @@ class Agent:
             except (PodError, OSError, DatapathError) as e:
                 self.errors[key] = str(e)
                 log.error("%s", e)
+        if self.source is not None:
+            for key in want:
+                self.source.report(key, "enabled" if key in self.proxies else "failed",
+                                   self.errors.get(key, ""))
+            for key in gone:
+                self.source.report(key, "disabled")
 
     def _enroll(self, w: localconfig.Workload, inherited: dict[str, Any] | None) -> None:
         if not w.netns or not w.cgroup:
-            raise PodError(w.key, "the local file gives no netns/cgroup for this pod")
+            raise PodError(w.key, "no netns/cgroup for this pod: " + (
+                "its cgroup v2 directory or sandbox process was not found on this node "
+                "(agent/sources/podfs.py lists the layouts understood)" if self.kube
+                else "the local file gives none"))
         spec = PodSpec(
             key=w.key, netns=w.netns, cgroup=w.cgroup, ips=w.addresses,
             exclude_out_ports=w.exclude_outbound_ports,
@@ -222,6 +241,8 @@ class Agent:
 
             hbone = HboneClient(client_ctx)
             server_ctx = server_ctx_
+        if self.kube is not None:
+            await self._start_kube(loop)
         self.tunnel = Tunnel(self.datapath, self.store, self.conns, self.policies, hbone,
                              server_ctx, splicing=self.datapath.config.skmsg,
                              local=self.proxies)
@@ -234,9 +255,11 @@ class Agent:
         self.ready.set()
         log.info("agent ready: %d pods enrolled, admin on 127.0.0.1:%d, metrics on :%d",
                  len(self.proxies), self.cfg.agent.admin_port, METRICS_PORT)
-        watcher = loop.create_task(self._watch())
+        watcher = loop.create_task(self._watch() if self.kube is None else self._idle())
         await self._stop.wait()
         watcher.cancel()
+        if self.source is not None:
+            self.source.stop()
         admin.close()
         giver.close()
         if handoff.given(self):
@@ -249,6 +272,33 @@ class Agent:
             await self.certs.close()
         self.datapath.close()
         log.info("agent stopped")
+
+    async def _start_kube(self, loop: asyncio.AbstractEventLoop) -> None:
+        from agent.sources.k8s import KubeSource
+
+        assert self.kube is not None
+        first = asyncio.Event()
+
+        def on_snapshot(cfg: localconfig.LocalConfig) -> None:
+            self.cfg = cfg
+            first.set()
+            if self.tunnel is not None:
+                try:
+                    self.reconcile()
+                except Exception:
+                    log.exception("reconcile failed; retrying on the next change")
+
+        self.source = KubeSource(self.kube["node"], self.cfg.agent, self.cfg.identity,
+                                 kubeconfig=self.kube.get("kubeconfig"))
+        self.source.start(loop, on_snapshot)
+        try:
+            await asyncio.wait_for(first.wait(), 60)
+        except TimeoutError:
+            log.error("no complete snapshot from the API server in 60 s (%s); starting with "
+                      "nothing enrolled", self.source.errors)
+
+    async def _idle(self) -> None:
+        await asyncio.Event().wait()
 
     async def _drain(self) -> None:
         """After a handoff: HBONE connections (TLS state lives here) run to
@@ -294,6 +344,8 @@ class Agent:
             "ready": self.ready.is_set(),
             "datapath": self.datapath.status(),
             "pod_errors": self.errors,
+            "source": self.source.describe() if self.source is not None else
+            {"file": self.config_path},
             "state": self.store.describe(),
             "policies": self.policies.describe(),
             "certificates": self.certs.describe() if self.certs else [],
@@ -330,11 +382,12 @@ class Agent:
             w.close()
 
 
-def main_run(config_path: str, skmsg: bool | None) -> int:
+def main_run(config_path: str, skmsg: bool | None,
+             kube: dict[str, Any] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("TETHER_LOG", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        agent = Agent(config_path, skmsg)
+        agent = Agent(config_path, skmsg, kube)
     except localconfig.ConfigError as e:
         log.error("%s", e)
         return 2

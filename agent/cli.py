@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import urllib.request
 from collections.abc import Sequence
@@ -12,7 +13,12 @@ from collections.abc import Sequence
 def _cmd_run(a: argparse.Namespace) -> int:
     from agent.app import main_run
 
-    return main_run(a.config, True if a.sk_msg else None)
+    kube = {"node": a.node, "kubeconfig": a.kubeconfig} if a.kube else None
+    if a.kube and not a.node:
+        print("tether run --kube needs --node (the DaemonSet passes spec.nodeName)",
+              file=sys.stderr)
+        return 2
+    return main_run(a.config, True if a.sk_msg else None, kube)
 
 
 def _cmd_status(a: argparse.Namespace) -> int:
@@ -108,6 +114,10 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run the node agent from a local config file")
     r.add_argument("--config", required=True, help="local-file model (YAML)")
     r.add_argument("--sk-msg", action="store_true", help="splice pod<->agent hops with sk_msg")
+    r.add_argument("--kube", action="store_true",
+                   help="take namespaces, pods, services and policies from the Kubernetes API")
+    r.add_argument("--node", default=os.environ.get("NODE_NAME"), help="this node's name")
+    r.add_argument("--kubeconfig", help="default: in-cluster, then ~/.kube/config")
     r.set_defaults(fn=_cmd_run)
 
     s = sub.add_parser("status", help="what the running agent captures")

@@ -1,0 +1,334 @@
+"""The mesh from the Kubernetes API: Namespaces, Pods, Services, Istio
+AuthorizationPolicy and PeerAuthentication, turned into the same model the
+local file gives (agent.config), so the agent's reconcile does not care where
+state came from.
+
+Each resource is a list-then-watch loop on its own thread (the `kubernetes`
+client is synchronous): watches resume from the last resourceVersion, a 410
+Gone relists, errors back off (1 s doubling to 30 s), and while the API
+server is unreachable the agent keeps enforcing the last state it had.
+Every change schedules one snapshot for the agent (debounced), never a
+partial one.  The source also writes back what the agent did: the pod
+annotation `ambient.istio.io/redirection` (as Istio's CNI does) and Events
+for pods that could not be captured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from kubernetes import client, config, watch
+from kubernetes.client.exceptions import ApiException
+
+from agent.config import (
+    AgentSettings,
+    IdentitySettings,
+    LocalConfig,
+    Service,
+    ServicePort,
+    Workload,
+)
+from agent.sources import podfs
+
+log = logging.getLogger(__name__)
+
+REDIRECTION = "ambient.istio.io/redirection"
+EXCLUDE_IN = "traffic.sidecar.istio.io/excludeInboundPorts"
+EXCLUDE_OUT = "traffic.sidecar.istio.io/excludeOutboundPorts"
+EXCLUDE_OUT_CIDR = "traffic.sidecar.istio.io/excludeOutboundIPRanges"
+WATCH_TIMEOUT = 300
+BACKOFF_MAX = 30.0
+DEBOUNCE = 0.05
+
+
+@dataclasses.dataclass(frozen=True)
+class Kind:
+    name: str
+    list_fn: Callable[..., Any]
+    custom: tuple[str, str, str] | None = None  # group, version, plural
+
+
+class KubeSource:
+    """Watches the API and calls `on_snapshot(LocalConfig)` on the agent's loop."""
+
+    def __init__(self, node: str, agent: AgentSettings, identity: IdentitySettings,
+                 api: client.ApiClient | None = None, kubeconfig: str | None = None,
+                 cgroup_root: Any = None) -> None:
+        if api is None:
+            if kubeconfig:
+                config.load_kube_config(kubeconfig)
+            else:
+                try:
+                    config.load_incluster_config()
+                except config.ConfigException:
+                    config.load_kube_config()
+            api = client.ApiClient()
+        self.api = api
+        self.core = client.CoreV1Api(api)
+        self.custom = client.CustomObjectsApi(api)
+        self.node = node
+        self.agent = agent
+        self.identity = identity
+        self.cgroup_root = cgroup_root
+        self.objects: dict[str, dict[str, dict[str, Any]]] = {}
+        self.synced: set[str] = set()
+        self.kinds = [
+            Kind("namespaces", self.core.list_namespace),
+            Kind("pods", self.core.list_pod_for_all_namespaces),
+            Kind("services", self.core.list_service_for_all_namespaces),
+            Kind("authorizationpolicies", self.custom.list_cluster_custom_object,
+                 ("security.istio.io", "v1", "authorizationpolicies")),
+            Kind("peerauthentications", self.custom.list_cluster_custom_object,
+                 ("security.istio.io", "v1", "peerauthentications")),
+        ]
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pending: asyncio.Handle | None = None
+        self._on_snapshot: Callable[[LocalConfig], None] | None = None
+        self.errors: dict[str, str] = {}  # kind -> last watch error
+        self._annotated: dict[str, str] = {}
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop,
+              on_snapshot: Callable[[LocalConfig], None]) -> None:
+        self._loop = loop
+        self._on_snapshot = on_snapshot
+        for kind in self.kinds:
+            t = threading.Thread(target=self._run, args=(kind,), name=f"watch-{kind.name}",
+                                 daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def ready(self) -> bool:
+        return len(self.synced) == len(self.kinds)
+
+    # -- watch loops ---------------------------------------------------------------
+
+    def _list(self, kind: Kind, **kw: Any) -> Any:
+        if kind.custom:
+            g, v, p = kind.custom
+            return kind.list_fn(g, v, p, **kw)
+        return kind.list_fn(**kw)
+
+    def _run(self, kind: Kind) -> None:
+        backoff = 1.0
+        rv: str | None = None
+        while not self._stop.is_set():
+            try:
+                if rv is None:
+                    rv = self._relist(kind)
+                w = watch.Watch()
+                for ev in w.stream(self._list_raw(kind), resource_version=rv,
+                                   timeout_seconds=WATCH_TIMEOUT, allow_watch_bookmarks=True):
+                    if self._stop.is_set():
+                        w.stop()
+                        return
+                    obj = ev["raw_object"]
+                    rv = obj.get("metadata", {}).get("resourceVersion", rv)
+                    if ev["type"] == "BOOKMARK":
+                        continue
+                    if ev["type"] == "ERROR":
+                        if obj.get("code") == 410:
+                            log.info("%s: watch expired (410 Gone), relisting", kind.name)
+                            rv = None
+                            break
+                        raise ApiException(status=obj.get("code"), reason=obj.get("message"))
+                    self._apply(kind.name, ev["type"], obj)
+                backoff = 1.0
+            except ApiException as e:
+                if e.status == 410:
+                    log.info("%s: resourceVersion too old (410 Gone), relisting", kind.name)
+                    rv = None
+                    continue
+                self._failed(kind, e, backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX)
+            except Exception as e:  # connection refused, timeouts, decode errors
+                self._failed(kind, e, backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX)
+
+    def _list_raw(self, kind: Kind) -> Callable[..., Any]:
+        """A list function returning raw JSON for watch.stream (no model decoding)."""
+        def fn(**kw: Any) -> Any:
+            return self._list(kind, **kw)
+        fn.__doc__ = kind.list_fn.__doc__  # watch.stream reads the return type from it
+        return fn
+
+    def _failed(self, kind: Kind, e: Exception, backoff: float) -> None:
+        msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if self.errors.get(kind.name) != msg:
+            log.warning("%s watch failed (%s); keeping the last known state, retrying in "
+                        "%.0f s", kind.name, msg, backoff)
+        self.errors[kind.name] = msg
+        self._stop.wait(backoff)
+
+    def _relist(self, kind: Kind) -> str:
+        resp = self._list(kind, _preload_content=False, timeout_seconds=60)
+        import json
+
+        data = json.loads(resp.data)
+        items = {self._key(o): o for o in data.get("items", [])}
+        with self._lock:
+            self.objects[kind.name] = items
+            self.synced.add(kind.name)
+        self.errors.pop(kind.name, None)
+        self._schedule()
+        rv: str = data.get("metadata", {}).get("resourceVersion", "")
+        return rv
+
+    @staticmethod
+    def _key(o: dict[str, Any]) -> str:
+        m = o.get("metadata", {})
+        return f"{m.get('namespace', '')}/{m.get('name', '')}"
+
+    def _apply(self, kind: str, typ: str, obj: dict[str, Any]) -> None:
+        with self._lock:
+            objs = self.objects.setdefault(kind, {})
+            if typ == "DELETED":
+                objs.pop(self._key(obj), None)
+            else:
+                objs[self._key(obj)] = obj
+        self._schedule()
+
+    def _schedule(self) -> None:
+        loop = self._loop
+        if loop is None or not self.ready():
+            return
+
+        def fire() -> None:
+            self._pending = None
+            if self._on_snapshot is not None:
+                self._on_snapshot(self.snapshot())
+
+        def arm() -> None:
+            if self._pending is None:
+                self._pending = loop.call_later(DEBOUNCE, fire)
+
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(arm)
+
+    # -- model ---------------------------------------------------------------------
+
+    def snapshot(self) -> LocalConfig:
+        with self._lock:
+            objs = {k: list(v.values()) for k, v in self.objects.items()}
+        namespaces = {
+            o["metadata"]["name"]: dict(o["metadata"].get("labels") or {})
+            for o in objs.get("namespaces", [])
+        }
+        workloads = [w for w in (self._workload(p) for p in objs.get("pods", [])) if w]
+        services = [s for s in (self._service(o) for o in objs.get("services", [])) if s]
+        policies = tuple(
+            {**o, "kind": kind} for plural, kind in (
+                ("authorizationpolicies", "AuthorizationPolicy"),
+                ("peerauthentications", "PeerAuthentication"))
+            for o in objs.get(plural, [])
+        )
+        return LocalConfig(self.node, self.agent, namespaces, tuple(workloads),
+                           tuple(services), self.identity, policies)
+
+    def _workload(self, pod: dict[str, Any]) -> Workload | None:
+        meta, spec, status = pod["metadata"], pod.get("spec", {}), pod.get("status", {})
+        if status.get("phase") in ("Succeeded", "Failed") or spec.get("hostNetwork"):
+            return None
+        ips = tuple(p["ip"] for p in status.get("podIPs") or [] if p.get("ip"))
+        if not ips and status.get("podIP"):
+            ips = (status["podIP"],)
+        if not ips:
+            return None
+        ann = meta.get("annotations") or {}
+        node = spec.get("nodeName", "")
+        netns = cgroup = None
+        if node == self.node:
+            try:
+                paths = podfs.find(meta["uid"], self.cgroup_root)
+                netns, cgroup = paths.netns, paths.cgroup
+            except podfs.PodNotFound as e:
+                log.debug("%s", e)
+
+        def ints(v: str) -> tuple[int, ...]:
+            return tuple(int(x) for x in v.split(",") if x.strip().isdigit())
+
+        return Workload(
+            name=meta["name"],
+            namespace=meta["namespace"],
+            service_account=spec.get("serviceAccountName") or "default",
+            node=node,
+            addresses=ips,
+            labels=dict(meta.get("labels") or {}),
+            netns=netns,
+            cgroup=cgroup,
+            exclude_inbound_ports=ints(ann.get(EXCLUDE_IN, "")),
+            exclude_outbound_ports=ints(ann.get(EXCLUDE_OUT, "")),
+            exclude_outbound_cidrs=tuple(x.strip() for x in ann.get(EXCLUDE_OUT_CIDR, "")
+                                         .split(",") if x.strip() and x.strip() != "*"),
+        )
+
+    @staticmethod
+    def _service(o: dict[str, Any]) -> Service | None:
+        spec = o.get("spec", {})
+        ips = tuple(i for i in spec.get("clusterIPs") or [spec.get("clusterIP")]
+                    if i and i != "None")
+        if not ips or not spec.get("selector"):
+            return None
+        ports = []
+        for p in spec.get("ports") or []:
+            if p.get("protocol", "TCP") != "TCP":
+                continue
+            target = p.get("targetPort", p["port"])
+            # a named targetPort would need the pods' container ports; use the port
+            ports.append(ServicePort(p["port"], target if isinstance(target, int)
+                                     else p["port"]))
+        return Service(o["metadata"]["name"], o["metadata"]["namespace"], ips, tuple(ports),
+                       dict(spec["selector"]))
+
+    # -- writing back ----------------------------------------------------------------
+
+    def report(self, key: str, state: str, message: str = "") -> None:
+        """Record what the agent did with a local pod: the annotation
+        (enabled | disabled | failed) and, on failure, an Event.  Runs on a
+        thread; errors are logged, never raised into the agent."""
+        if self._annotated.get(key) == state:
+            return
+        self._annotated[key] = state
+        threading.Thread(target=self._write_back, args=(key, state, message),
+                         daemon=True).start()
+
+    def _write_back(self, key: str, state: str, message: str) -> None:
+        ns, name = key.split("/", 1)
+        try:
+            self.core.patch_namespaced_pod(
+                name, ns, {"metadata": {"annotations": {
+                    REDIRECTION: None if state == "disabled" else state}}})
+            if state == "failed":
+                now = datetime.datetime.now(datetime.UTC)
+                self.core.create_namespaced_event(ns, client.CoreV1Event(
+                    metadata=client.V1ObjectMeta(generate_name=f"{name}.tether-"),
+                    involved_object=client.V1ObjectReference(kind="Pod", name=name,
+                                                             namespace=ns),
+                    reason="TetherCaptureFailed", message=message[:1000], type="Warning",
+                    first_timestamp=now, last_timestamp=now, count=1,
+                    source=client.V1EventSource(component="tether", host=self.node)))
+        except ApiException as e:
+            if e.status != 404:
+                log.warning("cannot record %s on pod %s: %s", state, key, e.reason)
+        except Exception as e:
+            log.warning("cannot record %s on pod %s: %s", state, key, e)
+
+    def describe(self) -> dict[str, Any]:
+        return {"synced": sorted(self.synced), "errors": dict(self.errors),
+                "objects": {k: len(v) for k, v in self.objects.items()},
+                "at": time.time()}
