@@ -137,7 +137,7 @@ def parser() -> argparse.ArgumentParser:
     d.set_defaults(fn=_cmd_demo)
 
     b = sub.add_parser("bench", help="benchmarks (numbers as ratios to a same-run baseline)")
-    b.add_argument("what", choices=["datapath"])
+    b.add_argument("what", choices=["datapath", "tunnel", "h2"])
     b.add_argument("--seconds", type=float, default=3.0)
     b.add_argument("--json", action="store_true")
     b.set_defaults(fn=_cmd_bench)
