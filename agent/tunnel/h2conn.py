@@ -37,7 +37,6 @@ import h2.settings
 import hyperframe.frame
 
 
-
 def _data_body_repr(self: hyperframe.frame.DataFrame) -> str:
     return f"<{len(self.data)} bytes>"
 
