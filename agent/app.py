@@ -20,8 +20,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import grpc
-
 from agent import cgroupfs, handoff, rbac
 from agent import config as localconfig
 from agent.datapath.datapath import Datapath, DatapathConfig, PodSpec, check_pod
@@ -29,7 +27,6 @@ from agent.datapath.errors import DatapathError, PodError
 from agent.datapath.loader import BuildOptions
 from agent.datapath.structs import Listen
 from agent.identity.ca import CertificateAuthority
-from agent.identity.client import CaClient, token_file
 from agent.identity.manager import CertificateManager, CertificateSource, EmbeddedCA
 from agent.identity.spiffe import SpiffeId
 from agent.metrics import Metrics
@@ -126,6 +123,11 @@ class Agent:
         tmp.mkdir(mode=0o700, parents=True, exist_ok=True)
         source: CertificateSource
         if ident.ca_address:
+            # grpc only when a remote CA is used: it costs ~18 MiB resident
+            import grpc
+
+            from agent.identity.client import CaClient, token_file
+
             roots = Path(ident.ca_root_file).read_text() if ident.ca_root_file else ""
             creds = None if ident.ca_plaintext else grpc.ssl_channel_credentials(
                 roots.encode() if roots else None)

@@ -13,9 +13,13 @@ import contextlib
 import dataclasses
 import importlib.resources
 import io
+import json
 import os
 import platform
 import re
+import socket
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -198,9 +202,10 @@ def _capture_fd2() -> Iterator[io.StringIO]:
             buf.write(tmp.read().decode(errors="replace"))
 
 
-class Programs:
+class BccPrograms:
     """A compiled and loaded module: program fds by name, map fds by name.
-    Owns the BCC object; close() releases every fd it holds."""
+    Owns the BCC object; close() releases every fd it holds.  Runs in the
+    compile child (see Programs), or in process for tests that want it."""
 
     def __init__(self, opts: BuildOptions) -> None:
         bcc = _import_bcc()
@@ -257,3 +262,107 @@ class Programs:
         self._bpf.cleanup()
         self.prog_fds.clear()
         self.map_fds.clear()
+
+
+class Programs:
+    """The programs and maps, compiled in a short-lived child process.
+
+    BCC compiles with LLVM and clang inside the calling process and never
+    gives the memory back: an agent that compiled in process kept ~200 MiB
+    resident, most of it libLLVM and libclang mappings (measured by
+    `tether bench tunnel`).  The child compiles and loads, sends every
+    program and map fd over a socket (SCM_RIGHTS) and exits; the kernel
+    objects live on through the fds the agent now holds.  Errors come back
+    with the compiler or verifier text, as DatapathError or KernelTooOld.
+    """
+
+    def __init__(self, opts: BuildOptions) -> None:
+        self.opts = opts
+        self.kernel = kernel_version()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        with ours, theirs:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "agent.datapath.loader", str(theirs.fileno()),
+                 json.dumps(dataclasses.asdict(opts))],
+                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+            )
+            theirs.close()
+            try:
+                header, fds = _recv_bundle(ours)
+            finally:
+                with contextlib.suppress(OSError):
+                    ours.sendall(b"done")
+                try:
+                    proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        if not header.get("ok"):
+            err = header.get("error", "compile child failed")
+            if header.get("kind") == "KernelTooOld":
+                hook, needs, has = header["args"]
+                raise KernelTooOld(hook, (needs[0], needs[1]), (has[0], has[1]))
+            raise DatapathError(err)
+        names = header["progs"] + header["maps"]
+        by_name = dict(zip(names, fds, strict=True))
+        self.prog_fds: dict[str, int] = {n: by_name[n] for n in header["progs"]}
+        self.map_fds: dict[str, int] = {n: by_name[n] for n in header["maps"]}
+
+    def close(self) -> None:
+        for fd in [*self.prog_fds.values(), *self.map_fds.values()]:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.prog_fds.clear()
+        self.map_fds.clear()
+
+
+def _recv_bundle(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
+    sock.settimeout(300)  # a cold BCC compile under TCG is slow
+    buf = b""
+    fds: list[int] = []
+    while b"\n" not in buf:
+        msg, got, _, _ = socket.recv_fds(sock, 65536, 64)
+        if not msg and not got:
+            raise DatapathError("the BPF compile child exited without an answer "
+                                "(see its stderr above)")
+        buf += msg
+        fds += got
+    line = buf.partition(b"\n")[0]
+    header: dict[str, Any] = json.loads(line)
+    want = len(header.get("progs", [])) + len(header.get("maps", []))
+    while len(fds) < want:
+        _, got, _, _ = socket.recv_fds(sock, 1, 64)
+        if not got:
+            raise DatapathError("the BPF compile child sent fewer fds than it announced")
+        fds += got
+    return header, fds
+
+
+def _child_main(fd: int, opts_json: str) -> int:
+    """In the compile child: build, then hand every fd to the parent."""
+    sock = socket.socket(fileno=fd)
+    opts = BuildOptions(**json.loads(opts_json))
+    try:
+        progs = BccPrograms(opts)
+    except KernelTooOld as e:
+        header = {"ok": False, "kind": "KernelTooOld", "error": str(e),
+                  "args": [e.hook, list(e.needs), list(e.has)]}
+        sock.sendall(json.dumps(header).encode() + b"\n")
+        return 0
+    except Exception as e:  # anything: the parent must get words, not a dead pipe
+        msg = str(e) if isinstance(e, DatapathError) else f"{type(e).__name__}: {e}"
+        sock.sendall(json.dumps({"ok": False, "error": msg}).encode() + b"\n")
+        return 0
+    names_p, names_m = list(progs.prog_fds), list(progs.map_fds)
+    header = {"ok": True, "progs": names_p, "maps": names_m}
+    fds = [progs.prog_fds[n] for n in names_p] + [progs.map_fds[n] for n in names_m]
+    socket.send_fds(sock, [json.dumps(header).encode() + b"\n"], fds[:64])
+    for i in range(64, len(fds), 64):
+        socket.send_fds(sock, [b"+"], fds[i : i + 64])
+    sock.settimeout(60)
+    with contextlib.suppress(OSError):
+        sock.recv(16)  # the parent holds its copies now
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(int(sys.argv[1]), sys.argv[2]))

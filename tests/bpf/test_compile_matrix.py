@@ -121,8 +121,15 @@ def test_compile_error_carries_compiler_text(
 
     monkeypatch.setattr(loader, "compose_source", broken)
     with pytest.raises(DatapathError) as exc:
-        Programs(BuildOptions(pin_dir=str(pin_dir)))
+        loader.BccPrograms(BuildOptions(pin_dir=str(pin_dir)))  # in process: monkeypatched
     assert "undeclared_x" in str(exc.value), str(exc.value)
+
+
+def test_errors_in_the_compile_child_reach_the_agent(pin_dir: Path) -> None:
+    """The agent compiles in a child process; its failure comes back whole."""
+    with pytest.raises(DatapathError) as exc:
+        Programs(BuildOptions(pin_dir=str(pin_dir), max_conns=0))  # maps of size 0
+    assert "BPF compile failed" in str(exc.value) or "rejected" in str(exc.value), exc.value
 
 
 def test_verifier_rejection_carries_verifier_log(
@@ -142,7 +149,7 @@ def test_verifier_rejection_carries_verifier_log(
     )
     progs = None
     with pytest.raises(DatapathError) as exc:
-        progs = Programs(BuildOptions(pin_dir=str(pin_dir)))
+        progs = loader.BccPrograms(BuildOptions(pin_dir=str(pin_dir)))
     if progs is not None:  # pragma: no cover - only if the kernel accepted it
         progs.close()
     msg = str(exc.value)
