@@ -290,8 +290,10 @@ class Agent:
                 except Exception:
                     log.exception("reconcile failed; retrying on the next change")
 
+        root = self.cfg.agent.pod_cgroup_root
         self.source = KubeSource(self.kube["node"], self.cfg.agent, self.cfg.identity,
-                                 kubeconfig=self.kube.get("kubeconfig"))
+                                 kubeconfig=self.kube.get("kubeconfig"),
+                                 cgroup_root=Path(root) if root else None)
         self.source.start(loop, on_snapshot)
         try:
             await asyncio.wait_for(first.wait(), 60)

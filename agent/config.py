@@ -79,6 +79,7 @@ class AgentSettings:
     state_dir: str = "/run/tether"
     cgroup: str | None = None  # None: the agent's own cgroup
     kubelet_cgroups: tuple[str, ...] = ()
+    pod_cgroup_root: str | None = None  # where kubepods lives (default: the cgroup2 root)
     sk_msg: bool = False
     admin_port: int = 15000
 
@@ -218,7 +219,8 @@ def parse(doc: Any, base: Path | None = None) -> LocalConfig:
     a = doc.get("agent") or {}
     if not isinstance(a, dict):
         raise ConfigError("agent: expected a mapping")
-    known = {"pinDir", "stateDir", "cgroup", "kubeletCgroups", "skMsg", "adminPort"}
+    known = {"pinDir", "stateDir", "cgroup", "kubeletCgroups", "skMsg", "adminPort",
+             "podCgroupRoot"}
     unknown = set(a) - known
     if unknown:
         raise ConfigError(f"agent: unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
@@ -227,6 +229,7 @@ def parse(doc: Any, base: Path | None = None) -> LocalConfig:
         state_dir=str(a.get("stateDir", AgentSettings.state_dir)),
         cgroup=a.get("cgroup"),
         kubelet_cgroups=_str_list(a.get("kubeletCgroups"), "agent.kubeletCgroups"),
+        pod_cgroup_root=a.get("podCgroupRoot"),
         sk_msg=bool(a.get("skMsg", False)),
         admin_port=int(a.get("adminPort", 15000)),
     )
