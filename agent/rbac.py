@@ -1564,6 +1564,14 @@ class PolicyStore:
             except PolicyError as exc:
                 errors.extend(exc.all)
                 rejected[label] = tuple(str(e) for e in exc.all)
+                # An invalid edit keeps the last good version in force: dropping
+                # it would fail open (a typo in a DENY policy would remove it).
+                name, ns, _ = _metadata(doc, self.default_namespace)
+                key = f"{ns}/{name}"
+                if _is_security_kind(doc, AUTHORIZATION_POLICY) and key in self._authz:
+                    authz[key] = self._authz[key]
+                elif _is_security_kind(doc, PEER_AUTHENTICATION) and key in self._peer:
+                    peer[key] = self._peer[key]
                 continue
             rejected.pop(label, None)
             loaded.append(label)

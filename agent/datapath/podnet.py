@@ -8,6 +8,9 @@ that client IP, which would route out of eth0; instead:
 - net.ipv4.tcp_fwmark_accept=1 makes the app's accepted socket take the mark
   of the incoming SYN (covers IPv6 too), so every packet the app sends on
   that connection carries DELIVERY_MARK;
+- net.ipv4.fwmark_reflect=1 and net.ipv6.fwmark_reflect=1 give the packets
+  the kernel answers on the app's behalf (the RST to a closed port) the
+  same mark, so a refused delivery fails at once instead of timing out;
 - `ip rule fwmark DELIVERY_MARK lookup DELIVERY_TABLE` with
   `local default dev lo` in that table delivers those packets back to the
   agent's socket on loopback.
@@ -35,6 +38,11 @@ DELIVERY_MARK = 0x539
 DELIVERY_TABLE = 133
 RULE_PRIORITY = 32000  # before main (32766)
 T = TypeVar("T")
+SYSCTLS = (
+    "/proc/sys/net/ipv4/tcp_fwmark_accept",
+    "/proc/sys/net/ipv4/fwmark_reflect",
+    "/proc/sys/net/ipv6/fwmark_reflect",
+)
 
 
 def _off_loop(fn: Callable[[], T]) -> T:
@@ -61,7 +69,8 @@ def installed(path: str) -> bool:
 
 def _prepare(path: str) -> None:
     with netns.entered(path):
-        Path("/proc/sys/net/ipv4/tcp_fwmark_accept").write_text("1\n")
+        for knob in SYSCTLS:
+            Path(knob).write_text("1\n")
         with IPRoute() as ipr:
             lo = ipr.link_lookup(ifname="lo")[0]
             for family, dst in ((socket.AF_INET, "0.0.0.0/0"), (socket.AF_INET6, "::/0")):
@@ -83,8 +92,9 @@ def _unprepare(path: str) -> None:
                          priority=RULE_PRIORITY)
             with contextlib.suppress(Exception):
                 ipr.route("del", family=family, dst=dst, type="local", table=DELIVERY_TABLE)
-        with contextlib.suppress(OSError):
-            Path("/proc/sys/net/ipv4/tcp_fwmark_accept").write_text("0\n")
+        for knob in SYSCTLS:
+            with contextlib.suppress(OSError):
+                Path(knob).write_text("0\n")
 
 
 def _installed(path: str) -> bool:

@@ -34,6 +34,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import h2.stream
 import hyperframe.frame
 
 
@@ -51,6 +52,27 @@ MAX_FRAME = 1024 * 1024
 MAX_STREAMS = 100
 MAX_HEADER_LIST = 16 * 1024
 HIGH_WATER = 4 * 1024 * 1024  # transport buffer above which we stop writing more
+
+
+class _H2Connection(h2.connection.H2Connection):
+    """h2's connection with one RFC 9113 correction: a HEADERS frame that
+    would exceed our MAX_CONCURRENT_STREAMS is refused as a stream error
+    (RST_STREAM REFUSED_STREAM, RFC 9113 §5.1.2), not a connection error
+    that would tear down the hundred streams already running.  The header
+    block is still decoded, so the HPACK state stays in step with the peer."""
+
+    def _receive_headers_frame(self, frame: Any) -> Any:
+        try:
+            return super()._receive_headers_frame(frame)
+        except h2.exceptions.TooManyStreamsError:
+            self.decoder.decode(frame.data, raw=True)
+            self.highest_inbound_stream_id = max(self.highest_inbound_stream_id,
+                                                 frame.stream_id)
+            # later frames on it get RST_STREAM too, not a connection error
+            self._closed_streams[frame.stream_id] = h2.stream.StreamClosedBy.SEND_RST_STREAM
+            rst = hyperframe.frame.RstStreamFrame(frame.stream_id)
+            rst.error_code = h2.errors.ErrorCodes.REFUSED_STREAM
+            return [rst], []
 
 
 class StreamReset(ConnectionError):
@@ -171,7 +193,7 @@ class H2Conn(asyncio.Protocol):
                  peer: dict[str, Any] | None = None) -> None:
         cfg = h2.config.H2Configuration(client_side=client, header_encoding="utf-8",
                                         validate_inbound_headers=True)
-        self.h2 = h2.connection.H2Connection(config=cfg)
+        self.h2 = _H2Connection(config=cfg)
         self.client = client
         self.on_request = on_request
         self.peer: dict[str, Any] = peer or {}

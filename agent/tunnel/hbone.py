@@ -72,7 +72,7 @@ def parse_authority(value: str) -> tuple[str, int]:
         if ip4.version != 4:
             raise ValueError(f"authority {value!r}: IPv6 must be in brackets")
         ip = ip4  # type: ignore[assignment]
-    if not port_s.isdigit() or not 0 < int(port_s) < 65536:
+    if not (port_s.isascii() and port_s.isdigit()) or not 0 < int(port_s) < 65536:
         raise ValueError(f"authority {value!r}: bad port")
     return str(ip), int(port_s)
 

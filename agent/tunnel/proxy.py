@@ -459,13 +459,16 @@ class PodProxy:
             return
         assert conn.transport is not None
         try:
-            conn.peer["identity"] = peer_identity(conn.transport.get_extra_info("ssl_object"))
+            ident = peer_identity(conn.transport.get_extra_info("ssl_object"))
+            if ident.trust_domain != self.pod.identity.trust_domain:
+                raise ValueError(f"{ident.uri} is not in trust domain "
+                                 f"{self.pod.identity.trust_domain}")
+            conn.peer["identity"] = ident
         except (ssl.SSLError, ValueError) as e:
             c = self.t.conns.add(self.pod.key, "inbound", peer, local, "hbone",
                                  reporter="destination", dst_workload=self.pod.key)
             self.t.conns.opened(c)
-            self.t.conns.end(c, f"client certificate has no SPIFFE identity: {e}",
-                             "TLS_FAILURE")
+            self.t.conns.end(c, f"client certificate refused: {e}", "TLS_FAILURE")
             conn.close()
 
     async def _on_connect(self, conn: H2Conn, stream: H2Stream) -> None:
@@ -474,6 +477,12 @@ class PodProxy:
         peer: tuple[str, int] = conn.peer["addr"]
         local: tuple[str, int] = conn.peer["local"]
         ident: SpiffeId | None = conn.peer.get("identity")
+        if ident is None and conn.transport is not None:
+            # a request can arrive before _inbound_hbone resumes after the handshake
+            with contextlib.suppress(ssl.SSLError, ValueError):
+                got = peer_identity(conn.transport.get_extra_info("ssl_object"))
+                if got.trust_domain == self.pod.identity.trust_domain:
+                    ident = conn.peer["identity"] = got
         c = self.t.conns.add(self.pod.key, "inbound", peer, local, "hbone",
                              reporter="destination", security="mutual_tls",
                              src_identity=ident.uri if ident else None,
@@ -506,6 +515,12 @@ class PodProxy:
             self.t.conns.end(c, f"deliver to {dst[0]}:{dst[1]}: {e}", "UF")
             return
         c.delivered_as = delivered
+        if stream.closed:  # the client went away while we were connecting
+            app.close()
+            self._undeliver(c)
+            self.t.conns.opened(c)
+            self.t.conns.end(c, "client went away during delivery")
+            return
         conn.respond(stream, 200)
         self.t.conns.opened(c)
         await self._bridge(c, app, stream, initiator="stream")
