@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 LISTEN_KINDS = {"in4": Listen.PLAIN4, "in6": Listen.PLAIN6,
                 "hbone4": Listen.HBONE4, "hbone6": Listen.HBONE6}
-METRICS_PORT = 15020
+BIND_RETRY = 30.0  # a predecessor frees the node's ports when it hands over
 DEFAULT_CERT_TTL = timedelta(hours=24)
 DRAIN_TIMEOUT = float(os.environ.get("TETHER_DRAIN_TIMEOUT", "300"))
 
@@ -74,6 +74,18 @@ class Policies:
         return self.store.describe()
 
 
+def _agent_cgroup() -> str:
+    """The agent's own cgroup v2 directory.  In a pod, /proc/self/cgroup is
+    relative to the container's cgroup namespace ("0::/"), which would name
+    the host's root: find the pod's directory by POD_UID instead."""
+    uid = os.environ.get("POD_UID")
+    if uid:
+        from agent.sources.podfs import find_cgroup
+
+        return str(find_cgroup(uid))
+    return str(cgroupfs.own_cgroup())
+
+
 class Agent:
     def __init__(self, config_path: str, skmsg: bool | None = None,
                  kube: dict[str, Any] | None = None) -> None:
@@ -92,7 +104,7 @@ class Agent:
             DatapathConfig(
                 build=BuildOptions(pin_dir=s.pin_dir),
                 state_dir=s.state_dir,
-                agent_cgroup=s.cgroup or str(cgroupfs.own_cgroup()),
+                agent_cgroup=s.cgroup or _agent_cgroup(),
                 kubelet_cgroups=s.kubelet_cgroups,
                 skmsg=s.sk_msg if skmsg is None else skmsg,
             )
@@ -249,23 +261,34 @@ class Agent:
                              server_ctx, splicing=self.datapath.config.skmsg,
                              local=self.proxies)
         self.reconcile(inherited)
-        admin = await asyncio.start_server(self._admin, "127.0.0.1", self.cfg.agent.admin_port)
-        with contextlib.suppress(OSError):
-            self.metrics.serve(METRICS_PORT)
+        servers = [
+            await _bind(self._admin, "127.0.0.1", self.cfg.agent.admin_port, "admin"),
+            await _bind(self._ready_only, "127.0.0.1", self.cfg.agent.ready_port, "readiness"),
+            await _bind(self._metrics, "0.0.0.0", self.cfg.agent.metrics_port, "metrics"),
+        ]
         giver = await handoff.serve(self.cfg.agent.state_dir, self._give, self._stop)
         self._mtime = os.stat(self.config_path).st_mtime
         self.ready.set()
-        log.info("agent ready: %d pods enrolled, admin on 127.0.0.1:%d, metrics on :%d",
-                 len(self.proxies), self.cfg.agent.admin_port, METRICS_PORT)
+        log.info("agent ready: %d pods enrolled, admin on 127.0.0.1:%d, readiness on "
+                 "127.0.0.1:%d, metrics on :%d", len(self.proxies), self.cfg.agent.admin_port,
+                 self.cfg.agent.ready_port, self.cfg.agent.metrics_port)
         watcher = loop.create_task(self._watch() if self.kube is None else self._idle())
         await self._stop.wait()
         watcher.cancel()
         if self.source is not None:
             self.source.stop()
-        admin.close()
+        for srv in servers:
+            srv.close()  # free the node's ports at once for the successor
         giver.close()
         if handoff.given(self):
             await self._drain()
+            if self.kube is not None:
+                # A DaemonSet restarts an exited container, and a restarted old
+                # agent would take everything back: stay idle until the pod is
+                # deleted (SIGTERM).
+                self._stop.clear()
+                log.info("handed over and drained; idle until terminated")
+                await self._stop.wait()
         for p in self.proxies.values():
             p.close()
         if hbone is not None:
@@ -361,8 +384,16 @@ class Agent:
             },
         }
 
-    async def _admin(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        """Minimal HTTP/1.0 admin: /healthz, /ready, /config_dump, /connections."""
+    async def _ready_only(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        """:15021, Istio's readiness port: /healthz/ready only (no config on it)."""
+        await self._admin(r, w, allowed=("/healthz/ready", "/healthz", "/ready"))
+
+    async def _metrics(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await self._admin(r, w, allowed=("/metrics",))
+
+    async def _admin(self, r: asyncio.StreamReader, w: asyncio.StreamWriter,
+                     allowed: tuple[str, ...] | None = None) -> None:
+        """Minimal HTTP/1.0: /healthz, /ready, /config_dump, /connections, /metrics."""
         try:
             line = (await asyncio.wait_for(r.readline(), 5)).decode(errors="replace")
             with contextlib.suppress(asyncio.TimeoutError):
@@ -370,7 +401,11 @@ class Agent:
                     pass
             path = line.split(" ")[1] if line.count(" ") >= 2 else "/"
             code, body = 200, b""
-            if path == "/healthz":
+            if allowed is not None and path not in allowed:
+                code, body = 404, f"not found: {' '.join(allowed)}\n".encode()
+            elif path == "/metrics":
+                body = self.metrics.exposition()
+            elif path == "/healthz":
                 body = b"ok\n"
             elif path in ("/ready", "/healthz/ready"):
                 code, body = (200, b"ready\n") if self.ready.is_set() else (503, b"starting\n")
@@ -384,6 +419,20 @@ class Agent:
             await w.drain()
         finally:
             w.close()
+
+
+async def _bind(handler: Any, host: str, port: int, what: str) -> asyncio.AbstractServer:
+    """Listen, retrying for a bounded time: during a rolling update the old
+    agent holds the port until it has handed over."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + BIND_RETRY
+    while True:
+        try:
+            return await asyncio.start_server(handler, host, port)
+        except OSError as e:
+            if loop.time() > deadline:
+                raise DatapathError(f"cannot listen on {host}:{port} for {what}: {e}") from e
+            await asyncio.sleep(0.2)
 
 
 def main_run(config_path: str, skmsg: bool | None,

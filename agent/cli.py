@@ -87,9 +87,23 @@ def _cmd_ca(a: argparse.Namespace) -> int:
     from agent.identity.serve_ca import run_ca
 
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    authenticator = None
+    if a.kube:
+        from agent.sources.k8s_auth import kube_authenticator
+
+        authenticator = kube_authenticator(a.trust_domain, a.kubeconfig)
+    elif not a.auth_file:
+        print("tether ca: give --kube (TokenReview) or --auth-file (static tokens)",
+              file=sys.stderr)
+        return 2
+    from agent.identity.serve_ca import DEFAULT_SERVER_NAMES
+
+    names = (*DEFAULT_SERVER_NAMES, *a.server_name) if a.server_name else DEFAULT_SERVER_NAMES
     try:
         asyncio.run(run_ca(a.bind, a.root_dir, trust_domain=a.trust_domain,
-                           auth_file=a.auth_file, tls=not a.insecure))
+                           authenticator=authenticator,
+                           auth_file=None if a.kube else a.auth_file, tls=not a.insecure,
+                           server_names=names))
     except (ValueError, OSError) as e:
         print(f"tether ca: {e}", file=sys.stderr)
         return 2
@@ -147,8 +161,15 @@ def parser() -> argparse.ArgumentParser:
     ca.add_argument("--root-dir", help="ca-key.pem/ca-cert.pem (Istio cacerts layout); "
                     "generated there if absent")
     ca.add_argument("--trust-domain", default="cluster.local")
-    ca.add_argument("--auth-file", required=True,
+    ca.add_argument("--auth-file",
                     help="YAML: bearer tokens -> node, and which identities run on which node")
+    ca.add_argument("--kube", action="store_true",
+                    help="authenticate callers with TokenReview; an agent may get identities "
+                    "of pods on its node")
+    ca.add_argument("--kubeconfig", help="default: in-cluster, then ~/.kube/config")
+    ca.add_argument("--server-name", action="append",
+                    help="DNS name or IP in the CA's serving certificate (repeatable), e.g. "
+                    "tether-ca.tether-system.svc")
     ca.add_argument("--insecure", action="store_true", help="serve without TLS (tests only)")
     ca.set_defaults(fn=_cmd_ca)
 

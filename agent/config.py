@@ -82,6 +82,8 @@ class AgentSettings:
     pod_cgroup_root: str | None = None  # where kubepods lives (default: the cgroup2 root)
     sk_msg: bool = False
     admin_port: int = 15000
+    ready_port: int = 15021
+    metrics_port: int = 15020
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,7 +222,7 @@ def parse(doc: Any, base: Path | None = None) -> LocalConfig:
     if not isinstance(a, dict):
         raise ConfigError("agent: expected a mapping")
     known = {"pinDir", "stateDir", "cgroup", "kubeletCgroups", "skMsg", "adminPort",
-             "podCgroupRoot"}
+             "readyPort", "metricsPort", "podCgroupRoot"}
     unknown = set(a) - known
     if unknown:
         raise ConfigError(f"agent: unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
@@ -232,6 +234,8 @@ def parse(doc: Any, base: Path | None = None) -> LocalConfig:
         pod_cgroup_root=a.get("podCgroupRoot"),
         sk_msg=bool(a.get("skMsg", False)),
         admin_port=int(a.get("adminPort", 15000)),
+        ready_port=int(a.get("readyPort", 15021)),
+        metrics_port=int(a.get("metricsPort", 15020)),
     )
     namespaces: dict[str, dict[str, str]] = {}
     for i, ns in enumerate(doc.get("namespaces") or []):

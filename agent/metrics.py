@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, start_http_server
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
@@ -98,5 +98,7 @@ class Metrics:
         self.sent.labels(**lab).inc(c.bytes_sent)
         self.received.labels(**lab).inc(c.bytes_received)
 
-    def serve(self, port: int, addr: str = "0.0.0.0") -> None:
-        start_http_server(port, addr=addr, registry=self.registry)
+    def exposition(self) -> bytes:
+        """The text format for /metrics (served by the agent's own HTTP
+        listener, so it can be closed and handed over like the others)."""
+        return bytes(generate_latest(self.registry))

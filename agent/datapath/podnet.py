@@ -25,6 +25,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import errno
+import os
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -38,10 +39,14 @@ DELIVERY_MARK = 0x539
 DELIVERY_TABLE = 133
 RULE_PRIORITY = 32000  # before main (32766)
 T = TypeVar("T")
+# In a container /proc/sys is read-only; the DaemonSet mounts the host's
+# /proc writable at TETHER_HOST_PROC.  Net sysctls follow the writing
+# thread's netns whichever procfs mount is used.
+_PROC = os.environ.get("TETHER_HOST_PROC", "/proc")
 SYSCTLS = (
-    "/proc/sys/net/ipv4/tcp_fwmark_accept",
-    "/proc/sys/net/ipv4/fwmark_reflect",
-    "/proc/sys/net/ipv6/fwmark_reflect",
+    f"{_PROC}/sys/net/ipv4/tcp_fwmark_accept",
+    f"{_PROC}/sys/net/ipv4/fwmark_reflect",
+    f"{_PROC}/sys/net/ipv6/fwmark_reflect",
 )
 
 

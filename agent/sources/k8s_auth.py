@@ -82,3 +82,18 @@ class TokenReviewAuthenticator:
                 return
         raise PermissionDeniedError(f"identity {identity} does not run on node "
                                     f"{caller.node!r}")
+
+
+def kube_authenticator(trust_domain: str, kubeconfig: str | None = None
+                       ) -> TokenReviewAuthenticator:
+    """For `tether ca --kube`: in-cluster credentials, or a kubeconfig."""
+    from kubernetes import config
+
+    if kubeconfig:
+        config.load_kube_config(kubeconfig)
+    else:
+        try:
+            config.load_incluster_config()
+        except config.ConfigException:
+            config.load_kube_config()
+    return TokenReviewAuthenticator(client.ApiClient(), trust_domain)

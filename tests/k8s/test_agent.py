@@ -92,7 +92,8 @@ class KubeNode:
                          "cgroup": str(self.node.agent.cgroup_path),
                          "kubeletCgroups": [str(self.node.kubelet.cgroup_path)],
                          "podCgroupRoot": str(self.node.cgroup_path),
-                         "adminPort": self.admin_port},
+                         "adminPort": self.admin_port, "readyPort": _free_port(),
+                         "metricsPort": _free_port()},
                "identity": {"caDir": str(self.dir / "ca")}}
         (self.dir / "agent.yaml").write_text(yaml.safe_dump(cfg))
         log = (self.dir / "agent.log").open("a")
