@@ -113,6 +113,13 @@ class ConnTable:
         for cb in self.on_open:
             cb(c)
 
+    def refuse(self, c: Connection, error: str, flag: str) -> None:
+        """A connection that never got through: counted as opened and closed,
+        both with its response flag (as Istio reports a denied connection)."""
+        c.flag = flag
+        self.opened(c)
+        self.end(c, error, flag)
+
     def end(self, c: Connection, error: str | None, flag: str | None = None) -> None:
         if c.id not in self.open:
             return

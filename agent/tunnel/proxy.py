@@ -297,8 +297,7 @@ class PodProxy:
                 stream = await self.t.hbone.open(key, headers)
             except HboneError as e:
                 _refuse(app)
-                self.t.conns.opened(c)
-                self.t.conns.end(c, str(e), e.flag)
+                self.t.conns.refuse(c, str(e), e.flag)
                 return
             self.t.conns.opened(c)
             await self._bridge(c, app, stream, initiator="socket")
@@ -313,8 +312,7 @@ class PodProxy:
         except (OSError, TimeoutError) as e:
             up.close()
             _refuse(app)
-            self.t.conns.opened(c)
-            self.t.conns.end(c, f"connect {target.authority}: {e}", "UF")
+            self.t.conns.refuse(c, f"connect {target.authority}: {e}", "UF")
             return
         self.t.conns.opened(c)
         await self._relay(c, app, up)
@@ -341,16 +339,14 @@ class PodProxy:
         if not decision.allowed:
             _refuse(app)
             for c in (out, inn):
-                self.t.conns.opened(c)
-                self.t.conns.end(c, f"denied: {decision.reason}", "DENY")
+                self.t.conns.refuse(c, f"denied: {decision.reason}", "DENY")
             return
         try:
             up, delivered = await peer._deliver(src_ip, target)
         except (OSError, TimeoutError) as e:
             _refuse(app)
             for c in (out, inn):
-                self.t.conns.opened(c)
-                self.t.conns.end(c, f"deliver to {target[0]}:{target[1]}: {e}", "UF")
+                self.t.conns.refuse(c, f"deliver to {target[0]}:{target[1]}: {e}", "UF")
             return
         inn.delivered_as = delivered
         for c in (out, inn):
@@ -418,21 +414,18 @@ class PodProxy:
                              src_workload=self._workload_at(src[0]))
         if w is not None and not self.t.policy.plaintext_allowed(w, dst[1]):
             _refuse(client)
-            self.t.conns.opened(c)
-            self.t.conns.end(c, "plaintext refused: PeerAuthentication STRICT", "DENY")
+            self.t.conns.refuse(c, "plaintext refused: PeerAuthentication STRICT", "DENY")
             return
         decision = self._authorize(c, src[0], None, dst)
         if not decision.allowed:
             _refuse(client)
-            self.t.conns.opened(c)
-            self.t.conns.end(c, f"denied: {decision.reason}", "DENY")
+            self.t.conns.refuse(c, f"denied: {decision.reason}", "DENY")
             return
         try:
             app, local = await self._deliver(src[0], dst)
         except (OSError, TimeoutError) as e:
             _refuse(client)
-            self.t.conns.opened(c)
-            self.t.conns.end(c, f"deliver to {dst[0]}:{dst[1]}: {e}", "UF")
+            self.t.conns.refuse(c, f"deliver to {dst[0]}:{dst[1]}: {e}", "UF")
             return
         c.delivered_as = local
         self.t.conns.opened(c)
@@ -453,8 +446,7 @@ class PodProxy:
             c = self.t.conns.add(self.pod.key, "inbound", peer, local, "hbone",
                                  reporter="destination", dst_workload=self.pod.key,
                                  dst_identity=self.pod.identity.uri)
-            self.t.conns.opened(c)
-            self.t.conns.end(c, f"TLS handshake failed: {e}", "TLS_FAILURE")
+            self.t.conns.refuse(c, f"TLS handshake failed: {e}", "TLS_FAILURE")
             sock.close()
             return
         assert conn.transport is not None
@@ -467,8 +459,7 @@ class PodProxy:
         except (ssl.SSLError, ValueError) as e:
             c = self.t.conns.add(self.pod.key, "inbound", peer, local, "hbone",
                                  reporter="destination", dst_workload=self.pod.key)
-            self.t.conns.opened(c)
-            self.t.conns.end(c, f"client certificate refused: {e}", "TLS_FAILURE")
+            self.t.conns.refuse(c, f"client certificate refused: {e}", "TLS_FAILURE")
             conn.close()
 
     async def _on_connect(self, conn: H2Conn, stream: H2Stream) -> None:
@@ -492,27 +483,23 @@ class PodProxy:
             dst = check_request(stream.request_headers, local[0])
         except HboneError as e:
             conn.respond(stream, e.status or 400)
-            self.t.conns.opened(c)
-            self.t.conns.end(c, f"bad request: {e}", "-")
+            self.t.conns.refuse(c, f"bad request: {e}", "-")
             return
         c.dst = dst
         if ident is None:
             conn.respond(stream, 401)
-            self.t.conns.opened(c)
-            self.t.conns.end(c, "no peer identity", "DENY")
+            self.t.conns.refuse(c, "no peer identity", "DENY")
             return
         decision = self._authorize(c, peer[0], ident, dst)
         if not decision.allowed:
             conn.respond(stream, 401)
-            self.t.conns.opened(c)
-            self.t.conns.end(c, f"denied: {decision.reason}", "DENY")
+            self.t.conns.refuse(c, f"denied: {decision.reason}", "DENY")
             return
         try:
             app, delivered = await self._deliver(peer[0], dst)
         except (OSError, TimeoutError) as e:
             conn.respond(stream, 503)
-            self.t.conns.opened(c)
-            self.t.conns.end(c, f"deliver to {dst[0]}:{dst[1]}: {e}", "UF")
+            self.t.conns.refuse(c, f"deliver to {dst[0]}:{dst[1]}: {e}", "UF")
             return
         c.delivered_as = delivered
         if stream.closed:  # the client went away while we were connecting
