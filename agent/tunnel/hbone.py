@@ -116,7 +116,7 @@ def check_request(headers: list[tuple[str, str]], local_ip: str) -> tuple[str, i
         raise HboneError(str(e), 400) from None
     if _plain_ip(ip) != _plain_ip(local_ip):
         raise HboneError(f"authority {h[':authority']} is not this destination ({local_ip})", 400)
-    return ip, port
+    return str(_plain_ip(ip)), port
 
 
 def _plain_ip(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -150,7 +150,7 @@ class HboneClient:
             resp = await asyncio.wait_for(stream.response, CONNECT_TIMEOUT)
         except (StreamReset, TimeoutError) as e:
             stream.reset()
-            raise HboneError(f"CONNECT to {key.dst[0]} failed: {e}") from e
+            raise HboneError(f"CONNECT to {key.dst[0]} failed: {e or type(e).__name__}") from e
         status = dict(resp).get(":status", "")
         if status != "200":
             flag = "DENY" if status == "401" else "CONNECT"

@@ -165,6 +165,11 @@ class _Mirror:
         return self.c.relay.bytes_b_to_a if self.c.relay else 0
 
 
+def _err(e: BaseException) -> str:
+    """An error for a log line: TimeoutError and friends have no message."""
+    return str(e) or type(e).__name__
+
+
 def _refuse(sock: socket.socket) -> None:
     """Close with RST, as a refused connection looks to the client."""
     with contextlib.suppress(OSError):
@@ -312,7 +317,7 @@ class PodProxy:
         except (OSError, TimeoutError) as e:
             up.close()
             _refuse(app)
-            self.t.conns.refuse(c, f"connect {target.authority}: {e}", "UF")
+            self.t.conns.refuse(c, f"connect {target.authority}: {_err(e)}", "UF")
             return
         self.t.conns.opened(c)
         await self._relay(c, app, up)
@@ -346,7 +351,7 @@ class PodProxy:
         except (OSError, TimeoutError) as e:
             _refuse(app)
             for c in (out, inn):
-                self.t.conns.refuse(c, f"deliver to {target[0]}:{target[1]}: {e}", "UF")
+                self.t.conns.refuse(c, f"deliver to {target[0]}:{target[1]}: {_err(e)}", "UF")
             return
         inn.delivered_as = delivered
         for c in (out, inn):
@@ -425,7 +430,7 @@ class PodProxy:
             app, local = await self._deliver(src[0], dst)
         except (OSError, TimeoutError) as e:
             _refuse(client)
-            self.t.conns.refuse(c, f"deliver to {dst[0]}:{dst[1]}: {e}", "UF")
+            self.t.conns.refuse(c, f"deliver to {dst[0]}:{dst[1]}: {_err(e)}", "UF")
             return
         c.delivered_as = local
         self.t.conns.opened(c)
@@ -446,7 +451,7 @@ class PodProxy:
             c = self.t.conns.add(self.pod.key, "inbound", peer, local, "hbone",
                                  reporter="destination", dst_workload=self.pod.key,
                                  dst_identity=self.pod.identity.uri)
-            self.t.conns.refuse(c, f"TLS handshake failed: {e}", "TLS_FAILURE")
+            self.t.conns.refuse(c, f"TLS handshake failed: {_err(e)}", "TLS_FAILURE")
             sock.close()
             return
         assert conn.transport is not None
@@ -459,7 +464,7 @@ class PodProxy:
         except (ssl.SSLError, ValueError) as e:
             c = self.t.conns.add(self.pod.key, "inbound", peer, local, "hbone",
                                  reporter="destination", dst_workload=self.pod.key)
-            self.t.conns.refuse(c, f"client certificate refused: {e}", "TLS_FAILURE")
+            self.t.conns.refuse(c, f"client certificate refused: {_err(e)}", "TLS_FAILURE")
             conn.close()
 
     async def _on_connect(self, conn: H2Conn, stream: H2Stream) -> None:
@@ -483,7 +488,7 @@ class PodProxy:
             dst = check_request(stream.request_headers, local[0])
         except HboneError as e:
             conn.respond(stream, e.status or 400)
-            self.t.conns.refuse(c, f"bad request: {e}", "-")
+            self.t.conns.refuse(c, f"bad request: {_err(e)}", "-")
             return
         c.dst = dst
         if ident is None:
@@ -499,7 +504,7 @@ class PodProxy:
             app, delivered = await self._deliver(peer[0], dst)
         except (OSError, TimeoutError) as e:
             conn.respond(stream, 503)
-            self.t.conns.refuse(c, f"deliver to {dst[0]}:{dst[1]}: {e}", "UF")
+            self.t.conns.refuse(c, f"deliver to {dst[0]}:{dst[1]}: {_err(e)}", "UF")
             return
         c.delivered_as = delivered
         if stream.closed:  # the client went away while we were connecting

@@ -86,6 +86,15 @@ class KubeNode:
         return pod
 
     def start_agent(self) -> subprocess.Popen[Any]:
+        # the agent's user gets exactly the DaemonSet's ClusterRole: least privilege
+        root = Path(__file__).resolve().parents[2]
+        self.k8s.apply_rbac(root / "daemonset" / "rbac.yaml", {
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+            "metadata": {"name": "tether-agent-test"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                        "name": "tether-agent"},
+            "subjects": [{"kind": "ServiceAccount", "name": "tether",
+                          "namespace": "tether-system"}]})
         kubeconfig = self.k8s.agent_kubeconfig()
         cfg = {"node": "n1",
                "agent": {"pinDir": self.pin_dir, "stateDir": self.state_dir,
