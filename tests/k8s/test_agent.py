@@ -41,10 +41,10 @@ def _free_port() -> int:
 
 
 class Root:
-    """Spawn target: the root netns (where the test API server listens) and a cgroup."""
+    """Spawn target: the test's netns (where the API server listens) and a cgroup."""
 
     def __init__(self, cgroup: Path) -> None:
-        self.netns_path = Path("/proc/1/ns/net")
+        self.netns_path = Path(f"/proc/{os.getpid()}/ns/net")  # the test's own netns
         self.cgroup_path = cgroup
 
 
