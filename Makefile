@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.provisioned
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-unit test-bpf test-netns presubmit lint typecheck bench clean
+.PHONY: setup demo test test-unit test-bpf test-netns test-k8s presubmit lint typecheck bench clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,9 @@ test-bpf: setup
 
 test-netns: setup
 	$(PY) -m pytest -q tests/netns
+
+test-k8s: setup
+	$(PY) -m pytest -q tests/k8s
 
 lint: setup
 	$(VENV)/bin/ruff check agent tests
