@@ -47,6 +47,15 @@ class Workload:
 class ServicePort:
     port: int
     target_port: int
+    name: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Endpoint:
+    """A ready endpoint from EndpointSlices: address and port numbers by port name."""
+
+    address: str
+    ports: dict[str, int]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +65,9 @@ class Service:
     addresses: tuple[str, ...]  # cluster VIPs
     ports: tuple[ServicePort, ...]
     selector: dict[str, str]
+    # From EndpointSlices when a source has them (Kubernetes); None: select
+    # workloads by the selector (the local file).
+    endpoints: tuple[Endpoint, ...] | None = None
 
     @property
     def hostname(self) -> str:

@@ -3,6 +3,9 @@ AuthorizationPolicy and PeerAuthentication, turned into the same model the
 local file gives (agent.config), so the agent's reconcile does not care where
 state came from.
 
+Destinations: Services with their EndpointSlices (ready endpoints, named
+target ports resolved); a Service without slices falls back to its selector.
+
 Each resource is a list-then-watch loop on its own thread (the `kubernetes`
 client is synchronous): watches resume from the last resourceVersion, a 410
 Gone relists, errors back off (1 s doubling to 30 s), and while the API
@@ -30,6 +33,7 @@ from kubernetes.client.exceptions import ApiException
 
 from agent.config import (
     AgentSettings,
+    Endpoint,
     IdentitySettings,
     LocalConfig,
     Service,
@@ -73,6 +77,7 @@ class KubeSource:
             api = client.ApiClient()
         self.api = api
         self.core = client.CoreV1Api(api)
+        self.discovery = client.DiscoveryV1Api(api)
         self.custom = client.CustomObjectsApi(api)
         self.node = node
         self.agent = agent
@@ -84,6 +89,7 @@ class KubeSource:
             Kind("namespaces", self.core.list_namespace),
             Kind("pods", self.core.list_pod_for_all_namespaces),
             Kind("services", self.core.list_service_for_all_namespaces),
+            Kind("endpointslices", self.discovery.list_endpoint_slice_for_all_namespaces),
             Kind("authorizationpolicies", self.custom.list_cluster_custom_object,
                  ("security.istio.io", "v1", "authorizationpolicies")),
             Kind("peerauthentications", self.custom.list_cluster_custom_object,
@@ -230,7 +236,13 @@ class KubeSource:
             for o in objs.get("namespaces", [])
         }
         workloads = [w for w in (self._workload(p) for p in objs.get("pods", [])) if w]
-        services = [s for s in (self._service(o) for o in objs.get("services", [])) if s]
+        slices: dict[str, list[dict[str, Any]]] = {}
+        for sl in objs.get("endpointslices", []):
+            svc = (sl["metadata"].get("labels") or {}).get("kubernetes.io/service-name")
+            if svc:
+                slices.setdefault(f"{sl['metadata']['namespace']}/{svc}", []).append(sl)
+        services = [s for s in (self._service(o, slices) for o in objs.get("services", []))
+                    if s]
         policies = tuple(
             {**o, "kind": kind} for plural, kind in (
                 ("authorizationpolicies", "AuthorizationPolicy"),
@@ -278,11 +290,12 @@ class KubeSource:
         )
 
     @staticmethod
-    def _service(o: dict[str, Any]) -> Service | None:
+    def _service(o: dict[str, Any], slices: dict[str, list[dict[str, Any]]]) -> Service | None:
         spec = o.get("spec", {})
         ips = tuple(i for i in spec.get("clusterIPs") or [spec.get("clusterIP")]
                     if i and i != "None")
-        if not ips or not spec.get("selector"):
+        key = f"{o['metadata']['namespace']}/{o['metadata']['name']}"
+        if not ips or (not spec.get("selector") and key not in slices):
             return None
         ports = []
         for p in spec.get("ports") or []:
@@ -290,10 +303,22 @@ class KubeSource:
                 continue
             target = p.get("targetPort", p["port"])
             # a named targetPort would need the pods' container ports; use the port
+            # a named targetPort is resolved per endpoint from the EndpointSlices
             ports.append(ServicePort(p["port"], target if isinstance(target, int)
-                                     else p["port"]))
+                                     else p["port"], p.get("name") or ""))
+        endpoints: tuple[Endpoint, ...] | None = None
+        if key in slices:
+            eps = []
+            for sl in slices[key]:
+                named = {p.get("name") or "": p["port"] for p in sl.get("ports") or []
+                         if p.get("port") is not None and p.get("protocol", "TCP") == "TCP"}
+                for e in sl.get("endpoints") or []:
+                    if (e.get("conditions") or {}).get("ready") is False:
+                        continue
+                    eps += [Endpoint(a, named) for a in e.get("addresses") or []]
+            endpoints = tuple(eps)
         return Service(o["metadata"]["name"], o["metadata"]["namespace"], ips, tuple(ports),
-                       dict(spec["selector"]))
+                       dict(spec.get("selector") or {}), endpoints)
 
     # -- writing back ----------------------------------------------------------------
 

@@ -16,7 +16,7 @@ import threading
 from collections.abc import Iterable
 from typing import Any
 
-from agent.config import LocalConfig, Service, Workload
+from agent.config import LocalConfig, Service, ServicePort, Workload
 from agent.identity.spiffe import SpiffeId
 
 
@@ -42,7 +42,7 @@ class Store:
         self._lock = threading.Lock()
         self.config: LocalConfig | None = None
         self._by_ip: dict[str, Workload] = {}
-        self._vips: dict[tuple[str, int], tuple[Service, int]] = {}
+        self._vips: dict[tuple[str, int], tuple[Service, ServicePort]] = {}
         self._rr = itertools.count()
 
     def replace(self, cfg: LocalConfig) -> None:
@@ -50,11 +50,11 @@ class Store:
         for w in cfg.workloads:
             for a in w.addresses:
                 by_ip[_norm(a)] = w
-        vips: dict[tuple[str, int], tuple[Service, int]] = {}
+        vips: dict[tuple[str, int], tuple[Service, ServicePort]] = {}
         for s in cfg.services:
             for vip in s.addresses:
                 for p in s.ports:
-                    vips[(_norm(vip), p.port)] = (s, p.target_port)
+                    vips[(_norm(vip), p.port)] = (s, p)
         with self._lock:
             self.config = cfg
             self._by_ip = by_ip
@@ -87,7 +87,10 @@ class Store:
         ip, port = _norm(dst[0]), dst[1]
         svc = self._vips.get((ip, port))
         if svc is not None:
-            service, target_port = svc
+            service, sport = svc
+            if service.endpoints is not None:
+                return self._from_slices(service, sport, ip, port)
+            target_port = sport.target_port
             eps = self.endpoints(service)
             if eps:
                 ep = eps[next(self._rr) % len(eps)]
@@ -98,6 +101,21 @@ class Store:
         if w is None:
             return Target((ip, port), None, None, False, None)
         return self._target((ip, port), w, None)
+
+    def _from_slices(self, service: Service, sport: ServicePort, ip: str, port: int) -> Target:
+        """EndpointSlice endpoints: ready addresses with resolved (named) ports;
+        an endpoint that is no known workload is reached without the tunnel."""
+        assert service.endpoints is not None
+        want = ipaddress.ip_address(ip).version
+        eps = [e for e in service.endpoints if ipaddress.ip_address(e.address).version == want]
+        if not eps:
+            return Target((ip, port), None, service, False, None)
+        ep = eps[next(self._rr) % len(eps)]
+        target = (ep.address, ep.ports.get(sport.name, sport.target_port))
+        w = self.workload_by_ip(ep.address)
+        if w is None:
+            return Target(target, None, service, False, None)
+        return self._target(target, w, service)
 
     def _target(self, addr: tuple[str, int], w: Workload, s: Service | None) -> Target:
         # A port the destination excludes from inbound capture takes no tunnel.
@@ -119,7 +137,8 @@ class Store:
             "services": [
                 {"name": f"{s.namespace}/{s.name}", "addresses": list(s.addresses),
                  "ports": [{"port": p.port, "targetPort": p.target_port} for p in s.ports],
-                 "endpoints": [w.key for w in self.endpoints(s)]}
+                 "endpoints": [e.address for e in s.endpoints] if s.endpoints is not None
+                 else [w.key for w in self.endpoints(s)]}
                 for s in cfg.services
             ],
         }

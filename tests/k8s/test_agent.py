@@ -204,6 +204,32 @@ def test_enroll_by_namespace_label_opt_out_delete_and_policy(kube_node: KubeNode
     assert r["ok"] and path[1] == "captured", (r, path)
     assert r["server_saw_peer"][0] == n.pods["a"].ip4
 
+    # a Service VIP with an EndpointSlice (named target port) reaches b through capture
+    svc = n.core.create_namespaced_service(n.ns, {
+        "metadata": {"name": "b-svc"},
+        "spec": {"selector": {"app": "b"}, "ports": [
+            {"name": "http", "port": 80, "targetPort": "http"}]}})
+    from kubernetes import client as kclient
+
+    kclient.DiscoveryV1Api(n.k8s.api_client()).create_namespaced_endpoint_slice(n.ns, {
+        "metadata": {"name": "b-svc-1", "labels": {"kubernetes.io/service-name": "b-svc"}},
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": [n.pods["b"].ip4], "conditions": {"ready": True}}],
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]})
+    vip = svc.spec.cluster_ip
+    n.wait(lambda: any(s["name"] == f"{n.ns}/b-svc" and s["endpoints"]
+                       for s in n.status()["state"]["services"]), "service endpoints")
+    p = n.tb.spawn(n.pods["a"], [PY, "-m", "agent.sim.peer", "connect", vip, "80",
+                                 "--timeout", "5"], stdout=subprocess.PIPE)
+    out, _ = p.communicate(timeout=30)
+    r = json.loads(out.decode().strip().splitlines()[-1])
+    assert r["ok"], r
+    assert r["server_saw_local"] == [n.pods["b"].ip4, 8080]
+    assert r["getpeername"] == [vip, 80], "the app still sees the VIP it dialled"
+    time.sleep(0.2)
+    recs = n.status()["connections"]["closed"]
+    assert any(c["dst_service"] == f"b-svc.{n.ns}.svc.cluster.local" for c in recs)
+
     # a pod opts out
     n.core.patch_namespaced_pod("b", n.ns, {"metadata": {"labels": {
         "istio.io/dataplane-mode": "none"}}})
