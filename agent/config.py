@@ -137,8 +137,9 @@ def _ports(v: Any, where: str) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _workload(d: Any, i: int, node: str) -> Workload:
-    where = f"workloads[{i}]"
+def _named_with_addresses(d: Any, where: str) -> tuple[str, ...]:
+    """Common to workloads and services: a mapping with name, namespace and
+    a list of IP addresses; returns the addresses."""
     if not isinstance(d, dict):
         raise ConfigError(f"{where}: expected a mapping")
     for field in ("name", "namespace"):
@@ -150,6 +151,12 @@ def _workload(d: Any, i: int, node: str) -> Workload:
             ipaddress.ip_address(a)
         except ValueError:
             raise ConfigError(f"{where}.addresses: {a!r} is not an IP address") from None
+    return addrs
+
+
+def _workload(d: Any, i: int, node: str) -> Workload:
+    where = f"workloads[{i}]"
+    addrs = _named_with_addresses(d, where)
     cidrs = _str_list(d.get("excludeOutboundCIDRs"), f"{where}.excludeOutboundCIDRs")
     for c in cidrs:
         try:
@@ -178,17 +185,7 @@ def _workload(d: Any, i: int, node: str) -> Workload:
 
 def _service(d: Any, i: int) -> Service:
     where = f"services[{i}]"
-    if not isinstance(d, dict):
-        raise ConfigError(f"{where}: expected a mapping")
-    for field in ("name", "namespace"):
-        if not isinstance(d.get(field), str) or not d[field]:
-            raise ConfigError(f"{where}.{field}: required string")
-    addrs = _str_list(d.get("addresses"), f"{where}.addresses")
-    for a in addrs:
-        try:
-            ipaddress.ip_address(a)
-        except ValueError:
-            raise ConfigError(f"{where}.addresses: {a!r} is not an IP address") from None
+    addrs = _named_with_addresses(d, where)
     ports = []
     for j, p in enumerate(d.get("ports") or []):
         pw = f"{where}.ports[{j}]"

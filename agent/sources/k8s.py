@@ -53,6 +53,18 @@ BACKOFF_MAX = 30.0
 DEBOUNCE = 0.05
 
 
+def api_client(kubeconfig: str | None = None) -> client.ApiClient:
+    """A kubeconfig when given, else in-cluster credentials, else ~/.kube/config."""
+    if kubeconfig:
+        config.load_kube_config(kubeconfig)
+    else:
+        try:
+            config.load_incluster_config()
+        except config.ConfigException:
+            config.load_kube_config()
+    return client.ApiClient()
+
+
 @dataclasses.dataclass(frozen=True)
 class Kind:
     name: str
@@ -66,16 +78,7 @@ class KubeSource:
     def __init__(self, node: str, agent: AgentSettings, identity: IdentitySettings,
                  api: client.ApiClient | None = None, kubeconfig: str | None = None,
                  cgroup_root: Any = None) -> None:
-        if api is None:
-            if kubeconfig:
-                config.load_kube_config(kubeconfig)
-            else:
-                try:
-                    config.load_incluster_config()
-                except config.ConfigException:
-                    config.load_kube_config()
-            api = client.ApiClient()
-        self.api = api
+        self.api = api or api_client(kubeconfig)
         self.core = client.CoreV1Api(api)
         self.discovery = client.DiscoveryV1Api(api)
         self.custom = client.CustomObjectsApi(api)

@@ -87,13 +87,6 @@ class TokenReviewAuthenticator:
 def kube_authenticator(trust_domain: str, kubeconfig: str | None = None
                        ) -> TokenReviewAuthenticator:
     """For `tether ca --kube`: in-cluster credentials, or a kubeconfig."""
-    from kubernetes import config
+    from agent.sources.k8s import api_client
 
-    if kubeconfig:
-        config.load_kube_config(kubeconfig)
-    else:
-        try:
-            config.load_incluster_config()
-        except config.ConfigException:
-            config.load_kube_config()
-    return TokenReviewAuthenticator(client.ApiClient(), trust_domain)
+    return TokenReviewAuthenticator(api_client(kubeconfig), trust_domain)
