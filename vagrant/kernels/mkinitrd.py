@@ -73,7 +73,9 @@ def load_order(wanted: tuple[str, ...], moddir: Path) -> list[str]:
         if name in paths:
             visit(paths[name])
         elif name not in builtin and name != "crc32c_intel":
-            print(f"mkinitrd: module {name} is neither built in nor in modules.dep", file=sys.stderr)
+            print(
+                f"mkinitrd: module {name} is neither built in nor in modules.dep", file=sys.stderr
+            )
     return order
 
 

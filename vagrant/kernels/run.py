@@ -40,8 +40,18 @@ TIERS = {
     ],
     "netns": ["tests/netns"],
 }
-EXCLUDE_DIRS = {".venv", ".git", "__pycache__", ".mypy_cache", ".ruff_cache", ".pytest_cache",
-                ".hypothesis", "build", ".cache", ".kernel-run"}
+EXCLUDE_DIRS = {
+    ".venv",
+    ".git",
+    "__pycache__",
+    ".mypy_cache",
+    ".ruff_cache",
+    ".pytest_cache",
+    ".hypothesis",
+    "build",
+    ".cache",
+    ".kernel-run",
+}
 
 
 def log(msg: str) -> None:
@@ -53,8 +63,9 @@ def log(msg: str) -> None:
 
 def build_image(line: str) -> tuple[Path, float]:
     t0 = time.monotonic()
-    r = subprocess.run([str(HERE / "build-image.sh"), line], stdout=subprocess.PIPE, text=True,
-                       check=False)
+    r = subprocess.run(
+        [str(HERE / "build-image.sh"), line], stdout=subprocess.PIPE, text=True, check=False
+    )
     if r.returncode != 0:
         raise RuntimeError(f"build-image.sh {line} failed (exit {r.returncode}); see its log above")
     return Path(r.stdout.strip().splitlines()[-1]), time.monotonic() - t0
@@ -64,14 +75,26 @@ def project_files() -> list[str]:
     """The working tree as git sees it (tracked and untracked, not ignored)."""
     try:
         out = subprocess.run(
-            ["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-            capture_output=True, check=True,
+            [
+                "git",
+                "-C",
+                str(REPO),
+                "ls-files",
+                "-z",
+                "--cached",
+                "--others",
+                "--exclude-standard",
+            ],
+            capture_output=True,
+            check=True,
         ).stdout.decode()
         return [f for f in out.split("\0") if f and (REPO / f).is_file()]
     except (OSError, subprocess.CalledProcessError):
         files = []
         for dirpath, dirnames, filenames in os.walk(REPO):
-            dirnames[:] = [d for d in dirnames if d not in EXCLUDE_DIRS and not d.endswith(".egg-info")]
+            dirnames[:] = [
+                d for d in dirnames if d not in EXCLUDE_DIRS and not d.endswith(".egg-info")
+            ]
             files += [os.path.relpath(os.path.join(dirpath, f), REPO) for f in filenames]
         return files
 
@@ -86,8 +109,11 @@ def project_disk(path: Path, config: dict[str, Any]) -> None:
             shutil.copy2(REPO / rel, dst)
         (stage / ".kernel-run").mkdir(parents=True, exist_ok=True)
         (stage / ".kernel-run" / "config.json").write_text(json.dumps(config))
-        subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "tether-proj", "-d", str(stage), str(path),
-                        "256M"], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            ["mkfs.ext4", "-q", "-F", "-L", "tether-proj", "-d", str(stage), str(path), "256M"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
 
 
 # -- the VM -------------------------------------------------------------------
@@ -107,22 +133,45 @@ def accel() -> list[str]:
     return ["-accel", "tcg,thread=multi", "-cpu", "max"]
 
 
-def boot(img: Path, proj: Path, rundir: Path, memory: str, cpus: int, timeout: float) -> dict[str, Any]:
+def boot(
+    img: Path, proj: Path, rundir: Path, memory: str, cpus: int, timeout: float
+) -> dict[str, Any]:
     console, result = rundir / "console.log", rundir / "result.txt"
     result.write_text("")
     cmd = [
-        "qemu-system-x86_64", *accel(), "-m", memory, "-smp", str(cpus),
-        "-kernel", str(img / "vmlinuz"), "-initrd", str(img / "initrd.img"),
-        "-append", "console=ttyS0 loglevel=4 panic=-1 oops=panic rw",
-        "-drive", f"file={img / 'rootfs.img'},if=virtio,format=raw,snapshot=on",
-        "-drive", f"file={proj},if=virtio,format=raw",
-        "-nic", "none", "-display", "none", "-monitor", "none", "-no-reboot",
-        "-serial", f"file:{console}", "-serial", f"file:{result}",
+        "qemu-system-x86_64",
+        *accel(),
+        "-m",
+        memory,
+        "-smp",
+        str(cpus),
+        "-kernel",
+        str(img / "vmlinuz"),
+        "-initrd",
+        str(img / "initrd.img"),
+        "-append",
+        "console=ttyS0 loglevel=4 panic=-1 oops=panic rw",
+        "-drive",
+        f"file={img / 'rootfs.img'},if=virtio,format=raw,snapshot=on",
+        "-drive",
+        f"file={proj},if=virtio,format=raw,snapshot=on",
+        "-nic",
+        "none",
+        "-display",
+        "none",
+        "-monitor",
+        "none",
+        "-no-reboot",
+        "-serial",
+        f"file:{console}",
+        "-serial",
+        f"file:{result}",
     ]
     (rundir / "qemu.cmd").write_text(" ".join(cmd) + "\n")
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         qemu_out, _ = proc.communicate(timeout=timeout)
         timed_out = False
@@ -139,8 +188,10 @@ def boot(img: Path, proj: Path, rundir: Path, memory: str, cpus: int, timeout: f
     else:
         tail = console.read_text(errors="replace")[-3000:] if console.exists() else ""
         why = f"timed out after {timeout:.0f} s" if timed_out else f"qemu exited {proc.returncode}"
-        report = {"vm_error": f"no report from the VM ({why}). qemu: {qemu_out.strip()[-500:]}\n"
-                              f"console tail:\n{tail}"}
+        report = {
+            "vm_error": f"no report from the VM ({why}). qemu: {qemu_out.strip()[-500:]}\n"
+            f"console tail:\n{tail}"
+        }
     report["vm_seconds"] = round(seconds, 1)
     return report
 
@@ -154,27 +205,56 @@ def verdict(r: dict[str, Any]) -> bool:
     if any(p["status"] == "rejected" for p in r.get("programs", {}).values()):
         return False
     tiers = r.get("tiers", {})
-    return bool(tiers) and all(t["failed"] == 0 and t["errors"] == 0 and t["passed"] > 0
-                               for t in tiers.values())
+    return bool(tiers) and all(
+        t["failed"] == 0 and t["errors"] == 0 and t["passed"] > 0 for t in tiers.values()
+    )
 
 
 def table(results: dict[str, dict[str, Any]]) -> str:
-    rows = [("kernel", "release", "programs", *(f"{t} p/f/s" for t in _tier_names(results)),
-             "build s", "boot s", "vm s", "result")]
+    rows = [
+        (
+            "kernel",
+            "release",
+            "programs",
+            *(f"{t} p/f/s" for t in _tier_names(results)),
+            "build s",
+            "boot s",
+            "compile s",
+            "vm s",
+            "result",
+        )
+    ]
     for line, r in results.items():
         progs = r.get("programs", {})
         loaded = sum(p["status"] == "loaded" for p in progs.values())
         too_old = sum(p["status"] == "too_old" for p in progs.values())
-        pcell = f"{loaded}/{len(progs)}" + (f" ({too_old} too old)" if too_old else "") if progs else "-"
+        pcell = (
+            f"{loaded}/{len(progs)}" + (f" ({too_old} too old)" if too_old else "")
+            if progs
+            else "-"
+        )
         tcells = []
         for t in _tier_names(results):
             x = r.get("tiers", {}).get(t)
             tcells.append(f"{x['passed']}/{x['failed'] + x['errors']}/{x['skipped']}" if x else "-")
-        rows.append((line, r.get("kernel", "?"), pcell, *tcells,
-                     f"{r.get('build_seconds', 0):.0f}", f"{r.get('uptime_at_start', 0):.0f}",
-                     f"{r.get('vm_seconds', 0):.0f}", "PASS" if verdict(r) else "FAIL"))
+        rows.append(
+            (
+                line,
+                r.get("kernel", "?"),
+                pcell,
+                *tcells,
+                f"{r.get('build_seconds', 0):.0f}",
+                f"{r.get('uptime_at_start', 0):.0f}",
+                f"{r.get('compile_seconds') or 0:.0f}",
+                f"{r.get('vm_seconds', 0):.0f}",
+                "PASS" if verdict(r) else "FAIL",
+            )
+        )
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+    return "\n".join(
+        "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
 
 
 def _tier_names(results: dict[str, dict[str, Any]]) -> list[str]:
@@ -195,7 +275,10 @@ def problems(line: str, r: dict[str, Any]) -> list[str]:
             out.append(f"{k}: program {name} ({p['hook']}) rejected:\n{p['message']}")
     for tname, t in r.get("tiers", {}).items():
         for f in t["failures"]:
-            out.append(f"{k}: {tname}: {f['test']} failed:\n{f['message']}")
+            msg = f["message"]
+            if len(msg) > 1500:  # the whole text is in the run's console.log and results.json
+                msg = msg[:1500] + "\n[...]"
+            out.append(f"{k}: {tname}: {f['test']} failed:\n{msg}")
     return out
 
 
@@ -211,10 +294,17 @@ def notes(line: str, r: dict[str, Any]) -> list[str]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--kernels", default=os.environ.get("TETHER_KERNEL_LINES", ",".join(DEFAULT_KERNELS)),
-                    help="comma-separated kernel lines (5.10, 6.1, 6.12, 6.12-bpo)")
-    ap.add_argument("--tiers", default="bpf,netns-smoke", help=f"comma-separated, from {sorted(TIERS)}")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--kernels",
+        default=os.environ.get("TETHER_KERNEL_LINES", ",".join(DEFAULT_KERNELS)),
+        help="comma-separated kernel lines (5.10, 6.1, 6.12, 6.12-bpo)",
+    )
+    ap.add_argument(
+        "--tiers", default="bpf,netns-smoke", help=f"comma-separated, from {sorted(TIERS)}"
+    )
     ap.add_argument("--pytest-args", default="", help="extra pytest arguments inside the VM")
     ap.add_argument("--memory", default="2G")
     ap.add_argument("--cpus", type=int, default=min(2, os.cpu_count() or 1))
@@ -234,19 +324,28 @@ def main() -> int:
     if not args.build_only and not shutil.which("qemu-system-x86_64"):
         log("qemu-system-x86_64 not found: apt-get install qemu-system-x86")
         return 2
-    config = {"tiers": [{"name": t, "args": TIERS[t]} for t in tiers],
-              "pytest_args": args.pytest_args.split()}
+    config = {
+        "tiers": [{"name": t, "args": TIERS[t]} for t in tiers],
+        "pytest_args": args.pytest_args.split(),
+    }
     rundir_root = CACHE / "runs" / time.strftime("%Y%m%d-%H%M%S")
     rundir_root.mkdir(parents=True, exist_ok=True)
+    for old in sorted((CACHE / "runs").iterdir())[:-10]:  # keep the last ten runs' logs
+        shutil.rmtree(old, ignore_errors=True)
     results: dict[str, dict[str, Any]] = {}
     t_all = time.monotonic()
+    # One snapshot of the working tree for every kernel (others may be editing
+    # it meanwhile); each VM writes to a throwaway overlay (snapshot=on).
+    proj = rundir_root / "project.img"
+    if not args.build_only:
+        project_disk(proj, config)
     for line in lines:
         r: dict[str, Any] = {}
         try:
             img, build_s = build_image(line)
             r["build_seconds"] = round(build_s, 1)
             r["image"] = json.loads((img / "info.json").read_text())
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             r["build_error"] = str(e)
             results[line] = r
             continue
@@ -256,14 +355,12 @@ def main() -> int:
             continue
         rundir = rundir_root / line
         rundir.mkdir(parents=True, exist_ok=True)
-        proj = rundir / "project.img"
-        project_disk(proj, config)
         log(f"{line}: booting {r['image']['abi']} (console: {rundir / 'console.log'})")
         r.update(boot(img, proj, rundir, args.memory, args.cpus, args.timeout))
-        proj.unlink()
         results[line] = r
         log(f"{line}: {'PASS' if verdict(r) else 'FAIL'} in {r['vm_seconds']} s")
     total = time.monotonic() - t_all
+    proj.unlink(missing_ok=True)
     if args.build_only:
         return 1 if any("build_error" in r for r in results.values()) else 0
     (rundir_root / "results.json").write_text(json.dumps(results, indent=1))
