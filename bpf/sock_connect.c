@@ -104,3 +104,23 @@ int tether_connect6(struct bpf_sock_addr *ctx)
 	return 1;
 }
 #endif
+
+/* cgroup/connect4 on the agent's cgroup: report the netns cookie of a UDP
+ * socket the agent connects to TETHER_NSPROBE_PORT on loopback (no packet is
+ * sent: a UDP connect only sets the peer).  Kernels before 5.14 cannot say
+ * a netns cookie to user space any other way; 5.14+ use SO_NETNS_COOKIE. */
+#ifndef TETHER_NSPROBE_PORT
+#define TETHER_NSPROBE_PORT 9
+#endif
+int tether_nsprobe(struct bpf_sock_addr *ctx)
+{
+	__u64 cookie, ns;
+
+	if (ctx->protocol != IPPROTO_UDP || !tether_is_loopback4(ctx->user_ip4) ||
+	    TETHER_PORT_LOW16(ctx->user_port) != bpf_htons(TETHER_NSPROBE_PORT))
+		return 1;
+	cookie = tether_cookie64(ctx);
+	ns = bpf_get_netns_cookie(ctx);
+	tether_nscookie.update(&cookie, &ns);
+	return 1;
+}

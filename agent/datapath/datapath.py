@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import socket
+import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -159,6 +160,9 @@ class Datapath:
                 self.pin_dir / "links" / "agentops", "tether_agent_ops",
                 self.config.agent_cgroup
             )
+            self.node_links["nsprobe"] = self._attach(
+                self.pin_dir / "links" / "nsprobe", "tether_nsprobe", self.config.agent_cgroup
+            )
         for i, cg in enumerate(self.config.kubelet_cgroups):
             self.node_links[f"probe{i}"] = self._attach(
                 self.pin_dir / "links" / f"probe{i}", "tether_probe", cg
@@ -186,7 +190,7 @@ class Datapath:
         The listeners go in before the pod's addresses, so no inbound SYN is
         steered to a slot without a socket."""
         check_pod(spec)
-        cookie = netns_cookie(spec.netns)
+        cookie = netns_cookie(spec.netns, self._map("tether_nscookie"))
         slot = self._slot_for(spec)
         try:
             self._write_exclusions(slot, spec)
@@ -414,12 +418,33 @@ def _spec_args(d: Mapping[str, Any]) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
 
 
-def netns_cookie(path: str) -> int:
-    """The kernel's cookie for a netns, as bpf_get_netns_cookie() sees it."""
+NSPROBE_PORT = 9  # TETHER_NSPROBE_PORT
+
+
+def netns_cookie(path: str, probe_map: int | None = None) -> int:
+    """The kernel's cookie for a netns, as bpf_get_netns_cookie() sees it.
+
+    SO_NETNS_COOKIE where the kernel has it (5.14+); before that, a UDP
+    connect() from a socket made in the netns, which tether_nsprobe (on the
+    agent's cgroup) answers into a map keyed by the socket's cookie."""
     with netns.entered(path):
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     with s:
-        return bpfsys.netns_cookie(s)
+        try:
+            return bpfsys.netns_cookie(s)
+        except OSError as e:
+            if e.errno != errno.ENOPROTOOPT or probe_map is None:
+                raise
+        with contextlib.suppress(OSError):  # the hook runs before routing: lo may be down
+            s.connect(("127.0.0.1", NSPROBE_PORT))
+        key = bytes(ctypes.c_uint64(bpfsys.socket_cookie(s)))
+        raw = bpfsys.map_lookup(probe_map, key, 8)
+        bpfsys.map_delete(probe_map, key)
+        if raw is None:
+            raise DatapathError(
+                "this kernel has no SO_NETNS_COOKIE (5.14+) and tether_nsprobe did not "
+                "answer: is the agent running in the cgroup its hooks are attached to?")
+        return int.from_bytes(raw, sys.byteorder)
 
 
 def ensure_bpffs(root: str = "/sys/fs/bpf") -> None:

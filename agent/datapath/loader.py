@@ -52,6 +52,7 @@ PROGRAMS: dict[str, ProgSpec] = {
         # netns cookie in sock_addr programs: 5.7
         ProgSpec("tether_connect4", "cgroup/connect4", 18, 10, (5, 7)),
         ProgSpec("tether_connect6", "cgroup/connect6", 18, 11, (5, 7), needs_ipv6=True),
+        ProgSpec("tether_nsprobe", "cgroup/connect4 (agent)", 18, 10, (5, 7)),
         ProgSpec("tether_peer4", "cgroup/getpeername4", 18, 29, (5, 8)),
         ProgSpec("tether_peer6", "cgroup/getpeername6", 18, 30, (5, 8), needs_ipv6=True),
         ProgSpec("tether_sockops", "sockops", 13, 3, (5, 3)),
@@ -77,8 +78,10 @@ MAPS: dict[str, tuple[int, int, int]] = {
     "tether_stats": (6, 4, 8),
     "tether_listen": (15, 4, 4),
     "tether_socks": (18, 40, 4),
+    "tether_nscookie": (9, 8, 8),
 }
-PINNED_MAPS = tuple(n for n, (t, _, _) in MAPS.items() if t not in (15, 18))
+PINNED_MAPS = tuple(n for n, (t, _, _) in MAPS.items()
+                    if t not in (15, 18) and n != "tether_nscookie")
 
 
 @dataclasses.dataclass(frozen=True)

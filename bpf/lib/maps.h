@@ -62,6 +62,12 @@ BPF_TABLE_PINNED("array", __u32, struct tether_cfg, tether_cfg, 1, TETHER_PIN("t
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, tether_stats, TETHER_STAT_MAX,
 		 TETHER_PIN("tether_stats"));
 
+/* socket cookie -> netns cookie of a probe socket the agent connect()s.
+ * Writer: tether_nsprobe.  Reader: agent.  Kernels before 5.14 have no
+ * SO_NETNS_COOKIE getsockopt; this is how the agent learns a pod's netns
+ * cookie there. */
+BPF_TABLE("lru_hash", __u64, __u64, tether_nscookie, 256);
+
 /* pod slot * 4 + TETHER_LISTEN_* -> the agent's listening socket in that pod.
  * Writer: agent.  Reader: sk_lookup (bpf_sk_assign). */
 /* Declared as a generic table, not BPF_SOCKMAP: BCC gives BPF_SOCKMAP no

@@ -13,6 +13,7 @@ getsockopt) and the programs behave exactly as for the real process.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 import shutil
@@ -213,16 +214,55 @@ def scratch_netns(prefix: str) -> Iterator[Callable[..., Path]]:
 
 
 def netns_cookie(path: Path) -> int:
-    try:
-        from agent.datapath.datapath import netns_cookie as project_cookie
-    except ImportError:  # pragma: no cover - datapath.py is being edited concurrently
-        project_cookie = None
-    if project_cookie is not None:
-        return int(project_cookie(str(path)))
+    """SO_NETNS_COOKIE (5.14+); on older kernels the way the agent does it: a
+    UDP connect() from a process in a scratch cgroup carrying tether_nsprobe."""
     with netns.entered(path):
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     with s:
-        return bpfsys.netns_cookie(s)
+        try:
+            return bpfsys.netns_cookie(s)
+        except OSError as e:
+            if e.errno != errno.ENOPROTOOPT:
+                raise
+    return _probe_cookie(path)
+
+
+def _probe_cookie(path: Path) -> int:
+    from agent.cgroupfs import cgroup2_root, make_cgroup, remove_cgroup
+    from agent.datapath.datapath import NSPROBE_PORT
+    from agent.sim.topology import spawn_in
+
+    pin = Path(f"/sys/fs/bpf/tbprobe-{secrets.token_hex(3)}")
+    cg = make_cgroup(cgroup2_root() / f"tbprobe-{secrets.token_hex(3)}")
+    progs = Programs(BuildOptions(pin_dir=str(pin)))
+    link = -1
+    try:
+        fd = os.open(cg, os.O_RDONLY)
+        try:
+            link = bpfsys.link_create(progs.prog_fds["tether_nsprobe"], fd,
+                                      bpfsys.AttachType.CGROUP_INET4_CONNECT)
+        finally:
+            os.close(fd)
+
+        class Target:
+            netns_path, cgroup_path = path, cg
+
+        code = ("import contextlib, socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+                "with contextlib.suppress(OSError):\n"
+                f"    s.connect(('127.0.0.1', {NSPROBE_PORT}))\n"
+                "print(int.from_bytes(s.getsockopt(socket.SOL_SOCKET, 57, 8), 'little'))")
+        proc = spawn_in(Target(), [sys.executable, "-c", code], stdout=subprocess.PIPE)
+        out, _ = proc.communicate(timeout=30)
+        key = int(out.decode().strip()).to_bytes(8, sys.byteorder)
+        raw = bpfsys.map_lookup(progs.map_fds["tether_nscookie"], key, 8)
+        assert raw is not None, "tether_nsprobe did not answer"
+        return int.from_bytes(raw, sys.byteorder)
+    finally:
+        if link >= 0:
+            os.close(link)
+        progs.close()
+        shutil.rmtree(pin, ignore_errors=True)
+        remove_cgroup(cg)
 
 
 # -- cgroups ------------------------------------------------------------------

@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from agent import netns
 from agent.datapath import bpfsys
 from agent.datapath.loader import PROGRAMS, Programs
 from agent.datapath.structs import (
@@ -485,3 +486,19 @@ def test_pod_connections_are_not_recorded_as_probes(env: Env) -> None:
 
 def stat_delta(before: dict[Stat, int], after: dict[Stat, int]) -> dict[Stat, int]:
     return {s: after[s] - before[s] for s in Stat if after[s] != before[s]}
+
+
+def test_nsprobe_gives_the_kernels_netns_cookie(scratch_netns: Callable[..., Path]) -> None:
+    """The pre-5.14 way (tether_nsprobe) agrees with SO_NETNS_COOKIE where both exist."""
+    from tests.bpf.conftest import _probe_cookie
+
+    path = scratch_netns()
+    probed = _probe_cookie(path)
+    with netns.entered(path):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with s:
+        try:
+            direct = bpfsys.netns_cookie(s)
+        except OSError:
+            pytest.skip("SO_NETNS_COOKIE needs Linux 5.14; the probe path was exercised")
+    assert probed == direct

@@ -261,12 +261,12 @@ def test_cleanup_leaves_nothing_in_the_kernel() -> None:
             li.cgroup_id for li in _links(inv.links) if li.cgroup_id is not None
         }
         netns_inos = {li.netns_ino for li in _links(inv.links) if li.netns_ino is not None}
-        # two pods (5 cgroup hooks + sk_lookup each), the agent (getsockopt and
-        # sockops) and the kubelet (probe sockops)
-        assert len(inv.links) == 15 and len(cgroup_ids) == 4 and len(netns_inos) == 2
+        # two pods (5 cgroup hooks + sk_lookup each), the agent (getsockopt,
+        # sockops, netns-cookie probe) and the kubelet (probe sockops)
+        assert len(inv.links) == 16 and len(cgroup_ids) == 4 and len(netns_inos) == 2
         an.stop_agent()
         report = an.cleanup()
-        assert len(report["links"]) == 15
+        assert len(report["links"]) == 16
         left = inventory.remaining(inv, an.pin_dir)
         assert left == {"links": 0, "programs": 0, "maps": 0, "pins": 0}
         # no link in the whole kernel still targets our cgroups or netns

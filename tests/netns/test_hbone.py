@@ -756,10 +756,9 @@ def _flood(c: H2Client, authority: str, n: int) -> list[int]:
 
 def test_stream_flood_respects_max_concurrent_streams(mesh: Mesh) -> None:
     """150 CONNECTs in one write, before the server's SETTINGS could be read:
-    at most 100 are served; the agent stays healthy; new connections work.
-    Observed: none is served — h2 raises TooManyStreamsError on the 101st
-    HEADERS, the agent drops the connection (GOAWAY PROTOCOL_ERROR) and the
-    RequestReceived events of the same read are lost with it."""
+    at most 100 are served and the rest refused (RST_STREAM REFUSED_STREAM;
+    unpatched h2 instead dropped the whole connection, losing every request in
+    the same read); the agent stays healthy; new connections work."""
     m = Counters(mesh.n2)
     with hbone(mesh, svid_from(mesh.ca, SA_A)) as c:
         sids = _flood(c, f"{mesh.b.ip4}:8080", 150)
