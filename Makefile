@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.provisioned
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-unit test-bpf test-netns test-k8s presubmit lint typecheck bench clean
+.PHONY: setup demo test test-unit test-bpf test-netns test-k8s test-kernels presubmit lint typecheck bench clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,14 @@ test-netns: setup
 
 test-k8s: setup
 	$(PY) -m pytest -q tests/k8s
+
+# The bpf tier and a netns smoke on Debian's 5.10, 6.1 and 6.12 kernels under
+# QEMU (vagrant/README.md); images are built from Debian packages and cached.
+KERNEL_TOOLS := qemu-system-x86 debootstrap e2fsprogs
+test-kernels: setup
+	@command -v qemu-system-x86_64 >/dev/null && command -v debootstrap >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(KERNEL_TOOLS); }
+	TETHER_KERNELS=1 $(PY) -m pytest -ra $(PYTEST_ARGS) tests/kernels
 
 lint: setup
 	$(VENV)/bin/ruff check agent tests

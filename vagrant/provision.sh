@@ -27,8 +27,10 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 # --- Debian packages -------------------------------------------------------
-pkgs=(python3 python3-venv python3-bpfcc bpfcc-tools libbpfcc iproute2 bpftool
+pkgs=(python3 python3-venv python3-bpfcc bpfcc-tools libbpfcc iproute2
       iperf3 sockperf stunnel4 tshark procps make)
+# Debugging aid only (Ubuntu 22.04 has no bpftool package): installed if available.
+optional=(bpftool)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -51,6 +53,11 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo 'wireshark-common wireshark-common/install-setuid boolean false' | debconf-set-selections
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+for p in "${optional[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' ||
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$p" \
+      >/dev/null 2>&1 || log "optional package $p not available; skipped"
+done
 
 # --- Kernel headers for BCC ------------------------------------------------
 # BCC compiles C at run time against /lib/modules/$(uname -r)/build (generated
@@ -82,11 +89,13 @@ if ! mountpoint -q /sys/fs/bpf; then
 fi
 
 # --- Python venv -----------------------------------------------------------
-# BCC's Python module is Debian's python3-bpfcc, built for Debian's python3:
-# the venv must come from /usr/bin/python3 and see system site packages.
+# BCC's Python module is the distribution's python3-bpfcc (pure ctypes): the
+# venv must come from the system python and see system site packages.
+# tether needs Python 3.11+; on Ubuntu 22.04 set TETHER_PYTHON=/usr/bin/python3.11.
+py=${TETHER_PYTHON:-/usr/bin/python3}
 if [ ! -x "$venv/bin/python" ]; then
-  log "creating venv $venv from /usr/bin/python3 (system site packages for bcc)"
-  /usr/bin/python3 -m venv --system-site-packages "$venv"
+  log "creating venv $venv from $py (system site packages for bcc)"
+  "$py" -m venv --system-site-packages "$venv"
 fi
 if [ ! -f "$stamp" ] || [ "$repo/pyproject.toml" -nt "$stamp" ]; then
   log "installing tether and its dev dependencies into $venv"
