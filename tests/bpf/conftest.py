@@ -216,14 +216,13 @@ def scratch_netns(prefix: str) -> Iterator[Callable[..., Path]]:
 def netns_cookie(path: Path) -> int:
     """SO_NETNS_COOKIE (5.14+); on older kernels the way the agent does it: a
     UDP connect() from a process in a scratch cgroup carrying tether_nsprobe."""
-    with netns.entered(path):
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    with s:
-        try:
-            return bpfsys.netns_cookie(s)
-        except OSError as e:
-            if e.errno != errno.ENOPROTOOPT:
-                raise
+    from agent.datapath.datapath import netns_cookie as project_cookie
+
+    try:
+        return project_cookie(str(path))  # no probe map: raises where 5.14 is missing
+    except OSError as e:
+        if e.errno != errno.ENOPROTOOPT:
+            raise
     return _probe_cookie(path)
 
 
