@@ -60,8 +60,9 @@ class Cluster:
 class AgentNode:
     """One node of a Testbed, its pods, and a tether agent enrolling them."""
 
-    def __init__(self, tb: Testbed, name: str = "node1", sk_msg: bool = False,
-                 cluster: Cluster | None = None) -> None:
+    def __init__(
+        self, tb: Testbed, name: str = "node1", sk_msg: bool = False, cluster: Cluster | None = None
+    ) -> None:
         self.tb = tb
         self.node: Node = tb.add_node(name)
         self.sk_msg = sk_msg
@@ -82,8 +83,14 @@ class AgentNode:
 
     # -- topology and config -----------------------------------------------
 
-    def add_pod(self, name: str, namespace: str = "default", service_account: str = "default",
-                labels: dict[str, str] | None = None, **extra: Any) -> Pod:
+    def add_pod(
+        self,
+        name: str,
+        namespace: str = "default",
+        service_account: str = "default",
+        labels: dict[str, str] | None = None,
+        **extra: Any,
+    ) -> Pod:
         p = self.node.add_pod(name, namespace=namespace, service_account=service_account)
         self.pods.append(p)
         self.namespaces.setdefault(namespace, {})
@@ -139,8 +146,11 @@ class AgentNode:
 
     def serve(self, pod: Pod, port: int = 8080, *args: str) -> subprocess.Popen[Any]:
         """An echo server in the pod (agent.sim.peer serve); returns once listening."""
-        p = self.tb.spawn(pod, [PY, "-m", "agent.sim.peer", "serve", "--port", str(port), *args],
-                          stdout=subprocess.PIPE)
+        p = self.tb.spawn(
+            pod,
+            [PY, "-m", "agent.sim.peer", "serve", "--port", str(port), *args],
+            stdout=subprocess.PIPE,
+        )
         assert p.stdout is not None
         line = p.stdout.readline()
         if b"ready" not in line:
@@ -154,7 +164,8 @@ class AgentNode:
             self.agent = self.tb.spawn(
                 self.node.agent,
                 [PY, "-m", "agent.cli", "run", "--config", str(self.config_path), *extra_args],
-                stdout=log, stderr=log,
+                stdout=log,
+                stderr=log,
             )
         self.wait_ready(self.agent)
         return self.agent
@@ -177,8 +188,9 @@ class AgentNode:
         deadline = time.monotonic() + READY_TIMEOUT
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise RuntimeError(f"agent exited with {proc.returncode}; log:\n"
-                                   + self.log_tail(40))
+                raise RuntimeError(
+                    f"agent exited with {proc.returncode}; log:\n" + self.log_tail(40)
+                )
             with contextlib.suppress(OSError, ValueError):
                 if self.admin("/ready") == "ready\n":
                     return
@@ -187,9 +199,10 @@ class AgentNode:
 
     def admin(self, path: str) -> Any:
         """GET from the agent's admin port, which listens in the node netns."""
-        with netns.entered(self.node.netns_path), urllib.request.urlopen(
-            f"http://127.0.0.1:15000{path}", timeout=5
-        ) as r:
+        with (
+            netns.entered(self.node.netns_path),
+            urllib.request.urlopen(f"http://127.0.0.1:15000{path}", timeout=5) as r,
+        ):
             body = r.read().decode()
         return body if path in ("/ready", "/healthz") else json.loads(body)
 
@@ -209,11 +222,16 @@ class AgentNode:
 
     # -- traffic --------------------------------------------------------------
 
-    def peer(self, where: Pod | NodeRole, args: Sequence[str],
-             timeout: float = 60.0) -> dict[str, Any]:
+    def peer(
+        self, where: Pod | NodeRole, args: Sequence[str], timeout: float = 60.0
+    ) -> dict[str, Any]:
         """Run `agent.sim.peer ARGS` in a pod (or the kubelet) and return its JSON."""
-        p = self.tb.spawn(where, [PY, "-m", "agent.sim.peer", *args],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        p = self.tb.spawn(
+            where,
+            [PY, "-m", "agent.sim.peer", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         out, err = p.communicate(timeout=timeout)
         try:
             result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
@@ -221,15 +239,27 @@ class AgentNode:
             return {"ok": False, "error": f"no result (rc {p.returncode}): {err.decode()[-800:]}"}
         return result
 
-    def connect(self, client: Pod | NodeRole, server: Pod, port: int = 8080, family: int = 4,
-                nbytes: int = 65536, extra: Sequence[str] = ()) -> dict[str, Any]:
+    def connect(
+        self,
+        client: Pod | NodeRole,
+        server: Pod,
+        port: int = 8080,
+        family: int = 4,
+        nbytes: int = 65536,
+        extra: Sequence[str] = (),
+    ) -> dict[str, Any]:
         host = server.ip4 if family == 4 else server.ip6
-        return self.peer(client, ["connect", host, str(port), "--bytes", str(nbytes),
-                                  "--timeout", "10", *extra])
+        return self.peer(
+            client, ["connect", host, str(port), "--bytes", str(nbytes), "--timeout", "10", *extra]
+        )
 
     def spawn_peer(self, where: Pod | NodeRole, args: Sequence[str]) -> subprocess.Popen[Any]:
-        return self.tb.spawn(where, [PY, "-m", "agent.sim.peer", *args],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        return self.tb.spawn(
+            where,
+            [PY, "-m", "agent.sim.peer", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
 
     @property
     def pin_dir_path(self) -> Path:

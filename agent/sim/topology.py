@@ -288,7 +288,10 @@ class Node:
         return f"fd00:10:{self.index}::/64"
 
     def add_pod(
-        self, name: str, namespace: str = "default", service_account: str = "default",
+        self,
+        name: str,
+        namespace: str = "default",
+        service_account: str = "default",
         uid: str | None = None,
     ) -> Pod:
         """Create a pod on this node (netns, veth to br0, addresses, routes, cgroup).
@@ -456,8 +459,9 @@ class Testbed:
             ipr.route("add", dst=dst.pod_cidr4, gateway=dst.fabric_ip4)
             ipr.route("add", dst=dst.pod_cidr6, gateway=dst.fabric_ip6)
 
-    def _add_pod(self, node: Node, name: str, namespace: str, service_account: str,
-                 uid: str | None = None) -> Pod:
+    def _add_pod(
+        self, node: Node, name: str, namespace: str, service_account: str, uid: str | None = None
+    ) -> Pod:
         _check_name("pod", name)
         if name in {p.name for n in self.nodes.values() for p in n.pods.values()}:
             raise ValueError(f"pod {name} already exists in testbed {self.prefix}")
@@ -467,8 +471,10 @@ class Testbed:
         if j > MAX_PODS_PER_NODE + 1:
             raise ValueError(f"at most {MAX_PODS_PER_NODE} pods per node")
         cg = self._new_cgroup(
-            node.cgroup_path / "kubepods" / "besteffort" / f"pod{uid}" if uid
-            else node.cgroup_path / "pods" / name)
+            node.cgroup_path / "kubepods" / "besteffort" / f"pod{uid}"
+            if uid
+            else node.cgroup_path / "pods" / name
+        )
         ns_name = f"{self.prefix}-{node.name}-{name}"
         path = self._new_netns(ns_name)
         pod = Pod(
