@@ -164,6 +164,11 @@ class KubeNode:
 
     def close(self) -> None:
         self.stop_agent()
+        from kubernetes import client
+
+        with contextlib.suppress(client.ApiException):  # other tests expect the user bare
+            client.RbacAuthorizationV1Api(self.k8s.api_client()).delete_cluster_role_binding(
+                "tether-agent-test")
         from agent.datapath.datapath import cleanup
 
         with contextlib.suppress(OSError):
