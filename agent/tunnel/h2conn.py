@@ -179,6 +179,9 @@ class H2Stream:
         self._drained.set()
         if not self.response.done():
             self.response.set_exception(exc or StreamReset(f"stream {self.id} closed"))
+            # a server-side stream has nobody waiting for a response: mark the
+            # exception retrieved so asyncio does not log it as lost
+            self.response.exception()
         if self.on_close is not None:
             self.on_close(exc)
 
