@@ -69,35 +69,13 @@ def probe_programs() -> dict[str, Any]:
         return out
     out["compile_seconds"] = round(time.monotonic() - t0, 2)
 
-    class Probe:  # what Programs._load needs: the BCC module and the kernel version
+    class Probe:  # what BccPrograms._load needs: the BCC module and the kernel version
         _bpf = mod
         kernel = loader.kernel_version()
 
-    # The loader's own per-program load (its KernelTooOld / verifier-log
-    # wording); the class holding it has moved before, so look for it.
-    load = None
-    for cls_name in ("BccPrograms", "Programs"):
-        load = getattr(getattr(loader, cls_name, None), "_load", None)
-        if load is not None:
-            break
-
     def load_one(spec: Any) -> None:
-        if load is not None:
-            load(Probe(), spec)
-            return
-        with loader._capture_fd2() as log:
-            try:
-                mod.load_func(spec.name.encode(), spec.prog_type, attach_type=spec.attach_type)
-                failed = None
-            except Exception as e:
-                failed = e
-        if failed is not None:
-            if Probe.kernel < spec.kernel:
-                raise KernelTooOld(spec.hook, spec.kernel, Probe.kernel) from failed
-            raise DatapathError(
-                f"the kernel rejected {spec.name} ({spec.hook}): {failed}\n"
-                f"verifier log (tail):\n{log.getvalue()[-MAX_TEXT:]}"
-            )
+        """The loader's own per-program load: its KernelTooOld / verifier-log wording."""
+        loader.BccPrograms._load(Probe(), spec)  # type: ignore[arg-type]
 
     for spec in opts.programs():
         r: dict[str, Any] = {"hook": spec.hook, "needs": ".".join(map(str, spec.kernel))}
