@@ -121,6 +121,7 @@ class Agent:
         self.errors: dict[str, str] = {}
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
+        self.handed_off = False  # a successor took our listeners: drain, then stop
         self._mtime = 0.0
 
     # -- identity ------------------------------------------------------------
@@ -280,7 +281,7 @@ class Agent:
         for srv in servers:
             srv.close()  # free the node's ports at once for the successor
         giver.close()
-        if handoff.given(self):
+        if self.handed_off:
             await self._drain()
             if self.kube is not None:
                 # A DaemonSet restarts an exited container, and a restarted old
@@ -360,7 +361,7 @@ class Agent:
         bundle: handoff.Bundle = {}
         for key, p in self.proxies.items():
             bundle[key] = await p.freeze()
-        handoff.mark_given(self)
+        self.handed_off = True
         return bundle
 
     # -- admin --------------------------------------------------------------

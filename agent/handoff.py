@@ -31,17 +31,6 @@ FDS_PER_MESSAGE = 200  # below SCM_MAX_FD (253)
 # pod key -> {"listeners": {name: socket}, "connections": [{"info", "a", "b"}]}
 Bundle = dict[str, dict[str, Any]]
 
-_GIVEN = "_tether_handed_off"
-
-
-def mark_given(obj: object) -> None:
-    setattr(obj, _GIVEN, True)
-
-
-def given(obj: object) -> bool:
-    return bool(getattr(obj, _GIVEN, False))
-
-
 def _flatten(bundle: Bundle) -> tuple[dict[str, Any], list[socket.socket]]:
     socks: list[socket.socket] = []
     header: dict[str, Any] = {}
@@ -151,4 +140,4 @@ async def receive(state_dir: str) -> Bundle | None:
     return await asyncio.get_running_loop().run_in_executor(None, _receive_blocking, path)
 
 
-__all__ = ["Bundle", "given", "mark_given", "receive", "serve"]
+__all__ = ["Bundle", "receive", "serve"]
