@@ -55,13 +55,20 @@ HIGH_WATER = 4 * 1024 * 1024  # transport buffer above which we stop writing mor
 
 
 class _H2Connection(h2.connection.H2Connection):
-    """h2's connection with one RFC 9113 correction: a HEADERS frame that
-    would exceed our MAX_CONCURRENT_STREAMS is refused as a stream error
-    (RST_STREAM REFUSED_STREAM, RFC 9113 §5.1.2), not a connection error
-    that would tear down the hundred streams already running.  The header
-    block is still decoded, so the HPACK state stays in step with the peer."""
+    """h2's connection with two RFC 9113 corrections, both turning a
+    connection error into a stream error so that one bad request never tears
+    down the (up to a hundred) streams already running on the connection:
+    - a HEADERS frame that would exceed our MAX_CONCURRENT_STREAMS is refused
+      with RST_STREAM REFUSED_STREAM (§5.1.2); its header block is still
+      decoded, so the HPACK state stays in step with the peer;
+    - a malformed request (§8.1.1: missing or duplicate pseudo-headers,
+      CONNECT with :path, uppercase field names, ...) gets RST_STREAM
+      PROTOCOL_ERROR.  h2 validates after the header block is decoded, so the
+      HPACK state is in step; a block that fails to *decode* stays a
+      connection error (COMPRESSION_ERROR territory: the state is lost)."""
 
     def _receive_headers_frame(self, frame: Any) -> Any:
+        opens = not self.config.client_side and frame.stream_id not in self.streams
         try:
             return super()._receive_headers_frame(frame)
         except h2.exceptions.TooManyStreamsError:
@@ -73,6 +80,24 @@ class _H2Connection(h2.connection.H2Connection):
             rst = hyperframe.frame.RstStreamFrame(frame.stream_id)
             rst.error_code = h2.errors.ErrorCodes.REFUSED_STREAM
             return [rst], []
+        except h2.exceptions.ProtocolError as e:
+            # Only a plain ProtocolError raised after decoding, on the request
+            # stream h2 created for this frame (so nothing above h2 knows of
+            # it yet): header validation.  Decoding failures carry their
+            # HPACK cause; DenialOfServiceError and the other subclasses keep
+            # h2's connection-level handling, as do responses and trailers.
+            if (not opens or type(e) is not h2.exceptions.ProtocolError
+                    or e.__cause__ is not None or frame.stream_id not in self.streams):
+                raise
+            log.info("malformed request on stream %d refused (RST_STREAM PROTOCOL_ERROR): %s",
+                     frame.stream_id, e)
+            try:
+                self.reset_stream(frame.stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            except h2.exceptions.StreamClosedError:  # the stream's own state machine closed it
+                rst = hyperframe.frame.RstStreamFrame(frame.stream_id)
+                rst.error_code = h2.errors.ErrorCodes.PROTOCOL_ERROR
+                return [rst], []
+            return [], []
 
 
 class StreamReset(ConnectionError):

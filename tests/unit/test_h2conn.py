@@ -1,12 +1,16 @@
 """The one change tether makes to hyperframe's behaviour, and that HTTP/2
-semantics survive it (two in-memory h2 connections, CONNECT + DATA both ways)."""
+semantics survive it (two in-memory h2 connections, CONNECT + DATA both ways), and
+the two RFC 9113 stream-error corrections of _H2Connection."""
 
 from __future__ import annotations
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
+import h2.exceptions
 import hyperframe.frame
+import pytest
 
 import agent.tunnel.h2conn  # noqa: F401  (installs the DataFrame repr)
 
@@ -36,3 +40,89 @@ def test_h2_connect_and_data_round_trip_with_the_patch() -> None:
     s.send_headers(1, [(":status", "200")])
     events = c.receive_data(s.data_to_send())
     assert any(isinstance(e, h2.events.ResponseReceived) for e in events)
+
+
+def _pair() -> tuple[h2.connection.H2Connection, h2.connection.H2Connection]:
+    from agent.tunnel.h2conn import _H2Connection
+
+    # The client does not validate what it sends, as a hostile or buggy peer would not.
+    c = h2.connection.H2Connection(h2.config.H2Configuration(
+        client_side=True, validate_outbound_headers=False, normalize_outbound_headers=False))
+    s = _H2Connection(h2.config.H2Configuration(client_side=False))
+    c.initiate_connection()
+    s.initiate_connection()
+    s.receive_data(c.data_to_send())
+    c.receive_data(s.data_to_send())
+    return c, s
+
+
+GOOD = [(":method", "CONNECT"), (":authority", "10.0.0.1:80")]
+MALFORMED = {
+    "missing :authority": [(":method", "CONNECT")],
+    "CONNECT with :path": [*GOOD, (":path", "/")],
+    "duplicate :authority": [*GOOD, (":authority", "10.0.0.1:80")],
+    "uppercase field name": [*GOOD, ("X-Up", "1")],
+    "connection-specific field": [*GOOD, ("connection", "close")],
+}
+
+
+@pytest.mark.parametrize("name", sorted(MALFORMED))
+def test_malformed_request_is_a_stream_error_not_a_connection_error(name: str) -> None:
+    """RFC 9113 §8.1.1: a malformed request is a stream error.  Unpatched h2
+    raised ProtocolError for the connection, which would end every other
+    stream on it.  The stream is reset (PROTOCOL_ERROR), the request never
+    reaches the application, the stream opened before it keeps its data
+    flowing, and the next request on the connection is served; the header
+    table stays in step (the good request after it reuses indexed fields)."""
+    c, s = _pair()
+    c.send_headers(1, GOOD)
+    c.send_headers(3, MALFORMED[name])
+    c.send_headers(5, GOOD)
+    c.send_data(1, b"before")
+    events = s.receive_data(c.data_to_send())
+    requests = [e.stream_id for e in events if isinstance(e, h2.events.RequestReceived)]
+    assert requests == [1, 5], events
+    got = [e.data for e in events if isinstance(e, h2.events.DataReceived)]
+    assert got == [b"before"]
+    back = c.receive_data(s.data_to_send())
+    resets = {e.stream_id: e.error_code for e in back if isinstance(e, h2.events.StreamReset)}
+    assert resets == {3: h2.errors.ErrorCodes.PROTOCOL_ERROR}, back
+    assert not [e for e in back if isinstance(e, h2.events.ConnectionTerminated)], back
+    # both good streams still work both ways
+    for sid in (1, 5):
+        s.send_headers(sid, [(":status", "200")])
+        s.send_data(sid, b"reply")
+    back = c.receive_data(s.data_to_send())
+    assert sorted(e.stream_id for e in back if isinstance(e, h2.events.ResponseReceived)) == [1, 5]
+
+
+def test_undecodable_header_block_stays_a_connection_error() -> None:
+    """A header block HPACK cannot decode leaves the two header tables out of
+    step: that must end the connection (COMPRESSION_ERROR), not one stream."""
+    c, s = _pair()
+    c.send_headers(1, GOOD)
+    s.receive_data(c.data_to_send())
+    frame = hyperframe.frame.HeadersFrame(3)
+    frame.data = b"\xff\xff\xff\xff\xff\x7f"  # an indexed field far past any table
+    frame.flags.add("END_HEADERS")
+    with pytest.raises(h2.exceptions.ProtocolError):
+        s.receive_data(frame.serialize())
+
+
+def test_malformed_response_keeps_h2s_connection_error_on_the_client_side() -> None:
+    """Only inbound requests are turned into stream errors: a client-side
+    connection (whose streams the agent is waiting on) keeps h2's handling."""
+    from agent.tunnel.h2conn import _H2Connection
+
+    c = _H2Connection(h2.config.H2Configuration(client_side=True))
+    s = h2.connection.H2Connection(h2.config.H2Configuration(
+        client_side=False, validate_outbound_headers=False, normalize_outbound_headers=False))
+    c.initiate_connection()
+    s.initiate_connection()
+    s.receive_data(c.data_to_send())
+    c.receive_data(s.data_to_send())
+    c.send_headers(1, GOOD)
+    s.receive_data(c.data_to_send())
+    s.send_headers(1, [(":status", "200"), ("X-Up", "1")])
+    with pytest.raises(h2.exceptions.ProtocolError):
+        c.receive_data(s.data_to_send())
