@@ -121,7 +121,7 @@ class Agent:
         self.errors: dict[str, str] = {}
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
-        self.handed_off = False  # a successor took our listeners: drain, then stop
+        self.handed_off = False  # a successor took (or we released) our listeners: drain, then stop
         self._mtime = 0.0
 
     # -- identity ------------------------------------------------------------
@@ -267,7 +267,8 @@ class Agent:
             await _bind(self._ready_only, "127.0.0.1", self.cfg.agent.ready_port, "readiness"),
             await _bind(self._metrics, "0.0.0.0", self.cfg.agent.metrics_port, "metrics"),
         ]
-        giver = await handoff.serve(self.cfg.agent.state_dir, self._give, self._stop)
+        giver = await handoff.serve(self.cfg.agent.state_dir, self._give, self._release,
+                                    self._stop)
         self._mtime = os.stat(self.config_path).st_mtime
         self.ready.set()
         log.info("agent ready: %d pods enrolled, admin on 127.0.0.1:%d, readiness on "
@@ -363,6 +364,13 @@ class Agent:
             bundle[key] = await p.freeze()
         self.handed_off = True
         return bundle
+
+    async def _release(self) -> None:
+        """A successor we cannot hand sockets to (another handoff version):
+        free the pods' listeners for it and keep every open connection here."""
+        for p in self.proxies.values():
+            p.release()
+        self.handed_off = True
 
     # -- admin --------------------------------------------------------------
 

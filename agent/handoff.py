@@ -10,6 +10,14 @@ with SCM_RIGHTS, and exits.  No byte is read twice or lost: what the old agent
 read it also wrote, and what it did not read waits in the kernel for the new
 one.  If the old agent is gone (a crash), the new one starts fresh and the
 pinned kernel state is still adopted.
+
+Versions.  The successor asks `HANDOFF <version>`; the bundle's layout is
+that version's.  A predecessor that does not speak the version asked for
+(an upgrade or downgrade across a format change, or any failure while
+freezing) does not guess: it *releases* instead, answering `RELEASED
+<reason>` after closing its listeners, and keeps serving every connection it
+has (plain relays too) until they end; the successor binds fresh listeners
+and serves new connections.  Either way no established connection drops.
 """
 
 from __future__ import annotations
@@ -28,6 +36,8 @@ log = logging.getLogger(__name__)
 
 SOCKET_NAME = "handoff.sock"
 FDS_PER_MESSAGE = 200  # below SCM_MAX_FD (253)
+VERSION = 1  # the bundle layout below; bump on any change to it
+SUPPORTED = frozenset({VERSION})
 # pod key -> {"listeners": {name: socket}, "connections": [{"info", "a", "b"}]}
 Bundle = dict[str, dict[str, Any]]
 
@@ -46,9 +56,22 @@ def _flatten(bundle: Bundle) -> tuple[dict[str, Any], list[socket.socket]]:
     return header, socks
 
 
+def parse_request(line: bytes) -> int | None:
+    """`HANDOFF <n>` -> n; anything else (including a bare `HANDOFF`) -> None."""
+    parts = line.split()
+    if len(parts) == 2 and parts[0] == b"HANDOFF" and parts[1].isdigit():
+        return int(parts[1])
+    return None
+
+
 async def serve(
-    state_dir: str, give: Callable[[], Awaitable[Bundle]], stop: asyncio.Event
+    state_dir: str,
+    give: Callable[[], Awaitable[Bundle]],
+    release: Callable[[], Awaitable[None]],
+    stop: asyncio.Event,
 ) -> asyncio.AbstractServer:
+    """Answer one successor: give it our sockets (a version we speak) or
+    release our listeners to it (any other).  Either way `stop` is set."""
     path = Path(state_dir) / SOCKET_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
@@ -56,16 +79,30 @@ async def serve(
 
     async def on_conn(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         try:
-            if (await asyncio.wait_for(r.readline(), 5)).strip() != b"HANDOFF":
+            line = (await asyncio.wait_for(r.readline(), 5)).strip()
+            if not line.startswith(b"HANDOFF"):
+                return  # not a successor
+            version = parse_request(line)
+            if version not in SUPPORTED:
+                why = (f"successor asked for handoff version {line[8:].decode(errors='replace')!r}"
+                       f", this agent speaks {sorted(SUPPORTED)}")
+                log.warning("%s: releasing the listeners instead; open connections stay "
+                            "here until they end", why)
+                await release()
+                w.write(f"RELEASED {why}\n".encode())
+                await w.drain()
+                stop.set()
                 return
-            log.info("successor asked for a handoff: freezing")
+            log.info("successor asked for a handoff (version %d): freezing", version)
             bundle = await give()
             header, socks = _flatten(bundle)
             raw: socket.socket = w.get_extra_info("socket")
             sock = socket.socket(fileno=os.dup(raw.fileno()))
             sock.setblocking(True)
             try:
-                body = json.dumps({"pods": header, "fds": len(socks)}).encode()
+                sock.sendall(f"SOCKETS {version}\n".encode())
+                body = json.dumps({"version": version, "pods": header,
+                                   "fds": len(socks)}).encode()
                 sock.sendall(len(body).to_bytes(4, "big") + body)
                 for i in range(0, len(socks), FDS_PER_MESSAGE):
                     chunk = socks[i : i + FDS_PER_MESSAGE]
@@ -94,7 +131,19 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return buf
 
 
-def _receive_blocking(path: Path) -> Bundle | None:
+def _recv_line(sock: socket.socket, limit: int = 4096) -> bytes:
+    buf = b""
+    while not buf.endswith(b"\n"):
+        if len(buf) >= limit:
+            raise ConnectionError("handoff answer line too long")
+        chunk = sock.recv(1)
+        if not chunk:
+            raise ConnectionError("predecessor closed the handoff early")
+        buf += chunk
+    return buf.strip()
+
+
+def _receive_blocking(path: Path, version: int = VERSION) -> Bundle | None:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(30)
     try:
@@ -105,7 +154,15 @@ def _receive_blocking(path: Path) -> Bundle | None:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
             return None
-        s.sendall(b"HANDOFF\n")
+        s.sendall(f"HANDOFF {version}\n".encode())
+        answer = _recv_line(s)
+        if answer.startswith(b"RELEASED"):
+            log.warning("predecessor released its listeners instead of handing them over "
+                        "(%s); its open connections end there, new ones are served here",
+                        answer[9:].decode(errors="replace"))
+            return None
+        if answer != f"SOCKETS {version}".encode():
+            raise ConnectionError(f"unexpected handoff answer {answer[:80]!r}")
         size = int.from_bytes(_recv_exact(s, 4), "big")
         header = json.loads(_recv_exact(s, size))
         fds: list[int] = []
@@ -133,11 +190,14 @@ def _receive_blocking(path: Path) -> Bundle | None:
     return bundle
 
 
-async def receive(state_dir: str) -> Bundle | None:
+async def receive(state_dir: str, version: int = VERSION) -> Bundle | None:
+    """Take over from a running predecessor: its sockets (a bundle), or None
+    when there is none or it released its listeners instead."""
     path = Path(state_dir) / SOCKET_NAME
     if not path.exists():
         return None
-    return await asyncio.get_running_loop().run_in_executor(None, _receive_blocking, path)
+    return await asyncio.get_running_loop().run_in_executor(
+        None, _receive_blocking, path, version)
 
 
-__all__ = ["Bundle", "receive", "serve"]
+__all__ = ["VERSION", "Bundle", "receive", "serve"]

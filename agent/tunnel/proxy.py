@@ -570,14 +570,9 @@ class PodProxy:
         the listeners and those connections' sockets for a successor
         (agent.handoff).  HBONE connections cannot move (their TLS state is in
         this process): they keep running here until they end."""
-        for t in self._accepting:
-            t.cancel()
-        self._accepting.clear()
         listeners = {n: socket.socket(fileno=socket.dup(s.fileno()))
                      for n, s in self.listeners.items()}
-        for s in self.listeners.values():
-            s.close()
-        self.listeners.clear()
+        self.release()
         conns = []
         for c in [c for c in self.t.conns.open.values() if c.pod == self.pod.key]:
             if not isinstance(c.relay, Relay):
@@ -589,6 +584,16 @@ class PodProxy:
                 conns.append({"info": info, "a": socks[0], "b": socks[1]})
                 self.t.conns.end(c, None)
         return {"listeners": listeners, "connections": conns}
+
+    def release(self) -> None:
+        """Stop accepting and close the listeners (a successor binds its own);
+        every open connection of the pod carries on here until it ends."""
+        for t in self._accepting:
+            t.cancel()
+        self._accepting.clear()
+        for s in self.listeners.values():
+            s.close()
+        self.listeners.clear()
 
     def resume(self, handed: dict[str, Any]) -> None:
         """Carry on relaying a connection a predecessor froze."""

@@ -8,6 +8,7 @@ records, BPF counters, and kernel object ids after cleanup.
 from __future__ import annotations
 
 import os
+import socket
 import time
 from collections.abc import Iterator
 
@@ -219,6 +220,53 @@ def test_restart_keeps_live_connections_and_adopts_pins() -> None:
             assert all(x["bytes_sent"] > 4096 for x in inherited)
             r = an.connect(a, b)
             assert r["ok"] and _path(an, r)[0] == "captured"
+            assert new.poll() is None
+        finally:
+            cluster.close()
+
+
+def test_successor_of_another_handoff_version_gets_the_listeners_released() -> None:
+    """An upgrade across a change of the handoff layout: the successor asks
+    for a version the running agent does not speak.  The running agent does
+    not guess at the layout: it closes its listeners and keeps every open
+    connection (plain relays and HBONE) to its end; the successor binds fresh
+    listeners and serves new connections.  Every held client sees every echo."""
+    with Testbed() as tb:
+        cluster = Cluster(tb)
+        an = AgentNode(tb, "n1", cluster=cluster)
+        other = AgentNode(tb, "n2", cluster=cluster)
+        try:
+            a, d = an.add_pod("a", "shop"), an.add_pod("d", "shop")
+            c = an.add_pod("c", "other")
+            b = other.add_pod("b", "shop")
+            an.enroll_namespace("shop")
+            for node, pod in ((an, d), (an, c), (other, b)):
+                node.serve(pod)
+            other.start_agent()
+            old = an.start_agent()
+            held = [an.spawn_peer(a, ["connect", dst.ip4, "8080", "--hold", "6",
+                                      "--timeout", "10"]) for dst in (b, c, d)]
+            time.sleep(1.5)
+            paths = {x["path"] for x in an.connections() if x["open"]}
+            assert {"hbone", "passthrough", "local"} <= paths, paths
+            # a successor from the future asks for a layout this agent lacks
+            with socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(10)
+                s.connect(f"{an.state_dir}/handoff.sock")
+                s.sendall(b"HANDOFF 99\n")
+                answer = s.recv(4096)
+            assert answer.startswith(b"RELEASED "), answer
+            assert old.poll() is None, "the released agent drains, it does not exit yet"
+            an.agent = None
+            new = an.start_agent()
+            r = an.connect(a, d)
+            assert r["ok"] and _path(an, r) == ("captured", "captured")
+            assert not [x for x in an.connections() if x["inherited"]]
+            for h in held:
+                out, _ = h.communicate(timeout=30)
+                assert h.returncode == 0, out
+                assert '"ok": true' in out.decode()
+            assert old.wait(15) == 0, an.log_tail()
             assert new.poll() is None
         finally:
             cluster.close()
