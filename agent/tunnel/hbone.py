@@ -32,6 +32,7 @@ from agent import netns
 from agent.identity.spiffe import SpiffeId
 from agent.identity.tls import peer_identity
 from agent.tunnel.h2conn import H2Conn, H2Stream, StreamReset
+from agent.tunnel.relay import tcp_socket
 
 log = logging.getLogger(__name__)
 
@@ -177,12 +178,10 @@ class HboneClient:
         loop = asyncio.get_running_loop()
         host, port = key.dst
         with netns.entered(key.src_netns):
-            sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
-                                 socket.SOCK_STREAM)
+            sock = tcp_socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         sock.setblocking(False)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             await asyncio.wait_for(loop.sock_connect(sock, (host, port)), CONNECT_TIMEOUT)
             ctx = await self.client_context(key.src_identity)

@@ -49,7 +49,7 @@ from agent.tunnel.hbone import (
     check_request,
     request_headers,
 )
-from agent.tunnel.relay import Relay
+from agent.tunnel.relay import Relay, tcp_socket
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ class PodProxy:
             for name, fam, host, kind in self.LISTENERS:
                 if kind == "hbone" and self.t.server_context is None:
                     continue
-                s = socket.socket(fam, socket.SOCK_STREAM)
+                s = tcp_socket(fam)  # accepted sockets inherit TCP_NODELAY
                 try:
                     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                     if fam == socket.AF_INET6:
@@ -309,7 +309,7 @@ class PodProxy:
             return
         c = self.t.conns.add(self.pod.key, "outbound", src, dst, "passthrough", **common)
         with netns.entered(self.pod.netns):
-            up = socket.socket(_family(target.address[0]), socket.SOCK_STREAM)
+            up = tcp_socket(_family(target.address[0]))
         up.setblocking(False)
         try:
             await asyncio.wait_for(asyncio.get_running_loop().sock_connect(up, target.address),
@@ -378,7 +378,7 @@ class PodProxy:
         """Connect to the app from inside the pod, with the client's source IP."""
         fam = _family(dst[0])
         with netns.entered(self.pod.netns):
-            app = socket.socket(fam, socket.SOCK_STREAM)
+            app = tcp_socket(fam)
         try:
             app.setblocking(False)
             if fam == socket.AF_INET:

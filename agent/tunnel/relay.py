@@ -15,6 +15,19 @@ import time
 from typing import Any
 
 
+def tcp_socket(family: int) -> socket.socket:
+    """A TCP socket for the tunnel, with TCP_NODELAY: a relay must pass every
+    byte on at once.  Created with proto=IPPROTO_TCP, so sockets accepted from
+    it carry that proto too and asyncio's transports set TCP_NODELAY on them
+    as well (asyncio only does so when sock.proto == IPPROTO_TCP, and
+    `socket.socket(family, SOCK_STREAM)` reports proto 0).  Measured before:
+    the HBONE server's Nagle held each stream's small reply behind the
+    client's 40 ms delayed ACK, stalling about one new connection in ten."""
+    s = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return s
+
+
 class _Half(asyncio.Protocol):
     """One socket of a relay; what it reads goes to its peer's transport."""
 

@@ -8,7 +8,9 @@ rotation under a live connection, and policy reload under live connections.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import socket
 import subprocess
 import tempfile
 import time
@@ -199,3 +201,76 @@ def test_policy_reload_closes_only_connections_it_denies() -> None:
             assert n1.connect(x, db)["ok"]
         finally:
             cluster.close()
+
+
+def _tcp_sockets_of(pid: int) -> list[socket.socket]:
+    """Duplicates of every connected TCP socket a process holds (pidfd_getfd,
+    Linux 5.6; root).  The caller closes them."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    sys_pidfd_open, sys_pidfd_getfd = 434, 438  # x86_64 and most others share these
+    pidfd = libc.syscall(sys_pidfd_open, pid, 0)
+    assert pidfd >= 0, os.strerror(ctypes.get_errno())
+    out = []
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                if not os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
+                    continue
+            except OSError:
+                continue  # closed meanwhile
+            dup = libc.syscall(sys_pidfd_getfd, pidfd, int(fd), 0)
+            if dup < 0:
+                continue
+            s = socket.socket(fileno=dup)
+            if (s.family not in (socket.AF_INET, socket.AF_INET6) or s.type != socket.SOCK_STREAM
+                    or s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)):
+                s.close()
+                continue
+            try:
+                s.getpeername()
+            except OSError:
+                s.close()
+                continue
+            out.append(s)
+    finally:
+        os.close(pidfd)
+    return out
+
+
+def test_every_relayed_socket_has_nodelay(mesh: Any) -> None:
+    """A relay must pass each byte on at once.  Python sockets made with
+    socket(family, SOCK_STREAM) report proto 0, and asyncio only sets
+    TCP_NODELAY when proto is IPPROTO_TCP: the HBONE server's Nagle then held
+    small replies behind the client's 40 ms delayed ACK (one new connection
+    in ten stalled).  Every connected TCP socket of both agents, on every
+    path held open at once, must have TCP_NODELAY."""
+    _, n1, n2 = mesh
+    a, c, b = n1.tb.pod("a"), n1.tb.pod("c"), n2.tb.pod("b")
+    plain1, plain2 = n1.tb.pod("plain1"), n2.tb.pod("plain2")
+    held = [n1.spawn_peer(src, ["connect", dst.ip4, "8080", "--hold", "3", "--timeout", "10"])
+            for src, dst in ((a, b), (a, c), (a, plain2), (plain1, c))]
+    try:
+        time.sleep(1.0)
+        paths = {(x["direction"], x["path"]) for x in n1.connections() if x["open"]}
+        assert {("outbound", "hbone"), ("inbound", "local"), ("outbound", "passthrough"),
+                ("inbound", "plaintext")} <= paths, paths
+        checked, lacking = 0, []
+        for node in (n1, n2):
+            assert node.agent is not None
+            pid = node.agent.pid
+            assert b"agent.cli" in Path(f"/proc/{pid}/cmdline").read_bytes()
+            with netns.entered(node.node.netns_path):
+                socks = _tcp_sockets_of(pid)
+            for s in socks:
+                with contextlib.closing(s):
+                    checked += 1
+                    if not s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY):
+                        lacking.append((node.node.name, s.getsockname(), s.getpeername()))
+        # n1: 4 app-side sockets, HBONE to n2, a same-node delivery, a passthrough
+        # upstream, a plaintext delivery; n2: HBONE server side and a delivery
+        assert checked >= 10, checked
+        assert lacking == [], lacking
+    finally:
+        for h in held:
+            out, _ = h.communicate(timeout=30)
+            assert h.returncode == 0, out
