@@ -54,6 +54,8 @@ presubmit: lint typecheck
 
 bench: setup
 	$(VENV)/bin/tether bench datapath
+	$(VENV)/bin/tether bench tunnel
+	$(VENV)/bin/tether bench h2
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -290,6 +290,36 @@ def _t_sockperf(tb: Testbed, client: Pod, server: Pod, host: str, port: int,
         _kill(srv)
 
 
+RATE_MPS = 1000  # Istio's published ztunnel figure: ~0.06 vCPU at 1000 req/s, 1 KB
+
+
+def _t_rate_cpu(tb: Testbed, client: Pod, server: Pod, host: str, port: int,
+                seconds: float, procs: _Procs) -> dict[str, float]:
+    """CPU of the relaying processes while sockperf ping-pongs 1 KiB messages
+    at a fixed 1000 per second over one connection: vCPU = CPU s / wall s."""
+    srv = tb.spawn(server, ["sockperf", "sr", "--tcp", "-i", server.ip4, "-p",
+                            str(SOCKPERF_PORT)],
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_listening(srv, SOCKPERF_PORT)
+        t = max(2, round(seconds))
+        p = tb.spawn(client, ["sockperf", "pp", "--tcp", "-i", host, "-p", str(port),
+                              "-m", "1024", "--mps", str(RATE_MPS), "-t", str(t)],
+                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        cpu0, t0 = procs.cpu(), time.monotonic()
+        try:
+            raw, _ = p.communicate(timeout=t + 20)
+        except subprocess.TimeoutExpired:
+            _kill(p)
+            raise RuntimeError("sockperf --mps did not finish in time") from None
+        cpu, wall = procs.cpu() - cpu0, time.monotonic() - t0
+        if p.returncode != 0:
+            raise RuntimeError(f"sockperf --mps: {raw.decode(errors='replace')[-500:]}")
+        return {"vcpu": cpu / wall}
+    finally:
+        _kill(srv)
+
+
 def _t_cps(tb: Testbed, client: Pod, server: Pod, host: str, port: int,
            seconds: float) -> dict[str, Any]:
     srv = tb.spawn(server, [PY, "-c", _CPS_SCRIPT, "serve", "0.0.0.0", str(CPS_PORT)],
@@ -349,6 +379,11 @@ def _measure_path(tb: Testbed, client: Pod, server: Pod, host: str, seconds: flo
                                                  seconds))
     if sp is not None:
         row.update(sp)
+    if procs:
+        rate = guarded("rate-cpu", lambda: _t_rate_cpu(
+            tb, client, server, host, ports.get(SOCKPERF_PORT, SOCKPERF_PORT), seconds, procs))
+        if rate is not None:
+            row["vcpu_at_1k_rps"] = round(rate["vcpu"], 3)
     cps = guarded("cps", lambda: _t_cps(tb, client, server, host,
                                         ports.get(CPS_PORT, CPS_PORT), min(seconds, 2.0)))
     if cps is not None:
@@ -519,12 +554,16 @@ def run_tunnel(seconds: float) -> dict[str, Any]:
             if row.get(key) and base.get(key):
                 row[ratio] = round(row[key] / base[key], 3 if key == "throughput_gbit_s" else 2)
         # The baseline spends no relay CPU or memory: these compare to the stunnel pair.
-        for key, ratio in (("cpu_s_per_gb", "cpu_x_stunnel"), ("rss_mib_total", "rss_x_stunnel")):
+        for key, ratio in (("cpu_s_per_gb", "cpu_x_stunnel"), ("rss_mib_total", "rss_x_stunnel"),
+                           ("vcpu_at_1k_rps", "vcpu_x_stunnel")):
             if row.get(key) is not None and ref.get(key):
                 row[ratio] = round(row[key] / ref[key], 2)
     return {"seconds": seconds, "wall_s": round(time.monotonic() - t0, 1),
             "tools": {"throughput": "iperf3 -J, 1 stream",
                       "latency": "sockperf pp --tcp -m 1024 --full-rtt",
+                      "vcpu_at_1k_rps": f"relaying processes' CPU s per s while sockperf pp "
+                                        f"--mps {RATE_MPS} -m 1024 runs (Istio publishes "
+                                        "~0.06 vCPU per ztunnel at 1000 req/s, 1 KB)",
                       "conn_per_s": "python stdlib client, 1 connection at a time: connect, "
                                     "1 byte each way, close (server closes first)"},
             "config": config, "results": results}
@@ -736,12 +775,14 @@ def _print_tunnel(report: dict[str, Any]) -> None:
         return "-" if x is None else str(x)
 
     print(f"{'path':28} {'Gbit/s':>7} {'x':>6} {'p50 us':>7} {'x':>5} {'p99 us':>7} {'x':>5} "
-          f"{'conn/s':>7} {'x':>5} {'CPU s/GB':>8} {'x st':>5} {'RSS MiB':>8} {'x st':>5}")
+          f"{'conn/s':>7} {'x':>5} {'CPU s/GB':>8} {'x st':>5} {'vCPU@1k':>7} {'x st':>5} "
+          f"{'RSS MiB':>8} {'x st':>5}")
     for name, r in report["results"].items():
         print(f"{name:28} {v(r, 'throughput_gbit_s'):>7} {v(r, 'throughput_ratio'):>6} "
               f"{v(r, 'p50_us'):>7} {v(r, 'p50_ratio'):>5} {v(r, 'p99_us'):>7} "
               f"{v(r, 'p99_ratio'):>5} {v(r, 'conn_per_s'):>7} {v(r, 'conn_ratio'):>5} "
               f"{v(r, 'cpu_s_per_gb'):>8} {v(r, 'cpu_x_stunnel'):>5} "
+              f"{v(r, 'vcpu_at_1k_rps'):>7} {v(r, 'vcpu_x_stunnel'):>5} "
               f"{v(r, 'rss_mib_total'):>8} {v(r, 'rss_x_stunnel'):>5}")
     for name, r in report["results"].items():
         if r.get("rss_mib"):
