@@ -126,10 +126,17 @@ def _records(node: AgentNode, direction: str, timeout: float = 8.0) -> list[dict
         time.sleep(0.1)
 
 
-def test_istio_hbone_dialer_through_tether_inbound(interop: Interop, peer_bin: str) -> None:
+def _hp(ip: str, port: int) -> str:
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_istio_hbone_dialer_through_tether_inbound(interop: Interop, peer_bin: str,
+                                                   family: int) -> None:
     m = interop
-    p = m.tb.spawn(m.x, [peer_bin, "dial", "--proxy", f"{m.b.ip4}:15008",
-                         "--target", f"{m.b.ip4}:8080", "--expect-id", SA_B.uri,
+    b_ip = m.b.ip4 if family == 4 else m.b.ip6
+    p = m.tb.spawn(m.x, [peer_bin, "dial", "--proxy", _hp(b_ip, 15008),
+                         "--target", _hp(b_ip, 8080), "--expect-id", SA_B.uri,
                          "--send", "istio says hi", "--linger", *_svid_files(m, SA_X)],
                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
@@ -137,7 +144,8 @@ def test_istio_hbone_dialer_through_tether_inbound(interop: Interop, peer_bin: s
         res = json.loads(_line_from(p, b'{"'))
         assert res["echo"] == "istio says hi", res
         assert res["server_id"] == SA_B.uri, res
-        assert res["greeting"]["peer"][0] == m.x.ip4, "tether delivers with the client's IP"
+        assert res["greeting"]["peer"][0] == (m.x.ip4 if family == 4 else m.x.ip6), \
+            "tether delivers with the client's IP"
         # the dialer ended its stream (END_STREAM both ways) while still running
         recs = [r for r in _records(m.n2, "inbound") if r["path"] == "hbone"]
         assert recs, m.n2.status()["connections"]
@@ -152,14 +160,17 @@ def test_istio_hbone_dialer_through_tether_inbound(interop: Interop, peer_bin: s
     assert r["bytes_sent"] == len("istio says hi\n"), r
 
 
-def test_tether_outbound_to_istio_hbone_server(interop: Interop, peer_bin: str) -> None:
+@pytest.mark.parametrize("family", [4, 6])
+def test_tether_outbound_to_istio_hbone_server(interop: Interop, peer_bin: str,
+                                               family: int) -> None:
     m = interop
-    srv = m.tb.spawn(m.z, [peer_bin, "serve", "--listen", f"{m.z.ip4}:15008",
+    z_ip = m.z.ip4 if family == 4 else m.z.ip6
+    srv = m.tb.spawn(m.z, [peer_bin, "serve", "--listen", _hp(z_ip, 15008),
                            "--trust-domain", TD, *_svid_files(m, SA_Z)],
                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         _line_from(srv, b"ready")
-        r = m.n1.connect(m.a, m.z, nbytes=1 << 20)
+        r = m.n1.connect(m.a, m.z, family=family, nbytes=1 << 20)
         assert r["ok"], (r, m.n1.connections(), m.n1.log_tail(30))
         out = [c for c in _records(m.n1, "outbound") if c["path"] == "hbone"]
         assert out, m.n1.status()["connections"]
@@ -170,4 +181,4 @@ def test_tether_outbound_to_istio_hbone_server(interop: Interop, peer_bin: str) 
         log, _ = srv.communicate(timeout=10)
     line = next(ln for ln in log.decode().splitlines() if ln.startswith("CONNECT"))
     # Istio's server saw HTTP/2, the authority tether dialled, and tether's SVID
-    assert line.startswith(f"CONNECT HTTP/2.0 {m.z.ip4}:8080 from {SA_A.uri} "), line
+    assert line.startswith(f"CONNECT HTTP/2.0 {_hp(z_ip, 8080)} from {SA_A.uri} "), line
