@@ -121,6 +121,7 @@ class Agent:
         self.errors: dict[str, str] = {}
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
+        self._waypoints_reported: set[tuple[str, str, str]] = set()
         self.handed_off = False  # a successor took (or we released) our listeners: drain, then stop
         self._mtime = 0.0
 
@@ -164,6 +165,12 @@ class Agent:
         is reported and skipped; it never stops the others."""
         self.store.replace(self.cfg)
         changed = self.policies.load(self.cfg.policies)
+        waypoints = self.cfg.waypoint_uses()
+        for u in waypoints:
+            if (u["scope"], u["name"], u["waypoint"]) not in self._waypoints_reported:
+                log.warning("%s %s uses waypoint %s: %s", u["scope"], u["name"], u["waypoint"],
+                            u["status"])
+        self._waypoints_reported = {(u["scope"], u["name"], u["waypoint"]) for u in waypoints}
         want = {w.key: w for w in self.cfg.local_enrolled()}
         gone = [k for k in self.proxies if k not in want]
         gone += [k for k in self.datapath.leftover_pods() if k not in want]
@@ -384,6 +391,7 @@ class Agent:
             {"file": self.config_path},
             "state": self.store.describe(),
             "policies": self.policies.describe(),
+            "waypoints": self.cfg.waypoint_uses(),
             "certificates": self.certs.describe() if self.certs else [],
             "hbone_pool": self.tunnel.hbone.describe() if self.tunnel and self.tunnel.hbone
             else [],

@@ -18,6 +18,12 @@ from typing import Any
 import yaml
 
 DATAPLANE_MODE = "istio.io/dataplane-mode"
+USE_WAYPOINT = "istio.io/use-waypoint"
+WAYPOINT_NOT_APPLIED = (
+    "not applied: tether runs no waypoint (L7) proxy yet, so traffic to it goes "
+    "direct over HBONE and only L4 authorization is enforced; L7 routes and "
+    "policies attached to the waypoint have no effect"
+)
 
 
 class ConfigError(ValueError):
@@ -68,6 +74,7 @@ class Service:
     # From EndpointSlices when a source has them (Kubernetes); None: select
     # workloads by the selector (the local file).
     endpoints: tuple[Endpoint, ...] | None = None
+    labels: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def hostname(self) -> str:
@@ -118,6 +125,23 @@ class LocalConfig:
 
     def local_enrolled(self) -> list[Workload]:
         return [w for w in self.workloads if w.node == self.node and self.enrolled(w)]
+
+    def waypoint_uses(self) -> list[dict[str, str]]:
+        """Every namespace, service and workload labelled istio.io/use-waypoint
+        (the value `none` opts out), with what tether does about it."""
+        out = []
+        for ns, labels in sorted(self.namespaces.items()):
+            if labels.get(USE_WAYPOINT, "none") != "none":
+                out.append({"scope": "namespace", "name": ns, "waypoint": labels[USE_WAYPOINT]})
+        for s in self.services:
+            if s.labels.get(USE_WAYPOINT, "none") != "none":
+                out.append({"scope": "service", "name": f"{s.namespace}/{s.name}",
+                            "waypoint": s.labels[USE_WAYPOINT]})
+        for w in self.workloads:
+            if w.labels.get(USE_WAYPOINT, "none") != "none":
+                out.append({"scope": "workload", "name": w.key,
+                            "waypoint": w.labels[USE_WAYPOINT]})
+        return [{**u, "status": WAYPOINT_NOT_APPLIED} for u in out]
 
 
 def _str_list(v: Any, where: str) -> tuple[str, ...]:
@@ -197,8 +221,12 @@ def _service(d: Any, i: int) -> Service:
     selector = d.get("selector") or {}
     if not isinstance(selector, dict):
         raise ConfigError(f"{where}.selector: expected a mapping of labels")
+    labels = d.get("labels") or {}
+    if not isinstance(labels, dict):
+        raise ConfigError(f"{where}.labels: expected a mapping of labels")
     return Service(d["name"], d["namespace"], addrs, tuple(ports),
-                   {str(k): str(v) for k, v in selector.items()})
+                   {str(k): str(v) for k, v in selector.items()},
+                   labels={str(k): str(v) for k, v in labels.items()})
 
 
 def _policies(doc: dict[str, Any], base: Path | None) -> tuple[dict[str, Any], ...]:

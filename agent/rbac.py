@@ -1426,6 +1426,7 @@ _MESH_NAMES = {
     "split.smi-spec.io": "SMI",
     "consul.hashicorp.com": "Consul",
 }
+_WAYPOINT_GROUPS = ("networking.istio.io", "gateway.networking.k8s.io")
 _ISTIO_ELSEWHERE = {
     "networking.istio.io": "Istio traffic configuration",
     "telemetry.istio.io": "Istio telemetry configuration",
@@ -1452,9 +1453,15 @@ def _unhandled_reason(doc: Mapping[str, object], namespace: str) -> str:
             hint = _STATIC_HINTS.get((group, kind), _AP_INSTEAD)
         return f"not supported: {_MESH_NAMES[group]} {kind} ({api}); {hint}"
     if group in _ISTIO_ELSEWHERE:
+        if group in _WAYPOINT_GROUPS:
+            return (
+                f"not applied: {kind} is {_ISTIO_ELSEWHERE[group]}, which a waypoint or "
+                "gateway (L7) would apply; tether runs none yet, so its routes and L7 rules "
+                "have no effect and traffic goes direct under L4 authorization"
+            )
         return (
-            f"not handled by L4 authorization: {kind} is {_ISTIO_ELSEWHERE[group]}, read by "
-            "the routing/waypoint side"
+            f"not handled by L4 authorization: {kind} is {_ISTIO_ELSEWHERE[group]}; tether "
+            "does not apply it"
         )
     if kind == "NetworkPolicy":
         return (

@@ -51,6 +51,7 @@ EXCLUDE_OUT_CIDR = "traffic.sidecar.istio.io/excludeOutboundIPRanges"
 WATCH_TIMEOUT = 300
 BACKOFF_MAX = 30.0
 DEBOUNCE = 0.05
+MISSING_RECHECK = 30.0  # seconds between looks for a CRD that was not installed
 
 
 def api_client(kubeconfig: str | None = None) -> client.ApiClient:
@@ -97,7 +98,14 @@ class KubeSource:
                  ("security.istio.io", "v1", "authorizationpolicies")),
             Kind("peerauthentications", self.custom.list_cluster_custom_object,
                  ("security.istio.io", "v1", "peerauthentications")),
+            # Waypoints (L7) are not run yet: these are watched so that what
+            # they would configure is reported as not applied, not ignored.
+            Kind("gateways", self.custom.list_cluster_custom_object,
+                 ("gateway.networking.k8s.io", "v1", "gateways")),
+            Kind("httproutes", self.custom.list_cluster_custom_object,
+                 ("gateway.networking.k8s.io", "v1", "httproutes")),
         ]
+        self.missing: dict[str, str] = {}  # kind -> why it is absent (CRD not installed)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -140,6 +148,9 @@ class KubeSource:
             try:
                 if rv is None:
                     rv = self._relist(kind)
+                    if rv is None:  # the kind's CRD is not installed: look again later
+                        self._stop.wait(MISSING_RECHECK)
+                        continue
                 w = watch.Watch()
                 for ev in w.stream(self._list_raw(kind), resource_version=rv,
                                    timeout_seconds=WATCH_TIMEOUT, allow_watch_bookmarks=True):
@@ -184,8 +195,28 @@ class KubeSource:
         self.errors[kind.name] = msg
         self._stop.wait(backoff)
 
-    def _relist(self, kind: Kind) -> str:
-        resp = self._list(kind, _preload_content=False, timeout_seconds=60)
+    def _relist(self, kind: Kind) -> str | None:
+        """List the kind and replace what we hold of it; its resourceVersion.
+        None when the kind is a custom resource whose CRD is not installed:
+        that counts as synced and empty (a cluster without the Gateway API
+        or without Istio's CRDs still enrolls pods), and is reported."""
+        try:
+            resp = self._list(kind, _preload_content=False, timeout_seconds=60)
+        except ApiException as e:
+            if e.status != 404 or kind.custom is None:
+                raise
+            g, v, p = kind.custom
+            why = (f"{p}.{g}/{v} is not served by this API server (CRD not installed); "
+                   f"treated as empty, checked again every {MISSING_RECHECK:.0f} s")
+            if self.missing.get(kind.name) != why:
+                log.warning("%s", why)
+            with self._lock:
+                self.objects[kind.name] = {}
+                self.synced.add(kind.name)
+            self.missing[kind.name] = why
+            self.errors.pop(kind.name, None)
+            self._schedule()
+            return None
         import json
 
         data = json.loads(resp.data)
@@ -194,6 +225,7 @@ class KubeSource:
             self.objects[kind.name] = items
             self.synced.add(kind.name)
         self.errors.pop(kind.name, None)
+        self.missing.pop(kind.name, None)
         self._schedule()
         rv: str = data.get("metadata", {}).get("resourceVersion", "")
         return rv
@@ -249,7 +281,9 @@ class KubeSource:
         policies = tuple(
             {**o, "kind": kind} for plural, kind in (
                 ("authorizationpolicies", "AuthorizationPolicy"),
-                ("peerauthentications", "PeerAuthentication"))
+                ("peerauthentications", "PeerAuthentication"),
+                ("gateways", "Gateway"),
+                ("httproutes", "HTTPRoute"))
             for o in objs.get(plural, [])
         )
         return LocalConfig(self.node, self.agent, namespaces, tuple(workloads),
@@ -321,7 +355,8 @@ class KubeSource:
                     eps += [Endpoint(a, named) for a in e.get("addresses") or []]
             endpoints = tuple(eps)
         return Service(o["metadata"]["name"], o["metadata"]["namespace"], ips, tuple(ports),
-                       dict(spec.get("selector") or {}), endpoints)
+                       dict(spec.get("selector") or {}), endpoints,
+                       labels=dict(o["metadata"].get("labels") or {}))
 
     # -- writing back ----------------------------------------------------------------
 
@@ -358,5 +393,6 @@ class KubeSource:
 
     def describe(self) -> dict[str, Any]:
         return {"synced": sorted(self.synced), "errors": dict(self.errors),
+                "missing": dict(self.missing),
                 "objects": {k: len(v) for k, v in self.objects.items()},
                 "at": time.time()}

@@ -320,3 +320,43 @@ def test_bad_policy_and_uncapturable_pod_are_reported(kube_node: KubeNode) -> No
     assert "custom-ext" in dump and "CUSTOM" in dump
     r, path = n.connect("a", "b")
     assert r["ok"] and path[1] == "captured"
+
+
+def test_waypoint_configuration_is_reported_as_not_applied(kube_node: KubeNode) -> None:
+    """tether runs no waypoint yet.  A namespace that asks for one, its waypoint
+    Gateway and an HTTPRoute attached to a service are watched and reported in
+    /config_dump (and the log) as not applied; L4 capture and policy carry on."""
+    n = kube_node
+    n.core.patch_namespace(n.ns, {"metadata": {"labels": {
+        "istio.io/dataplane-mode": "ambient", "istio.io/use-waypoint": "waypoint"}}})
+    n.add_pod("a")
+    n.add_pod("b")
+    n.core.create_namespaced_service(n.ns, {
+        "metadata": {"name": "b", "labels": {"istio.io/use-waypoint": "waypoint"}},
+        "spec": {"selector": {"app": "b"}, "ports": [{"port": 8080}]}})
+    gw = "gateway.networking.k8s.io"
+    n.custom.create_namespaced_custom_object(gw, "v1", n.ns, "gateways", {
+        "apiVersion": f"{gw}/v1", "kind": "Gateway",
+        "metadata": {"name": "waypoint", "labels": {"istio.io/waypoint-for": "service"}},
+        "spec": {"gatewayClassName": "istio-waypoint", "listeners": [
+            {"name": "mesh", "port": 15008, "protocol": "HBONE"}]}})
+    n.custom.create_namespaced_custom_object(gw, "v1", n.ns, "httproutes", {
+        "apiVersion": f"{gw}/v1", "kind": "HTTPRoute", "metadata": {"name": "b-v1"},
+        "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "b"}],
+                 "rules": [{"backendRefs": [{"name": "b", "port": 8080}]}]}})
+    n.start_agent()
+    n.wait(lambda: {f"{n.ns}/a", f"{n.ns}/b"} <= n.enrolled(), "pods enrolled")
+
+    def reported() -> bool:
+        uses = {(u["scope"], u["name"]) for u in n.status()["waypoints"]}
+        return {("namespace", n.ns), ("service", f"{n.ns}/b")} <= uses
+
+    n.wait(reported, "waypoint uses reported")
+    assert all("not applied" in u["status"] for u in n.status()["waypoints"])
+    skipped = json.dumps(n.status()["policies"])
+    for doc in (f"Gateway {n.ns}/waypoint", f"HTTPRoute {n.ns}/b-v1"):
+        assert doc in skipped, skipped
+    assert "not applied" in skipped
+    assert "uses waypoint waypoint: not applied" in (n.dir / "agent.log").read_text()
+    r, path = n.connect("a", "b")
+    assert r["ok"] and path == ("captured", "captured"), (r, path)
