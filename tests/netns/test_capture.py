@@ -7,10 +7,13 @@ records, BPF counters, and kernel object ids after cleanup.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -179,11 +182,12 @@ def test_sk_msg_on_and_off_is_byte_exact(sk_msg: bool, family: int) -> None:
             an.close()
 
 
-def test_restart_keeps_live_connections_and_adopts_pins() -> None:
-    """A new agent takes over from a running one.  Plain relays (same-node
-    mesh traffic, traffic to pods outside the mesh) are handed over socket and
-    all; the cross-node HBONE connection (TLS state lives in the old process)
-    is drained there to its end.  Every client sees every echo."""
+@contextlib.contextmanager
+def _held_on_every_path() -> Iterator[tuple[AgentNode, subprocess.Popen[Any],
+                                            list[subprocess.Popen[Any]]]]:
+    """Node n1's agent running, pod a holding one echo connection (6 s) on each
+    relay path: HBONE to b on n2, passthrough to c (not enrolled), local to d.
+    Yields (n1, its agent process, the held clients)."""
     with Testbed() as tb:
         cluster = Cluster(tb)
         an = AgentNode(tb, "n1", cluster=cluster)
@@ -197,32 +201,46 @@ def test_restart_keeps_live_connections_and_adopts_pins() -> None:
                 node.serve(pod)
             other.start_agent()
             old = an.start_agent()
-            links_before = an.inventory().links
-            progs_before = an.inventory().progs
             held = [an.spawn_peer(a, ["connect", dst.ip4, "8080", "--hold", "6",
                                       "--timeout", "10"]) for dst in (b, c, d)]
             time.sleep(1.5)
             paths = {x["path"] for x in an.connections() if x["open"]}
             assert {"hbone", "passthrough", "local"} <= paths, paths
-            # the successor takes over while the old agent still runs
-            an.agent = None
-            new = an.start_agent()
-            for h in held:
-                out, _ = h.communicate(timeout=30)
-                assert h.returncode == 0, out
-                assert '"ok": true' in out.decode()
-            assert old.wait(15) == 0, an.log_tail()
-            inv = an.inventory()
-            assert inv.links == links_before, "pinned links are adopted, not re-created"
-            assert inv.progs.isdisjoint(progs_before), "links point at the new programs"
-            inherited = [x for x in an.connections() if x["inherited"]]
-            assert sorted(x["path"] for x in inherited) == ["local", "passthrough"]
-            assert all(x["bytes_sent"] > 4096 for x in inherited)
-            r = an.connect(a, b)
-            assert r["ok"] and _path(an, r)[0] == "captured"
-            assert new.poll() is None
+            yield an, old, held
         finally:
             cluster.close()
+
+
+def _all_echoed(held: list[subprocess.Popen[Any]]) -> None:
+    for h in held:
+        out, _ = h.communicate(timeout=30)
+        assert h.returncode == 0, out
+        assert '"ok": true' in out.decode()
+
+
+def test_restart_keeps_live_connections_and_adopts_pins() -> None:
+    """A new agent takes over from a running one.  Plain relays (same-node
+    mesh traffic, traffic to pods outside the mesh) are handed over socket and
+    all; the cross-node HBONE connection (TLS state lives in the old process)
+    is drained there to its end.  Every client sees every echo."""
+    with _held_on_every_path() as (an, old, held):
+        inv = an.inventory()
+        links_before, progs_before = inv.links, inv.progs
+        # the successor takes over while the old agent still runs
+        an.agent = None
+        new = an.start_agent()
+        _all_echoed(held)
+        assert old.wait(15) == 0, an.log_tail()
+        inv = an.inventory()
+        assert inv.links == links_before, "pinned links are adopted, not re-created"
+        assert inv.progs.isdisjoint(progs_before), "links point at the new programs"
+        inherited = [x for x in an.connections() if x["inherited"]]
+        assert sorted(x["path"] for x in inherited) == ["local", "passthrough"]
+        assert all(x["bytes_sent"] > 4096 for x in inherited)
+        a = an.tb.pod("a")
+        r = an.connect(a, an.tb.pod("b"))
+        assert r["ok"] and _path(an, r)[0] == "captured"
+        assert new.poll() is None
 
 
 def test_successor_of_another_handoff_version_gets_the_listeners_released() -> None:
@@ -231,45 +249,23 @@ def test_successor_of_another_handoff_version_gets_the_listeners_released() -> N
     not guess at the layout: it closes its listeners and keeps every open
     connection (plain relays and HBONE) to its end; the successor binds fresh
     listeners and serves new connections.  Every held client sees every echo."""
-    with Testbed() as tb:
-        cluster = Cluster(tb)
-        an = AgentNode(tb, "n1", cluster=cluster)
-        other = AgentNode(tb, "n2", cluster=cluster)
-        try:
-            a, d = an.add_pod("a", "shop"), an.add_pod("d", "shop")
-            c = an.add_pod("c", "other")
-            b = other.add_pod("b", "shop")
-            an.enroll_namespace("shop")
-            for node, pod in ((an, d), (an, c), (other, b)):
-                node.serve(pod)
-            other.start_agent()
-            old = an.start_agent()
-            held = [an.spawn_peer(a, ["connect", dst.ip4, "8080", "--hold", "6",
-                                      "--timeout", "10"]) for dst in (b, c, d)]
-            time.sleep(1.5)
-            paths = {x["path"] for x in an.connections() if x["open"]}
-            assert {"hbone", "passthrough", "local"} <= paths, paths
-            # a successor from the future asks for a layout this agent lacks
-            with socket.socket(socket.AF_UNIX) as s:
-                s.settimeout(10)
-                s.connect(f"{an.state_dir}/handoff.sock")
-                s.sendall(b"HANDOFF 99\n")
-                answer = s.recv(4096)
-            assert answer.startswith(b"RELEASED "), answer
-            assert old.poll() is None, "the released agent drains, it does not exit yet"
-            an.agent = None
-            new = an.start_agent()
-            r = an.connect(a, d)
-            assert r["ok"] and _path(an, r) == ("captured", "captured")
-            assert not [x for x in an.connections() if x["inherited"]]
-            for h in held:
-                out, _ = h.communicate(timeout=30)
-                assert h.returncode == 0, out
-                assert '"ok": true' in out.decode()
-            assert old.wait(15) == 0, an.log_tail()
-            assert new.poll() is None
-        finally:
-            cluster.close()
+    with _held_on_every_path() as (an, old, held):
+        # a successor from the future asks for a layout this agent lacks
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(10)
+            s.connect(f"{an.state_dir}/handoff.sock")
+            s.sendall(b"HANDOFF 99\n")
+            answer = s.recv(4096)
+        assert answer.startswith(b"RELEASED "), answer
+        assert old.poll() is None, "the released agent drains, it does not exit yet"
+        an.agent = None
+        new = an.start_agent()
+        r = an.connect(an.tb.pod("a"), an.tb.pod("d"))
+        assert r["ok"] and _path(an, r) == ("captured", "captured")
+        assert not [x for x in an.connections() if x["inherited"]]
+        _all_echoed(held)
+        assert old.wait(15) == 0, an.log_tail()
+        assert new.poll() is None
 
 
 def test_crash_restart_adopts_kernel_state() -> None:
