@@ -266,28 +266,37 @@ def _t_iperf(tb: Testbed, client: Pod, server: Pod, host: str, port: int,
         _kill(srv)
 
 
-def _t_sockperf(tb: Testbed, client: Pod, server: Pod, host: str, port: int,
-                seconds: float) -> dict[str, float]:
+def _sockperf_pp(tb: Testbed, client: Pod, server: Pod, host: str, port: int,
+                 args: list[str], timeout: float) -> tuple[int, str, float]:
+    """`sockperf sr` in server, `sockperf pp --tcp -m 1024 ARGS` from client;
+    (exit code, output, wall seconds of the client run)."""
     srv = tb.spawn(server, ["sockperf", "sr", "--tcp", "-i", server.ip4, "-p",
                             str(SOCKPERF_PORT)],
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_listening(srv, SOCKPERF_PORT)
         p = tb.spawn(client, ["sockperf", "pp", "--tcp", "-i", host, "-p", str(port),
-                              "-m", "1024", "-t", str(max(1, round(seconds))), "--full-rtt"],
+                              "-m", "1024", *args],
                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        t0 = time.monotonic()
         try:
-            raw, _ = p.communicate(timeout=seconds + 20)
+            raw, _ = p.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             _kill(p)
-            raise RuntimeError("sockperf did not finish in time") from None
-        text = raw.decode(errors="replace")
-        pct = {float(k): float(v) for k, v in _PCT.findall(text)}
-        if 50.0 not in pct or 99.0 not in pct:
-            raise RuntimeError(f"sockperf gave no percentiles:\n{text[-800:]}")
-        return {"p50_us": pct[50.0], "p99_us": pct[99.0]}
+            raise RuntimeError(f"sockperf pp {' '.join(args)} did not finish in time") from None
+        return p.returncode, raw.decode(errors="replace"), time.monotonic() - t0
     finally:
         _kill(srv)
+
+
+def _t_sockperf(tb: Testbed, client: Pod, server: Pod, host: str, port: int,
+                seconds: float) -> dict[str, float]:
+    _, text, _ = _sockperf_pp(tb, client, server, host, port,
+                              ["-t", str(max(1, round(seconds))), "--full-rtt"], seconds + 20)
+    pct = {float(k): float(v) for k, v in _PCT.findall(text)}
+    if 50.0 not in pct or 99.0 not in pct:
+        raise RuntimeError(f"sockperf gave no percentiles:\n{text[-800:]}")
+    return {"p50_us": pct[50.0], "p99_us": pct[99.0]}
 
 
 RATE_MPS = 1000  # Istio's published ztunnel figure: ~0.06 vCPU at 1000 req/s, 1 KB
@@ -297,27 +306,14 @@ def _t_rate_cpu(tb: Testbed, client: Pod, server: Pod, host: str, port: int,
                 seconds: float, procs: _Procs) -> dict[str, float]:
     """CPU of the relaying processes while sockperf ping-pongs 1 KiB messages
     at a fixed 1000 per second over one connection: vCPU = CPU s / wall s."""
-    srv = tb.spawn(server, ["sockperf", "sr", "--tcp", "-i", server.ip4, "-p",
-                            str(SOCKPERF_PORT)],
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        _wait_listening(srv, SOCKPERF_PORT)
-        t = max(2, round(seconds))
-        p = tb.spawn(client, ["sockperf", "pp", "--tcp", "-i", host, "-p", str(port),
-                              "-m", "1024", "--mps", str(RATE_MPS), "-t", str(t)],
-                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        cpu0, t0 = procs.cpu(), time.monotonic()
-        try:
-            raw, _ = p.communicate(timeout=t + 20)
-        except subprocess.TimeoutExpired:
-            _kill(p)
-            raise RuntimeError("sockperf --mps did not finish in time") from None
-        cpu, wall = procs.cpu() - cpu0, time.monotonic() - t0
-        if p.returncode != 0:
-            raise RuntimeError(f"sockperf --mps: {raw.decode(errors='replace')[-500:]}")
-        return {"vcpu": cpu / wall}
-    finally:
-        _kill(srv)
+    t = max(2, round(seconds))
+    cpu0 = procs.cpu()
+    rc, text, wall = _sockperf_pp(tb, client, server, host, port,
+                                  ["--mps", str(RATE_MPS), "-t", str(t)], t + 20)
+    cpu = procs.cpu() - cpu0
+    if rc != 0:
+        raise RuntimeError(f"sockperf --mps: {text[-500:]}")
+    return {"vcpu": cpu / wall}
 
 
 def _t_cps(tb: Testbed, client: Pod, server: Pod, host: str, port: int,
