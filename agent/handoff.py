@@ -13,8 +13,8 @@ pinned kernel state is still adopted.
 
 Versions.  The successor asks `HANDOFF <version>`; the bundle's layout is
 that version's.  A predecessor that does not speak the version asked for
-(an upgrade or downgrade across a format change, or any failure while
-freezing) does not guess: it *releases* instead, answering `RELEASED
+(an upgrade or downgrade across a format change) does not guess: it
+*releases* instead, answering `RELEASED
 <reason>` after closing its listeners, and keeps serving every connection it
 has (plain relays too) until they end; the successor binds fresh listeners
 and serves new connections.  Either way no established connection drops.
