@@ -174,6 +174,8 @@ class KubeSource:
                     log.info("%s: resourceVersion too old (410 Gone), relisting", kind.name)
                     rv = None
                     continue
+                if e.status == 404 and kind.custom is not None:
+                    rv = None  # its CRD went away: the relist reports it missing
                 self._failed(kind, e, backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
             except Exception as e:  # connection refused, timeouts, decode errors

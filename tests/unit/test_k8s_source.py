@@ -75,3 +75,42 @@ def test_other_errors_of_custom_kinds_still_fail() -> None:
     with pytest.raises(ApiException):
         src._relist(Kind("gateways", forbidden, GW))
     assert "gateways" not in src.synced
+
+
+def test_crd_removed_while_watching_is_relisted_and_reported(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The watch of a custom kind gets 404 (its CRD was deleted): the loop
+    relists instead of re-watching a stale resourceVersion forever, and the
+    kind shows up as missing with nothing left of it."""
+    import agent.sources.k8s as k8s
+
+    src = _source()
+    fake = FakeList()
+    fake.installed = True
+    fake.items = [{"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+                   "metadata": {"name": "w", "namespace": "shop"}}]
+
+    class GoneWatch:
+        def stream(self, *a: Any, **kw: Any) -> Any:
+            fake.installed = False  # the CRD is deleted while we watch
+            raise ApiException(status=404, reason="Not Found")
+
+        def stop(self) -> None:
+            pass
+
+    monkeypatch.setattr(k8s.watch, "Watch", GoneWatch)
+    monkeypatch.setattr(k8s, "MISSING_RECHECK", 0.0)
+    waits: list[float] = []
+
+    def wait(t: float) -> bool:
+        waits.append(t)
+        if "gateways" in src.missing or len(waits) >= 5:  # bounded either way
+            src._stop.set()
+        return src._stop.is_set()
+
+    monkeypatch.setattr(src._stop, "wait", wait)
+    src._run(Kind("gateways", fake, GW))
+    assert "gateways" in src.missing
+    assert src.objects["gateways"] == {}
+    assert len(waits) <= 3, waits
