@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -284,6 +284,20 @@ class AgentNode:
         self._tmp.cleanup()
         if self.cluster.nodes == [self]:
             self.cluster._tmp.cleanup()
+
+
+@contextlib.contextmanager
+def cluster_nodes(*names: str, cert_ttl: float | None = None
+                  ) -> Iterator[tuple[Cluster, list[AgentNode]]]:
+    """A fresh testbed with one simulated node per name, all in one Cluster
+    (shared CA and config); every agent, netns and pin is gone afterwards."""
+    with Testbed() as tb:
+        cluster = Cluster(tb)
+        cluster.cert_ttl = cert_ttl
+        try:
+            yield cluster, [AgentNode(tb, n, cluster=cluster) for n in names]
+        finally:
+            cluster.close()
 
 
 def classify(result: dict[str, Any], conns: Iterable[dict[str, Any]]) -> tuple[str, str]:

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from agent.datapath import bpfsys, inventory
-from agent.sim.harness import AgentNode, Cluster, classify
+from agent.sim.harness import AgentNode, classify, cluster_nodes
 from agent.sim.topology import Testbed
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="netns tier needs root")
@@ -188,27 +188,21 @@ def _held_on_every_path() -> Iterator[tuple[AgentNode, subprocess.Popen[Any],
     """Node n1's agent running, pod a holding one echo connection (6 s) on each
     relay path: HBONE to b on n2, passthrough to c (not enrolled), local to d.
     Yields (n1, its agent process, the held clients)."""
-    with Testbed() as tb:
-        cluster = Cluster(tb)
-        an = AgentNode(tb, "n1", cluster=cluster)
-        other = AgentNode(tb, "n2", cluster=cluster)
-        try:
-            a, d = an.add_pod("a", "shop"), an.add_pod("d", "shop")
-            c = an.add_pod("c", "other")
-            b = other.add_pod("b", "shop")
-            an.enroll_namespace("shop")
-            for node, pod in ((an, d), (an, c), (other, b)):
-                node.serve(pod)
-            other.start_agent()
-            old = an.start_agent()
-            held = [an.spawn_peer(a, ["connect", dst.ip4, "8080", "--hold", "6",
-                                      "--timeout", "10"]) for dst in (b, c, d)]
-            time.sleep(1.5)
-            paths = {x["path"] for x in an.connections() if x["open"]}
-            assert {"hbone", "passthrough", "local"} <= paths, paths
-            yield an, old, held
-        finally:
-            cluster.close()
+    with cluster_nodes("n1", "n2") as (_, (an, other)):
+        a, d = an.add_pod("a", "shop"), an.add_pod("d", "shop")
+        c = an.add_pod("c", "other")
+        b = other.add_pod("b", "shop")
+        an.enroll_namespace("shop")
+        for node, pod in ((an, d), (an, c), (other, b)):
+            node.serve(pod)
+        other.start_agent()
+        old = an.start_agent()
+        held = [an.spawn_peer(a, ["connect", dst.ip4, "8080", "--hold", "6",
+                                  "--timeout", "10"]) for dst in (b, c, d)]
+        time.sleep(1.5)
+        paths = {x["path"] for x in an.connections() if x["open"]}
+        assert {"hbone", "passthrough", "local"} <= paths, paths
+        yield an, old, held
 
 
 def _all_echoed(held: list[subprocess.Popen[Any]]) -> None:

@@ -44,7 +44,7 @@ from agent.identity.ca import CA_KEY_FILE, CertificateAuthority
 from agent.identity.spiffe import SpiffeId
 from agent.identity.svid import Svid, generate_key, utcnow
 from agent.identity.tls import client_context
-from agent.sim.harness import AgentNode, Cluster
+from agent.sim.harness import AgentNode, Cluster, cluster_nodes
 from agent.sim.topology import Pod, Testbed
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="netns tier needs root")
@@ -74,22 +74,16 @@ class Mesh:
 
 @pytest.fixture(scope="module")
 def mesh() -> Iterator[Mesh]:
-    with Testbed() as tb:
-        cluster = Cluster(tb)
-        try:
-            n1 = AgentNode(tb, "node1", cluster=cluster)
-            n2 = AgentNode(tb, "node2", cluster=cluster)
-            a = n1.add_pod("a", "shop", "sa-a")
-            b = n2.add_pod("b", "shop", "sa-b")
-            n1.enroll_namespace("shop")
-            # the agents load the CA from here; create it first so both share it
-            ca = CertificateAuthority.load_or_generate(cluster.ca_dir)
-            n2.serve(b, 8080)
-            n1.start_agent()
-            n2.start_agent()
-            yield Mesh(tb, cluster, n1, n2, a, b, ca)
-        finally:
-            cluster.close()
+    with cluster_nodes("node1", "node2") as (cluster, (n1, n2)):
+        a = n1.add_pod("a", "shop", "sa-a")
+        b = n2.add_pod("b", "shop", "sa-b")
+        n1.enroll_namespace("shop")
+        # the agents load the CA from here; create it first so both share it
+        ca = CertificateAuthority.load_or_generate(cluster.ca_dir)
+        n2.serve(b, 8080)
+        n1.start_agent()
+        n2.start_agent()
+        yield Mesh(cluster.tb, cluster, n1, n2, a, b, ca)
 
 
 @pytest.fixture(autouse=True)

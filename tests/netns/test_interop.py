@@ -33,7 +33,7 @@ import pytest
 from agent.identity.ca import CertificateAuthority
 from agent.identity.spiffe import SpiffeId
 from agent.identity.svid import Svid, generate_key, utcnow
-from agent.sim.harness import AgentNode, Cluster
+from agent.sim.harness import AgentNode, cluster_nodes
 from agent.sim.topology import Pod, Testbed
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="netns tier needs root")
@@ -72,25 +72,19 @@ class Interop:
 
 @pytest.fixture(scope="module")
 def interop() -> Iterator[Interop]:
-    with Testbed() as tb, tempfile.TemporaryDirectory(prefix=f"tether-{tb.prefix}-") as d:
-        cluster = Cluster(tb)
-        try:
-            n1 = AgentNode(tb, "node1", cluster=cluster)
-            n2 = AgentNode(tb, "node2", cluster=cluster)
-            n3 = AgentNode(tb, "node3", cluster=cluster)
-            a = n1.add_pod("a", "shop", "sa-a")
-            b = n2.add_pod("b", "shop", "sa-b")
-            x = n3.add_pod("x", "legacy", "sa-x")
-            z = n3.add_pod("z", "shop", "sa-z")
-            n1.enroll_namespace("shop")
-            ca = CertificateAuthority.load_or_generate(cluster.ca_dir)
-            n2.serve(b, 8080)
-            n3.serve(z, 8080)
-            n1.start_agent()
-            n2.start_agent()
-            yield Interop(tb, n1, n2, n3, a, b, x, z, ca, Path(d))
-        finally:
-            cluster.close()
+    with (cluster_nodes("node1", "node2", "node3") as (cluster, (n1, n2, n3)),
+          tempfile.TemporaryDirectory(prefix=f"tether-{cluster.tb.prefix}-") as d):
+        a = n1.add_pod("a", "shop", "sa-a")
+        b = n2.add_pod("b", "shop", "sa-b")
+        x = n3.add_pod("x", "legacy", "sa-x")
+        z = n3.add_pod("z", "shop", "sa-z")
+        n1.enroll_namespace("shop")
+        ca = CertificateAuthority.load_or_generate(cluster.ca_dir)
+        n2.serve(b, 8080)
+        n3.serve(z, 8080)
+        n1.start_agent()
+        n2.start_agent()
+        yield Interop(cluster.tb, n1, n2, n3, a, b, x, z, ca, Path(d))
 
 
 def _svid_files(m: Interop, ident: SpiffeId) -> list[str]:

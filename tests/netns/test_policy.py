@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
-from agent.sim.harness import AgentNode, Cluster
+from agent.sim.harness import AgentNode, Cluster, cluster_nodes
 from agent.sim.topology import Pod, Testbed
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="netns tier needs root")
@@ -47,31 +47,25 @@ class Mesh:
 def mesh() -> Iterator[Mesh]:
     """node1: a (shop/sa-a), o1 (other/sa-o1), l1 (legacy, not enrolled);
     node2: b (shop/sa-b), o2 (other/sa-o2), w (blog/sa-blog), l2 (legacy)."""
-    with Testbed() as tb:
-        cluster = Cluster(tb)
-        try:
-            n1 = AgentNode(tb, "node1", cluster=cluster)
-            n2 = AgentNode(tb, "node2", cluster=cluster)
-            pods: dict[str, Pod] = {}
-            node_of: dict[str, AgentNode] = {}
-            for node, name, ns, sa in [
-                (n1, "a", "shop", "sa-a"), (n1, "o1", "other", "sa-o1"),
-                (n1, "l1", "legacy", "sa-l1"),
-                (n2, "b", "shop", "sa-b"), (n2, "o2", "other", "sa-o2"),
-                (n2, "w", "blog", "sa-blog"), (n2, "l2", "legacy", "sa-l2"),
-            ]:
-                pods[name] = node.add_pod(name, ns, sa, labels={"app": name})
-                node_of[name] = node
-            for ns in ("shop", "other", "blog"):
-                n1.enroll_namespace(ns)
-            for name in ("b", "o2", "w", "l2"):
-                n2.serve(pods[name], 8080)
-            n2.serve(pods["b"], 8081)
-            n1.start_agent()
-            n2.start_agent()
-            yield Mesh(tb, cluster, n1, n2, pods, node_of)
-        finally:
-            cluster.close()
+    with cluster_nodes("node1", "node2") as (cluster, (n1, n2)):
+        pods: dict[str, Pod] = {}
+        node_of: dict[str, AgentNode] = {}
+        for node, name, ns, sa in [
+            (n1, "a", "shop", "sa-a"), (n1, "o1", "other", "sa-o1"),
+            (n1, "l1", "legacy", "sa-l1"),
+            (n2, "b", "shop", "sa-b"), (n2, "o2", "other", "sa-o2"),
+            (n2, "w", "blog", "sa-blog"), (n2, "l2", "legacy", "sa-l2"),
+        ]:
+            pods[name] = node.add_pod(name, ns, sa, labels={"app": name})
+            node_of[name] = node
+        for ns in ("shop", "other", "blog"):
+            n1.enroll_namespace(ns)
+        for name in ("b", "o2", "w", "l2"):
+            n2.serve(pods[name], 8080)
+        n2.serve(pods["b"], 8081)
+        n1.start_agent()
+        n2.start_agent()
+        yield Mesh(cluster.tb, cluster, n1, n2, pods, node_of)
 
 
 @pytest.fixture(autouse=True)

@@ -21,8 +21,7 @@ from typing import Any
 import pytest
 
 from agent import netns
-from agent.sim.harness import AgentNode, Cluster
-from agent.sim.topology import Testbed
+from agent.sim.harness import AgentNode, Cluster, cluster_nodes
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="netns tier needs root")
 
@@ -31,25 +30,19 @@ SA = "spiffe://cluster.local/ns/shop/sa/"
 
 @pytest.fixture(scope="module")
 def mesh() -> Iterator[tuple[Cluster, AgentNode, AgentNode]]:
-    with Testbed() as tb:
-        cluster = Cluster(tb)
-        n1 = AgentNode(tb, "n1", cluster=cluster)
-        n2 = AgentNode(tb, "n2", cluster=cluster)
-        try:
-            n1.add_pod("a", "shop", "sa-a")
-            n1.add_pod("c", "shop", "sa-c")
-            n2.add_pod("b", "shop", "sa-b")
-            n1.add_pod("plain1", "legacy", "legacy")
-            n2.add_pod("plain2", "legacy", "legacy")
-            n1.enroll_namespace("shop")
-            for n in (n1, n2):
-                for p in n.pods:
-                    n.serve(p)
-            n1.start_agent()
-            n2.start_agent()
-            yield cluster, n1, n2
-        finally:
-            cluster.close()
+    with cluster_nodes("n1", "n2") as (cluster, (n1, n2)):
+        n1.add_pod("a", "shop", "sa-a")
+        n1.add_pod("c", "shop", "sa-c")
+        n2.add_pod("b", "shop", "sa-b")
+        n1.add_pod("plain1", "legacy", "legacy")
+        n2.add_pod("plain2", "legacy", "legacy")
+        n1.enroll_namespace("shop")
+        for n in (n1, n2):
+            for p in n.pods:
+                n.serve(p)
+        n1.start_agent()
+        n2.start_agent()
+        yield cluster, n1, n2
 
 
 def _record(node: AgentNode, direction: str, path: str | None = None) -> dict[str, Any]:
@@ -132,75 +125,63 @@ def test_wire_between_nodes_carries_no_mesh_plaintext(mesh: Any) -> None:
 
 
 def test_certificate_rotation_under_a_live_connection() -> None:
-    with Testbed() as tb:
-        cluster = Cluster(tb)
-        cluster.cert_ttl = 4.0  # renewed at half-life: every ~2 s
-        n1 = AgentNode(tb, "n1", cluster=cluster)
-        n2 = AgentNode(tb, "n2", cluster=cluster)
-        try:
-            a = n1.add_pod("a", "shop", "sa-a")
-            b = n2.add_pod("b", "shop", "sa-b")
-            n1.enroll_namespace("shop")
-            n2.serve(b)
-            n1.start_agent()
-            n2.start_agent()
+    # certificates renewed at half-life: every ~2 s
+    with cluster_nodes("n1", "n2", cert_ttl=4.0) as (_, (n1, n2)):
+        a = n1.add_pod("a", "shop", "sa-a")
+        b = n2.add_pod("b", "shop", "sa-b")
+        n1.enroll_namespace("shop")
+        n2.serve(b)
+        n1.start_agent()
+        n2.start_agent()
 
-            def serial() -> str:
-                certs = n1.status()["certificates"]
-                return next(str(c["serial"]) for c in certs if c["identity"] == SA + "sa-a")
+        def serial() -> str:
+            certs = n1.status()["certificates"]
+            return next(str(c["serial"]) for c in certs if c["identity"] == SA + "sa-a")
 
-            held = n1.spawn_peer(a, ["connect", b.ip4, "8080", "--hold", "7",
-                                     "--timeout", "10"])
-            first = serial()
-            seen = {first}
-            deadline = time.monotonic() + 10
-            while len(seen) < 3 and time.monotonic() < deadline:
-                time.sleep(0.5)
-                seen.add(serial())
-            assert len(seen) >= 3, f"certificate not renewed: {seen}"
-            out, _ = held.communicate(timeout=30)
-            assert held.returncode == 0 and b'"ok": true' in out, out
-            r = n1.connect(a, b)  # a new connection after rotation works too
-            assert r["ok"], r
-        finally:
-            cluster.close()
+        held = n1.spawn_peer(a, ["connect", b.ip4, "8080", "--hold", "7",
+                                 "--timeout", "10"])
+        first = serial()
+        seen = {first}
+        deadline = time.monotonic() + 10
+        while len(seen) < 3 and time.monotonic() < deadline:
+            time.sleep(0.5)
+            seen.add(serial())
+        assert len(seen) >= 3, f"certificate not renewed: {seen}"
+        out, _ = held.communicate(timeout=30)
+        assert held.returncode == 0 and b'"ok": true' in out, out
+        r = n1.connect(a, b)  # a new connection after rotation works too
+        assert r["ok"], r
 
 
 def test_policy_reload_closes_only_connections_it_denies() -> None:
-    with Testbed() as tb:
-        cluster = Cluster(tb)
-        n1 = AgentNode(tb, "n1", cluster=cluster)
-        n2 = AgentNode(tb, "n2", cluster=cluster)
-        try:
-            x = n1.add_pod("x", "shop", "sa-x")
-            y = n1.add_pod("y", "shop", "sa-y")
-            db = n2.add_pod("db", "shop", "sa-db")
-            n1.enroll_namespace("shop")
-            n2.serve(db)
-            n1.start_agent()
-            n2.start_agent()
-            held = {p.name: n1.spawn_peer(p, ["connect", db.ip4, "8080", "--hold", "5",
-                                               "--timeout", "10"]) for p in (x, y)}
-            time.sleep(1.5)
-            cluster.policies = [{
-                "apiVersion": "security.istio.io/v1",
-                "kind": "AuthorizationPolicy",
-                "metadata": {"name": "db-from-x", "namespace": "shop"},
-                "spec": {"selector": {"matchLabels": {}},
-                         "rules": [{"from": [{"source": {"principals": [
-                             "cluster.local/ns/shop/sa/sa-x"]}}]}]},
-            }]
-            cluster.write_configs()
-            outs = {name: p.communicate(timeout=30)[0] for name, p in held.items()}
-            assert held["x"].returncode == 0, outs["x"]
-            assert held["y"].returncode != 0, outs["y"]
-            recs = [c for c in n2.connections() if c["src_identity"] == SA + "sa-y"]
-            assert any("policy change" in (c["error"] or "") and c["response_flag"] == "DENY"
-                       for c in recs), recs
-            assert not n1.connect(y, db)["ok"]
-            assert n1.connect(x, db)["ok"]
-        finally:
-            cluster.close()
+    with cluster_nodes("n1", "n2") as (cluster, (n1, n2)):
+        x = n1.add_pod("x", "shop", "sa-x")
+        y = n1.add_pod("y", "shop", "sa-y")
+        db = n2.add_pod("db", "shop", "sa-db")
+        n1.enroll_namespace("shop")
+        n2.serve(db)
+        n1.start_agent()
+        n2.start_agent()
+        held = {p.name: n1.spawn_peer(p, ["connect", db.ip4, "8080", "--hold", "5",
+                                           "--timeout", "10"]) for p in (x, y)}
+        time.sleep(1.5)
+        cluster.policies = [{
+            "apiVersion": "security.istio.io/v1",
+            "kind": "AuthorizationPolicy",
+            "metadata": {"name": "db-from-x", "namespace": "shop"},
+            "spec": {"selector": {"matchLabels": {}},
+                     "rules": [{"from": [{"source": {"principals": [
+                         "cluster.local/ns/shop/sa/sa-x"]}}]}]},
+        }]
+        cluster.write_configs()
+        outs = {name: p.communicate(timeout=30)[0] for name, p in held.items()}
+        assert held["x"].returncode == 0, outs["x"]
+        assert held["y"].returncode != 0, outs["y"]
+        recs = [c for c in n2.connections() if c["src_identity"] == SA + "sa-y"]
+        assert any("policy change" in (c["error"] or "") and c["response_flag"] == "DENY"
+                   for c in recs), recs
+        assert not n1.connect(y, db)["ok"]
+        assert n1.connect(x, db)["ok"]
 
 
 def _tcp_sockets_of(pid: int) -> list[socket.socket]:
