@@ -287,8 +287,9 @@ class AgentNode:
 
 
 @contextlib.contextmanager
-def cluster_nodes(*names: str, cert_ttl: float | None = None
-                  ) -> Iterator[tuple[Cluster, list[AgentNode]]]:
+def cluster_nodes(
+    *names: str, cert_ttl: float | None = None
+) -> Iterator[tuple[Cluster, list[AgentNode]]]:
     """A fresh testbed with one simulated node per name, all in one Cluster
     (shared CA and config); every agent, netns and pin is gone afterwards."""
     with Testbed() as tb:
