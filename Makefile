@@ -44,7 +44,7 @@ test-kernels: setup
 
 lint: setup
 	$(VENV)/bin/ruff check agent tests
-	$(VENV)/bin/ruff format --check agent/sim agent/datapath/bpfsys.py
+	$(VENV)/bin/ruff format --check agent tests
 
 typecheck: setup
 	$(VENV)/bin/mypy

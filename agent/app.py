@@ -37,8 +37,12 @@ from agent.tunnel.proxy import AuthzRequest, AuthzResult, PodProxy, PodRef, Port
 
 log = logging.getLogger(__name__)
 
-LISTEN_KINDS = {"in4": Listen.PLAIN4, "in6": Listen.PLAIN6,
-                "hbone4": Listen.HBONE4, "hbone6": Listen.HBONE6}
+LISTEN_KINDS = {
+    "in4": Listen.PLAIN4,
+    "in6": Listen.PLAIN6,
+    "hbone4": Listen.HBONE4,
+    "hbone6": Listen.HBONE6,
+}
 BIND_RETRY = 30.0  # a predecessor frees the node's ports when it hands over
 DEFAULT_CERT_TTL = timedelta(hours=24)
 DRAIN_TIMEOUT = float(os.environ.get("TETHER_DRAIN_TIMEOUT", "300"))
@@ -63,8 +67,9 @@ class Policies:
         return True
 
     def authorize(self, req: AuthzRequest) -> AuthzResult:
-        d = self.store.evaluate(rbac.Conn.make(req.src_ip, req.src_identity, req.dst_ip,
-                                               req.dst_port, req.workload))
+        d = self.store.evaluate(
+            rbac.Conn.make(req.src_ip, req.src_identity, req.dst_ip, req.dst_port, req.workload)
+        )
         return AuthzResult(d.allowed, d.reason, d.policy)
 
     def plaintext_allowed(self, workload: localconfig.Workload, port: int) -> bool:
@@ -87,8 +92,9 @@ def _agent_cgroup() -> str:
 
 
 class Agent:
-    def __init__(self, config_path: str, skmsg: bool | None = None,
-                 kube: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, config_path: str, skmsg: bool | None = None, kube: dict[str, Any] | None = None
+    ) -> None:
         """kube: None for local-file mode; else {"node": ..., "kubeconfig": ...}:
         agent and identity settings still come from the file, the mesh from
         the Kubernetes API."""
@@ -96,8 +102,9 @@ class Agent:
         self.kube = kube
         self.cfg = localconfig.load(config_path)
         if kube is not None:
-            self.cfg = dataclasses.replace(self.cfg, node=kube["node"], namespaces={},
-                                           workloads=(), services=(), policies=())
+            self.cfg = dataclasses.replace(
+                self.cfg, node=kube["node"], namespaces={}, workloads=(), services=(), policies=()
+            )
         self.source: Any = None
         s = self.cfg.agent
         self.datapath = Datapath(
@@ -143,18 +150,25 @@ class Agent:
             from agent.identity.client import CaClient, token_file
 
             roots = Path(ident.ca_root_file).read_text() if ident.ca_root_file else ""
-            creds = None if ident.ca_plaintext else grpc.ssl_channel_credentials(
-                roots.encode() if roots else None)
-            source = CaClient(ident.ca_address,
-                              token=token_file(ident.token_file) if ident.token_file else None,
-                              trust_roots=[roots] if roots else (),
-                              channel_credentials=creds, ttl=ttl or DEFAULT_CERT_TTL)
+            creds = (
+                None
+                if ident.ca_plaintext
+                else grpc.ssl_channel_credentials(roots.encode() if roots else None)
+            )
+            source = CaClient(
+                ident.ca_address,
+                token=token_file(ident.token_file) if ident.token_file else None,
+                trust_roots=[roots] if roots else (),
+                channel_credentials=creds,
+                ttl=ttl or DEFAULT_CERT_TTL,
+            )
         elif ident.ca_dir:
             ca = CertificateAuthority.load_or_generate(ident.ca_dir, ident.trust_domain)
             source = EmbeddedCA(ca, ttl)
         else:
-            log.warning("no identity.caDir or caAddress: mesh traffic is passed through in "
-                        "plaintext")
+            log.warning(
+                "no identity.caDir or caAddress: mesh traffic is passed through in plaintext"
+            )
             return None
         return CertificateManager(source, tls_tmp_dir=str(tmp))
 
@@ -168,8 +182,9 @@ class Agent:
         waypoints = self.cfg.waypoint_uses()
         for u in waypoints:
             if (u["scope"], u["name"], u["waypoint"]) not in self._waypoints_reported:
-                log.warning("%s %s uses waypoint %s: %s", u["scope"], u["name"], u["waypoint"],
-                            u["status"])
+                log.warning(
+                    "%s %s uses waypoint %s: %s", u["scope"], u["name"], u["waypoint"], u["status"]
+                )
         self._waypoints_reported = {(u["scope"], u["name"], u["waypoint"]) for u in waypoints}
         want = {w.key: w for w in self.cfg.local_enrolled()}
         gone = [k for k in self.proxies if k not in want]
@@ -201,19 +216,29 @@ class Agent:
                 log.error("%s", e)
         if self.source is not None:
             for key in want:
-                self.source.report(key, "enabled" if key in self.proxies else "failed",
-                                   self.errors.get(key, ""))
+                self.source.report(
+                    key, "enabled" if key in self.proxies else "failed", self.errors.get(key, "")
+                )
             for key in gone:
                 self.source.report(key, "disabled")
 
     def _enroll(self, w: localconfig.Workload, inherited: dict[str, Any] | None) -> None:
         if not w.netns or not w.cgroup:
-            raise PodError(w.key, "no netns/cgroup for this pod: " + (
-                "its cgroup v2 directory or sandbox process was not found on this node "
-                "(agent/sources/podfs.py lists the layouts understood)" if self.kube
-                else "the local file gives none"))
+            raise PodError(
+                w.key,
+                "no netns/cgroup for this pod: "
+                + (
+                    "its cgroup v2 directory or sandbox process was not found on this node "
+                    "(agent/sources/podfs.py lists the layouts understood)"
+                    if self.kube
+                    else "the local file gives none"
+                ),
+            )
         spec = PodSpec(
-            key=w.key, netns=w.netns, cgroup=w.cgroup, ips=w.addresses,
+            key=w.key,
+            netns=w.netns,
+            cgroup=w.cgroup,
+            ips=w.addresses,
             exclude_out_ports=w.exclude_outbound_ports,
             exclude_in_ports=w.exclude_inbound_ports,
             exclude_out_cidrs=w.exclude_outbound_cidrs,
@@ -265,22 +290,33 @@ class Agent:
             server_ctx = server_ctx_
         if self.kube is not None:
             await self._start_kube(loop)
-        self.tunnel = Tunnel(self.datapath, self.store, self.conns, self.policies, hbone,
-                             server_ctx, splicing=self.datapath.config.skmsg,
-                             local=self.proxies)
+        self.tunnel = Tunnel(
+            self.datapath,
+            self.store,
+            self.conns,
+            self.policies,
+            hbone,
+            server_ctx,
+            splicing=self.datapath.config.skmsg,
+            local=self.proxies,
+        )
         self.reconcile(inherited)
         servers = [
             await _bind(self._admin, "127.0.0.1", self.cfg.agent.admin_port, "admin"),
             await _bind(self._ready_only, "127.0.0.1", self.cfg.agent.ready_port, "readiness"),
             await _bind(self._metrics, "0.0.0.0", self.cfg.agent.metrics_port, "metrics"),
         ]
-        giver = await handoff.serve(self.cfg.agent.state_dir, self._give, self._release,
-                                    self._stop)
+        giver = await handoff.serve(self.cfg.agent.state_dir, self._give, self._release, self._stop)
         self._mtime = os.stat(self.config_path).st_mtime
         self.ready.set()
-        log.info("agent ready: %d pods enrolled, admin on 127.0.0.1:%d, readiness on "
-                 "127.0.0.1:%d, metrics on :%d", len(self.proxies), self.cfg.agent.admin_port,
-                 self.cfg.agent.ready_port, self.cfg.agent.metrics_port)
+        log.info(
+            "agent ready: %d pods enrolled, admin on 127.0.0.1:%d, readiness on "
+            "127.0.0.1:%d, metrics on :%d",
+            len(self.proxies),
+            self.cfg.agent.admin_port,
+            self.cfg.agent.ready_port,
+            self.cfg.agent.metrics_port,
+        )
         watcher = loop.create_task(self._watch() if self.kube is None else self._idle())
         await self._stop.wait()
         watcher.cancel()
@@ -323,15 +359,22 @@ class Agent:
                     log.exception("reconcile failed; retrying on the next change")
 
         root = self.cfg.agent.pod_cgroup_root
-        self.source = KubeSource(self.kube["node"], self.cfg.agent, self.cfg.identity,
-                                 kubeconfig=self.kube.get("kubeconfig"),
-                                 cgroup_root=Path(root) if root else None)
+        self.source = KubeSource(
+            self.kube["node"],
+            self.cfg.agent,
+            self.cfg.identity,
+            kubeconfig=self.kube.get("kubeconfig"),
+            cgroup_root=Path(root) if root else None,
+        )
         self.source.start(loop, on_snapshot)
         try:
             await asyncio.wait_for(first.wait(), 60)
         except TimeoutError:
-            log.error("no complete snapshot from the API server in 60 s (%s); starting with "
-                      "nothing enrolled", self.source.errors)
+            log.error(
+                "no complete snapshot from the API server in 60 s (%s); starting with "
+                "nothing enrolled",
+                self.source.errors,
+            )
 
     async def _idle(self) -> None:
         await asyncio.Event().wait()
@@ -387,14 +430,14 @@ class Agent:
             "ready": self.ready.is_set(),
             "datapath": self.datapath.status(),
             "pod_errors": self.errors,
-            "source": self.source.describe() if self.source is not None else
-            {"file": self.config_path},
+            "source": self.source.describe()
+            if self.source is not None
+            else {"file": self.config_path},
             "state": self.store.describe(),
             "policies": self.policies.describe(),
             "waypoints": self.cfg.waypoint_uses(),
             "certificates": self.certs.describe() if self.certs else [],
-            "hbone_pool": self.tunnel.hbone.describe() if self.tunnel and self.tunnel.hbone
-            else [],
+            "hbone_pool": self.tunnel.hbone.describe() if self.tunnel and self.tunnel.hbone else [],
             "connections": {
                 "open": [c.record() for c in self.conns.open.values()],
                 "closed": [c.record() for c in self.conns.closed[-200:]],
@@ -408,8 +451,12 @@ class Agent:
     async def _metrics(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         await self._admin(r, w, allowed=("/metrics",))
 
-    async def _admin(self, r: asyncio.StreamReader, w: asyncio.StreamWriter,
-                     allowed: tuple[str, ...] | None = None) -> None:
+    async def _admin(
+        self,
+        r: asyncio.StreamReader,
+        w: asyncio.StreamWriter,
+        allowed: tuple[str, ...] | None = None,
+    ) -> None:
         """Minimal HTTP/1.0: /healthz, /ready, /config_dump, /connections, /metrics."""
         try:
             line = (await asyncio.wait_for(r.readline(), 5)).decode(errors="replace")
@@ -452,10 +499,11 @@ async def _bind(handler: Any, host: str, port: int, what: str) -> asyncio.Abstra
             await asyncio.sleep(0.2)
 
 
-def main_run(config_path: str, skmsg: bool | None,
-             kube: dict[str, Any] | None = None) -> int:
-    logging.basicConfig(level=os.environ.get("TETHER_LOG", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def main_run(config_path: str, skmsg: bool | None, kube: dict[str, Any] | None = None) -> int:
+    logging.basicConfig(
+        level=os.environ.get("TETHER_LOG", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     try:
         agent = Agent(config_path, skmsg, kube)
     except localconfig.ConfigError as e:

@@ -30,13 +30,20 @@ SOCKPERF_PORT = 11111
 
 
 def _iperf(an: AgentNode, client: Pod, server: Pod, seconds: float) -> float:
-    srv = an.tb.spawn(server, ["iperf3", "-s", "-1", "-p", str(IPERF_PORT)],
-                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    srv = an.tb.spawn(
+        server,
+        ["iperf3", "-s", "-1", "-p", str(IPERF_PORT)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     time.sleep(0.3)
     try:
-        p = an.tb.spawn(client, ["iperf3", "-c", server.ip4, "-p", str(IPERF_PORT), "-t",
-                                 str(seconds), "-J"], stdout=subprocess.PIPE,
-                        stderr=subprocess.PIPE)
+        p = an.tb.spawn(
+            client,
+            ["iperf3", "-c", server.ip4, "-p", str(IPERF_PORT), "-t", str(seconds), "-J"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         raw, _ = p.communicate(timeout=seconds + 30)
         data = json.loads(raw)
         if "error" in data:
@@ -51,14 +58,33 @@ _PCT = re.compile(r"percentile (\d+\.\d+) =\s+([\d.]+)")
 
 
 def _sockperf(an: AgentNode, client: Pod, server: Pod, seconds: float) -> dict[str, float]:
-    srv = an.tb.spawn(server, ["sockperf", "sr", "--tcp", "-i", server.ip4, "-p",
-                               str(SOCKPERF_PORT)],
-                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    srv = an.tb.spawn(
+        server,
+        ["sockperf", "sr", "--tcp", "-i", server.ip4, "-p", str(SOCKPERF_PORT)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     time.sleep(0.3)
     try:
-        p = an.tb.spawn(client, ["sockperf", "pp", "--tcp", "-i", server.ip4, "-p",
-                                 str(SOCKPERF_PORT), "-m", "1024", "-t", str(int(seconds)),
-                                 "--full-rtt"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        p = an.tb.spawn(
+            client,
+            [
+                "sockperf",
+                "pp",
+                "--tcp",
+                "-i",
+                server.ip4,
+                "-p",
+                str(SOCKPERF_PORT),
+                "-m",
+                "1024",
+                "-t",
+                str(int(seconds)),
+                "--full-rtt",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         raw, _ = p.communicate(timeout=seconds + 30)
         text = raw.decode(errors="replace")
         pct = {float(k): float(v) for k, v in _PCT.findall(text)}
@@ -244,14 +270,23 @@ def _kill(p: subprocess.Popen[Any]) -> None:
     p.wait(5)
 
 
-def _t_iperf(tb: Testbed, client: Pod, server: Pod, host: str, port: int,
-             seconds: float) -> dict[str, float]:
-    srv = tb.spawn(server, ["iperf3", "-s", "-1", "-p", str(IPERF_PORT)],
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def _t_iperf(
+    tb: Testbed, client: Pod, server: Pod, host: str, port: int, seconds: float
+) -> dict[str, float]:
+    srv = tb.spawn(
+        server,
+        ["iperf3", "-s", "-1", "-p", str(IPERF_PORT)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         _wait_listening(srv, IPERF_PORT)
-        p = tb.spawn(client, ["iperf3", "-c", host, "-p", str(port), "-t", str(seconds), "-J"],
-                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        p = tb.spawn(
+            client,
+            ["iperf3", "-c", host, "-p", str(port), "-t", str(seconds), "-J"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         try:
             raw, _ = p.communicate(timeout=seconds + 20)
         except subprocess.TimeoutExpired:
@@ -266,18 +301,25 @@ def _t_iperf(tb: Testbed, client: Pod, server: Pod, host: str, port: int,
         _kill(srv)
 
 
-def _sockperf_pp(tb: Testbed, client: Pod, server: Pod, host: str, port: int,
-                 args: list[str], timeout: float) -> tuple[int, str, float]:
+def _sockperf_pp(
+    tb: Testbed, client: Pod, server: Pod, host: str, port: int, args: list[str], timeout: float
+) -> tuple[int, str, float]:
     """`sockperf sr` in server, `sockperf pp --tcp -m 1024 ARGS` from client;
     (exit code, output, wall seconds of the client run)."""
-    srv = tb.spawn(server, ["sockperf", "sr", "--tcp", "-i", server.ip4, "-p",
-                            str(SOCKPERF_PORT)],
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    srv = tb.spawn(
+        server,
+        ["sockperf", "sr", "--tcp", "-i", server.ip4, "-p", str(SOCKPERF_PORT)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         _wait_listening(srv, SOCKPERF_PORT)
-        p = tb.spawn(client, ["sockperf", "pp", "--tcp", "-i", host, "-p", str(port),
-                              "-m", "1024", *args],
-                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        p = tb.spawn(
+            client,
+            ["sockperf", "pp", "--tcp", "-i", host, "-p", str(port), "-m", "1024", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         t0 = time.monotonic()
         try:
             raw, _ = p.communicate(timeout=timeout)
@@ -289,10 +331,18 @@ def _sockperf_pp(tb: Testbed, client: Pod, server: Pod, host: str, port: int,
         _kill(srv)
 
 
-def _t_sockperf(tb: Testbed, client: Pod, server: Pod, host: str, port: int,
-                seconds: float) -> dict[str, float]:
-    _, text, _ = _sockperf_pp(tb, client, server, host, port,
-                              ["-t", str(max(1, round(seconds))), "--full-rtt"], seconds + 20)
+def _t_sockperf(
+    tb: Testbed, client: Pod, server: Pod, host: str, port: int, seconds: float
+) -> dict[str, float]:
+    _, text, _ = _sockperf_pp(
+        tb,
+        client,
+        server,
+        host,
+        port,
+        ["-t", str(max(1, round(seconds))), "--full-rtt"],
+        seconds + 20,
+    )
     pct = {float(k): float(v) for k, v in _PCT.findall(text)}
     if 50.0 not in pct or 99.0 not in pct:
         raise RuntimeError(f"sockperf gave no percentiles:\n{text[-800:]}")
@@ -302,30 +352,41 @@ def _t_sockperf(tb: Testbed, client: Pod, server: Pod, host: str, port: int,
 RATE_MPS = 1000  # Istio's published ztunnel figure: ~0.06 vCPU at 1000 req/s, 1 KB
 
 
-def _t_rate_cpu(tb: Testbed, client: Pod, server: Pod, host: str, port: int,
-                seconds: float, procs: _Procs) -> dict[str, float]:
+def _t_rate_cpu(
+    tb: Testbed, client: Pod, server: Pod, host: str, port: int, seconds: float, procs: _Procs
+) -> dict[str, float]:
     """CPU of the relaying processes while sockperf ping-pongs 1 KiB messages
     at a fixed 1000 per second over one connection: vCPU = CPU s / wall s."""
     t = max(2, round(seconds))
     cpu0 = procs.cpu()
-    rc, text, wall = _sockperf_pp(tb, client, server, host, port,
-                                  ["--mps", str(RATE_MPS), "-t", str(t)], t + 20)
+    rc, text, wall = _sockperf_pp(
+        tb, client, server, host, port, ["--mps", str(RATE_MPS), "-t", str(t)], t + 20
+    )
     cpu = procs.cpu() - cpu0
     if rc != 0:
         raise RuntimeError(f"sockperf --mps: {text[-500:]}")
     return {"vcpu": cpu / wall}
 
 
-def _t_cps(tb: Testbed, client: Pod, server: Pod, host: str, port: int,
-           seconds: float) -> dict[str, Any]:
-    srv = tb.spawn(server, [PY, "-c", _CPS_SCRIPT, "serve", "0.0.0.0", str(CPS_PORT)],
-                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+def _t_cps(
+    tb: Testbed, client: Pod, server: Pod, host: str, port: int, seconds: float
+) -> dict[str, Any]:
+    srv = tb.spawn(
+        server,
+        [PY, "-c", _CPS_SCRIPT, "serve", "0.0.0.0", str(CPS_PORT)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         assert srv.stdout is not None
         if b"ready" not in srv.stdout.readline():
             raise RuntimeError("connection-rate server did not start")
-        p = tb.spawn(client, [PY, "-c", _CPS_SCRIPT, "connect", host, str(port), str(seconds),
-                              str(CPS_CAP)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        p = tb.spawn(
+            client,
+            [PY, "-c", _CPS_SCRIPT, "connect", host, str(port), str(seconds), str(CPS_CAP)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         try:
             out, err = p.communicate(timeout=seconds + 30)
         except subprocess.TimeoutExpired:
@@ -342,9 +403,16 @@ def _t_cps(tb: Testbed, client: Pod, server: Pod, host: str, port: int,
         _kill(srv)
 
 
-def _measure_path(tb: Testbed, client: Pod, server: Pod, host: str, seconds: float,
-                  procs: _Procs | None, ports: dict[int, int] | None = None,
-                  diagnose: Any = None) -> dict[str, Any]:
+def _measure_path(
+    tb: Testbed,
+    client: Pod,
+    server: Pod,
+    host: str,
+    seconds: float,
+    procs: _Procs | None,
+    ports: dict[int, int] | None = None,
+    diagnose: Any = None,
+) -> dict[str, Any]:
     """iperf3, sockperf and the connection-rate client from ``client`` to ``host``
     (servers in ``server``); ``ports`` maps a server port to the one to dial.
     A failing tool is recorded as an error in the row; the others still run."""
@@ -362,26 +430,37 @@ def _measure_path(tb: Testbed, client: Pod, server: Pod, host: str, seconds: flo
             return None
 
     cpu0 = procs.cpu() if procs else 0.0
-    ip = guarded("iperf3", lambda: _t_iperf(tb, client, server, host,
-                                            ports.get(IPERF_PORT, IPERF_PORT), seconds))
+    ip = guarded(
+        "iperf3",
+        lambda: _t_iperf(tb, client, server, host, ports.get(IPERF_PORT, IPERF_PORT), seconds),
+    )
     if ip is not None:
         row["throughput_gbit_s"] = round(ip["bits_per_second"] / 1e9, 2)
         if procs:
             cpu = procs.cpu() - cpu0
             row["cpu_s"] = round(cpu, 2)
             row["cpu_s_per_gb"] = round(cpu / (ip["bytes"] / 1e9), 3) if ip["bytes"] else None
-    sp = guarded("sockperf", lambda: _t_sockperf(tb, client, server, host,
-                                                 ports.get(SOCKPERF_PORT, SOCKPERF_PORT),
-                                                 seconds))
+    sp = guarded(
+        "sockperf",
+        lambda: _t_sockperf(
+            tb, client, server, host, ports.get(SOCKPERF_PORT, SOCKPERF_PORT), seconds
+        ),
+    )
     if sp is not None:
         row.update(sp)
     if procs:
-        rate = guarded("rate-cpu", lambda: _t_rate_cpu(
-            tb, client, server, host, ports.get(SOCKPERF_PORT, SOCKPERF_PORT), seconds, procs))
+        rate = guarded(
+            "rate-cpu",
+            lambda: _t_rate_cpu(
+                tb, client, server, host, ports.get(SOCKPERF_PORT, SOCKPERF_PORT), seconds, procs
+            ),
+        )
         if rate is not None:
             row["vcpu_at_1k_rps"] = round(rate["vcpu"], 3)
-    cps = guarded("cps", lambda: _t_cps(tb, client, server, host,
-                                        ports.get(CPS_PORT, CPS_PORT), min(seconds, 2.0)))
+    cps = guarded(
+        "cps",
+        lambda: _t_cps(tb, client, server, host, ports.get(CPS_PORT, CPS_PORT), min(seconds, 2.0)),
+    )
     if cps is not None:
         row["conn_per_s"] = round(cps["conn_per_s"])
         row["conn_p50_us"] = round(cps["p50_us"], 1) if cps["p50_us"] else None
@@ -412,33 +491,58 @@ def _stunnel_certs(d: Path) -> None:
         return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (x509.CertificateBuilder().subject_name(name("bench-ca")).issuer_name(name("bench-ca"))
-          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-          .not_valid_before(now - datetime.timedelta(minutes=5))
-          .not_valid_after(now + datetime.timedelta(hours=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-          .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False,
-                                       False), critical=True)
-          .sign(ca_key, hashes.SHA256()))
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(name("bench-ca"))
+        .issuer_name(name("bench-ca"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+            critical=True,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
     (d / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     for who, ip in (("node1", "10.99.0.1"), ("node2", "10.99.0.2")):
         key = ec.generate_private_key(ec.SECP256R1())
-        cert = (x509.CertificateBuilder().subject_name(name(who)).issuer_name(ca.subject)
-                .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(now - datetime.timedelta(minutes=5))
-                .not_valid_after(now + datetime.timedelta(hours=1))
-                .add_extension(x509.SubjectAlternativeName([
-                    x509.UniformResourceIdentifier(f"spiffe://cluster.local/ns/bench/sa/{who}"),
-                    x509.IPAddress(ipaddress.ip_address(ip))]), critical=False)
-                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
-                                                      ExtendedKeyUsageOID.CLIENT_AUTH]),
-                               critical=False)
-                .sign(ca_key, hashes.SHA256()))
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name(who))
+            .issuer_name(ca.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(
+                x509.SubjectAlternativeName(
+                    [
+                        x509.UniformResourceIdentifier(f"spiffe://cluster.local/ns/bench/sa/{who}"),
+                        x509.IPAddress(ipaddress.ip_address(ip)),
+                    ]
+                ),
+                critical=False,
+            )
+            .add_extension(
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+                ),
+                critical=False,
+            )
+            .sign(ca_key, hashes.SHA256())
+        )
         (d / f"{who}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         kp = d / f"{who}.key"
-        kp.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                         serialization.PrivateFormat.PKCS8,
-                                         serialization.NoEncryption()))
+        kp.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
         kp.chmod(0o600)
 
 
@@ -446,27 +550,41 @@ def _stunnel_confs(d: Path, n1: Node, n2: Node, server: Pod) -> dict[str, str]:
     """Client side on node1 (listens on node1's pod gateway, dials node2's fabric IP),
     server side on node2 (listens on its fabric IP, forwards to the server pod)."""
     common = [
-        "foreground = yes", "pid =", "syslog = no", "debug = 4",
-        f"CAfile = {d / 'ca.pem'}", "verifyChain = yes",
-        "sslVersionMin = TLSv1.3", "sslVersionMax = TLSv1.3",
+        "foreground = yes",
+        "pid =",
+        "syslog = no",
+        "debug = 4",
+        f"CAfile = {d / 'ca.pem'}",
+        "verifyChain = yes",
+        "sslVersionMin = TLSv1.3",
+        "sslVersionMax = TLSv1.3",
         f"ciphersuites = {STUNNEL_CIPHERSUITES}",
-        "sessionResume = no", "socket = l:TCP_NODELAY=1", "socket = r:TCP_NODELAY=1",
+        "sessionResume = no",
+        "socket = l:TCP_NODELAY=1",
+        "socket = r:TCP_NODELAY=1",
     ]
-    cli = [*common, f"cert = {d / 'node1.pem'}", f"key = {d / 'node1.key'}", "client = yes",
-           f"checkIP = {n2.fabric_ip4}"]
-    srv = [*common, f"cert = {d / 'node2.pem'}", f"key = {d / 'node2.key'}",
-           "options = NO_TICKET"]
+    cli = [
+        *common,
+        f"cert = {d / 'node1.pem'}",
+        f"key = {d / 'node1.key'}",
+        "client = yes",
+        f"checkIP = {n2.fabric_ip4}",
+    ]
+    srv = [*common, f"cert = {d / 'node2.pem'}", f"key = {d / 'node2.key'}", "options = NO_TICKET"]
     for port in (IPERF_PORT, SOCKPERF_PORT, CPS_PORT):
         relay = port + STUNNEL_PORT_OFFSET
-        cli += [f"[p{port}]", f"accept = {n1.gateway4}:{port}",
-                f"connect = {n2.fabric_ip4}:{relay}"]
-        srv += [f"[p{port}]", f"accept = {n2.fabric_ip4}:{relay}",
-                f"connect = {server.ip4}:{port}"]
+        cli += [
+            f"[p{port}]",
+            f"accept = {n1.gateway4}:{port}",
+            f"connect = {n2.fabric_ip4}:{relay}",
+        ]
+        srv += [f"[p{port}]", f"accept = {n2.fabric_ip4}:{relay}", f"connect = {server.ip4}:{port}"]
     return {"client": "\n".join(cli) + "\n", "server": "\n".join(srv) + "\n"}
 
 
-def _start_stunnel(tb: Testbed, d: Path, n1: Node, n2: Node,
-                   server: Pod) -> tuple[dict[str, int], dict[str, str]]:
+def _start_stunnel(
+    tb: Testbed, d: Path, n1: Node, n2: Node, server: Pod
+) -> tuple[dict[str, int], dict[str, str]]:
     """The stunnel pair, spawned through the testbed (killed on close) in each node's
     netns (the kubelet role: node netns, a cgroup of its own)."""
     _stunnel_certs(d)
@@ -485,8 +603,9 @@ def _start_stunnel(tb: Testbed, d: Path, n1: Node, n2: Node,
             for port in (IPERF_PORT, SOCKPERF_PORT, CPS_PORT):
                 _wait_listening(p, port + (STUNNEL_PORT_OFFSET if side == "server" else 0))
         except RuntimeError as e:
-            raise RuntimeError(f"stunnel {side}: {e}; log:\n"
-                               + (d / f"{side}.log").read_text()[-800:]) from None
+            raise RuntimeError(
+                f"stunnel {side}: {e}; log:\n" + (d / f"{side}.log").read_text()[-800:]
+            ) from None
         pids[f"stunnel-{side}"] = p.pid
     return pids, confs
 
@@ -516,14 +635,13 @@ def run_tunnel(seconds: float) -> dict[str, Any]:
                 return "\n".join(_agent_messages(an) for an in (n1, n2))
 
             # No agent runs yet: the baseline and the C relay see an idle machine.
-            results["direct, cross-node (no mesh)"] = _measure_path(tb, c, d, d.ip4, seconds,
-                                                                    None)
-            results["direct, same-node (no mesh)"] = _measure_path(tb, c, e, e.ip4, seconds,
-                                                                   None)
+            results["direct, cross-node (no mesh)"] = _measure_path(tb, c, d, d.ip4, seconds, None)
+            results["direct, same-node (no mesh)"] = _measure_path(tb, c, e, e.ip4, seconds, None)
             pids, confs = _start_stunnel(tb, Path(tmp), n1.node, n2.node, d)
             stun = _Procs(pids)
             results["stunnel pair, cross-node"] = _measure_path(
-                tb, c, d, n1.node.gateway4, seconds, stun)
+                tb, c, d, n1.node.gateway4, seconds, stun
+            )
             for p in tb._spawned:  # done with stunnel: free the cores for the agents
                 if p.proc.pid in pids.values():
                     _kill(p.proc)
@@ -532,37 +650,53 @@ def run_tunnel(seconds: float) -> dict[str, Any]:
             n1.start_agent()
             n2.start_agent()
             results["tether cross-node (HBONE)"] = _measure_path(
-                tb, a, b, b.ip4, seconds, _agents(n1, n2), diagnose=logs)
-            results["tether same-node"] = _measure_path(tb, a, s, s.ip4, seconds,
-                                                        _agents(n1), diagnose=logs)
+                tb, a, b, b.ip4, seconds, _agents(n1, n2), diagnose=logs
+            )
+            results["tether same-node"] = _measure_path(
+                tb, a, s, s.ip4, seconds, _agents(n1), diagnose=logs
+            )
             n1.stop_agent()
             n1.sk_msg = True
             n1.start_agent()
-            results["tether same-node + sk_msg"] = _measure_path(tb, a, s, s.ip4, seconds,
-                                                                 _agents(n1), diagnose=logs)
+            results["tether same-node + sk_msg"] = _measure_path(
+                tb, a, s, s.ip4, seconds, _agents(n1), diagnose=logs
+            )
         finally:
             cluster.close()
     base = results["direct, cross-node (no mesh)"]
     ref = results["stunnel pair, cross-node"]
     for row in results.values():
-        for key, ratio in (("throughput_gbit_s", "throughput_ratio"), ("p50_us", "p50_ratio"),
-                           ("p99_us", "p99_ratio"), ("conn_per_s", "conn_ratio")):
+        for key, ratio in (
+            ("throughput_gbit_s", "throughput_ratio"),
+            ("p50_us", "p50_ratio"),
+            ("p99_us", "p99_ratio"),
+            ("conn_per_s", "conn_ratio"),
+        ):
             if row.get(key) and base.get(key):
                 row[ratio] = round(row[key] / base[key], 3 if key == "throughput_gbit_s" else 2)
         # The baseline spends no relay CPU or memory: these compare to the stunnel pair.
-        for key, ratio in (("cpu_s_per_gb", "cpu_x_stunnel"), ("rss_mib_total", "rss_x_stunnel"),
-                           ("vcpu_at_1k_rps", "vcpu_x_stunnel")):
+        for key, ratio in (
+            ("cpu_s_per_gb", "cpu_x_stunnel"),
+            ("rss_mib_total", "rss_x_stunnel"),
+            ("vcpu_at_1k_rps", "vcpu_x_stunnel"),
+        ):
             if row.get(key) is not None and ref.get(key):
                 row[ratio] = round(row[key] / ref[key], 2)
-    return {"seconds": seconds, "wall_s": round(time.monotonic() - t0, 1),
-            "tools": {"throughput": "iperf3 -J, 1 stream",
-                      "latency": "sockperf pp --tcp -m 1024 --full-rtt",
-                      "vcpu_at_1k_rps": f"relaying processes' CPU s per s while sockperf pp "
-                                        f"--mps {RATE_MPS} -m 1024 runs (Istio publishes "
-                                        "~0.06 vCPU per ztunnel at 1000 req/s, 1 KB)",
-                      "conn_per_s": "python stdlib client, 1 connection at a time: connect, "
-                                    "1 byte each way, close (server closes first)"},
-            "config": config, "results": results}
+    return {
+        "seconds": seconds,
+        "wall_s": round(time.monotonic() - t0, 1),
+        "tools": {
+            "throughput": "iperf3 -J, 1 stream",
+            "latency": "sockperf pp --tcp -m 1024 --full-rtt",
+            "vcpu_at_1k_rps": f"relaying processes' CPU s per s while sockperf pp "
+            f"--mps {RATE_MPS} -m 1024 runs (Istio publishes "
+            "~0.06 vCPU per ztunnel at 1000 req/s, 1 KB)",
+            "conn_per_s": "python stdlib client, 1 connection at a time: connect, "
+            "1 byte each way, close (server closes first)",
+        },
+        "config": config,
+        "results": results,
+    }
 
 
 # -- tether bench h2 ----------------------------------------------------------------
@@ -583,14 +717,19 @@ def _h2_pair(frame: int) -> tuple[Any, Any, int]:
 
     conns = []
     for client in (True, False):
-        h = h2.connection.H2Connection(h2.config.H2Configuration(
-            client_side=client, header_encoding="utf-8", validate_inbound_headers=True))
+        h = h2.connection.H2Connection(
+            h2.config.H2Configuration(
+                client_side=client, header_encoding="utf-8", validate_inbound_headers=True
+            )
+        )
         h.initiate_connection()
-        h.update_settings({
-            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: h2conn.STREAM_WINDOW,
-            h2.settings.SettingCodes.MAX_FRAME_SIZE: frame,
-            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: h2conn.MAX_STREAMS,
-        })
+        h.update_settings(
+            {
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: h2conn.STREAM_WINDOW,
+                h2.settings.SettingCodes.MAX_FRAME_SIZE: frame,
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: h2conn.MAX_STREAMS,
+            }
+        )
         h.increment_flow_control_window(h2conn.CONN_WINDOW - 65535)
         conns.append(h)
     cl, sv = conns
@@ -639,8 +778,11 @@ def _h2_transfer(frame: int, nbytes: int) -> dict[str, float]:
         t_send += (t1 - t) + (t3 - t2)
         t_recv += t2 - t1
     mb = received / 1e6
-    return {"send_mb_s": round(mb / t_send), "recv_mb_s": round(mb / t_recv),
-            "pair_mb_s": round(mb / (t_send + t_recv))}
+    return {
+        "send_mb_s": round(mb / t_send),
+        "recv_mb_s": round(mb / t_recv),
+        "pair_mb_s": round(mb / (t_send + t_recv)),
+    }
 
 
 def _h2_repr_share(frame: int, nbytes: int) -> dict[str, float]:
@@ -710,8 +852,12 @@ def _tls_transfer(nbytes: int, chunk_size: int = 256 * 1024) -> dict[str, Any]:
         t_send += t1 - t
         t_recv += t2 - t1
     mb = received / 1e6
-    return {"send_mb_s": round(mb / t_send), "recv_mb_s": round(mb / t_recv),
-            "pair_mb_s": round(mb / (t_send + t_recv)), "cipher": cipher[0] if cipher else "?"}
+    return {
+        "send_mb_s": round(mb / t_send),
+        "recv_mb_s": round(mb / t_recv),
+        "pair_mb_s": round(mb / (t_send + t_recv)),
+        "cipher": cipher[0] if cipher else "?",
+    }
 
 
 def _cheap_body_repr(self: Any) -> str:
@@ -739,9 +885,14 @@ def run_h2() -> dict[str, Any]:
         rows[f"{frame // 1024} KiB"] = row
     import h2
 
-    return {"bytes": H2_BYTES, "profile_bytes": H2_PROFILE_BYTES, "h2": h2.__version__,
-            "hyperframe": hyperframe.__version__, "frames": rows,
-            "tls_reference": _tls_transfer(H2_BYTES)}
+    return {
+        "bytes": H2_BYTES,
+        "profile_bytes": H2_PROFILE_BYTES,
+        "h2": h2.__version__,
+        "hyperframe": hyperframe.__version__,
+        "frames": rows,
+        "tls_reference": _tls_transfer(H2_BYTES),
+    }
 
 
 # -- command line -------------------------------------------------------------------
@@ -750,36 +901,48 @@ def run_h2() -> dict[str, Any]:
 def _print_datapath(report: dict[str, Any], seconds: float) -> None:
     print(f"tether bench datapath: same node, pod to pod, {seconds:g} s per measurement")
     print("iperf3 single stream; sockperf TCP ping-pong 1 KiB, full round trip\n")
-    print(f"{'path':26} {'Gbit/s':>8} {'x direct':>9} {'p50 us':>8} {'x':>6} {'p99 us':>8} "
-          f"{'x':>6} {'agent CPU s/GB':>15} {'agent RSS MiB':>14}")
+    print(
+        f"{'path':26} {'Gbit/s':>8} {'x direct':>9} {'p50 us':>8} {'x':>6} {'p99 us':>8} "
+        f"{'x':>6} {'agent CPU s/GB':>15} {'agent RSS MiB':>14}"
+    )
     for name, r in report["results"].items():
-        print(f"{name:26} {r['throughput_gbit_s']:>8} {r['throughput_ratio']:>9} "
-              f"{r['p50_us']:>8} {r['p50_ratio']:>6} {r['p99_us']:>8} {r['p99_ratio']:>6} "
-              f"{r.get('agent_cpu_s_per_gb', '-')!s:>15} {r.get('agent_rss_mib', '-')!s:>14}")
+        print(
+            f"{name:26} {r['throughput_gbit_s']:>8} {r['throughput_ratio']:>9} "
+            f"{r['p50_us']:>8} {r['p50_ratio']:>6} {r['p99_us']:>8} {r['p99_ratio']:>6} "
+            f"{r.get('agent_cpu_s_per_gb', '-')!s:>15} {r.get('agent_rss_mib', '-')!s:>14}"
+        )
 
 
 def _print_tunnel(report: dict[str, Any]) -> None:
-    print(f"tether bench tunnel: two simulated nodes, {report['seconds']:g} s per measurement "
-          f"({report['wall_s']} s in all)")
+    print(
+        f"tether bench tunnel: two simulated nodes, {report['seconds']:g} s per measurement "
+        f"({report['wall_s']} s in all)"
+    )
     for what, tool in report["tools"].items():
         print(f"  {what}: {tool}")
-    print("  x = ratio to direct; CPU and RSS are of the relaying processes (both agents, or "
-          "both stunnels), x st = ratio to the stunnel pair\n")
+    print(
+        "  x = ratio to direct; CPU and RSS are of the relaying processes (both agents, or "
+        "both stunnels), x st = ratio to the stunnel pair\n"
+    )
 
     def v(r: dict[str, Any], k: str) -> str:
         x = r.get(k)
         return "-" if x is None else str(x)
 
-    print(f"{'path':28} {'Gbit/s':>7} {'x':>6} {'p50 us':>7} {'x':>5} {'p99 us':>7} {'x':>5} "
-          f"{'conn/s':>7} {'x':>5} {'CPU s/GB':>8} {'x st':>5} {'vCPU@1k':>7} {'x st':>5} "
-          f"{'RSS MiB':>8} {'x st':>5}")
+    print(
+        f"{'path':28} {'Gbit/s':>7} {'x':>6} {'p50 us':>7} {'x':>5} {'p99 us':>7} {'x':>5} "
+        f"{'conn/s':>7} {'x':>5} {'CPU s/GB':>8} {'x st':>5} {'vCPU@1k':>7} {'x st':>5} "
+        f"{'RSS MiB':>8} {'x st':>5}"
+    )
     for name, r in report["results"].items():
-        print(f"{name:28} {v(r, 'throughput_gbit_s'):>7} {v(r, 'throughput_ratio'):>6} "
-              f"{v(r, 'p50_us'):>7} {v(r, 'p50_ratio'):>5} {v(r, 'p99_us'):>7} "
-              f"{v(r, 'p99_ratio'):>5} {v(r, 'conn_per_s'):>7} {v(r, 'conn_ratio'):>5} "
-              f"{v(r, 'cpu_s_per_gb'):>8} {v(r, 'cpu_x_stunnel'):>5} "
-              f"{v(r, 'vcpu_at_1k_rps'):>7} {v(r, 'vcpu_x_stunnel'):>5} "
-              f"{v(r, 'rss_mib_total'):>8} {v(r, 'rss_x_stunnel'):>5}")
+        print(
+            f"{name:28} {v(r, 'throughput_gbit_s'):>7} {v(r, 'throughput_ratio'):>6} "
+            f"{v(r, 'p50_us'):>7} {v(r, 'p50_ratio'):>5} {v(r, 'p99_us'):>7} "
+            f"{v(r, 'p99_ratio'):>5} {v(r, 'conn_per_s'):>7} {v(r, 'conn_ratio'):>5} "
+            f"{v(r, 'cpu_s_per_gb'):>8} {v(r, 'cpu_x_stunnel'):>5} "
+            f"{v(r, 'vcpu_at_1k_rps'):>7} {v(r, 'vcpu_x_stunnel'):>5} "
+            f"{v(r, 'rss_mib_total'):>8} {v(r, 'rss_x_stunnel'):>5}"
+        )
     for name, r in report["results"].items():
         if r.get("rss_mib"):
             print(f"  RSS {name}: " + ", ".join(f"{k} {m} MiB" for k, m in r["rss_mib"].items()))
@@ -788,22 +951,34 @@ def _print_tunnel(report: dict[str, Any]) -> None:
 
 
 def _print_h2(report: dict[str, Any]) -> None:
-    print(f"tether bench h2: {report['bytes'] >> 20} MiB client -> server through two in-memory "
-          f"h2 {report['h2']} H2Connections (hyperframe {report['hyperframe']}),")
-    print("tunnel settings (4 MiB stream / 16 MiB connection window), server acks every "
-          "DATA frame; MB/s per core (CPU time)\n")
-    print(f"{'frame':>8} {'send':>7} {'recv':>7} {'pair':>7} {'repr %':>7} | cheap DataFrame "
-          f"repr: {'send':>6} {'recv':>6} {'pair':>6} {'gain':>5}")
+    print(
+        f"tether bench h2: {report['bytes'] >> 20} MiB client -> server through two in-memory "
+        f"h2 {report['h2']} H2Connections (hyperframe {report['hyperframe']}),"
+    )
+    print(
+        "tunnel settings (4 MiB stream / 16 MiB connection window), server acks every "
+        "DATA frame; MB/s per core (CPU time)\n"
+    )
+    print(
+        f"{'frame':>8} {'send':>7} {'recv':>7} {'pair':>7} {'repr %':>7} | cheap DataFrame "
+        f"repr: {'send':>6} {'recv':>6} {'pair':>6} {'gain':>5}"
+    )
     for name, r in report["frames"].items():
-        print(f"{name:>8} {r['send_mb_s']:>7} {r['recv_mb_s']:>7} {r['pair_mb_s']:>7} "
-              f"{r['repr_pct']:>7} | {'':>18} {r['send_mb_s_cheap_repr']:>6} "
-              f"{r['recv_mb_s_cheap_repr']:>6} {r['pair_mb_s_cheap_repr']:>6} "
-              f"{r['gain_cheap_repr']:>5}")
+        print(
+            f"{name:>8} {r['send_mb_s']:>7} {r['recv_mb_s']:>7} {r['pair_mb_s']:>7} "
+            f"{r['repr_pct']:>7} | {'':>18} {r['send_mb_s_cheap_repr']:>6} "
+            f"{r['recv_mb_s_cheap_repr']:>6} {r['pair_mb_s_cheap_repr']:>6} "
+            f"{r['gain_cheap_repr']:>5}"
+        )
     t = report["tls_reference"]
-    print(f"\nreference, TLS 1.3 alone ({t['cipher']}, 256 KiB writes, memory BIOs): "
-          f"send {t['send_mb_s']}, recv {t['recv_mb_s']}, pair {t['pair_mb_s']} MB/s per core")
-    print("repr % = share of cProfile time inside h2's eager repr(frame) (outermost "
-          "__repr__ calls); gain = pair MB/s with DataFrame._body_repr made O(1) / as is")
+    print(
+        f"\nreference, TLS 1.3 alone ({t['cipher']}, 256 KiB writes, memory BIOs): "
+        f"send {t['send_mb_s']}, recv {t['recv_mb_s']}, pair {t['pair_mb_s']} MB/s per core"
+    )
+    print(
+        "repr % = share of cProfile time inside h2's eager repr(frame) (outermost "
+        "__repr__ calls); gain = pair MB/s with DataFrame._body_repr made O(1) / as is"
+    )
 
 
 def main(what: str, seconds: float = 3.0, json_out: bool = False) -> int:

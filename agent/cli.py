@@ -15,8 +15,9 @@ def _cmd_run(a: argparse.Namespace) -> int:
 
     kube = {"node": a.node, "kubeconfig": a.kubeconfig} if a.kube else None
     if a.kube and not a.node:
-        print("tether run --kube needs --node (the DaemonSet passes spec.nodeName)",
-              file=sys.stderr)
+        print(
+            "tether run --kube needs --node (the DaemonSet passes spec.nodeName)", file=sys.stderr
+        )
         return 2
     return main_run(a.config, True if a.sk_msg else None, kube)
 
@@ -27,8 +28,9 @@ def _cmd_status(a: argparse.Namespace) -> int:
         with urllib.request.urlopen(url, timeout=5) as r:
             data = json.load(r)
     except OSError as e:
-        print(f"tether status: no agent answers on {url} ({e}); is `tether run` up?",
-              file=sys.stderr)
+        print(
+            f"tether status: no agent answers on {url} ({e}); is `tether run` up?", file=sys.stderr
+        )
         return 1
     if a.json:
         print(json.dumps(data, indent=1))
@@ -38,23 +40,28 @@ def _cmd_status(a: argparse.Namespace) -> int:
     print("programs: " + ", ".join(f"{n} ({h})" for n, h in dp["programs"].items()))
     print(f"enrolled pods: {len(dp['pods'])}")
     for key, p in dp["pods"].items():
-        print(f"  {key:30} slot {p['slot']:<4} ips {','.join(p['spec']['ips'])}  "
-              f"hooks {','.join(p['links'])}")
+        print(
+            f"  {key:30} slot {p['slot']:<4} ips {','.join(p['spec']['ips'])}  "
+            f"hooks {','.join(p['links'])}"
+        )
     for key, err in data["pod_errors"].items():
         print(f"  {key:30} NOT CAPTURED: {err}")
     print("bpf counters: " + ", ".join(f"{k}={v}" for k, v in dp["stats"].items() if v))
     for c in data.get("certificates", []):
-        print(f"certificate {c.get('identity')}: {c.get('state')}, serial {c.get('serial')}, "
-              f"until {c.get('not_after')}")
+        print(
+            f"certificate {c.get('identity')}: {c.get('state')}, serial {c.get('serial')}, "
+            f"until {c.get('not_after')}"
+        )
     for p in data.get("hbone_pool", []):
-        print(f"hbone pool {p['src']} -> {p['dst']} at {p['address']}: "
-              f"{p['connections']} connections, {p['streams']} streams")
+        print(
+            f"hbone pool {p['src']} -> {p['dst']} at {p['address']}: "
+            f"{p['connections']} connections, {p['streams']} streams"
+        )
     opened = data["connections"]["open"]
     print(f"open connections: {len(opened)}")
     for c in opened:
         ids = f" [{c['src_identity'] or '-'} -> {c['dst_identity'] or '-'}]"
-        print(f"  {c['pod']:20} {c['direction']:8} {c['src']} -> {c['dst']} via {c['path']}"
-              + ids)
+        print(f"  {c['pod']:20} {c['direction']:8} {c['src']} -> {c['dst']} via {c['path']}" + ids)
     return 0
 
 
@@ -62,9 +69,12 @@ def _cmd_cleanup(a: argparse.Namespace) -> int:
     from agent.datapath.datapath import cleanup
 
     report = cleanup(a.pin_dir, a.state_dir)
-    print(json.dumps(report, indent=1) if a.json else
-          f"removed {len(report['links'])} links, {len(report['maps'])} pinned maps, "
-          f"routing in {len(report['netns'])} pod netns")
+    print(
+        json.dumps(report, indent=1)
+        if a.json
+        else f"removed {len(report['links'])} links, {len(report['maps'])} pinned maps, "
+        f"routing in {len(report['netns'])} pod netns"
+    )
     return 0
 
 
@@ -93,17 +103,25 @@ def _cmd_ca(a: argparse.Namespace) -> int:
 
         authenticator = kube_authenticator(a.trust_domain, a.kubeconfig)
     elif not a.auth_file:
-        print("tether ca: give --kube (TokenReview) or --auth-file (static tokens)",
-              file=sys.stderr)
+        print(
+            "tether ca: give --kube (TokenReview) or --auth-file (static tokens)", file=sys.stderr
+        )
         return 2
     from agent.identity.serve_ca import DEFAULT_SERVER_NAMES
 
     names = (*DEFAULT_SERVER_NAMES, *a.server_name) if a.server_name else DEFAULT_SERVER_NAMES
     try:
-        asyncio.run(run_ca(a.bind, a.root_dir, trust_domain=a.trust_domain,
-                           authenticator=authenticator,
-                           auth_file=None if a.kube else a.auth_file, tls=not a.insecure,
-                           server_names=names))
+        asyncio.run(
+            run_ca(
+                a.bind,
+                a.root_dir,
+                trust_domain=a.trust_domain,
+                authenticator=authenticator,
+                auth_file=None if a.kube else a.auth_file,
+                tls=not a.insecure,
+                server_names=names,
+            )
+        )
     except (ValueError, OSError) as e:
         print(f"tether ca: {e}", file=sys.stderr)
         return 2
@@ -128,8 +146,11 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run the node agent from a local config file")
     r.add_argument("--config", required=True, help="local-file model (YAML)")
     r.add_argument("--sk-msg", action="store_true", help="splice pod<->agent hops with sk_msg")
-    r.add_argument("--kube", action="store_true",
-                   help="take namespaces, pods, services and policies from the Kubernetes API")
+    r.add_argument(
+        "--kube",
+        action="store_true",
+        help="take namespaces, pods, services and policies from the Kubernetes API",
+    )
     r.add_argument("--node", default=os.environ.get("NODE_NAME"), help="this node's name")
     r.add_argument("--kubeconfig", help="default: in-cluster, then ~/.kube/config")
     r.set_defaults(fn=_cmd_run)
@@ -158,18 +179,27 @@ def parser() -> argparse.ArgumentParser:
 
     ca = sub.add_parser("ca", help="serve istio.v1.auth.IstioCertificateService (the mesh CA)")
     ca.add_argument("--bind", default="0.0.0.0:15012")
-    ca.add_argument("--root-dir", help="ca-key.pem/ca-cert.pem (Istio cacerts layout); "
-                    "generated there if absent")
+    ca.add_argument(
+        "--root-dir",
+        help="ca-key.pem/ca-cert.pem (Istio cacerts layout); generated there if absent",
+    )
     ca.add_argument("--trust-domain", default="cluster.local")
-    ca.add_argument("--auth-file",
-                    help="YAML: bearer tokens -> node, and which identities run on which node")
-    ca.add_argument("--kube", action="store_true",
-                    help="authenticate callers with TokenReview; an agent may get identities "
-                    "of pods on its node")
+    ca.add_argument(
+        "--auth-file", help="YAML: bearer tokens -> node, and which identities run on which node"
+    )
+    ca.add_argument(
+        "--kube",
+        action="store_true",
+        help="authenticate callers with TokenReview; an agent may get identities "
+        "of pods on its node",
+    )
     ca.add_argument("--kubeconfig", help="default: in-cluster, then ~/.kube/config")
-    ca.add_argument("--server-name", action="append",
-                    help="DNS name or IP in the CA's serving certificate (repeatable), e.g. "
-                    "tether-ca.tether-system.svc")
+    ca.add_argument(
+        "--server-name",
+        action="append",
+        help="DNS name or IP in the CA's serving certificate (repeatable), e.g. "
+        "tether-ca.tether-system.svc",
+    )
     ca.add_argument("--insecure", action="store_true", help="serve without TLS (tests only)")
     ca.set_defaults(fn=_cmd_ca)
 

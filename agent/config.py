@@ -135,12 +135,16 @@ class LocalConfig:
                 out.append({"scope": "namespace", "name": ns, "waypoint": labels[USE_WAYPOINT]})
         for s in self.services:
             if s.labels.get(USE_WAYPOINT, "none") != "none":
-                out.append({"scope": "service", "name": f"{s.namespace}/{s.name}",
-                            "waypoint": s.labels[USE_WAYPOINT]})
+                out.append(
+                    {
+                        "scope": "service",
+                        "name": f"{s.namespace}/{s.name}",
+                        "waypoint": s.labels[USE_WAYPOINT],
+                    }
+                )
         for w in self.workloads:
             if w.labels.get(USE_WAYPOINT, "none") != "none":
-                out.append({"scope": "workload", "name": w.key,
-                            "waypoint": w.labels[USE_WAYPOINT]})
+                out.append({"scope": "workload", "name": w.key, "waypoint": w.labels[USE_WAYPOINT]})
         return [{**u, "status": WAYPOINT_NOT_APPLIED} for u in out]
 
 
@@ -199,10 +203,10 @@ def _workload(d: Any, i: int, node: str) -> Workload:
         labels={str(k): str(v) for k, v in labels.items()},
         netns=d.get("netns"),
         cgroup=d.get("cgroup"),
-        exclude_outbound_ports=_ports(d.get("excludeOutboundPorts"),
-                                      f"{where}.excludeOutboundPorts"),
-        exclude_inbound_ports=_ports(d.get("excludeInboundPorts"),
-                                     f"{where}.excludeInboundPorts"),
+        exclude_outbound_ports=_ports(
+            d.get("excludeOutboundPorts"), f"{where}.excludeOutboundPorts"
+        ),
+        exclude_inbound_ports=_ports(d.get("excludeInboundPorts"), f"{where}.excludeInboundPorts"),
         exclude_outbound_cidrs=cidrs,
     )
 
@@ -224,9 +228,14 @@ def _service(d: Any, i: int) -> Service:
     labels = d.get("labels") or {}
     if not isinstance(labels, dict):
         raise ConfigError(f"{where}.labels: expected a mapping of labels")
-    return Service(d["name"], d["namespace"], addrs, tuple(ports),
-                   {str(k): str(v) for k, v in selector.items()},
-                   labels={str(k): str(v) for k, v in labels.items()})
+    return Service(
+        d["name"],
+        d["namespace"],
+        addrs,
+        tuple(ports),
+        {str(k): str(v) for k, v in selector.items()},
+        labels={str(k): str(v) for k, v in labels.items()},
+    )
 
 
 def _policies(doc: dict[str, Any], base: Path | None) -> tuple[dict[str, Any], ...]:
@@ -258,8 +267,17 @@ def parse(doc: Any, base: Path | None = None) -> LocalConfig:
     a = doc.get("agent") or {}
     if not isinstance(a, dict):
         raise ConfigError("agent: expected a mapping")
-    known = {"pinDir", "stateDir", "cgroup", "kubeletCgroups", "skMsg", "adminPort",
-             "readyPort", "metricsPort", "podCgroupRoot"}
+    known = {
+        "pinDir",
+        "stateDir",
+        "cgroup",
+        "kubeletCgroups",
+        "skMsg",
+        "adminPort",
+        "readyPort",
+        "metricsPort",
+        "podCgroupRoot",
+    }
     unknown = set(a) - known
     if unknown:
         raise ConfigError(f"agent: unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
@@ -285,8 +303,10 @@ def parse(doc: Any, base: Path | None = None) -> LocalConfig:
     services = tuple(_service(s, i) for i, s in enumerate(doc.get("services") or []))
     ident = doc.get("identity") or {}
     if not isinstance(ident, dict):
-        raise ConfigError("identity: expected a mapping (trustDomain, caDir | caAddress, "
-                          "caRootFile, tokenFile, certTTL)")
+        raise ConfigError(
+            "identity: expected a mapping (trustDomain, caDir | caAddress, "
+            "caRootFile, tokenFile, certTTL)"
+        )
     identity = IdentitySettings(
         trust_domain=str(ident.get("trustDomain", "cluster.local")),
         ca_dir=ident.get("caDir"),
@@ -298,8 +318,9 @@ def parse(doc: Any, base: Path | None = None) -> LocalConfig:
     )
     if identity.ca_address and identity.ca_dir:
         raise ConfigError("identity: give caDir (embedded CA) or caAddress (remote CA), not both")
-    return LocalConfig(node, agent, namespaces, tuple(workloads), services, identity,
-                       _policies(doc, base))
+    return LocalConfig(
+        node, agent, namespaces, tuple(workloads), services, identity, _policies(doc, base)
+    )
 
 
 def load(path: str | Path) -> LocalConfig:

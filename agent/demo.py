@@ -31,14 +31,16 @@ from agent.sim.topology import Pod, Testbed
 MARKER = "TETHER-DEMO-PAYLOAD-"
 
 POLICIES: list[dict[str, Any]] = [
-    {   # only the backend's identity may reach the database
+    {  # only the backend's identity may reach the database
         "apiVersion": "security.istio.io/v1",
         "kind": "AuthorizationPolicy",
         "metadata": {"name": "db-from-backend", "namespace": "data"},
-        "spec": {"action": "ALLOW", "rules": [
-            {"from": [{"source": {"principals": ["cluster.local/ns/shop/sa/backend"]}}]}]},
+        "spec": {
+            "action": "ALLOW",
+            "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/shop/sa/backend"]}}]}],
+        },
     },
-    {   # and only over mutual TLS
+    {  # and only over mutual TLS
         "apiVersion": "security.istio.io/v1",
         "kind": "PeerAuthentication",
         "metadata": {"name": "default", "namespace": "data"},
@@ -64,8 +66,9 @@ FLOWS = [
     Flow("backend -> db, same node", "backend", "db", 4, "allowed", "local"),
     Flow("frontend -> db: not the backend identity", "frontend", "db", 4, "denied", "hbone"),
     Flow("legacy -> db: plaintext, db is STRICT", "legacy", "db", 4, "denied", "plaintext"),
-    Flow("legacy -> backend: plaintext, PERMISSIVE", "legacy", "backend", 4, "allowed",
-         "plaintext"),
+    Flow(
+        "legacy -> backend: plaintext, PERMISSIVE", "legacy", "backend", 4, "allowed", "plaintext"
+    ),
     Flow("legacy -> legacy2: no mesh at all", "legacy", "legacy2", 4, "allowed", "direct"),
     Flow("kubelet probe -> db", "kubelet@node2", "db", 4, "allowed", "direct", probe=True),
 ]
@@ -80,7 +83,9 @@ class Capture:
         with netns.entered(fabric):
             self.proc = subprocess.Popen(
                 ["tshark", "-i", "br0", "-f", "tcp", "-w", str(self.path), "-q"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
         assert self.proc.stderr is not None
         deadline = time.monotonic() + 20
         for line in self.proc.stderr:
@@ -98,18 +103,37 @@ class Capture:
 
     def tls_summary(self) -> list[str]:
         out = subprocess.run(
-            ["tshark", "-r", str(self.path), "-Y", "tls.handshake.type == 1",
-             "-T", "fields", "-e", "ip.dst", "-e", "ipv6.dst", "-e", "tcp.dstport",
-             "-e", "tls.handshake.extensions_alpn_str",
-             "-e", "tls.handshake.extensions.supported_version"],
-            capture_output=True, text=True, timeout=60).stdout
+            [
+                "tshark",
+                "-r",
+                str(self.path),
+                "-Y",
+                "tls.handshake.type == 1",
+                "-T",
+                "fields",
+                "-e",
+                "ip.dst",
+                "-e",
+                "ipv6.dst",
+                "-e",
+                "tcp.dstport",
+                "-e",
+                "tls.handshake.extensions_alpn_str",
+                "-e",
+                "tls.handshake.extensions.supported_version",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
         return sorted({" ".join(x for x in line.split("\t") if x) for line in out.splitlines()})
 
 
 def metrics_of(node: AgentNode) -> list[str]:
-    with netns.entered(node.node.netns_path), urllib.request.urlopen(
-        "http://127.0.0.1:15020/metrics", timeout=5
-    ) as r:
+    with (
+        netns.entered(node.node.netns_path),
+        urllib.request.urlopen("http://127.0.0.1:15020/metrics", timeout=5) as r,
+    ):
         text = r.read().decode()
     keep = re.compile(r"^istio_tcp_connections_(opened|closed)_total\{")
     return [line for line in text.splitlines() if keep.match(line)]
@@ -121,9 +145,11 @@ def _short(line: str) -> str:
     name = line.split("{", 1)[0].replace("istio_tcp_connections_", "").replace("_total", "")
     src = labels.get("source_principal", "").replace("spiffe://cluster.local/", "")
     dst = labels.get("destination_principal", "").replace("spiffe://cluster.local/", "")
-    return (f"{name:6} reporter={labels.get('reporter')} {src or '-'} -> {dst or '-'} "
-            f"flags={labels.get('response_flags')} "
-            f"security={labels.get('connection_security_policy')} = {value}")
+    return (
+        f"{name:6} reporter={labels.get('reporter')} {src or '-'} -> {dst or '-'} "
+        f"flags={labels.get('response_flags')} "
+        f"security={labels.get('connection_security_policy')} = {value}"
+    )
 
 
 def run(sk_msg: bool) -> dict[str, Any]:
@@ -156,8 +182,13 @@ def run(sk_msg: bool) -> dict[str, Any]:
                 else:
                     client_where = pods[f.client]
                 owner = n1 if pods[f.server].node == "node1" else n2
-                r = owner.connect(client_where, server, family=f.family, nbytes=32768,
-                                  extra=("--marker", f"{MARKER}{i:02d}-"))
+                r = owner.connect(
+                    client_where,
+                    server,
+                    family=f.family,
+                    nbytes=32768,
+                    extra=("--marker", f"{MARKER}{i:02d}-"),
+                )
                 results.append((i, f, r))
             wire = cap.stop()
             tls = cap.tls_summary()
@@ -171,21 +202,32 @@ def run(sk_msg: bool) -> dict[str, Any]:
                 n.stop_agent()
                 with contextlib.suppress(OSError):
                     n.cleanup()
-            left = {name: inventory.remaining(inv, nodes[name].pin_dir)
-                    for name, inv in (invs.items() if "invs" in locals() else [])}
+            left = {
+                name: inventory.remaining(inv, nodes[name].pin_dir)
+                for name, inv in (invs.items() if "invs" in locals() else [])
+            }
             cluster.close()
         flows = []
         for i, f, r in results:
             server = pods[f.server]
             dst_node = "node1" if server.node == "node1" else "node2"
             dst_ip = server.ip4 if f.family == 4 else server.ip6
-            dst_conns = [c for c in conns[dst_node] if c["direction"] == "inbound"
-                         and c["dst"].endswith(":8080")
-                         and c["dst"].rsplit(":", 1)[0] in (dst_ip, f"[{dst_ip}]")]
-            src_ip = None if f.probe else (pods[f.client].ip4 if f.family == 4
-                                           else pods[f.client].ip6)
-            seen = [c for c in dst_conns if src_ip is not None and (
-                c["src"].startswith(f"{src_ip}:") or c["src"].startswith(f"[{src_ip}]"))]
+            dst_conns = [
+                c
+                for c in conns[dst_node]
+                if c["direction"] == "inbound"
+                and c["dst"].endswith(":8080")
+                and c["dst"].rsplit(":", 1)[0] in (dst_ip, f"[{dst_ip}]")
+            ]
+            src_ip = (
+                None if f.probe else (pods[f.client].ip4 if f.family == 4 else pods[f.client].ip6)
+            )
+            seen = [
+                c
+                for c in dst_conns
+                if src_ip is not None
+                and (c["src"].startswith(f"{src_ip}:") or c["src"].startswith(f"[{src_ip}]"))
+            ]
             rec = seen[-1] if seen else None
             outcome = "allowed" if r.get("ok") else "denied"
             path = rec["path"] if rec else ("direct" if r.get("ok") else "refused")
@@ -202,21 +244,31 @@ def run(sk_msg: bool) -> dict[str, Any]:
             else:
                 wire_ok = in_clear == (outcome == "allowed")
             ok = outcome == f.expect and path == f.expect_path and wire_ok
-            flows.append({
-                "flow": f.name,
-                "outcome": outcome,
-                "path": path,
-                "peer_identity_at_destination": (rec or {}).get("src_identity"),
-                "destination_identity": (rec or {}).get("dst_identity"),
-                "response_flag": (rec or {}).get("response_flag"),
-                "reason": (rec or {}).get("error"),
-                "payload_on_inter_node_wire": in_clear if crosses else None,
-                "expected": f"{f.expect}/{f.expect_path}",
-                "ok": ok,
-            })
-        certs = {name: [{"identity": c.get("identity"), "state": c.get("state"),
-                         "not_after": c.get("not_after")}
-                        for c in s["certificates"]] for name, s in status.items()}
+            flows.append(
+                {
+                    "flow": f.name,
+                    "outcome": outcome,
+                    "path": path,
+                    "peer_identity_at_destination": (rec or {}).get("src_identity"),
+                    "destination_identity": (rec or {}).get("dst_identity"),
+                    "response_flag": (rec or {}).get("response_flag"),
+                    "reason": (rec or {}).get("error"),
+                    "payload_on_inter_node_wire": in_clear if crosses else None,
+                    "expected": f"{f.expect}/{f.expect_path}",
+                    "ok": ok,
+                }
+            )
+        certs = {
+            name: [
+                {
+                    "identity": c.get("identity"),
+                    "state": c.get("state"),
+                    "not_after": c.get("not_after"),
+                }
+                for c in s["certificates"]
+            ]
+            for name, s in status.items()
+        }
         return {
             "nodes": tb.describe()["nodes"],
             "sk_msg": sk_msg,
@@ -226,7 +278,8 @@ def run(sk_msg: bool) -> dict[str, Any]:
             "metrics": metrics,
             "bpf_counters": {n: s["datapath"]["stats"] for n, s in status.items()},
             "kernel_objects_left": left,
-            "ok": all(f["ok"] for f in flows) and bool(left)
+            "ok": all(f["ok"] for f in flows)
+            and bool(left)
             and not any(any(v.values()) for v in left.values()),
         }
 
@@ -241,26 +294,31 @@ def main(json_out: bool = False, sk_msg: bool = False) -> int:
 
 
 def print_report(r: dict[str, Any]) -> None:
-    print("tether demo: two simulated nodes, one agent each, eBPF capture, HBONE mTLS"
-          + (" (sk_msg on)" if r["sk_msg"] else ""))
+    print(
+        "tether demo: two simulated nodes, one agent each, eBPF capture, HBONE mTLS"
+        + (" (sk_msg on)" if r["sk_msg"] else "")
+    )
     print("enrolled namespaces: shop, data (istio.io/dataplane-mode=ambient); legacy is not")
     print("policy: data allows only spiffe://cluster.local/ns/shop/sa/backend, STRICT mTLS\n")
     for n in r["nodes"]:
         for p in n["pods"]:
-            print(f"  {n['name']}  {p['namespace'] + '/' + p['name']:16} {p['ip4']:12} "
-                  f"{p['ip6']}")
+            print(f"  {n['name']}  {p['namespace'] + '/' + p['name']:16} {p['ip4']:12} {p['ip6']}")
     print()
     for f in r["flows"]:
         mark = "ok" if f["ok"] else f"UNEXPECTED (expected {f['expected']})"
         print(f"  {f['flow']:42} {f['outcome']:8} via {f['path']:10} {mark}")
         if f["peer_identity_at_destination"]:
-            print(f"      destination saw {f['peer_identity_at_destination']}"
-                  f" -> {f['destination_identity']}")
+            print(
+                f"      destination saw {f['peer_identity_at_destination']}"
+                f" -> {f['destination_identity']}"
+            )
         if f["outcome"] == "denied" and f["reason"]:
             print(f"      {f['response_flag']}: {f['reason']}")
         if f["payload_on_inter_node_wire"] is not None:
-            print("      payload on the inter-node wire: "
-                  + ("IN THE CLEAR" if f["payload_on_inter_node_wire"] else "not visible (TLS)"))
+            print(
+                "      payload on the inter-node wire: "
+                + ("IN THE CLEAR" if f["payload_on_inter_node_wire"] else "not visible (TLS)")
+            )
     print("\nTLS ClientHellos on the inter-node link (dst, port, ALPN, versions):")
     for line in r["tls_client_hellos_on_wire"]:
         print(f"  {line}")
@@ -271,7 +329,12 @@ def print_report(r: dict[str, Any]) -> None:
     print("\nmetrics (node2, :15020/metrics):")
     for line in r["metrics"].get("node2", []):
         print("  " + _short(line))
-    print("\nleft in the kernel after `tether cleanup`: "
-          + ("nothing" if not any(any(v.values()) for v in r["kernel_objects_left"].values())
-             else json.dumps(r["kernel_objects_left"])))
+    print(
+        "\nleft in the kernel after `tether cleanup`: "
+        + (
+            "nothing"
+            if not any(any(v.values()) for v in r["kernel_objects_left"].values())
+            else json.dumps(r["kernel_objects_left"])
+        )
+    )
     print("\nresult:", "OK" if r["ok"] else "FAILED")

@@ -41,6 +41,7 @@ SUPPORTED = frozenset({VERSION})
 # pod key -> {"listeners": {name: socket}, "connections": [{"info", "a", "b"}]}
 Bundle = dict[str, dict[str, Any]]
 
+
 def _flatten(bundle: Bundle) -> tuple[dict[str, Any], list[socket.socket]]:
     socks: list[socket.socket] = []
     header: dict[str, Any] = {}
@@ -84,10 +85,15 @@ async def serve(
                 return  # not a successor
             version = parse_request(line)
             if version not in SUPPORTED:
-                why = (f"successor asked for handoff version {line[8:].decode(errors='replace')!r}"
-                       f", this agent speaks {sorted(SUPPORTED)}")
-                log.warning("%s: releasing the listeners instead; open connections stay "
-                            "here until they end", why)
+                why = (
+                    f"successor asked for handoff version {line[8:].decode(errors='replace')!r}"
+                    f", this agent speaks {sorted(SUPPORTED)}"
+                )
+                log.warning(
+                    "%s: releasing the listeners instead; open connections stay "
+                    "here until they end",
+                    why,
+                )
                 await release()
                 w.write(f"RELEASED {why}\n".encode())
                 await w.drain()
@@ -101,8 +107,7 @@ async def serve(
             sock.setblocking(True)
             try:
                 sock.sendall(f"SOCKETS {version}\n".encode())
-                body = json.dumps({"version": version, "pods": header,
-                                   "fds": len(socks)}).encode()
+                body = json.dumps({"version": version, "pods": header, "fds": len(socks)}).encode()
                 sock.sendall(len(body).to_bytes(4, "big") + body)
                 for i in range(0, len(socks), FDS_PER_MESSAGE):
                     chunk = socks[i : i + FDS_PER_MESSAGE]
@@ -157,9 +162,11 @@ def _receive_blocking(path: Path, version: int = VERSION) -> Bundle | None:
         s.sendall(f"HANDOFF {version}\n".encode())
         answer = _recv_line(s)
         if answer.startswith(b"RELEASED"):
-            log.warning("predecessor released its listeners instead of handing them over "
-                        "(%s); its open connections end there, new ones are served here",
-                        answer[9:].decode(errors="replace"))
+            log.warning(
+                "predecessor released its listeners instead of handing them over "
+                "(%s); its open connections end there, new ones are served here",
+                answer[9:].decode(errors="replace"),
+            )
             return None
         if answer != f"SOCKETS {version}".encode():
             raise ConnectionError(f"unexpected handoff answer {answer[:80]!r}")
@@ -196,8 +203,7 @@ async def receive(state_dir: str, version: int = VERSION) -> Bundle | None:
     path = Path(state_dir) / SOCKET_NAME
     if not path.exists():
         return None
-    return await asyncio.get_running_loop().run_in_executor(
-        None, _receive_blocking, path, version)
+    return await asyncio.get_running_loop().run_in_executor(None, _receive_blocking, path, version)
 
 
 __all__ = ["VERSION", "Bundle", "receive", "serve"]

@@ -63,8 +63,11 @@ class _BpfCollector(Collector):
         self.stats = stats
 
     def collect(self) -> Iterator[CounterMetricFamily]:
-        fam = CounterMetricFamily("tether_bpf_events", "Datapath events counted by the BPF "
-                                  "programs (tether_stats map)", labels=["event"])
+        fam = CounterMetricFamily(
+            "tether_bpf_events",
+            "Datapath events counted by the BPF programs (tether_stats map)",
+            labels=["event"],
+        )
         try:
             for k, v in self.stats().items():
                 fam.add_metric([k], v)
@@ -77,15 +80,21 @@ class Metrics:
     def __init__(self, bpf_stats: Callable[[], dict[str, int]] | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.opened = Counter("istio_tcp_connections_opened", "TCP connections opened",
-                              LABELS, registry=r)
-        self.closed = Counter("istio_tcp_connections_closed", "TCP connections closed",
-                              LABELS, registry=r)
-        self.sent = Counter("istio_tcp_sent_bytes", "Bytes sent by the source, per connection",
-                            LABELS, registry=r)
-        self.received = Counter("istio_tcp_received_bytes",
-                                "Bytes received by the source, per connection", LABELS,
-                                registry=r)
+        self.opened = Counter(
+            "istio_tcp_connections_opened", "TCP connections opened", LABELS, registry=r
+        )
+        self.closed = Counter(
+            "istio_tcp_connections_closed", "TCP connections closed", LABELS, registry=r
+        )
+        self.sent = Counter(
+            "istio_tcp_sent_bytes", "Bytes sent by the source, per connection", LABELS, registry=r
+        )
+        self.received = Counter(
+            "istio_tcp_received_bytes",
+            "Bytes received by the source, per connection",
+            LABELS,
+            registry=r,
+        )
         if bpf_stats is not None:
             r.register(_BpfCollector(bpf_stats))
 

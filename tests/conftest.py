@@ -18,9 +18,12 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatu
     if os.environ.get("TETHER_REQUIRE_ALL_TIERS") != "1":
         return
     skipped = [
-        r for r in terminalreporter.stats.get("skipped", [])
-        if any(t in str(getattr(r, "nodeid", "")) or t in str(getattr(r, "location", ""))
-               for t in PRIVILEGED_TIERS)
+        r
+        for r in terminalreporter.stats.get("skipped", [])
+        if any(
+            t in str(getattr(r, "nodeid", "")) or t in str(getattr(r, "location", ""))
+            for t in PRIVILEGED_TIERS
+        )
     ]
     if skipped:
         terminalreporter.write_line(

@@ -157,8 +157,7 @@ class Datapath:
                 self.pin_dir / "links" / "sockopt", "tether_sockopt", self.config.agent_cgroup
             )
             self.node_links["agentops"] = self._attach(
-                self.pin_dir / "links" / "agentops", "tether_agent_ops",
-                self.config.agent_cgroup
+                self.pin_dir / "links" / "agentops", "tether_agent_ops", self.config.agent_cgroup
             )
             self.node_links["nsprobe"] = self._attach(
                 self.pin_dir / "links" / "nsprobe", "tether_nsprobe", self.config.agent_cgroup
@@ -206,13 +205,13 @@ class Datapath:
                 podnet.prepare(spec.netns)
                 for hook, prog in POD_NETNS_HOOKS.items():
                     links[hook] = self._attach(pod_pins / hook, prog, spec.netns)
-            pod = TetherPod(slot=slot, flags=(POD_OUTBOUND if spec.outbound else 0)
-                            | (POD_INBOUND if spec.inbound else 0))
+            pod = TetherPod(
+                slot=slot,
+                flags=(POD_OUTBOUND if spec.outbound else 0) | (POD_INBOUND if spec.inbound else 0),
+            )
             for ip in spec.ips:
-                bpfsys.map_update(self._map("tether_podips"), bytes(TetherIpKey.of(ip)),
-                                  bytes(pod))
-            bpfsys.map_update(self._map("tether_pods"), bytes(ctypes.c_uint64(cookie)),
-                              bytes(pod))
+                bpfsys.map_update(self._map("tether_podips"), bytes(TetherIpKey.of(ip)), bytes(pod))
+            bpfsys.map_update(self._map("tether_pods"), bytes(ctypes.c_uint64(cookie)), bytes(pod))
         except (OSError, DatapathError) as e:
             with contextlib.suppress(OSError, DatapathError):
                 self._remove(spec, slot, cookie)
@@ -329,19 +328,22 @@ class Datapath:
         for slot in range(self.config.build.max_pods):
             if slot not in used:
                 return slot
-        raise PodError(spec.key, f"node is full: {self.config.build.max_pods} pods enrolled "
-                       "(raise --max-pods)")
+        raise PodError(
+            spec.key, f"node is full: {self.config.build.max_pods} pods enrolled (raise --max-pods)"
+        )
 
     def _write_exclusions(self, slot: int, spec: PodSpec) -> None:
         self._clear_exclusions(slot)
         for port, d in [(p, DIR_OUT) for p in spec.exclude_out_ports] + [
             (p, DIR_IN) for p in spec.exclude_in_ports
         ]:
-            bpfsys.map_update(self._map("tether_ports"),
-                              bytes(TetherPortKey(slot=slot, port=port, dir=d)), b"\x01")
+            bpfsys.map_update(
+                self._map("tether_ports"),
+                bytes(TetherPortKey(slot=slot, port=port, dir=d)),
+                b"\x01",
+            )
         for cidr in spec.exclude_out_cidrs:
-            bpfsys.map_update(self._map("tether_nets"), bytes(TetherNetKey.of(slot, cidr)),
-                              b"\x01")
+            bpfsys.map_update(self._map("tether_nets"), bytes(TetherNetKey.of(slot, cidr)), b"\x01")
 
     def _clear_exclusions(self, slot: int) -> None:
         for name, size in (("tether_ports", 8), ("tether_nets", 28)):
@@ -359,8 +361,10 @@ class Datapath:
         detach_pins(self.pin_dir / "pods" / spec.pin_name)
         self._clear_exclusions(slot)
         for kind in Listen:
-            bpfsys.map_delete(self._map("tether_listen"),
-                              bytes(ctypes.c_uint32(slot * LISTEN_PER_POD + int(kind))))
+            bpfsys.map_delete(
+                self._map("tether_listen"),
+                bytes(ctypes.c_uint32(slot * LISTEN_PER_POD + int(kind))),
+            )
         if spec.inbound and os.path.exists(spec.netns):
             with contextlib.suppress(OSError):
                 podnet.unprepare(spec.netns)
@@ -379,8 +383,12 @@ class Datapath:
             finally:
                 os.close(fd)
             if (info.type, info.key_size, info.value_size) != want:
-                log.warning("pinned map %s has layout %s, want %s: starting it afresh", name,
-                            (info.type, info.key_size, info.value_size), want)
+                log.warning(
+                    "pinned map %s has layout %s, want %s: starting it afresh",
+                    name,
+                    (info.type, info.key_size, info.value_size),
+                    want,
+                )
                 pin.unlink()
 
     def _read_state(self) -> dict[str, dict[str, Any]]:
@@ -407,11 +415,14 @@ class Datapath:
 def check_pod(spec: PodSpec) -> None:
     """The pod's netns and cgroup must exist before anything is attached."""
     if not os.path.exists(spec.netns):
-        raise PodError(spec.key, f"network namespace {spec.netns} does not exist "
-                       "(pod gone or not started yet)")
+        raise PodError(
+            spec.key, f"network namespace {spec.netns} does not exist (pod gone or not started yet)"
+        )
     if not os.path.isdir(spec.cgroup):
-        raise PodError(spec.key, f"cgroup {spec.cgroup} does not exist: is it a cgroup v2 "
-                       "directory of this node?")
+        raise PodError(
+            spec.key,
+            f"cgroup {spec.cgroup} does not exist: is it a cgroup v2 directory of this node?",
+        )
 
 
 def _spec_args(d: Mapping[str, Any]) -> dict[str, Any]:
@@ -443,7 +454,8 @@ def netns_cookie(path: str, probe_map: int | None = None) -> int:
         if raw is None:
             raise DatapathError(
                 "this kernel has no SO_NETNS_COOKIE (5.14+) and tether_nsprobe did not "
-                "answer: is the agent running in the cgroup its hooks are attached to?")
+                "answer: is the agent running in the cgroup its hooks are attached to?"
+            )
         return int.from_bytes(raw, sys.byteorder)
 
 
@@ -453,8 +465,10 @@ def ensure_bpffs(root: str = "/sys/fs/bpf") -> None:
     ret = netns.libc().mount(b"bpf", root.encode(), b"bpf", 0, None)
     if ret != 0:
         err = ctypes.get_errno()
-        raise DatapathError(f"bpffs is not mounted at {root} and mounting it failed "
-                            f"({os.strerror(err)}): mount -t bpf bpf {root}")
+        raise DatapathError(
+            f"bpffs is not mounted at {root} and mounting it failed "
+            f"({os.strerror(err)}): mount -t bpf bpf {root}"
+        )
 
 
 def detach_pins(directory: Path) -> list[str]:

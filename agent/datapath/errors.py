@@ -16,8 +16,7 @@ class KernelTooOld(DatapathError):
         self.needs = needs
         self.has = has
         super().__init__(
-            f"{hook} needs Linux {needs[0]}.{needs[1]} or newer; "
-            f"this kernel is {has[0]}.{has[1]}"
+            f"{hook} needs Linux {needs[0]}.{needs[1]} or newer; this kernel is {has[0]}.{has[1]}"
         )
 
 

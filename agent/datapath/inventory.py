@@ -55,8 +55,7 @@ def _alive(get_fd: object, ident: int) -> bool:
     return True
 
 
-def remaining(inv: Inventory, pin_dir: str | os.PathLike[str],
-              wait: float = 5.0) -> dict[str, int]:
+def remaining(inv: Inventory, pin_dir: str | os.PathLike[str], wait: float = 5.0) -> dict[str, int]:
     """How many of inv's objects still exist, and whether pins remain.  The
     kernel frees programs and maps asynchronously (RCU), so poll briefly."""
     deadline = time.monotonic() + wait

@@ -80,8 +80,9 @@ MAPS: dict[str, tuple[int, int, int]] = {
     "tether_socks": (18, 40, 4),
     "tether_nscookie": (9, 8, 8),
 }
-PINNED_MAPS = tuple(n for n, (t, _, _) in MAPS.items()
-                    if t not in (15, 18) and n != "tether_nscookie")
+PINNED_MAPS = tuple(
+    n for n, (t, _, _) in MAPS.items() if t not in (15, 18) and n != "tether_nscookie"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,9 +286,15 @@ class Programs:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         with ours, theirs:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "agent.datapath.loader", str(theirs.fileno()),
-                 json.dumps(dataclasses.asdict(opts))],
-                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                [
+                    sys.executable,
+                    "-m",
+                    "agent.datapath.loader",
+                    str(theirs.fileno()),
+                    json.dumps(dataclasses.asdict(opts)),
+                ],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
             )
             theirs.close()
             try:
@@ -325,8 +332,9 @@ def _recv_bundle(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
     while b"\n" not in buf:
         msg, got, _, _ = socket.recv_fds(sock, 65536, 64)
         if not msg and not got:
-            raise DatapathError("the BPF compile child exited without an answer "
-                                "(see its stderr above)")
+            raise DatapathError(
+                "the BPF compile child exited without an answer (see its stderr above)"
+            )
         buf += msg
         fds += got
     line = buf.partition(b"\n")[0]
@@ -347,8 +355,12 @@ def _child_main(fd: int, opts_json: str) -> int:
     try:
         progs = BccPrograms(opts)
     except KernelTooOld as e:
-        header = {"ok": False, "kind": "KernelTooOld", "error": str(e),
-                  "args": [e.hook, list(e.needs), list(e.has)]}
+        header = {
+            "ok": False,
+            "kind": "KernelTooOld",
+            "error": str(e),
+            "args": [e.hook, list(e.needs), list(e.has)],
+        }
         sock.sendall(json.dumps(header).encode() + b"\n")
         return 0
     except Exception as e:  # anything: the parent must get words, not a dead pipe

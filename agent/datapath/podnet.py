@@ -79,22 +79,41 @@ def _prepare(path: str) -> None:
         with IPRoute() as ipr:
             lo = ipr.link_lookup(ifname="lo")[0]
             for family, dst in ((socket.AF_INET, "0.0.0.0/0"), (socket.AF_INET6, "::/0")):
-                _ignore_exists(lambda f=family: ipr.rule(
-                    "add", family=f, fwmark=DELIVERY_MARK, table=DELIVERY_TABLE,
-                    priority=RULE_PRIORITY))
+                _ignore_exists(
+                    lambda f=family: ipr.rule(
+                        "add",
+                        family=f,
+                        fwmark=DELIVERY_MARK,
+                        table=DELIVERY_TABLE,
+                        priority=RULE_PRIORITY,
+                    )
+                )
                 # scope host, as `ip route add local` sets it: IPv4 refuses a
                 # local route of universe scope with EINVAL.
-                _ignore_exists(lambda f=family, d=dst: ipr.route(
-                    "add", family=f, dst=d, type="local", oif=lo, table=DELIVERY_TABLE,
-                    scope=254))
+                _ignore_exists(
+                    lambda f=family, d=dst: ipr.route(
+                        "add",
+                        family=f,
+                        dst=d,
+                        type="local",
+                        oif=lo,
+                        table=DELIVERY_TABLE,
+                        scope=254,
+                    )
+                )
 
 
 def _unprepare(path: str) -> None:
     with netns.entered(path), IPRoute() as ipr:
         for family, dst in ((socket.AF_INET, "0.0.0.0/0"), (socket.AF_INET6, "::/0")):
             with contextlib.suppress(Exception):
-                ipr.rule("del", family=family, fwmark=DELIVERY_MARK, table=DELIVERY_TABLE,
-                         priority=RULE_PRIORITY)
+                ipr.rule(
+                    "del",
+                    family=family,
+                    fwmark=DELIVERY_MARK,
+                    table=DELIVERY_TABLE,
+                    priority=RULE_PRIORITY,
+                )
             with contextlib.suppress(Exception):
                 ipr.route("del", family=family, dst=dst, type="local", table=DELIVERY_TABLE)
         for knob in SYSCTLS:

@@ -76,9 +76,15 @@ class Kind:
 class KubeSource:
     """Watches the API and calls `on_snapshot(LocalConfig)` on the agent's loop."""
 
-    def __init__(self, node: str, agent: AgentSettings, identity: IdentitySettings,
-                 api: client.ApiClient | None = None, kubeconfig: str | None = None,
-                 cgroup_root: Any = None) -> None:
+    def __init__(
+        self,
+        node: str,
+        agent: AgentSettings,
+        identity: IdentitySettings,
+        api: client.ApiClient | None = None,
+        kubeconfig: str | None = None,
+        cgroup_root: Any = None,
+    ) -> None:
         self.api = api or api_client(kubeconfig)
         self.core = client.CoreV1Api(api)
         self.discovery = client.DiscoveryV1Api(api)
@@ -94,16 +100,28 @@ class KubeSource:
             Kind("pods", self.core.list_pod_for_all_namespaces),
             Kind("services", self.core.list_service_for_all_namespaces),
             Kind("endpointslices", self.discovery.list_endpoint_slice_for_all_namespaces),
-            Kind("authorizationpolicies", self.custom.list_cluster_custom_object,
-                 ("security.istio.io", "v1", "authorizationpolicies")),
-            Kind("peerauthentications", self.custom.list_cluster_custom_object,
-                 ("security.istio.io", "v1", "peerauthentications")),
+            Kind(
+                "authorizationpolicies",
+                self.custom.list_cluster_custom_object,
+                ("security.istio.io", "v1", "authorizationpolicies"),
+            ),
+            Kind(
+                "peerauthentications",
+                self.custom.list_cluster_custom_object,
+                ("security.istio.io", "v1", "peerauthentications"),
+            ),
             # Waypoints (L7) are not run yet: these are watched so that what
             # they would configure is reported as not applied, not ignored.
-            Kind("gateways", self.custom.list_cluster_custom_object,
-                 ("gateway.networking.k8s.io", "v1", "gateways")),
-            Kind("httproutes", self.custom.list_cluster_custom_object,
-                 ("gateway.networking.k8s.io", "v1", "httproutes")),
+            Kind(
+                "gateways",
+                self.custom.list_cluster_custom_object,
+                ("gateway.networking.k8s.io", "v1", "gateways"),
+            ),
+            Kind(
+                "httproutes",
+                self.custom.list_cluster_custom_object,
+                ("gateway.networking.k8s.io", "v1", "httproutes"),
+            ),
         ]
         self.missing: dict[str, str] = {}  # kind -> why it is absent (CRD not installed)
         self._lock = threading.Lock()
@@ -117,13 +135,15 @@ class KubeSource:
 
     # -- lifecycle -------------------------------------------------------------
 
-    def start(self, loop: asyncio.AbstractEventLoop,
-              on_snapshot: Callable[[LocalConfig], None]) -> None:
+    def start(
+        self, loop: asyncio.AbstractEventLoop, on_snapshot: Callable[[LocalConfig], None]
+    ) -> None:
         self._loop = loop
         self._on_snapshot = on_snapshot
         for kind in self.kinds:
-            t = threading.Thread(target=self._run, args=(kind,), name=f"watch-{kind.name}",
-                                 daemon=True)
+            t = threading.Thread(
+                target=self._run, args=(kind,), name=f"watch-{kind.name}", daemon=True
+            )
             t.start()
             self._threads.append(t)
 
@@ -152,8 +172,12 @@ class KubeSource:
                         self._stop.wait(MISSING_RECHECK)
                         continue
                 w = watch.Watch()
-                for ev in w.stream(self._list_raw(kind), resource_version=rv,
-                                   timeout_seconds=WATCH_TIMEOUT, allow_watch_bookmarks=True):
+                for ev in w.stream(
+                    self._list_raw(kind),
+                    resource_version=rv,
+                    timeout_seconds=WATCH_TIMEOUT,
+                    allow_watch_bookmarks=True,
+                ):
                     if self._stop.is_set():
                         w.stop()
                         return
@@ -184,16 +208,22 @@ class KubeSource:
 
     def _list_raw(self, kind: Kind) -> Callable[..., Any]:
         """A list function returning raw JSON for watch.stream (no model decoding)."""
+
         def fn(**kw: Any) -> Any:
             return self._list(kind, **kw)
+
         fn.__doc__ = kind.list_fn.__doc__  # watch.stream reads the return type from it
         return fn
 
     def _failed(self, kind: Kind, e: Exception, backoff: float) -> None:
         msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         if self.errors.get(kind.name) != msg:
-            log.warning("%s watch failed (%s); keeping the last known state, retrying in "
-                        "%.0f s", kind.name, msg, backoff)
+            log.warning(
+                "%s watch failed (%s); keeping the last known state, retrying in %.0f s",
+                kind.name,
+                msg,
+                backoff,
+            )
         self.errors[kind.name] = msg
         self._stop.wait(backoff)
 
@@ -208,8 +238,10 @@ class KubeSource:
             if e.status != 404 or kind.custom is None:
                 raise
             g, v, p = kind.custom
-            why = (f"{p}.{g}/{v} is not served by this API server (CRD not installed); "
-                   f"treated as empty, checked again every {MISSING_RECHECK:.0f} s")
+            why = (
+                f"{p}.{g}/{v} is not served by this API server (CRD not installed); "
+                f"treated as empty, checked again every {MISSING_RECHECK:.0f} s"
+            )
             if self.missing.get(kind.name) != why:
                 log.warning("%s", why)
             with self._lock:
@@ -278,18 +310,26 @@ class KubeSource:
             svc = (sl["metadata"].get("labels") or {}).get("kubernetes.io/service-name")
             if svc:
                 slices.setdefault(f"{sl['metadata']['namespace']}/{svc}", []).append(sl)
-        services = [s for s in (self._service(o, slices) for o in objs.get("services", []))
-                    if s]
+        services = [s for s in (self._service(o, slices) for o in objs.get("services", [])) if s]
         policies = tuple(
-            {**o, "kind": kind} for plural, kind in (
+            {**o, "kind": kind}
+            for plural, kind in (
                 ("authorizationpolicies", "AuthorizationPolicy"),
                 ("peerauthentications", "PeerAuthentication"),
                 ("gateways", "Gateway"),
-                ("httproutes", "HTTPRoute"))
+                ("httproutes", "HTTPRoute"),
+            )
             for o in objs.get(plural, [])
         )
-        return LocalConfig(self.node, self.agent, namespaces, tuple(workloads),
-                           tuple(services), self.identity, policies)
+        return LocalConfig(
+            self.node,
+            self.agent,
+            namespaces,
+            tuple(workloads),
+            tuple(services),
+            self.identity,
+            policies,
+        )
 
     def _workload(self, pod: dict[str, Any]) -> Workload | None:
         meta, spec, status = pod["metadata"], pod.get("spec", {}), pod.get("status", {})
@@ -324,15 +364,19 @@ class KubeSource:
             cgroup=cgroup,
             exclude_inbound_ports=ints(ann.get(EXCLUDE_IN, "")),
             exclude_outbound_ports=ints(ann.get(EXCLUDE_OUT, "")),
-            exclude_outbound_cidrs=tuple(x.strip() for x in ann.get(EXCLUDE_OUT_CIDR, "")
-                                         .split(",") if x.strip() and x.strip() != "*"),
+            exclude_outbound_cidrs=tuple(
+                x.strip()
+                for x in ann.get(EXCLUDE_OUT_CIDR, "").split(",")
+                if x.strip() and x.strip() != "*"
+            ),
         )
 
     @staticmethod
     def _service(o: dict[str, Any], slices: dict[str, list[dict[str, Any]]]) -> Service | None:
         spec = o.get("spec", {})
-        ips = tuple(i for i in spec.get("clusterIPs") or [spec.get("clusterIP")]
-                    if i and i != "None")
+        ips = tuple(
+            i for i in spec.get("clusterIPs") or [spec.get("clusterIP")] if i and i != "None"
+        )
         key = f"{o['metadata']['namespace']}/{o['metadata']['name']}"
         if not ips or (not spec.get("selector") and key not in slices):
             return None
@@ -343,22 +387,34 @@ class KubeSource:
             target = p.get("targetPort", p["port"])
             # a named targetPort would need the pods' container ports; use the port
             # a named targetPort is resolved per endpoint from the EndpointSlices
-            ports.append(ServicePort(p["port"], target if isinstance(target, int)
-                                     else p["port"], p.get("name") or ""))
+            ports.append(
+                ServicePort(
+                    p["port"], target if isinstance(target, int) else p["port"], p.get("name") or ""
+                )
+            )
         endpoints: tuple[Endpoint, ...] | None = None
         if key in slices:
             eps = []
             for sl in slices[key]:
-                named = {p.get("name") or "": p["port"] for p in sl.get("ports") or []
-                         if p.get("port") is not None and p.get("protocol", "TCP") == "TCP"}
+                named = {
+                    p.get("name") or "": p["port"]
+                    for p in sl.get("ports") or []
+                    if p.get("port") is not None and p.get("protocol", "TCP") == "TCP"
+                }
                 for e in sl.get("endpoints") or []:
                     if (e.get("conditions") or {}).get("ready") is False:
                         continue
                     eps += [Endpoint(a, named) for a in e.get("addresses") or []]
             endpoints = tuple(eps)
-        return Service(o["metadata"]["name"], o["metadata"]["namespace"], ips, tuple(ports),
-                       dict(spec.get("selector") or {}), endpoints,
-                       labels=dict(o["metadata"].get("labels") or {}))
+        return Service(
+            o["metadata"]["name"],
+            o["metadata"]["namespace"],
+            ips,
+            tuple(ports),
+            dict(spec.get("selector") or {}),
+            endpoints,
+            labels=dict(o["metadata"].get("labels") or {}),
+        )
 
     # -- writing back ----------------------------------------------------------------
 
@@ -369,24 +425,38 @@ class KubeSource:
         if self._annotated.get(key) == state:
             return
         self._annotated[key] = state
-        threading.Thread(target=self._write_back, args=(key, state, message),
-                         daemon=True).start()
+        threading.Thread(target=self._write_back, args=(key, state, message), daemon=True).start()
 
     def _write_back(self, key: str, state: str, message: str) -> None:
         ns, name = key.split("/", 1)
         try:
             self.core.patch_namespaced_pod(
-                name, ns, {"metadata": {"annotations": {
-                    REDIRECTION: None if state == "disabled" else state}}})
+                name,
+                ns,
+                {
+                    "metadata": {
+                        "annotations": {REDIRECTION: None if state == "disabled" else state}
+                    }
+                },
+            )
             if state == "failed":
                 now = datetime.datetime.now(datetime.UTC)
-                self.core.create_namespaced_event(ns, client.CoreV1Event(
-                    metadata=client.V1ObjectMeta(generate_name=f"{name}.tether-"),
-                    involved_object=client.V1ObjectReference(kind="Pod", name=name,
-                                                             namespace=ns),
-                    reason="TetherCaptureFailed", message=message[:1000], type="Warning",
-                    first_timestamp=now, last_timestamp=now, count=1,
-                    source=client.V1EventSource(component="tether", host=self.node)))
+                self.core.create_namespaced_event(
+                    ns,
+                    client.CoreV1Event(
+                        metadata=client.V1ObjectMeta(generate_name=f"{name}.tether-"),
+                        involved_object=client.V1ObjectReference(
+                            kind="Pod", name=name, namespace=ns
+                        ),
+                        reason="TetherCaptureFailed",
+                        message=message[:1000],
+                        type="Warning",
+                        first_timestamp=now,
+                        last_timestamp=now,
+                        count=1,
+                        source=client.V1EventSource(component="tether", host=self.node),
+                    ),
+                )
         except ApiException as e:
             if e.status != 404:
                 log.warning("cannot record %s on pod %s: %s", state, key, e.reason)
@@ -394,7 +464,10 @@ class KubeSource:
             log.warning("cannot record %s on pod %s: %s", state, key, e)
 
     def describe(self) -> dict[str, Any]:
-        return {"synced": sorted(self.synced), "errors": dict(self.errors),
-                "missing": dict(self.missing),
-                "objects": {k: len(v) for k, v in self.objects.items()},
-                "at": time.time()}
+        return {
+            "synced": sorted(self.synced),
+            "errors": dict(self.errors),
+            "missing": dict(self.missing),
+            "objects": {k: len(v) for k, v in self.objects.items()},
+            "at": time.time(),
+        }

@@ -26,9 +26,13 @@ SA_PREFIX = "system:serviceaccount:"
 
 
 class TokenReviewAuthenticator:
-    def __init__(self, api: client.ApiClient, trust_domain: str = "cluster.local",
-                 node_agents: tuple[str, ...] = ("tether-system/tether-agent",),
-                 audiences: tuple[str, ...] = ("tether-ca",)) -> None:
+    def __init__(
+        self,
+        api: client.ApiClient,
+        trust_domain: str = "cluster.local",
+        node_agents: tuple[str, ...] = ("tether-system/tether-agent",),
+        audiences: tuple[str, ...] = ("tether-ca",),
+    ) -> None:
         self.auth = client.AuthenticationV1Api(api)
         self.core = client.CoreV1Api(api)
         self.trust_domain = trust_domain
@@ -39,20 +43,23 @@ class TokenReviewAuthenticator:
         token = call.bearer_token()
         if token is None:
             raise AuthenticationError("no bearer token in the authorization metadata")
-        review = client.V1TokenReview(spec=client.V1TokenReviewSpec(
-            token=token, audiences=self.audiences or None))
+        review = client.V1TokenReview(
+            spec=client.V1TokenReviewSpec(token=token, audiences=self.audiences or None)
+        )
         try:
             res: Any = await asyncio.to_thread(self.auth.create_token_review, review)
         except ApiException as e:
             raise AuthenticationError(f"TokenReview failed: {e.status} {e.reason}") from e
         st = res.status
         if not st or not st.authenticated or not st.user:
-            raise AuthenticationError(f"token rejected by the API server: "
-                                      f"{getattr(st, 'error', None) or 'not authenticated'}")
+            raise AuthenticationError(
+                f"token rejected by the API server: "
+                f"{getattr(st, 'error', None) or 'not authenticated'}"
+            )
         user = st.user.username or ""
         if not user.startswith(SA_PREFIX):
             raise AuthenticationError(f"{user} is not a service account")
-        ns, _, sa = user[len(SA_PREFIX):].partition(":")
+        ns, _, sa = user[len(SA_PREFIX) :].partition(":")
         own = frozenset({SpiffeId(self.trust_domain, ns, sa)})
         if f"{ns}/{sa}" not in self.node_agents:
             return Caller(name=user, identities=own)
@@ -61,8 +68,10 @@ class TokenReviewAuthenticator:
         if node is None:
             pod = (extra.get(POD_NAME_EXTRA) or [None])[0]
             if pod is None:
-                raise AuthenticationError(f"{user}: token is not bound to a pod, so its node "
-                                          "is unknown (use a projected token)")
+                raise AuthenticationError(
+                    f"{user}: token is not bound to a pod, so its node "
+                    "is unknown (use a projected token)"
+                )
             p = await asyncio.to_thread(self.core.read_namespaced_pod, pod, ns)
             node = p.spec.node_name if p.spec else None
         return Caller(name=f"{user} on {node}", identities=own, node=node)
@@ -71,21 +80,25 @@ class TokenReviewAuthenticator:
         if caller.node is None:
             raise PermissionDeniedError(f"{caller.name} may not request other identities")
         if identity.trust_domain != self.trust_domain:
-            raise PermissionDeniedError(f"identity {identity} is not in trust domain "
-                                        f"{self.trust_domain}")
+            raise PermissionDeniedError(
+                f"identity {identity} is not in trust domain {self.trust_domain}"
+            )
         pods: Any = await asyncio.to_thread(
-            self.core.list_namespaced_pod, identity.namespace,
-            field_selector=f"spec.nodeName={caller.node}")
+            self.core.list_namespaced_pod,
+            identity.namespace,
+            field_selector=f"spec.nodeName={caller.node}",
+        )
         for p in pods.items:
-            if (p.spec.service_account_name or "default") == identity.service_account and \
-                    p.status.phase not in ("Succeeded", "Failed"):
+            if (
+                p.spec.service_account_name or "default"
+            ) == identity.service_account and p.status.phase not in ("Succeeded", "Failed"):
                 return
-        raise PermissionDeniedError(f"identity {identity} does not run on node "
-                                    f"{caller.node!r}")
+        raise PermissionDeniedError(f"identity {identity} does not run on node {caller.node!r}")
 
 
-def kube_authenticator(trust_domain: str, kubeconfig: str | None = None
-                       ) -> TokenReviewAuthenticator:
+def kube_authenticator(
+    trust_domain: str, kubeconfig: str | None = None
+) -> TokenReviewAuthenticator:
     """For `tether ca --kube`: in-cluster credentials, or a kubeconfig."""
     from agent.sources.k8s import api_client
 

@@ -50,9 +50,11 @@ def find_cgroup(uid: str, root: Path | None = None) -> Path:
             for d in dirnames:
                 if d == plain or d.endswith(systemd):  # ...-pod<uid_>.slice
                     return Path(dirpath) / d
-    raise PodNotFound(f"no cgroup v2 directory for pod UID {uid} under {base} "
-                      "(kubepods/<qos>/pod<uid> or kubepods-<qos>-pod<uid>.slice): is the pod "
-                      "on this node and running, and is the kubelet on cgroup v2?")
+    raise PodNotFound(
+        f"no cgroup v2 directory for pod UID {uid} under {base} "
+        "(kubepods/<qos>/pod<uid> or kubepods-<qos>-pod<uid>.slice): is the pod "
+        "on this node and running, and is the kubelet on cgroup v2?"
+    )
 
 
 def pids_in(cgroup: Path) -> list[int]:

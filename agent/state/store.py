@@ -75,8 +75,10 @@ class Store:
         if cfg is None:
             return []
         return [
-            w for w in cfg.workloads
-            if w.namespace == s.namespace and w.addresses
+            w
+            for w in cfg.workloads
+            if w.namespace == s.namespace
+            and w.addresses
             and all(w.labels.get(k) == v for k, v in s.selector.items())
         ]
 
@@ -130,15 +132,24 @@ class Store:
             "node": cfg.node,
             "trust_domain": self.trust_domain,
             "workloads": [
-                {"name": w.key, "node": w.node, "addresses": list(w.addresses),
-                 "identity": self.identity_of(w).uri, "captured": self.captured(w)}
+                {
+                    "name": w.key,
+                    "node": w.node,
+                    "addresses": list(w.addresses),
+                    "identity": self.identity_of(w).uri,
+                    "captured": self.captured(w),
+                }
                 for w in cfg.workloads
             ],
             "services": [
-                {"name": f"{s.namespace}/{s.name}", "addresses": list(s.addresses),
-                 "ports": [{"port": p.port, "targetPort": p.target_port} for p in s.ports],
-                 "endpoints": [e.address for e in s.endpoints] if s.endpoints is not None
-                 else [w.key for w in self.endpoints(s)]}
+                {
+                    "name": f"{s.namespace}/{s.name}",
+                    "addresses": list(s.addresses),
+                    "ports": [{"port": p.port, "targetPort": p.target_port} for p in s.ports],
+                    "endpoints": [e.address for e in s.endpoints]
+                    if s.endpoints is not None
+                    else [w.key for w in self.endpoints(s)],
+                }
                 for s in cfg.services
             ],
         }

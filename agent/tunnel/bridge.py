@@ -85,8 +85,11 @@ class Bridge:
 
     def _on_eof(self) -> None:
         self.stream_eof = True
-        if self.transport is not None and self.transport.can_write_eof() \
-                and not self.transport.is_closing():
+        if (
+            self.transport is not None
+            and self.transport.can_write_eof()
+            and not self.transport.is_closing()
+        ):
             self.transport.write_eof()
         self._half_closed("stream")
 
@@ -110,6 +113,7 @@ class Bridge:
             await self.stream.drain()
             if self.transport is not None and not self.transport.is_closing():
                 self.transport.resume_reading()
+
         task = asyncio.get_running_loop().create_task(wait())
         task.add_done_callback(lambda t: None)
         self._drain_task = task

@@ -85,7 +85,8 @@ class Connection:
             "inherited": self.inherited,
             "spliced": self.spliced,
             "delivered_as": f"{self.delivered_as[0]}:{self.delivered_as[1]}"
-            if self.delivered_as else None,
+            if self.delivered_as
+            else None,
         }
 
 
@@ -101,10 +102,16 @@ class ConnTable:
         self.on_open: list[Callable[[Connection], None]] = []
         self.on_close: list[Callable[[Connection], None]] = []
 
-    def add(self, pod: str, direction: str, src: tuple[str, int], dst: tuple[str, int],
-            path: str, **fields: Any) -> Connection:
-        c = Connection(next(self._ids), pod, direction, src, dst, path, time.monotonic(),
-                       **fields)
+    def add(
+        self,
+        pod: str,
+        direction: str,
+        src: tuple[str, int],
+        dst: tuple[str, int],
+        path: str,
+        **fields: Any,
+    ) -> Connection:
+        c = Connection(next(self._ids), pod, direction, src, dst, path, time.monotonic(), **fields)
         self.open[c.id] = c
         return c
 

@@ -73,8 +73,7 @@ class _H2Connection(h2.connection.H2Connection):
             return super()._receive_headers_frame(frame)
         except h2.exceptions.TooManyStreamsError:
             self.decoder.decode(frame.data, raw=True)
-            self.highest_inbound_stream_id = max(self.highest_inbound_stream_id,
-                                                 frame.stream_id)
+            self.highest_inbound_stream_id = max(self.highest_inbound_stream_id, frame.stream_id)
             # later frames on it get RST_STREAM too, not a connection error
             self._closed_streams[frame.stream_id] = h2.stream.StreamClosedBy.SEND_RST_STREAM
             rst = hyperframe.frame.RstStreamFrame(frame.stream_id)
@@ -86,11 +85,18 @@ class _H2Connection(h2.connection.H2Connection):
             # it yet): header validation.  Decoding failures carry their
             # HPACK cause; DenialOfServiceError and the other subclasses keep
             # h2's connection-level handling, as do responses and trailers.
-            if (not opens or type(e) is not h2.exceptions.ProtocolError
-                    or e.__cause__ is not None or frame.stream_id not in self.streams):
+            if (
+                not opens
+                or type(e) is not h2.exceptions.ProtocolError
+                or e.__cause__ is not None
+                or frame.stream_id not in self.streams
+            ):
                 raise
-            log.info("malformed request on stream %d refused (RST_STREAM PROTOCOL_ERROR): %s",
-                     frame.stream_id, e)
+            log.info(
+                "malformed request on stream %d refused (RST_STREAM PROTOCOL_ERROR): %s",
+                frame.stream_id,
+                e,
+            )
             try:
                 self.reset_stream(frame.stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
             except h2.exceptions.StreamClosedError:  # the stream's own state machine closed it
@@ -132,8 +138,12 @@ class H2Stream:
 
     # -- consumer side -------------------------------------------------------
 
-    def attach(self, on_data: Callable[[bytes], None], on_eof: Callable[[], None],
-               on_close: Callable[[Exception | None], None]) -> None:
+    def attach(
+        self,
+        on_data: Callable[[bytes], None],
+        on_eof: Callable[[], None],
+        on_close: Callable[[Exception | None], None],
+    ) -> None:
         """Start delivering; bytes that arrived before this are delivered now."""
         self.on_data, self.on_eof, self.on_close = on_data, on_eof, on_close
         for chunk in self._early:
@@ -217,10 +227,15 @@ RequestHandler = Callable[["H2Conn", H2Stream], Awaitable[None]]
 class H2Conn(asyncio.Protocol):
     """One HTTP/2 connection (client or server side) over a TLS transport."""
 
-    def __init__(self, client: bool, on_request: RequestHandler | None = None,
-                 peer: dict[str, Any] | None = None) -> None:
-        cfg = h2.config.H2Configuration(client_side=client, header_encoding="utf-8",
-                                        validate_inbound_headers=True)
+    def __init__(
+        self,
+        client: bool,
+        on_request: RequestHandler | None = None,
+        peer: dict[str, Any] | None = None,
+    ) -> None:
+        cfg = h2.config.H2Configuration(
+            client_side=client, header_encoding="utf-8", validate_inbound_headers=True
+        )
         self.h2 = _H2Connection(config=cfg)
         self.client = client
         self.on_request = on_request
@@ -324,8 +339,11 @@ class H2Conn(asyncio.Protocol):
             if gone is not None:
                 gone._closed(StreamReset(f"stream reset by peer (code {ev.error_code})"))
         elif isinstance(ev, h2.events.WindowUpdated):
-            targets = (list(self.streams.values()) if not ev.stream_id
-                       else [s for s in [self.streams.get(ev.stream_id)] if s])
+            targets = (
+                list(self.streams.values())
+                if not ev.stream_id
+                else [s for s in [self.streams.get(ev.stream_id)] if s]
+            )
             for s in targets:
                 self._send_pending(s)
         elif isinstance(ev, h2.events.ConnectionTerminated):
@@ -415,9 +433,12 @@ class H2Conn(asyncio.Protocol):
         return s
 
     def available(self) -> bool:
-        return (self.transport is not None and not self.transport.is_closing()
-                and self.h2.open_outbound_streams < min(
-                    MAX_STREAMS, self.h2.remote_settings.max_concurrent_streams))
+        return (
+            self.transport is not None
+            and not self.transport.is_closing()
+            and self.h2.open_outbound_streams
+            < min(MAX_STREAMS, self.h2.remote_settings.max_concurrent_streams)
+        )
 
     # -- server API -------------------------------------------------------------
 

@@ -78,14 +78,26 @@ def parse_authority(value: str) -> tuple[str, int]:
     return str(ip), int(port_s)
 
 
-def request_headers(authority: str, src: tuple[str, int], *, namespace: str = "",
-                    workload: str = "", service_host: str = "",
-                    cluster: str = "Kubernetes") -> list[tuple[str, str]]:
+def request_headers(
+    authority: str,
+    src: tuple[str, int],
+    *,
+    namespace: str = "",
+    workload: str = "",
+    service_host: str = "",
+    cluster: str = "Kubernetes",
+) -> list[tuple[str, str]]:
     trace = f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-01"
     baggage = ",".join(
-        f"{k}={v}" for k, v in (("k8s.cluster.name", cluster), ("k8s.namespace.name", namespace),
-                                ("k8s.deployment.name", workload), ("service.name", workload),
-                                ("service.version", "latest")) if v
+        f"{k}={v}"
+        for k, v in (
+            ("k8s.cluster.name", cluster),
+            ("k8s.namespace.name", namespace),
+            ("k8s.deployment.name", workload),
+            ("service.name", workload),
+            ("service.version", "latest"),
+        )
+        if v
     )
     fwd = f'for="{format_authority(*src)}"' + (f";host={service_host}" if service_host else "")
     return [
@@ -185,9 +197,16 @@ class HboneClient:
         try:
             await asyncio.wait_for(loop.sock_connect(sock, (host, port)), CONNECT_TIMEOUT)
             ctx = await self.client_context(key.src_identity)
-            _, conn = await asyncio.wait_for(loop.create_connection(
-                lambda: H2Conn(client=True, peer={"addr": key.dst}), sock=sock, ssl=ctx,
-                server_hostname="", ssl_handshake_timeout=CONNECT_TIMEOUT), CONNECT_TIMEOUT)
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: H2Conn(client=True, peer={"addr": key.dst}),
+                    sock=sock,
+                    ssl=ctx,
+                    server_hostname="",
+                    ssl_handshake_timeout=CONNECT_TIMEOUT,
+                ),
+                CONNECT_TIMEOUT,
+            )
         except ssl.SSLError as e:
             sock.close()
             raise HboneError(f"TLS with {host}:{port} failed: {e}", flag="TLS_FAILURE") from e
@@ -200,12 +219,14 @@ class HboneClient:
             got = peer_identity(sslobj)
         except (ssl.SSLError, ValueError) as e:
             conn.close()
-            raise HboneError(f"{host}:{port} presented no SPIFFE identity: {e}",
-                             flag="TLS_FAILURE") from e
+            raise HboneError(
+                f"{host}:{port} presented no SPIFFE identity: {e}", flag="TLS_FAILURE"
+            ) from e
         if got != key.dst_identity:
             conn.close()
-            raise HboneError(f"{host}:{port} is {got.uri}, expected {key.dst_identity.uri}",
-                             flag="TLS_FAILURE")
+            raise HboneError(
+                f"{host}:{port} is {got.uri}, expected {key.dst_identity.uri}", flag="TLS_FAILURE"
+            )
         await asyncio.wait_for(conn.ready, CONNECT_TIMEOUT)
         conn.peer["identity"] = got
         return conn
@@ -233,9 +254,13 @@ class HboneClient:
 
     def describe(self) -> list[dict[str, Any]]:
         return [
-            {"src": k.src_identity.uri, "dst": k.dst_identity.uri,
-             "address": format_authority(*k.dst), "connections": len(v),
-             "streams": sum(len(c.streams) for c in v)}
+            {
+                "src": k.src_identity.uri,
+                "dst": k.dst_identity.uri,
+                "address": format_authority(*k.dst),
+                "connections": len(v),
+                "streams": sum(len(c.streams) for c in v),
+            }
             for k, v in self.pool.items()
         ]
 

@@ -215,10 +215,11 @@ class PodProxy:
                     s.setblocking(False)
                 except OSError as e:
                     s.close()
-                    if fam == socket.AF_INET6 and e.errno in (errno.EADDRNOTAVAIL,
-                                                              errno.EAFNOSUPPORT):
-                        log.warning("pod %s has no IPv6 loopback: IPv6 not captured",
-                                    self.pod.key)
+                    if fam == socket.AF_INET6 and e.errno in (
+                        errno.EADDRNOTAVAIL,
+                        errno.EAFNOSUPPORT,
+                    ):
+                        log.warning("pod %s has no IPv6 loopback: IPv6 not captured", self.pod.key)
                         continue
                     self.close()
                     raise
@@ -232,7 +233,9 @@ class PodProxy:
     def serve(self) -> None:
         loop = asyncio.get_running_loop()
         handlers: dict[str, Callable[[socket.socket], Awaitable[None]]] = {
-            "out": self._outbound, "in": self._inbound_plain, "hbone": self._inbound_hbone,
+            "out": self._outbound,
+            "in": self._inbound_plain,
+            "hbone": self._inbound_hbone,
         }
         for name, sock in self.listeners.items():
             handler = handlers[name.rstrip("46")]
@@ -254,8 +257,9 @@ class PodProxy:
             conn.setblocking(False)
             self._track(loop.create_task(self._guard(handler, conn)))
 
-    async def _guard(self, handler: Callable[[socket.socket], Awaitable[None]],
-                     conn: socket.socket) -> None:
+    async def _guard(
+        self, handler: Callable[[socket.socket], Awaitable[None]], conn: socket.socket
+    ) -> None:
         """One bad connection is logged and closed; nothing else is touched."""
         try:
             await handler(conn)
@@ -288,16 +292,29 @@ class PodProxy:
             return
         if target.hbone and self.t.hbone is not None and self.pod.identity is not None:
             assert target.identity is not None
-            c = self.t.conns.add(self.pod.key, "outbound", src, dst, "hbone",
-                                 dst_identity=target.identity.uri, security="mutual_tls",
-                                 **common)
+            c = self.t.conns.add(
+                self.pod.key,
+                "outbound",
+                src,
+                dst,
+                "hbone",
+                dst_identity=target.identity.uri,
+                security="mutual_tls",
+                **common,
+            )
             headers = request_headers(
-                target.authority, (self.pod.ips[0] if self.pod.ips else src[0], src[1]),
-                namespace=w.namespace if w else "", workload=w.name if w else "",
+                target.authority,
+                (self.pod.ips[0] if self.pod.ips else src[0], src[1]),
+                namespace=w.namespace if w else "",
+                workload=w.name if w else "",
                 service_host=target.service.hostname if target.service else "",
             )
-            key = PoolKey(self.pod.identity, target.identity, self.pod.netns,
-                          (target.address[0], self.ports.hbone))
+            key = PoolKey(
+                self.pod.identity,
+                target.identity,
+                self.pod.netns,
+                (target.address[0], self.ports.hbone),
+            )
             try:
                 stream = await self.t.hbone.open(key, headers)
             except HboneError as e:
@@ -312,8 +329,9 @@ class PodProxy:
             up = tcp_socket(_family(target.address[0]))
         up.setblocking(False)
         try:
-            await asyncio.wait_for(asyncio.get_running_loop().sock_connect(up, target.address),
-                                   CONNECT_TIMEOUT)
+            await asyncio.wait_for(
+                asyncio.get_running_loop().sock_connect(up, target.address), CONNECT_TIMEOUT
+            )
         except (OSError, TimeoutError) as e:
             up.close()
             _refuse(app)
@@ -322,24 +340,48 @@ class PodProxy:
         self.t.conns.opened(c)
         await self._relay(c, app, up)
 
-    async def _same_node(self, app: socket.socket, src: tuple[str, int],
-                         dst: tuple[str, int], target: tuple[str, int], peer: PodProxy,
-                         common: dict[str, Any]) -> None:
+    async def _same_node(
+        self,
+        app: socket.socket,
+        src: tuple[str, int],
+        dst: tuple[str, int],
+        target: tuple[str, int],
+        peer: PodProxy,
+        common: dict[str, Any],
+    ) -> None:
         """Both pods are on this node: the agent captured the source itself, so
         it knows the source identity first-hand.  Authorize as the destination
         would, deliver, relay; no TLS round trip through the node's own veth.
         Both ends are recorded, as two ztunnels would record them."""
         assert self.pod.identity is not None and peer.pod.identity is not None
-        src_ip = next((ip for ip in self.pod.ips if _family(ip) == _family(target[0])),
-                      self.pod.ips[0] if self.pod.ips else src[0])
-        out = self.t.conns.add(self.pod.key, "outbound", src, dst, "local",
-                               dst_identity=peer.pod.identity.uri, security="mutual_tls",
-                               **common)
-        inn = self.t.conns.add(peer.pod.key, "inbound", (src_ip, src[1]), target, "local",
-                               reporter="destination", security="mutual_tls",
-                               src_identity=self.pod.identity.uri,
-                               dst_identity=peer.pod.identity.uri, src_workload=self.pod.key,
-                               dst_workload=peer.pod.key, spliced=self.t.splicing)
+        src_ip = next(
+            (ip for ip in self.pod.ips if _family(ip) == _family(target[0])),
+            self.pod.ips[0] if self.pod.ips else src[0],
+        )
+        out = self.t.conns.add(
+            self.pod.key,
+            "outbound",
+            src,
+            dst,
+            "local",
+            dst_identity=peer.pod.identity.uri,
+            security="mutual_tls",
+            **common,
+        )
+        inn = self.t.conns.add(
+            peer.pod.key,
+            "inbound",
+            (src_ip, src[1]),
+            target,
+            "local",
+            reporter="destination",
+            security="mutual_tls",
+            src_identity=self.pod.identity.uri,
+            dst_identity=peer.pod.identity.uri,
+            src_workload=self.pod.key,
+            dst_workload=peer.pod.key,
+            spliced=self.t.splicing,
+        )
         decision = peer._authorize(inn, src_ip, self.pod.identity, target)
         if not decision.allowed:
             _refuse(app)
@@ -366,15 +408,17 @@ class PodProxy:
 
     # -- inbound ------------------------------------------------------------------
 
-    def _authorize(self, c: Connection, src_ip: str, ident: SpiffeId | None,
-                   dst: tuple[str, int]) -> AuthzResult:
+    def _authorize(
+        self, c: Connection, src_ip: str, ident: SpiffeId | None, dst: tuple[str, int]
+    ) -> AuthzResult:
         w = self.pod.workload
         if w is None:
             return AuthzResult(True, "no workload record: no policy applies")
         return self.t.policy.authorize(AuthzRequest(src_ip, ident, dst[0], dst[1], w))
 
-    async def _deliver(self, src_ip: str, dst: tuple[str, int]) -> tuple[socket.socket,
-                                                                         tuple[str, int]]:
+    async def _deliver(
+        self, src_ip: str, dst: tuple[str, int]
+    ) -> tuple[socket.socket, tuple[str, int]]:
         """Connect to the app from inside the pod, with the client's source IP."""
         fam = _family(dst[0])
         with netns.entered(self.pod.netns):
@@ -394,8 +438,9 @@ class PodProxy:
             # uses it to recognise this hop for sk_msg when it is established.
             self.t.capture.bypass(local, dst)
             try:
-                await asyncio.wait_for(asyncio.get_running_loop().sock_connect(app, dst),
-                                       CONNECT_TIMEOUT)
+                await asyncio.wait_for(
+                    asyncio.get_running_loop().sock_connect(app, dst), CONNECT_TIMEOUT
+                )
             except BaseException:
                 self.t.capture.unbypass(local, dst)
                 raise
@@ -413,10 +458,17 @@ class PodProxy:
         src = _plain(client.getpeername())
         dst = _plain(client.getsockname())  # sk_lookup kept the dialled address
         w = self.pod.workload
-        c = self.t.conns.add(self.pod.key, "inbound", src, dst, "plaintext",
-                             reporter="destination", dst_workload=self.pod.key,
-                             dst_identity=self.pod.identity.uri if self.pod.identity else None,
-                             src_workload=self._workload_at(src[0]))
+        c = self.t.conns.add(
+            self.pod.key,
+            "inbound",
+            src,
+            dst,
+            "plaintext",
+            reporter="destination",
+            dst_workload=self.pod.key,
+            dst_identity=self.pod.identity.uri if self.pod.identity else None,
+            src_workload=self._workload_at(src[0]),
+        )
         if w is not None and not self.t.policy.plaintext_allowed(w, dst[1]):
             _refuse(client)
             self.t.conns.refuse(c, "plaintext refused: PeerAuthentication STRICT", "DENY")
@@ -444,13 +496,24 @@ class PodProxy:
         try:
             ctx = await self.t.server_context(self.pod.identity)
             _, conn = await loop.connect_accepted_socket(
-                lambda: H2Conn(client=False, on_request=self._on_connect,
-                               peer={"addr": peer, "local": local}),
-                sock, ssl=ctx, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
+                lambda: H2Conn(
+                    client=False, on_request=self._on_connect, peer={"addr": peer, "local": local}
+                ),
+                sock,
+                ssl=ctx,
+                ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT,
+            )
         except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as e:
-            c = self.t.conns.add(self.pod.key, "inbound", peer, local, "hbone",
-                                 reporter="destination", dst_workload=self.pod.key,
-                                 dst_identity=self.pod.identity.uri)
+            c = self.t.conns.add(
+                self.pod.key,
+                "inbound",
+                peer,
+                local,
+                "hbone",
+                reporter="destination",
+                dst_workload=self.pod.key,
+                dst_identity=self.pod.identity.uri,
+            )
             self.t.conns.refuse(c, f"TLS handshake failed: {_err(e)}", "TLS_FAILURE")
             sock.close()
             return
@@ -458,12 +521,20 @@ class PodProxy:
         try:
             ident = peer_identity(conn.transport.get_extra_info("ssl_object"))
             if ident.trust_domain != self.pod.identity.trust_domain:
-                raise ValueError(f"{ident.uri} is not in trust domain "
-                                 f"{self.pod.identity.trust_domain}")
+                raise ValueError(
+                    f"{ident.uri} is not in trust domain {self.pod.identity.trust_domain}"
+                )
             conn.peer["identity"] = ident
         except (ssl.SSLError, ValueError) as e:
-            c = self.t.conns.add(self.pod.key, "inbound", peer, local, "hbone",
-                                 reporter="destination", dst_workload=self.pod.key)
+            c = self.t.conns.add(
+                self.pod.key,
+                "inbound",
+                peer,
+                local,
+                "hbone",
+                reporter="destination",
+                dst_workload=self.pod.key,
+            )
             self.t.conns.refuse(c, f"client certificate refused: {_err(e)}", "TLS_FAILURE")
             conn.close()
 
@@ -479,11 +550,19 @@ class PodProxy:
                 got = peer_identity(conn.transport.get_extra_info("ssl_object"))
                 if got.trust_domain == self.pod.identity.trust_domain:
                     ident = conn.peer["identity"] = got
-        c = self.t.conns.add(self.pod.key, "inbound", peer, local, "hbone",
-                             reporter="destination", security="mutual_tls",
-                             src_identity=ident.uri if ident else None,
-                             dst_identity=self.pod.identity.uri, dst_workload=self.pod.key,
-                             src_workload=self._workload_at(peer[0]))
+        c = self.t.conns.add(
+            self.pod.key,
+            "inbound",
+            peer,
+            local,
+            "hbone",
+            reporter="destination",
+            security="mutual_tls",
+            src_identity=ident.uri if ident else None,
+            dst_identity=self.pod.identity.uri,
+            dst_workload=self.pod.key,
+            src_workload=self._workload_at(peer[0]),
+        )
         try:
             dst = check_request(stream.request_headers, local[0])
         except HboneError as e:
@@ -521,8 +600,11 @@ class PodProxy:
         """Policy changed: close this pod's inbound connections that the new
         policy denies (ztunnel does the same); others are untouched."""
         closed = 0
-        for c in [c for c in self.t.conns.open.values()
-                  if c.pod == self.pod.key and c.direction == "inbound" and c.kill]:
+        for c in [
+            c
+            for c in self.t.conns.open.values()
+            if c.pod == self.pod.key and c.direction == "inbound" and c.kill
+        ]:
             ident = SpiffeId.parse(c.src_identity) if c.src_identity else None
             decision = self._authorize(c, c.src[0], ident, c.dst)
             if not decision.allowed:
@@ -551,8 +633,9 @@ class PodProxy:
                 self._undeliver(c)
                 self.t.conns.end(c, None)
 
-    async def _bridge(self, c: Connection, sock: socket.socket, stream: H2Stream,
-                      initiator: str) -> None:
+    async def _bridge(
+        self, c: Connection, sock: socket.socket, stream: H2Stream, initiator: str
+    ) -> None:
         b = Bridge(stream, initiator=initiator)
         c.relay = b
         c.kill = b.close
@@ -570,8 +653,9 @@ class PodProxy:
         the listeners and those connections' sockets for a successor
         (agent.handoff).  HBONE connections cannot move (their TLS state is in
         this process): they keep running here until they end."""
-        listeners = {n: socket.socket(fileno=socket.dup(s.fileno()))
-                     for n, s in self.listeners.items()}
+        listeners = {
+            n: socket.socket(fileno=socket.dup(s.fileno())) for n, s in self.listeners.items()
+        }
         self.release()
         conns = []
         for c in [c for c in self.t.conns.open.values() if c.pod == self.pod.key]:
@@ -598,15 +682,22 @@ class PodProxy:
     def resume(self, handed: dict[str, Any]) -> None:
         """Carry on relaying a connection a predecessor froze."""
         info = handed["info"]
-        c = self.t.conns.add(self.pod.key, info["direction"], tuple(info["src"]),
-                             tuple(info["dst"]), info["path"], inherited=True,
-                             sent_base=info.get("bytes_sent", 0),
-                             received_base=info.get("bytes_received", 0))
+        c = self.t.conns.add(
+            self.pod.key,
+            info["direction"],
+            tuple(info["src"]),
+            tuple(info["dst"]),
+            info["path"],
+            inherited=True,
+            sent_base=info.get("bytes_sent", 0),
+            received_base=info.get("bytes_received", 0),
+        )
         if info.get("delivered_as"):
             host, _, port = info["delivered_as"].rpartition(":")
             c.delivered_as = (host, int(port))
-        self._track(asyncio.get_running_loop().create_task(
-            self._relay(c, handed["a"], handed["b"])))
+        self._track(
+            asyncio.get_running_loop().create_task(self._relay(c, handed["a"], handed["b"]))
+        )
 
     def _track(self, task: asyncio.Task[None]) -> None:
         self._handlers.add(task)

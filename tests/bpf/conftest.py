@@ -238,18 +238,21 @@ def _probe_cookie(path: Path) -> int:
     try:
         fd = os.open(cg, os.O_RDONLY)
         try:
-            link = bpfsys.link_create(progs.prog_fds["tether_nsprobe"], fd,
-                                      bpfsys.AttachType.CGROUP_INET4_CONNECT)
+            link = bpfsys.link_create(
+                progs.prog_fds["tether_nsprobe"], fd, bpfsys.AttachType.CGROUP_INET4_CONNECT
+            )
         finally:
             os.close(fd)
 
         class Target:
             netns_path, cgroup_path = path, cg
 
-        code = ("import contextlib, socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-                "with contextlib.suppress(OSError):\n"
-                f"    s.connect(('127.0.0.1', {NSPROBE_PORT}))\n"
-                "print(int.from_bytes(s.getsockopt(socket.SOL_SOCKET, 57, 8), 'little'))")
+        code = (
+            "import contextlib, socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+            "with contextlib.suppress(OSError):\n"
+            f"    s.connect(('127.0.0.1', {NSPROBE_PORT}))\n"
+            "print(int.from_bytes(s.getsockopt(socket.SOL_SOCKET, 57, 8), 'little'))"
+        )
         proc = spawn_in(Target(), [sys.executable, "-c", code], stdout=subprocess.PIPE)
         out, _ = proc.communicate(timeout=30)
         key = int(out.decode().strip()).to_bytes(8, sys.byteorder)

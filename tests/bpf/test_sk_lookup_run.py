@@ -35,9 +35,11 @@ from agent.datapath.structs import (
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="bpf tier needs root (bpf(2), bpffs, cgroup v2)"),
     # The same words KernelTooOld uses; the kernel matrix shows them as skips.
-    pytest.mark.skipif(kernel_version() < (5, 14),
-                       reason="BPF_PROG_TEST_RUN for sk_lookup needs Linux 5.14 or newer; "
-                       f"this kernel is {kernel_version()[0]}.{kernel_version()[1]}"),
+    pytest.mark.skipif(
+        kernel_version() < (5, 14),
+        reason="BPF_PROG_TEST_RUN for sk_lookup needs Linux 5.14 or newer; "
+        f"this kernel is {kernel_version()[0]}.{kernel_version()[1]}",
+    ),
 ]
 
 SK_DROP, SK_PASS = 0, 1

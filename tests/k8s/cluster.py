@@ -84,8 +84,14 @@ def build(log_path: Path | None = None, timeout: float = 60 * 60) -> Path:
     """Run build.sh (a no-op when cached); raise CalledProcessError on failure."""
     log = open(log_path, "w") if log_path else subprocess.DEVNULL  # noqa: SIM115
     try:
-        out = subprocess.run([str(BUILD_SH)], check=True, stdout=subprocess.PIPE,
-                             stderr=log, text=True, timeout=timeout)
+        out = subprocess.run(
+            [str(BUILD_SH)],
+            check=True,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            timeout=timeout,
+        )
     finally:
         if log_path:
             log.close()  # type: ignore[union-attr]
@@ -105,38 +111,63 @@ def _write_pki(d: Path) -> None:
     validity = datetime.timedelta(days=2)
 
     def pem_key(k: Any) -> bytes:
-        return k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                               serialization.NoEncryption())
+        return k.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
 
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tether-test-k8s-ca")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-          .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + validity)
-          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                       content_commitment=False, key_encipherment=False,
-                                       data_encipherment=False, key_agreement=False,
-                                       encipher_only=False, decipher_only=False), critical=True)
-          .sign(ca_key, hashes.SHA256()))
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + validity)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
 
     key = ec.generate_private_key(ec.SECP256R1())
     sans: list[x509.GeneralName] = [
-        x509.DNSName("localhost"), x509.DNSName("kubernetes"),
-        x509.DNSName("kubernetes.default"), x509.DNSName("kubernetes.default.svc"),
+        x509.DNSName("localhost"),
+        x509.DNSName("kubernetes"),
+        x509.DNSName("kubernetes.default"),
+        x509.DNSName("kubernetes.default.svc"),
         x509.DNSName("kubernetes.default.svc.cluster.local"),
         x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
         x509.IPAddress(ipaddress.ip_address("10.96.0.1")),
     ]
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]))
-            .issuer_name(ca_name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + validity)
-            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .sign(ca_key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + validity)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
 
     (d / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     (d / "apiserver.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
@@ -144,8 +175,11 @@ def _write_pki(d: Path) -> None:
 
     sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     (d / "sa.key").write_bytes(pem_key(sa_key))
-    (d / "sa.pub").write_bytes(sa_key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    (d / "sa.pub").write_bytes(
+        sa_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
     for f in ("apiserver.key", "sa.key"):
         os.chmod(d / f, 0o600)
 
@@ -156,7 +190,7 @@ def _write_pki(d: Path) -> None:
 @dataclass
 class Cluster:
     bin_dir: Path
-    workdir: Path | None = None          # default: a fresh temp dir, removed on stop()
+    workdir: Path | None = None  # default: a fresh temp dir, removed on stop()
     service_cidr: str = SERVICE_CIDR
     authorization_mode: str = "RBAC"
     disabled_admission: tuple[str, ...] = DISABLED_ADMISSION
@@ -215,8 +249,9 @@ class Cluster:
         # token,user,uid,"group1,group2"
         (pki / "tokens.csv").write_text(
             f'{self.admin_token},admin,admin-uid,"system:masters"\n'
-            f'{self.agent_token},{AGENT_USER},tether-agent-uid,'
-            f'"system:serviceaccounts,system:serviceaccounts:{AGENT_SA_NAMESPACE}"\n')
+            f"{self.agent_token},{AGENT_USER},tether-agent-uid,"
+            f'"system:serviceaccounts,system:serviceaccounts:{AGENT_SA_NAMESPACE}"\n'
+        )
         os.chmod(pki / "tokens.csv", 0o600)
         self._api_port = free_port()
         self.url = f"https://127.0.0.1:{self._api_port}"
@@ -239,17 +274,21 @@ class Cluster:
             f"--listen-peer-urls={peer_url}",
             f"--initial-advertise-peer-urls={peer_url}",
             f"--initial-cluster=tether-test={peer_url}",
-            "--unsafe-no-fsync",           # test data only; much faster on slow disks
+            "--unsafe-no-fsync",  # test data only; much faster on slow disks
             "--log-level=warn",
         ]
         self._etcd = self._spawn(cmd, "etcd.log")
-        self._wait(lambda: self._http_ok(f"{self.etcd_url}/health"), "etcd /health", self._etcd,
-                   "etcd.log")
+        self._wait(
+            lambda: self._http_ok(f"{self.etcd_url}/health"), "etcd /health", self._etcd, "etcd.log"
+        )
 
     def etcd_request(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """Call etcd's v3 JSON gateway, e.g. ("/v3/maintenance/status", {})."""
-        req = urllib.request.Request(f"{self.etcd_url}{path}", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"{self.etcd_url}{path}",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(req, timeout=10) as r:
             return dict(json.load(r))
 
@@ -272,8 +311,9 @@ class Cluster:
         """
         rev = revision if revision is not None else self.etcd_revision()
         key = base64.b64encode(b"compact_rev_key").decode()
-        self.etcd_request("/v3/kv/put", {"key": key,
-                                         "value": base64.b64encode(str(rev).encode()).decode()})
+        self.etcd_request(
+            "/v3/kv/put", {"key": key, "value": base64.b64encode(str(rev).encode()).decode()}
+        )
         self.etcd_request("/v3/kv/compaction", {"revision": str(rev), "physical": True})
         return rev
 
@@ -341,20 +381,34 @@ class Cluster:
         self.ensure_namespace(AGENT_SA_NAMESPACE)
         with contextlib.suppress(client.ApiException):
             core.create_namespaced_service_account(
-                AGENT_SA_NAMESPACE, {"metadata": {"name": AGENT_SA_NAME}})
+                AGENT_SA_NAMESPACE, {"metadata": {"name": AGENT_SA_NAME}}
+            )
 
     # ---- clients
 
     def ssl_context(self) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=str(self.ca_file))
 
-    def raw(self, method: str, path: str, body: Any = None, token: str | None = None,
-            timeout: float = 10) -> Any:
+    def raw(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        token: str | None = None,
+        timeout: float = 10,
+    ) -> Any:
         """A bare HTTPS call (no client library); returns parsed JSON or text."""
         data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(f"{self.url}{path}", data=data, method=method, headers={
-            "Authorization": f"Bearer {token or self.admin_token}",
-            "Content-Type": "application/json", "Accept": "application/json"})
+        req = urllib.request.Request(
+            f"{self.url}{path}",
+            data=data,
+            method=method,
+            headers={
+                "Authorization": f"Bearer {token or self.admin_token}",
+                "Content-Type": "application/json",
+                "Accept": "application/json",
+            },
+        )
         with urllib.request.urlopen(req, timeout=timeout, context=self.ssl_context()) as r:
             text = r.read().decode()
         try:
@@ -385,12 +439,19 @@ class Cluster:
     def write_kubeconfig(self, path: Path, token: str, user: str = "user") -> Path:
         ca = base64.b64encode(self.ca_file.read_bytes()).decode()
         cfg = {
-            "apiVersion": "v1", "kind": "Config", "current-context": "tether-test",
-            "clusters": [{"name": "tether-test",
-                          "cluster": {"server": self.url, "certificate-authority-data": ca}}],
+            "apiVersion": "v1",
+            "kind": "Config",
+            "current-context": "tether-test",
+            "clusters": [
+                {
+                    "name": "tether-test",
+                    "cluster": {"server": self.url, "certificate-authority-data": ca},
+                }
+            ],
             "users": [{"name": user, "user": {"token": token}}],
-            "contexts": [{"name": "tether-test",
-                          "context": {"cluster": "tether-test", "user": user}}],
+            "contexts": [
+                {"name": "tether-test", "context": {"cluster": "tether-test", "user": user}}
+            ],
         }
         path.write_text(json.dumps(cfg, indent=1))  # JSON is YAML
         os.chmod(path, 0o600)
@@ -429,11 +490,17 @@ class Cluster:
             ns = d["metadata"].get("namespace", "default")
             ops = {
                 "ClusterRole": (rbac.create_cluster_role, rbac.replace_cluster_role, ()),
-                "ClusterRoleBinding": (rbac.create_cluster_role_binding,
-                                       rbac.replace_cluster_role_binding, ()),
+                "ClusterRoleBinding": (
+                    rbac.create_cluster_role_binding,
+                    rbac.replace_cluster_role_binding,
+                    (),
+                ),
                 "Role": (rbac.create_namespaced_role, rbac.replace_namespaced_role, (ns,)),
-                "RoleBinding": (rbac.create_namespaced_role_binding,
-                                rbac.replace_namespaced_role_binding, (ns,)),
+                "RoleBinding": (
+                    rbac.create_namespaced_role_binding,
+                    rbac.replace_namespaced_role_binding,
+                    (ns,),
+                ),
             }.get(str(kind))
             if ops is None:
                 continue
@@ -467,10 +534,14 @@ class Cluster:
             if e.status != 409:
                 raise
 
-    def service_account_token(self, namespace: str, name: str,
-                              audiences: list[str] | None = None,
-                              expiration_seconds: int = 3600,
-                              bound_pod: tuple[str, str] | None = None) -> str:
+    def service_account_token(
+        self,
+        namespace: str,
+        name: str,
+        audiences: list[str] | None = None,
+        expiration_seconds: int = 3600,
+        bound_pod: tuple[str, str] | None = None,
+    ) -> str:
         """TokenRequest for a ServiceAccount (optionally bound to a pod (name, uid))."""
         from kubernetes import client
 
@@ -478,8 +549,12 @@ class Cluster:
         if audiences:
             spec["audiences"] = audiences
         if bound_pod:
-            spec["boundObjectRef"] = {"kind": "Pod", "apiVersion": "v1",
-                                      "name": bound_pod[0], "uid": bound_pod[1]}
+            spec["boundObjectRef"] = {
+                "kind": "Pod",
+                "apiVersion": "v1",
+                "name": bound_pod[0],
+                "uid": bound_pod[1],
+            }
         core = client.CoreV1Api(self.api_client())
         tr = core.create_namespaced_service_account_token(name, namespace, {"spec": spec})
         return str(tr.status.token)
@@ -517,8 +592,13 @@ class Cluster:
             plural, group = crd.spec.names.plural, crd.spec.group
             version = next(v.name for v in crd.spec.versions if v.storage)
             path = f"/apis/{group}/{version}/{plural}"
-            self._wait(lambda p=path: self._http_ok_api(p),  # type: ignore[misc]
-                       f"discovery of {n}", None, "apiserver.log", timeout=timeout)
+            self._wait(
+                lambda p=path: self._http_ok_api(p),  # type: ignore[misc]
+                f"discovery of {n}",
+                None,
+                "apiserver.log",
+                timeout=timeout,
+            )
         return names
 
     # ---- process plumbing
@@ -537,8 +617,13 @@ class Cluster:
         with open(logs / log, "ab") as out:
             out.write(f"\n==== {time.strftime('%H:%M:%S')} {' '.join(cmd)}\n".encode())
             out.flush()
-            return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+            return subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     def _terminate(self, attr: str, timeout: float = 15) -> None:
         proc: subprocess.Popen[bytes] | None = getattr(self, attr)
@@ -553,16 +638,24 @@ class Cluster:
                 proc.wait(5)
         setattr(self, attr, None)
 
-    def _wait(self, ok: Any, what: str, proc: subprocess.Popen[bytes] | None, log: str,
-              timeout: float | None = None) -> None:
+    def _wait(
+        self,
+        ok: Any,
+        what: str,
+        proc: subprocess.Popen[bytes] | None,
+        log: str,
+        timeout: float | None = None,
+    ) -> None:
         deadline = time.monotonic() + (timeout or self.start_timeout)
         while not ok():
             if proc is not None and proc.poll() is not None:
-                raise RuntimeError(f"{what}: process exited {proc.returncode}\n"
-                                   f"{self.log_tail(log)}")
+                raise RuntimeError(
+                    f"{what}: process exited {proc.returncode}\n{self.log_tail(log)}"
+                )
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{what} not ready after {timeout or self.start_timeout}s\n"
-                                   f"{self.log_tail(log)}")
+                raise TimeoutError(
+                    f"{what} not ready after {timeout or self.start_timeout}s\n{self.log_tail(log)}"
+                )
             time.sleep(0.2)
 
     @staticmethod

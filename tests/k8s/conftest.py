@@ -44,11 +44,13 @@ def _binaries() -> Path:
         return bin_dir()
     if os.environ.get("TETHER_K8S_BUILD") == "0" and not _require_all():
         _unavailable(f"kube-apiserver/etcd not built and TETHER_K8S_BUILD=0; run {BUILD_SH}")
-    go = shutil.which("go") or ("/usr/local/go/bin/go" if os.path.exists("/usr/local/go/bin/go")
-                                else None)
+    go = shutil.which("go") or (
+        "/usr/local/go/bin/go" if os.path.exists("/usr/local/go/bin/go") else None
+    )
     if go is None:
-        _unavailable(f"kube-apiserver/etcd not built and no Go toolchain to build them "
-                     f"({BUILD_SH})")
+        _unavailable(
+            f"kube-apiserver/etcd not built and no Go toolchain to build them ({BUILD_SH})"
+        )
     log = Path(tempfile.gettempdir()) / "tether-k8s-build.log"
     try:
         return build(log)

@@ -65,52 +65,94 @@ class KubeNode:
         self.agent: subprocess.Popen[Any] | None = None
         self.pods: dict[str, Pod] = {}
 
-    def add_pod(self, name: str, sa: str = "default", labels: dict[str, str] | None = None
-                ) -> Pod:
+    def add_pod(self, name: str, sa: str = "default", labels: dict[str, str] | None = None) -> Pod:
         """Create the API pod, then its stand-in, then report its IPs as a kubelet does."""
-        body = {"metadata": {"name": name, "labels": labels or {"app": name}},
-                "spec": {"nodeName": "n1", "serviceAccountName": sa,
-                         "containers": [{"name": "app", "image": "stand-in"}]}}
+        body = {
+            "metadata": {"name": name, "labels": labels or {"app": name}},
+            "spec": {
+                "nodeName": "n1",
+                "serviceAccountName": sa,
+                "containers": [{"name": "app", "image": "stand-in"}],
+            },
+        }
         if sa != "default":
             with contextlib.suppress(Exception):
                 self.core.create_namespaced_service_account(self.ns, {"metadata": {"name": sa}})
         api_pod = self.core.create_namespaced_pod(self.ns, body)
         pod = self.node.add_pod(name, self.ns, sa, uid=api_pod.metadata.uid)
-        self.core.patch_namespaced_pod_status(name, self.ns, {"status": {
-            "phase": "Running", "podIP": pod.ip4,
-            "podIPs": [{"ip": pod.ip4}, {"ip": pod.ip6}]}})
+        self.core.patch_namespaced_pod_status(
+            name,
+            self.ns,
+            {
+                "status": {
+                    "phase": "Running",
+                    "podIP": pod.ip4,
+                    "podIPs": [{"ip": pod.ip4}, {"ip": pod.ip6}],
+                }
+            },
+        )
         self.pods[name] = pod
-        srv = self.tb.spawn(pod, [PY, "-m", "agent.sim.peer", "serve", "--port", "8080"],
-                            stdout=subprocess.PIPE)
+        srv = self.tb.spawn(
+            pod, [PY, "-m", "agent.sim.peer", "serve", "--port", "8080"], stdout=subprocess.PIPE
+        )
         assert srv.stdout is not None and b"ready" in srv.stdout.readline()
         return pod
 
     def start_agent(self) -> subprocess.Popen[Any]:
         # the agent's user gets exactly the DaemonSet's ClusterRole: least privilege
         root = Path(__file__).resolve().parents[2]
-        self.k8s.apply_rbac(root / "daemonset" / "rbac.yaml", {
-            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-            "metadata": {"name": "tether-agent-test"},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
-                        "name": "tether-agent"},
-            "subjects": [{"kind": "ServiceAccount", "name": "tether",
-                          "namespace": "tether-system"}]})
+        self.k8s.apply_rbac(
+            root / "daemonset" / "rbac.yaml",
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "ClusterRoleBinding",
+                "metadata": {"name": "tether-agent-test"},
+                "roleRef": {
+                    "apiGroup": "rbac.authorization.k8s.io",
+                    "kind": "ClusterRole",
+                    "name": "tether-agent",
+                },
+                "subjects": [
+                    {"kind": "ServiceAccount", "name": "tether", "namespace": "tether-system"}
+                ],
+            },
+        )
         kubeconfig = self.k8s.agent_kubeconfig()
-        cfg = {"node": "n1",
-               "agent": {"pinDir": self.pin_dir, "stateDir": self.state_dir,
-                         "cgroup": str(self.node.agent.cgroup_path),
-                         "kubeletCgroups": [str(self.node.kubelet.cgroup_path)],
-                         "podCgroupRoot": str(self.node.cgroup_path),
-                         "adminPort": self.admin_port, "readyPort": _free_port(),
-                         "metricsPort": _free_port()},
-               "identity": {"caDir": str(self.dir / "ca")}}
+        cfg = {
+            "node": "n1",
+            "agent": {
+                "pinDir": self.pin_dir,
+                "stateDir": self.state_dir,
+                "cgroup": str(self.node.agent.cgroup_path),
+                "kubeletCgroups": [str(self.node.kubelet.cgroup_path)],
+                "podCgroupRoot": str(self.node.cgroup_path),
+                "adminPort": self.admin_port,
+                "readyPort": _free_port(),
+                "metricsPort": _free_port(),
+            },
+            "identity": {"caDir": str(self.dir / "ca")},
+        }
         (self.dir / "agent.yaml").write_text(yaml.safe_dump(cfg))
         log = (self.dir / "agent.log").open("a")
         self.agent = self.tb.spawn(
             Root(self.node.agent.cgroup_path),
-            [PY, "-m", "agent.cli", "run", "--kube", "--node", "n1", "--kubeconfig",
-             str(kubeconfig), "--config", str(self.dir / "agent.yaml")],
-            stdout=log, stderr=log, env={**os.environ, "TETHER_LOG": "INFO"})
+            [
+                PY,
+                "-m",
+                "agent.cli",
+                "run",
+                "--kube",
+                "--node",
+                "n1",
+                "--kubeconfig",
+                str(kubeconfig),
+                "--config",
+                str(self.dir / "agent.yaml"),
+            ],
+            stdout=log,
+            stderr=log,
+            env={**os.environ, "TETHER_LOG": "INFO"},
+        )
         self.wait(lambda: self.status()["ready"], "agent ready")
         return self.agent
 
@@ -122,8 +164,9 @@ class KubeNode:
             self.agent = None
 
     def status(self) -> dict[str, Any]:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/config_dump",
-                                    timeout=5) as r:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{self.admin_port}/config_dump", timeout=5
+        ) as r:
             data: dict[str, Any] = json.load(r)
         return data
 
@@ -153,9 +196,11 @@ class KubeNode:
             time.sleep(0.05)
 
     def connect(self, src: str, dst: str) -> tuple[dict[str, Any], tuple[str, str]]:
-        p = self.tb.spawn(self.pods[src], [PY, "-m", "agent.sim.peer", "connect",
-                                           self.pods[dst].ip4, "8080", "--timeout", "5"],
-                          stdout=subprocess.PIPE)
+        p = self.tb.spawn(
+            self.pods[src],
+            [PY, "-m", "agent.sim.peer", "connect", self.pods[dst].ip4, "8080", "--timeout", "5"],
+            stdout=subprocess.PIPE,
+        )
         out, _ = p.communicate(timeout=30)
         r: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
         time.sleep(0.2)
@@ -168,7 +213,8 @@ class KubeNode:
 
         with contextlib.suppress(client.ApiException):  # other tests expect the user bare
             client.RbacAuthorizationV1Api(self.k8s.api_client()).delete_cluster_role_binding(
-                "tether-agent-test")
+                "tether-agent-test"
+            )
         from agent.datapath.datapath import cleanup
 
         with contextlib.suppress(OSError):
@@ -199,8 +245,7 @@ def test_enroll_by_namespace_label_opt_out_delete_and_policy(kube_node: KubeNode
 
     # label the namespace: enrollment of running pods, no restart
     t0 = time.monotonic()
-    n.core.patch_namespace(n.ns, {"metadata": {"labels": {
-        "istio.io/dataplane-mode": "ambient"}}})
+    n.core.patch_namespace(n.ns, {"metadata": {"labels": {"istio.io/dataplane-mode": "ambient"}}})
     n.wait(lambda: n.enrolled() == {f"{n.ns}/a", f"{n.ns}/b"}, "enrollment")
     latency = time.monotonic() - t0
     print(f"\nenrollment latency (label applied -> capture active): {latency * 1000:.0f} ms")
@@ -210,22 +255,39 @@ def test_enroll_by_namespace_label_opt_out_delete_and_policy(kube_node: KubeNode
     assert r["server_saw_peer"][0] == n.pods["a"].ip4
 
     # a Service VIP with an EndpointSlice (named target port) reaches b through capture
-    svc = n.core.create_namespaced_service(n.ns, {
-        "metadata": {"name": "b-svc"},
-        "spec": {"selector": {"app": "b"}, "ports": [
-            {"name": "http", "port": 80, "targetPort": "http"}]}})
+    svc = n.core.create_namespaced_service(
+        n.ns,
+        {
+            "metadata": {"name": "b-svc"},
+            "spec": {
+                "selector": {"app": "b"},
+                "ports": [{"name": "http", "port": 80, "targetPort": "http"}],
+            },
+        },
+    )
     from kubernetes import client as kclient
 
-    kclient.DiscoveryV1Api(n.k8s.api_client()).create_namespaced_endpoint_slice(n.ns, {
-        "metadata": {"name": "b-svc-1", "labels": {"kubernetes.io/service-name": "b-svc"}},
-        "addressType": "IPv4",
-        "endpoints": [{"addresses": [n.pods["b"].ip4], "conditions": {"ready": True}}],
-        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]})
+    kclient.DiscoveryV1Api(n.k8s.api_client()).create_namespaced_endpoint_slice(
+        n.ns,
+        {
+            "metadata": {"name": "b-svc-1", "labels": {"kubernetes.io/service-name": "b-svc"}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": [n.pods["b"].ip4], "conditions": {"ready": True}}],
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        },
+    )
     vip = svc.spec.cluster_ip
-    n.wait(lambda: any(s["name"] == f"{n.ns}/b-svc" and s["endpoints"]
-                       for s in n.status()["state"]["services"]), "service endpoints")
-    p = n.tb.spawn(n.pods["a"], [PY, "-m", "agent.sim.peer", "connect", vip, "80",
-                                 "--timeout", "5"], stdout=subprocess.PIPE)
+    n.wait(
+        lambda: any(
+            s["name"] == f"{n.ns}/b-svc" and s["endpoints"] for s in n.status()["state"]["services"]
+        ),
+        "service endpoints",
+    )
+    p = n.tb.spawn(
+        n.pods["a"],
+        [PY, "-m", "agent.sim.peer", "connect", vip, "80", "--timeout", "5"],
+        stdout=subprocess.PIPE,
+    )
     out, _ = p.communicate(timeout=30)
     r = json.loads(out.decode().strip().splitlines()[-1])
     assert r["ok"], r
@@ -236,25 +298,33 @@ def test_enroll_by_namespace_label_opt_out_delete_and_policy(kube_node: KubeNode
     assert any(c["dst_service"] == f"b-svc.{n.ns}.svc.cluster.local" for c in recs)
 
     # a pod opts out
-    n.core.patch_namespaced_pod("b", n.ns, {"metadata": {"labels": {
-        "istio.io/dataplane-mode": "none"}}})
+    n.core.patch_namespaced_pod(
+        "b", n.ns, {"metadata": {"labels": {"istio.io/dataplane-mode": "none"}}}
+    )
     n.wait(lambda: n.enrolled() == {f"{n.ns}/a"}, "opt-out")
     n.wait(lambda: n.annotation("b") is None, "annotation removed")
-    n.core.patch_namespaced_pod("b", n.ns, {"metadata": {"labels": {
-        "istio.io/dataplane-mode": None}}})
+    n.core.patch_namespaced_pod(
+        "b", n.ns, {"metadata": {"labels": {"istio.io/dataplane-mode": None}}}
+    )
     n.wait(lambda: len(n.enrolled()) == 2, "opt back in")
 
     # a policy: only sa-x may reach b -> a is denied; then removed -> allowed again
-    policy = {"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
-              "metadata": {"name": "b-only-x", "namespace": n.ns},
-              "spec": {"selector": {"matchLabels": {"app": "b"}},
-                       "rules": [{"from": [{"source": {"principals": [
-                           f"cluster.local/ns/{n.ns}/sa/sa-x"]}}]}]}}
-    n.custom.create_namespaced_custom_object("security.istio.io", "v1", n.ns,
-                                             "authorizationpolicies", policy)
+    policy = {
+        "apiVersion": "security.istio.io/v1",
+        "kind": "AuthorizationPolicy",
+        "metadata": {"name": "b-only-x", "namespace": n.ns},
+        "spec": {
+            "selector": {"matchLabels": {"app": "b"}},
+            "rules": [{"from": [{"source": {"principals": [f"cluster.local/ns/{n.ns}/sa/sa-x"]}}]}],
+        },
+    }
+    n.custom.create_namespaced_custom_object(
+        "security.istio.io", "v1", n.ns, "authorizationpolicies", policy
+    )
     n.wait(lambda: not n.connect("a", "b")[0]["ok"], "policy enforced", timeout=15)
-    n.custom.delete_namespaced_custom_object("security.istio.io", "v1", n.ns,
-                                             "authorizationpolicies", "b-only-x")
+    n.custom.delete_namespaced_custom_object(
+        "security.istio.io", "v1", n.ns, "authorizationpolicies", "b-only-x"
+    )
     n.wait(lambda: n.connect("a", "b")[0]["ok"], "policy removed", timeout=15)
 
     # a pod deleted through the API is unenrolled
@@ -266,8 +336,7 @@ def test_api_server_loss_keeps_enforcing_and_agent_restart_adopts(
     kube_node: KubeNode, k8s_cluster_running: Any
 ) -> None:
     n = kube_node
-    n.core.patch_namespace(n.ns, {"metadata": {"labels": {
-        "istio.io/dataplane-mode": "ambient"}}})
+    n.core.patch_namespace(n.ns, {"metadata": {"labels": {"istio.io/dataplane-mode": "ambient"}}})
     n.add_pod("a")
     n.add_pod("b")
     n.start_agent()
@@ -281,8 +350,9 @@ def test_api_server_loss_keeps_enforcing_and_agent_restart_adopts(
     finally:
         k8s_cluster_running.start_apiserver()
     # changes made after the API server is back arrive
-    n.core.patch_namespaced_pod("b", n.ns, {"metadata": {"labels": {
-        "istio.io/dataplane-mode": "none"}}})
+    n.core.patch_namespaced_pod(
+        "b", n.ns, {"metadata": {"labels": {"istio.io/dataplane-mode": "none"}}}
+    )
     n.wait(lambda: n.enrolled() == {f"{n.ns}/a"}, "watch resumed", timeout=60)
     # restart: pins adopted, state from a fresh list
     slots = {k: v["slot"] for k, v in n.status()["datapath"]["pods"].items()}
@@ -294,28 +364,43 @@ def test_api_server_loss_keeps_enforcing_and_agent_restart_adopts(
 
 def test_bad_policy_and_uncapturable_pod_are_reported(kube_node: KubeNode) -> None:
     n = kube_node
-    n.core.patch_namespace(n.ns, {"metadata": {"labels": {
-        "istio.io/dataplane-mode": "ambient"}}})
+    n.core.patch_namespace(n.ns, {"metadata": {"labels": {"istio.io/dataplane-mode": "ambient"}}})
     n.add_pod("a")
     n.add_pod("b")
     # an API pod on this node with no cgroup or netns here: cannot be captured
-    n.core.create_namespaced_pod(n.ns, {"metadata": {"name": "ghost"}, "spec": {
-        "nodeName": "n1", "containers": [{"name": "app", "image": "stand-in"}]}})
-    n.core.patch_namespaced_pod_status("ghost", n.ns, {"status": {
-        "phase": "Running", "podIP": "10.10.1.250", "podIPs": [{"ip": "10.10.1.250"}]}})
-    n.custom.create_namespaced_custom_object("security.istio.io", "v1", n.ns,
-                                             "authorizationpolicies", {
-        "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
-        "metadata": {"name": "custom-ext", "namespace": n.ns},
-        "spec": {"action": "CUSTOM", "provider": {"name": "ext"}, "rules": [{}]}})
+    n.core.create_namespaced_pod(
+        n.ns,
+        {
+            "metadata": {"name": "ghost"},
+            "spec": {"nodeName": "n1", "containers": [{"name": "app", "image": "stand-in"}]},
+        },
+    )
+    n.core.patch_namespaced_pod_status(
+        "ghost",
+        n.ns,
+        {"status": {"phase": "Running", "podIP": "10.10.1.250", "podIPs": [{"ip": "10.10.1.250"}]}},
+    )
+    n.custom.create_namespaced_custom_object(
+        "security.istio.io",
+        "v1",
+        n.ns,
+        "authorizationpolicies",
+        {
+            "apiVersion": "security.istio.io/v1",
+            "kind": "AuthorizationPolicy",
+            "metadata": {"name": "custom-ext", "namespace": n.ns},
+            "spec": {"action": "CUSTOM", "provider": {"name": "ext"}, "rules": [{}]},
+        },
+    )
     n.start_agent()
     n.wait(lambda: {f"{n.ns}/a", f"{n.ns}/b"} <= n.enrolled(), "good pods enrolled")
     n.wait(lambda: f"{n.ns}/ghost" in n.status()["pod_errors"], "ghost reported")
     assert "cgroup" in n.status()["pod_errors"][f"{n.ns}/ghost"]
     n.wait(lambda: n.annotation("ghost") == "failed", "failed annotation")
     events = n.core.list_namespaced_event(n.ns).items
-    assert any(e.reason == "TetherCaptureFailed" and e.involved_object.name == "ghost"
-               for e in events)
+    assert any(
+        e.reason == "TetherCaptureFailed" and e.involved_object.name == "ghost" for e in events
+    )
     dump = json.dumps(n.status()["policies"])
     assert "custom-ext" in dump and "CUSTOM" in dump
     r, path = n.connect("a", "b")
@@ -327,23 +412,57 @@ def test_waypoint_configuration_is_reported_as_not_applied(kube_node: KubeNode) 
     Gateway and an HTTPRoute attached to a service are watched and reported in
     /config_dump (and the log) as not applied; L4 capture and policy carry on."""
     n = kube_node
-    n.core.patch_namespace(n.ns, {"metadata": {"labels": {
-        "istio.io/dataplane-mode": "ambient", "istio.io/use-waypoint": "waypoint"}}})
+    n.core.patch_namespace(
+        n.ns,
+        {
+            "metadata": {
+                "labels": {
+                    "istio.io/dataplane-mode": "ambient",
+                    "istio.io/use-waypoint": "waypoint",
+                }
+            }
+        },
+    )
     n.add_pod("a")
     n.add_pod("b")
-    n.core.create_namespaced_service(n.ns, {
-        "metadata": {"name": "b", "labels": {"istio.io/use-waypoint": "waypoint"}},
-        "spec": {"selector": {"app": "b"}, "ports": [{"port": 8080}]}})
+    n.core.create_namespaced_service(
+        n.ns,
+        {
+            "metadata": {"name": "b", "labels": {"istio.io/use-waypoint": "waypoint"}},
+            "spec": {"selector": {"app": "b"}, "ports": [{"port": 8080}]},
+        },
+    )
     gw = "gateway.networking.k8s.io"
-    n.custom.create_namespaced_custom_object(gw, "v1", n.ns, "gateways", {
-        "apiVersion": f"{gw}/v1", "kind": "Gateway",
-        "metadata": {"name": "waypoint", "labels": {"istio.io/waypoint-for": "service"}},
-        "spec": {"gatewayClassName": "istio-waypoint", "listeners": [
-            {"name": "mesh", "port": 15008, "protocol": "HBONE"}]}})
-    n.custom.create_namespaced_custom_object(gw, "v1", n.ns, "httproutes", {
-        "apiVersion": f"{gw}/v1", "kind": "HTTPRoute", "metadata": {"name": "b-v1"},
-        "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "b"}],
-                 "rules": [{"backendRefs": [{"name": "b", "port": 8080}]}]}})
+    n.custom.create_namespaced_custom_object(
+        gw,
+        "v1",
+        n.ns,
+        "gateways",
+        {
+            "apiVersion": f"{gw}/v1",
+            "kind": "Gateway",
+            "metadata": {"name": "waypoint", "labels": {"istio.io/waypoint-for": "service"}},
+            "spec": {
+                "gatewayClassName": "istio-waypoint",
+                "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}],
+            },
+        },
+    )
+    n.custom.create_namespaced_custom_object(
+        gw,
+        "v1",
+        n.ns,
+        "httproutes",
+        {
+            "apiVersion": f"{gw}/v1",
+            "kind": "HTTPRoute",
+            "metadata": {"name": "b-v1"},
+            "spec": {
+                "parentRefs": [{"group": "", "kind": "Service", "name": "b"}],
+                "rules": [{"backendRefs": [{"name": "b", "port": 8080}]}],
+            },
+        },
+    )
     n.start_agent()
     n.wait(lambda: {f"{n.ns}/a", f"{n.ns}/b"} <= n.enrolled(), "pods enrolled")
 

@@ -30,24 +30,39 @@ def core(c: Cluster) -> Any:
     return client.CoreV1Api(c.api_client())
 
 
-def make_pod(c: Cluster, ns: str, name: str, ip: str, sa: str | None = None,
-             labels: dict[str, str] | None = None) -> Any:
+def make_pod(
+    c: Cluster,
+    ns: str,
+    name: str,
+    ip: str,
+    sa: str | None = None,
+    labels: dict[str, str] | None = None,
+) -> Any:
     """Create a pod bound to NODE, then set its IPs as the kubelet would."""
     api = core(c)
-    spec: dict[str, Any] = {"nodeName": NODE,
-                            "containers": [{"name": "app", "image": "registry.invalid/app:1"}]}
+    spec: dict[str, Any] = {
+        "nodeName": NODE,
+        "containers": [{"name": "app", "image": "registry.invalid/app:1"}],
+    }
     if sa:
         spec["serviceAccountName"] = sa
-    api.create_namespaced_pod(ns, {"metadata": {"name": name, "labels": labels or {}},
-                                   "spec": spec})
+    api.create_namespaced_pod(
+        ns, {"metadata": {"name": name, "labels": labels or {}}, "spec": spec}
+    )
     # Status subresource: read-modify-PUT, like a kubelet status update. Done on
     # the JSON form: the client's model field names differ between releases
     # (pod_i_ps before kubernetes 37, pod_ips since).
     body = as_json(c, api.read_namespaced_pod_status(name, ns))
-    body["status"].update({
-        "phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
-        "hostIP": "192.0.2.10", "hostIPs": [{"ip": "192.0.2.10"}],
-        "conditions": [{"type": "Ready", "status": "True"}]})
+    body["status"].update(
+        {
+            "phase": "Running",
+            "podIP": ip,
+            "podIPs": [{"ip": ip}],
+            "hostIP": "192.0.2.10",
+            "hostIPs": [{"ip": "192.0.2.10"}],
+            "conditions": [{"type": "Ready", "status": "True"}],
+        }
+    )
     return api.replace_namespaced_pod_status(name, ns, body)
 
 
@@ -63,13 +78,15 @@ def test_version_and_readyz(k8s_cluster: Cluster) -> None:
     assert client.VersionApi(k8s_cluster.api_client()).get_code().git_version == v["gitVersion"]
     # The kubeconfig files load with the client's own loader (as the agent will).
     from kubernetes import config
+
     for kc in (k8s_cluster.admin_kubeconfig(), k8s_cluster.agent_kubeconfig()):
         api = config.new_client_from_config(config_file=str(kc))
         assert client.VersionApi(api).get_code().git_version == v["gitVersion"]
 
 
 def test_enrolled_namespace_pod_service_slice_policy_and_watch(
-        k8s_cluster: Cluster, k8s_namespace: str) -> None:
+    k8s_cluster: Cluster, k8s_namespace: str
+) -> None:
     ns = k8s_namespace
     api = core(k8s_cluster)
     ns_obj = api.read_namespace(ns)
@@ -84,8 +101,9 @@ def test_enrolled_namespace_pod_service_slice_policy_and_watch(
     assert pods.items == []
     rv0 = pods.metadata.resource_version
     custom = client.CustomObjectsApi(k8s_cluster.api_client())
-    aps = custom.list_namespaced_custom_object("security.istio.io", "v1", ns,
-                                               "authorizationpolicies")
+    aps = custom.list_namespaced_custom_object(
+        "security.istio.io", "v1", ns, "authorizationpolicies"
+    )
     ap_rv0 = aps["metadata"]["resourceVersion"]
 
     pod = make_pod(k8s_cluster, ns, "web-0", "10.244.1.5", labels={"app": "web"})
@@ -99,43 +117,80 @@ def test_enrolled_namespace_pod_service_slice_policy_and_watch(
     mine = api.list_pod_for_all_namespaces(field_selector=f"spec.nodeName={NODE}")
     assert (ns, "web-0") in [(p.metadata.namespace, p.metadata.name) for p in mine.items]
 
-    svc = api.create_namespaced_service(ns, {
-        "metadata": {"name": "web"},
-        "spec": {"selector": {"app": "web"},
-                 "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}})
+    svc = api.create_namespaced_service(
+        ns,
+        {
+            "metadata": {"name": "web"},
+            "spec": {
+                "selector": {"app": "web"},
+                "ports": [{"name": "http", "port": 80, "targetPort": 8080}],
+            },
+        },
+    )
     import ipaddress
+
     assert ipaddress.ip_address(svc.spec.cluster_ip) in ipaddress.ip_network("10.96.0.0/16")
 
     disc = client.DiscoveryV1Api(k8s_cluster.api_client())
-    disc.create_namespaced_endpoint_slice(ns, {
-        "metadata": {"name": "web-abc12", "labels": {"kubernetes.io/service-name": "web"}},
-        "addressType": "IPv4",
-        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
-        "endpoints": [{"addresses": ["10.244.1.5"], "nodeName": NODE,
-                       "conditions": {"ready": True},
-                       "targetRef": {"kind": "Pod", "namespace": ns, "name": "web-0",
-                                     "uid": pod.metadata.uid}}]})
+    disc.create_namespaced_endpoint_slice(
+        ns,
+        {
+            "metadata": {"name": "web-abc12", "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": [
+                {
+                    "addresses": ["10.244.1.5"],
+                    "nodeName": NODE,
+                    "conditions": {"ready": True},
+                    "targetRef": {
+                        "kind": "Pod",
+                        "namespace": ns,
+                        "name": "web-0",
+                        "uid": pod.metadata.uid,
+                    },
+                }
+            ],
+        },
+    )
     slices = disc.list_namespaced_endpoint_slice(
-        ns, label_selector="kubernetes.io/service-name=web")
+        ns, label_selector="kubernetes.io/service-name=web"
+    )
     assert [e.addresses for e in slices.items[0].endpoints] == [["10.244.1.5"]]
 
-    ap = {"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
-          "metadata": {"name": "allow-frontend"},
-          "spec": {"selector": {"matchLabels": {"app": "web"}}, "action": "ALLOW",
-                   "rules": [{"from": [{"source": {"principals": [
-                       "cluster.local/ns/frontend/sa/frontend"]}}]}]}}
-    custom.create_namespaced_custom_object("security.istio.io", "v1", ns,
-                                           "authorizationpolicies", ap)
+    ap = {
+        "apiVersion": "security.istio.io/v1",
+        "kind": "AuthorizationPolicy",
+        "metadata": {"name": "allow-frontend"},
+        "spec": {
+            "selector": {"matchLabels": {"app": "web"}},
+            "action": "ALLOW",
+            "rules": [
+                {"from": [{"source": {"principals": ["cluster.local/ns/frontend/sa/frontend"]}}]}
+            ],
+        },
+    }
+    custom.create_namespaced_custom_object(
+        "security.istio.io", "v1", ns, "authorizationpolicies", ap
+    )
     # Served as v1beta1 too (same schema, no conversion).
-    got = custom.get_namespaced_custom_object("security.istio.io", "v1beta1", ns,
-                                              "authorizationpolicies", "allow-frontend")
+    got = custom.get_namespaced_custom_object(
+        "security.istio.io", "v1beta1", ns, "authorizationpolicies", "allow-frontend"
+    )
     assert got["spec"]["action"] == "ALLOW"
     # Unknown fields survive (preserve-unknown-fields): tether must judge them itself.
-    ap2 = {**ap, "metadata": {"name": "custom-action"},
-           "spec": {"action": "CUSTOM", "provider": {"name": "ext-authz"},
-                    "rules": [{"when": [{"key": "request.weird", "values": ["x"]}]}]}}
-    custom.create_namespaced_custom_object("security.istio.io", "v1", ns,
-                                           "authorizationpolicies", ap2)
+    ap2 = {
+        **ap,
+        "metadata": {"name": "custom-action"},
+        "spec": {
+            "action": "CUSTOM",
+            "provider": {"name": "ext-authz"},
+            "rules": [{"when": [{"key": "request.weird", "values": ["x"]}]}],
+        },
+    }
+    custom.create_namespaced_custom_object(
+        "security.istio.io", "v1", ns, "authorizationpolicies", ap2
+    )
 
     # Watch from the list's resourceVersion: every change since then is replayed.
     w = watch.Watch()
@@ -150,8 +205,15 @@ def test_enrolled_namespace_pod_service_slice_policy_and_watch(
 
     w = watch.Watch()
     seen = []
-    for ev in w.stream(custom.list_namespaced_custom_object, "security.istio.io", "v1", ns,
-                       "authorizationpolicies", resource_version=ap_rv0, timeout_seconds=3):
+    for ev in w.stream(
+        custom.list_namespaced_custom_object,
+        "security.istio.io",
+        "v1",
+        ns,
+        "authorizationpolicies",
+        resource_version=ap_rv0,
+        timeout_seconds=3,
+    ):
         seen.append((ev["type"], ev["object"]["metadata"]["name"]))
         if len(seen) == 2:
             w.stop()
@@ -166,8 +228,12 @@ def test_live_watch_sees_label_change(k8s_cluster: Cluster, k8s_namespace: str) 
     w = watch.Watch()
 
     def run() -> None:
-        for ev in w.stream(api.list_namespace, field_selector=f"metadata.name={k8s_namespace}",
-                           resource_version=rv, timeout_seconds=10):
+        for ev in w.stream(
+            api.list_namespace,
+            field_selector=f"metadata.name={k8s_namespace}",
+            resource_version=rv,
+            timeout_seconds=10,
+        ):
             got.append((ev["type"], dict(ev["object"].metadata.labels or {})))
             w.stop()
 
@@ -188,14 +254,19 @@ def test_live_watch_sees_label_change(k8s_cluster: Cluster, k8s_namespace: str) 
 def watch_status(api: Any, ns: str, rv: str) -> Any:
     """Watch config maps from rv for a second: the event types, or the ApiException status."""
     try:
-        return [e["type"] for e in watch.Watch().stream(
-            api.list_namespaced_config_map, ns, resource_version=rv, timeout_seconds=1)]
+        return [
+            e["type"]
+            for e in watch.Watch().stream(
+                api.list_namespaced_config_map, ns, resource_version=rv, timeout_seconds=1
+            )
+        ]
     except client.ApiException as e:
         return e.status
 
 
-def test_gone_after_compaction_and_restart(k8s_cluster_running: Cluster,
-                                           k8s_namespace: str) -> None:
+def test_gone_after_compaction_and_restart(
+    k8s_cluster_running: Cluster, k8s_namespace: str
+) -> None:
     c, ns = k8s_cluster_running, k8s_namespace
     api = core(c)
     api.create_namespaced_config_map(ns, {"metadata": {"name": "c"}, "data": {"n": "0"}})
@@ -212,8 +283,9 @@ def test_gone_after_compaction_and_restart(k8s_cluster_running: Cluster,
     deadline, status = time.monotonic() + 30, None
     while time.monotonic() < deadline:
         try:
-            api.list_namespaced_config_map(ns, resource_version=old_rv,
-                                           resource_version_match="Exact")
+            api.list_namespaced_config_map(
+                ns, resource_version=old_rv, resource_version_match="Exact"
+            )
         except client.ApiException as e:
             status = e.status
             break
@@ -256,8 +328,9 @@ def test_token_request_and_review(k8s_cluster: Cluster, k8s_namespace: str) -> N
     assert f"system:serviceaccounts:{ns}" in st.user.groups
 
     # Pod-bound token with a custom audience (what a node agent presents to the CA).
-    bound = k8s_cluster.service_account_token(ns, "app", audiences=["istio-ca"],
-                                              bound_pod=("app-0", pod.metadata.uid))
+    bound = k8s_cluster.service_account_token(
+        ns, "app", audiences=["istio-ca"], bound_pod=("app-0", pod.metadata.uid)
+    )
     st = review(bound, ["istio-ca"])
     assert st.authenticated is True, st
     assert st.audiences == ["istio-ca"]
@@ -290,15 +363,28 @@ def test_agent_user_rbac_least_privilege(k8s_cluster: Cluster) -> None:
     rbac = client.RbacAuthorizationV1Api(k8s_cluster.api_client())
     name = "tether-test-pod-reader"
     applied = k8s_cluster.apply_rbac(
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
-         "metadata": {"name": name},
-         "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-         "metadata": {"name": name},
-         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
-                     "name": name},
-         "subjects": [{"kind": "ServiceAccount", "namespace": "tether-system",
-                       "name": "tether"}]})
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRole",
+            "metadata": {"name": name},
+            "rules": [
+                {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}
+            ],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": name},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": name,
+            },
+            "subjects": [
+                {"kind": "ServiceAccount", "namespace": "tether-system", "name": "tether"}
+            ],
+        },
+    )
     assert applied == [f"ClusterRole/{name}", f"ClusterRoleBinding/{name}"]
     try:
         deadline = time.monotonic() + 10

@@ -18,10 +18,17 @@ from agent.identity.spiffe import SpiffeId
 
 
 def _pod(core: Any, ns: str, name: str, node: str, sa: str) -> Any:
-    pod = core.create_namespaced_pod(ns, {
-        "metadata": {"name": name},
-        "spec": {"nodeName": node, "serviceAccountName": sa,
-                 "containers": [{"name": "c", "image": "stand-in"}]}})
+    pod = core.create_namespaced_pod(
+        ns,
+        {
+            "metadata": {"name": name},
+            "spec": {
+                "nodeName": node,
+                "serviceAccountName": sa,
+                "containers": [{"name": "c", "image": "stand-in"}],
+            },
+        },
+    )
     core.patch_namespaced_pod_status(name, ns, {"status": {"phase": "Running"}})
     return pod
 
@@ -39,16 +46,23 @@ def test_token_review_and_node_placement(k8s_cluster: Any, k8s_namespace: str) -
     _pod(core, ns, "web-1", "n1", "web")
     _pod(core, ns, "db-1", "n2", "db")
 
-    auth = TokenReviewAuthenticator(k8s_cluster.api_client(), "cluster.local",
-                                    node_agents=(f"{ns}/agent",), audiences=("tether-ca",))
+    auth = TokenReviewAuthenticator(
+        k8s_cluster.api_client(),
+        "cluster.local",
+        node_agents=(f"{ns}/agent",),
+        audiences=("tether-ca",),
+    )
 
     def call(token: str) -> CallContext:
         return CallContext({"authorization": f"Bearer {token}"})
 
     async def run() -> None:
         token = k8s_cluster.service_account_token(
-            ns, "agent", audiences=["tether-ca"],
-            bound_pod=(agent_pod.metadata.name, agent_pod.metadata.uid))
+            ns,
+            "agent",
+            audiences=["tether-ca"],
+            bound_pod=(agent_pod.metadata.name, agent_pod.metadata.uid),
+        )
         caller = await auth.authenticate(call(token))
         assert caller.node == "n1", caller
         await auth.authorize_impersonation(caller, SpiffeId("cluster.local", ns, "web"))

@@ -32,8 +32,7 @@ def node() -> Iterator[AgentNode]:
         an.add_pod("b", "shop", "sa-b")
         an.add_pod("c", "other", "sa-c")
         an.add_pod("d", "shop", "sa-d", labels={"istio.io/dataplane-mode": "none"})
-        an.add_pod("e", "shop", "sa-e", excludeInboundPorts=[8081],
-                   excludeOutboundPorts=[8082])
+        an.add_pod("e", "shop", "sa-e", excludeInboundPorts=[8081], excludeOutboundPorts=[8082])
         an.enroll_namespace("shop")
         for p in an.pods:
             an.serve(p, 8080)
@@ -183,8 +182,9 @@ def test_sk_msg_on_and_off_is_byte_exact(sk_msg: bool, family: int) -> None:
 
 
 @contextlib.contextmanager
-def _held_on_every_path() -> Iterator[tuple[AgentNode, subprocess.Popen[Any],
-                                            list[subprocess.Popen[Any]]]]:
+def _held_on_every_path() -> Iterator[
+    tuple[AgentNode, subprocess.Popen[Any], list[subprocess.Popen[Any]]]
+]:
     """Node n1's agent running, pod a holding one echo connection (6 s) on each
     relay path: HBONE to b on n2, passthrough to c (not enrolled), local to d.
     Yields (n1, its agent process, the held clients)."""
@@ -197,8 +197,10 @@ def _held_on_every_path() -> Iterator[tuple[AgentNode, subprocess.Popen[Any],
             node.serve(pod)
         other.start_agent()
         old = an.start_agent()
-        held = [an.spawn_peer(a, ["connect", dst.ip4, "8080", "--hold", "6",
-                                  "--timeout", "10"]) for dst in (b, c, d)]
+        held = [
+            an.spawn_peer(a, ["connect", dst.ip4, "8080", "--hold", "6", "--timeout", "10"])
+            for dst in (b, c, d)
+        ]
         time.sleep(1.5)
         paths = {x["path"] for x in an.connections() if x["open"]}
         assert {"hbone", "passthrough", "local"} <= paths, paths
@@ -295,9 +297,7 @@ def test_cleanup_leaves_nothing_in_the_kernel() -> None:
         an.start_agent()
         assert an.connect(a, b)["ok"]
         inv = an.inventory()
-        cgroup_ids = {
-            li.cgroup_id for li in _links(inv.links) if li.cgroup_id is not None
-        }
+        cgroup_ids = {li.cgroup_id for li in _links(inv.links) if li.cgroup_id is not None}
         netns_inos = {li.netns_ino for li in _links(inv.links) if li.netns_ino is not None}
         # two pods (5 cgroup hooks + sk_lookup each), the agent (getsockopt,
         # sockops, netns-cookie probe) and the kubelet (probe sockops)

@@ -100,20 +100,26 @@ def _policies_restored(mesh: Mesh) -> Iterator[None]:
 # -- certificates ------------------------------------------------------------------
 
 
-def svid_from(ca: CertificateAuthority, ident: SpiffeId, ttl: timedelta | None = None,
-              trust: CertificateAuthority | None = None) -> Svid:
+def svid_from(
+    ca: CertificateAuthority,
+    ident: SpiffeId,
+    ttl: timedelta | None = None,
+    trust: CertificateAuthority | None = None,
+) -> Svid:
     """A client SVID signed by `ca`; the client trusts `trust`'s roots (default: ca's)."""
     key = generate_key()
     leaf = ca.issue(key.public_key(), ident, ttl)
     return Svid(ident, key, (leaf,), (trust or ca).roots, utcnow())
 
 
-def forged_svid(mesh: Mesh, sans: list[x509.GeneralName],
-                not_after: datetime | None = None) -> Svid:
+def forged_svid(
+    mesh: Mesh, sans: list[x509.GeneralName], not_after: datetime | None = None
+) -> Svid:
     """A leaf signed by the mesh CA key with arbitrary SANs (what a compromised or
     careless signer could produce): chain-valid, identity not necessarily."""
     ca_key = serialization.load_pem_private_key(
-        (Path(mesh.cluster.ca_dir) / CA_KEY_FILE).read_bytes(), None)
+        (Path(mesh.cluster.ca_dir) / CA_KEY_FILE).read_bytes(), None
+    )
     assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
     key = generate_key()
     now = datetime.now(UTC)
@@ -126,9 +132,12 @@ def forged_svid(mesh: Mesh, sans: list[x509.GeneralName],
         .not_valid_before(now - timedelta(minutes=5))
         .not_valid_after(not_after or now + timedelta(hours=1))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH,
-                                              ExtendedKeyUsageOID.SERVER_AUTH]),
-                       critical=False)
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH]
+            ),
+            critical=False,
+        )
         .add_extension(x509.SubjectAlternativeName(sans), critical=True)
         .sign(ca_key, hashes.SHA256())
     )
@@ -140,8 +149,7 @@ def forged_svid(mesh: Mesh, sans: list[x509.GeneralName],
 
 def tcp_from(pod: Pod, dst: tuple[str, int]) -> socket.socket:
     with netns.entered(pod.netns_path):
-        s = socket.socket(socket.AF_INET6 if ":" in dst[0] else socket.AF_INET,
-                          socket.SOCK_STREAM)
+        s = socket.socket(socket.AF_INET6 if ":" in dst[0] else socket.AF_INET, socket.SOCK_STREAM)
     s.settimeout(IO_TIMEOUT)
     try:
         s.connect(dst)
@@ -180,9 +188,12 @@ class H2Client:
     def __init__(self, sock: ssl.SSLSocket | socket.socket, validate: bool = True) -> None:
         self.sock = sock
         self.local = sock.getsockname()
-        cfg = h2.config.H2Configuration(client_side=True, header_encoding="utf-8",
-                                        validate_outbound_headers=validate,
-                                        normalize_outbound_headers=validate)
+        cfg = h2.config.H2Configuration(
+            client_side=True,
+            header_encoding="utf-8",
+            validate_outbound_headers=validate,
+            normalize_outbound_headers=validate,
+        )
         self.h2 = h2.connection.H2Connection(config=cfg)
         self.responses: dict[int, dict[str, str]] = {}
         self.data: dict[int, bytearray] = defaultdict(bytearray)
@@ -240,8 +251,7 @@ class H2Client:
             self.responses[ev.stream_id] = {str(k): str(v) for k, v in ev.headers}
         elif isinstance(ev, h2.events.DataReceived):
             self.data[ev.stream_id] += ev.data
-            with contextlib.suppress(h2.exceptions.StreamClosedError,
-                                     h2.exceptions.ProtocolError):
+            with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
                 self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
         elif isinstance(ev, h2.events.StreamEnded):
             self.ended.add(ev.stream_id)
@@ -324,29 +334,37 @@ def hbone(mesh: Mesh, svid: Svid, validate: bool = True) -> Iterator[H2Client]:
 
 
 def connect_headers(authority: str) -> list[tuple[str, str]]:
-    return [(":method", "CONNECT"), (":authority", authority),
-            ("traceparent", f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-01")]
+    return [
+        (":method", "CONNECT"),
+        (":authority", authority),
+        ("traceparent", f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-01"),
+    ]
 
 
 # -- what the destination agent recorded ---------------------------------------------
 
 
-def records_from(node: AgentNode, src: str, n: int = 1,
-                 timeout: float = RECORD_TIMEOUT) -> list[dict[str, Any]]:
+def records_from(
+    node: AgentNode, src: str, n: int = 1, timeout: float = RECORD_TIMEOUT
+) -> list[dict[str, Any]]:
     """The destination's closed inbound records whose peer is src, once there are n."""
     deadline = time.monotonic() + timeout
     while True:
-        got = [c for c in node.status()["connections"]["closed"]
-               if c["src"] == src and c["direction"] == "inbound"]
+        got = [
+            c
+            for c in node.status()["connections"]["closed"]
+            if c["src"] == src and c["direction"] == "inbound"
+        ]
         if len(got) >= n or time.monotonic() > deadline:
             return got
         time.sleep(0.1)
 
 
 def metrics(node: AgentNode) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    with netns.entered(node.node.netns_path), urllib.request.urlopen(
-        "http://127.0.0.1:15020/metrics", timeout=5
-    ) as r:
+    with (
+        netns.entered(node.node.netns_path),
+        urllib.request.urlopen("http://127.0.0.1:15020/metrics", timeout=5) as r,
+    ):
         text = r.read().decode()
     out: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
     for fam in text_string_to_metric_families(text):
@@ -355,17 +373,24 @@ def metrics(node: AgentNode) -> dict[tuple[str, tuple[tuple[str, str], ...]], fl
     return out
 
 
-def count(m: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str,
-          **labels: str) -> float:
-    return sum(v for (n, lab), v in m.items()
-               if n == name and all(dict(lab).get(k) == want for k, want in labels.items()))
+def count(
+    m: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str
+) -> float:
+    return sum(
+        v
+        for (n, lab), v in m.items()
+        if n == name and all(dict(lab).get(k) == want for k, want in labels.items())
+    )
 
 
 class Counters:
     """Deltas of the destination's istio_tcp_connections_* counters around a case."""
 
-    DST: ClassVar[dict[str, str]] = {"reporter": "destination", "destination_workload": "b",
-           "destination_workload_namespace": "shop"}
+    DST: ClassVar[dict[str, str]] = {
+        "reporter": "destination",
+        "destination_workload": "b",
+        "destination_workload_namespace": "shop",
+    }
 
     def __init__(self, node: AgentNode) -> None:
         self.node = node
@@ -427,8 +452,8 @@ def test_valid_connect_gets_200_and_echoes_then_closed_port_gets_503(mesh: Mesh)
         assert c.sock.selected_alpn_protocol() == "h2"
         server = x509.load_der_x509_certificate(c.sock.getpeercert(binary_form=True) or b"")
         uris = server.extensions.get_extension_for_class(
-            x509.SubjectAlternativeName).value.get_values_for_type(
-            x509.UniformResourceIdentifier)
+            x509.SubjectAlternativeName
+        ).value.get_values_for_type(x509.UniformResourceIdentifier)
         assert uris == [SA_B.uri], "the destination presents the pod's own identity"
 
         sid = c.request(connect_headers(f"{mesh.b.ip4}:8080"))
@@ -468,17 +493,32 @@ def test_valid_connect_gets_200_and_echoes_then_closed_port_gets_503(mesh: Mesh)
         ("authority of an unknown IP", lambda a, b: connect_headers("10.99.99.99:8080")),
         ("authority of a hostname", lambda a, b: connect_headers("b.shop.svc:8080")),
         ("missing :authority", lambda a, b: [(":method", "CONNECT")]),
-        ("GET instead of CONNECT", lambda a, b: [
-            (":method", "GET"), (":authority", f"{b}:8080"), (":scheme", "https"),
-            (":path", "/")]),
-        ("CONNECT with :path", lambda a, b: [
-            (":method", "CONNECT"), (":authority", f"{b}:8080"), (":path", "/")]),
-        ("CONNECT with :scheme", lambda a, b: [
-            (":method", "CONNECT"), (":authority", f"{b}:8080"), (":scheme", "https")]),
+        (
+            "GET instead of CONNECT",
+            lambda a, b: [
+                (":method", "GET"),
+                (":authority", f"{b}:8080"),
+                (":scheme", "https"),
+                (":path", "/"),
+            ],
+        ),
+        (
+            "CONNECT with :path",
+            lambda a, b: [(":method", "CONNECT"), (":authority", f"{b}:8080"), (":path", "/")],
+        ),
+        (
+            "CONNECT with :scheme",
+            lambda a, b: [
+                (":method", "CONNECT"),
+                (":authority", f"{b}:8080"),
+                (":scheme", "https"),
+            ],
+        ),
     ],
 )
-def test_bad_requests_are_refused(mesh: Mesh, name: str,
-                                  headers: Callable[[str, str], list[tuple[str, str]]]) -> None:
+def test_bad_requests_are_refused(
+    mesh: Mesh, name: str, headers: Callable[[str, str], list[tuple[str, str]]]
+) -> None:
     """A request the destination must not serve: never a 200.  Two outcomes,
     depending on who catches it:
     - the agent's check_request: 400 on the stream;
@@ -519,15 +559,28 @@ def test_which_malformed_requests_h2_refuses_before_the_agent(mesh: Mesh) -> Non
     agent's check_request (400), so a change in either is noticed."""
     cases = {
         "missing :authority": [(":method", "CONNECT")],
-        "CONNECT with :path": [(":method", "CONNECT"), (":authority", f"{mesh.b.ip4}:8080"),
-                               (":path", "/")],
-        "duplicate :authority": [(":method", "CONNECT"), (":authority", f"{mesh.b.ip4}:8080"),
-                                 (":authority", f"{mesh.b.ip4}:8080")],
-        "duplicate :method": [(":method", "CONNECT"), (":method", "CONNECT"),
-                              (":authority", f"{mesh.b.ip4}:8080")],
+        "CONNECT with :path": [
+            (":method", "CONNECT"),
+            (":authority", f"{mesh.b.ip4}:8080"),
+            (":path", "/"),
+        ],
+        "duplicate :authority": [
+            (":method", "CONNECT"),
+            (":authority", f"{mesh.b.ip4}:8080"),
+            (":authority", f"{mesh.b.ip4}:8080"),
+        ],
+        "duplicate :method": [
+            (":method", "CONNECT"),
+            (":method", "CONNECT"),
+            (":authority", f"{mesh.b.ip4}:8080"),
+        ],
         "uppercase header name": [*connect_headers(f"{mesh.b.ip4}:8080"), ("X-Up", "1")],
-        "GET instead of CONNECT": [(":method", "GET"), (":authority", f"{mesh.b.ip4}:8080"),
-                                   (":scheme", "https"), (":path", "/")],
+        "GET instead of CONNECT": [
+            (":method", "GET"),
+            (":authority", f"{mesh.b.ip4}:8080"),
+            (":scheme", "https"),
+            (":path", "/"),
+        ],
         "wrong authority": connect_headers("10.99.99.99:8080"),
         "authority with a path": connect_headers(f"{mesh.b.ip4}:8080/x"),
         "IPv6 authority on an IPv4 connection": connect_headers(f"[{mesh.b.ip6}]:8080"),
@@ -571,8 +624,7 @@ def _expect_tls_refused(mesh: Mesh, svid: Svid) -> tuple[str, str]:
         c.close()
 
 
-def test_client_cert_from_another_trust_domain_ca_fails_tls(mesh: Mesh,
-                                                            tmp_path: Path) -> None:
+def test_client_cert_from_another_trust_domain_ca_fails_tls(mesh: Mesh, tmp_path: Path) -> None:
     m = Counters(mesh.n2)
     evil = CertificateAuthority.load_or_generate(tmp_path / "evil", "evil.local")
     svid = svid_from(evil, SpiffeId("evil.local", "shop", "sa-a"), trust=mesh.ca)
@@ -585,8 +637,9 @@ def test_client_cert_from_another_trust_domain_ca_fails_tls(mesh: Mesh,
     assert_mesh_still_works(mesh)
 
 
-def test_client_cert_from_other_ca_with_our_trust_domain_fails_tls(mesh: Mesh,
-                                                                   tmp_path: Path) -> None:
+def test_client_cert_from_other_ca_with_our_trust_domain_fails_tls(
+    mesh: Mesh, tmp_path: Path
+) -> None:
     """Same SPIFFE ID as a real workload, wrong signer: the chain decides."""
     m = Counters(mesh.n2)
     other = CertificateAuthority.load_or_generate(tmp_path / "other", TD)
@@ -620,8 +673,9 @@ def test_expired_client_cert_fails_tls(mesh: Mesh) -> None:
     ],
     ids=["dns-san", "non-spiffe-uri", "two-spiffe-ids"],
 )
-def test_mesh_signed_cert_without_one_spiffe_id_is_refused(mesh: Mesh,
-                                                           sans: list[x509.GeneralName]) -> None:
+def test_mesh_signed_cert_without_one_spiffe_id_is_refused(
+    mesh: Mesh, sans: list[x509.GeneralName]
+) -> None:
     m = Counters(mesh.n2)
     with hbone(mesh, forged_svid(mesh, sans)) as c:
         c.pump(lambda: c.remote_settings_seen)  # handshake itself succeeds (chain is valid)
@@ -657,15 +711,19 @@ def test_authorization_uses_the_certificate_identity(mesh: Mesh) -> None:
         "apiVersion": "security.istio.io/v1",
         "kind": "AuthorizationPolicy",
         "metadata": {"name": "only-sa-a", "namespace": "shop"},
-        "spec": {"action": "ALLOW",
-                 "rules": [{"from": [{"source": {"principals": [SA_A.principal]}}]}]},
+        "spec": {
+            "action": "ALLOW",
+            "rules": [{"from": [{"source": {"principals": [SA_A.principal]}}]}],
+        },
     }
     set_policies(mesh, [allow_a])
     try:
         m = Counters(mesh.n2)
         # baggage claims to be workload "a": the certificate, not the headers, decides
-        claim = [*connect_headers(f"{mesh.b.ip4}:8080"),
-                 ("baggage", "k8s.namespace.name=shop,k8s.deployment.name=a,service.name=a")]
+        claim = [
+            *connect_headers(f"{mesh.b.ip4}:8080"),
+            ("baggage", "k8s.namespace.name=shop,k8s.deployment.name=a,service.name=a"),
+        ]
         with hbone(mesh, svid_from(mesh.ca, SA_X)) as c:
             c.ready()
             sid = c.request(claim)
@@ -686,8 +744,14 @@ def test_authorization_uses_the_certificate_identity(mesh: Mesh) -> None:
         allowed = records_from(mesh.n2, a_src)
         assert len(allowed) == 1 and allowed[0]["response_flag"] == "-", allowed
         assert m.closed("DENY") == 1
-        assert m.delta("istio_tcp_connections_closed_total", response_flags="DENY",
-                       source_principal=SA_X.uri) == 1
+        assert (
+            m.delta(
+                "istio_tcp_connections_closed_total",
+                response_flags="DENY",
+                source_principal=SA_X.uri,
+            )
+            == 1
+        )
         assert_mesh_still_works(mesh)  # a is sa-a: allowed through the capture too
     finally:
         set_policies(mesh, [])
@@ -724,12 +788,14 @@ def test_oversized_header_list_is_refused_and_others_unaffected(mesh: Mesh) -> N
         with hbone(mesh, svid_from(mesh.ca, SA_A), validate=False) as c:
             c.ready()
             assert c.h2.remote_settings.max_header_list_size == 16 * 1024
-            sid = c.request([*connect_headers(f"{mesh.b.ip4}:8080"),
-                             ("x-big", "v" * (64 * 1024))])
+            sid = c.request([*connect_headers(f"{mesh.b.ip4}:8080"), ("x-big", "v" * (64 * 1024))])
             got = c.answer(sid)
             assert got != "200", got
             assert got.startswith("closed:goaway ENHANCE_YOUR_CALM") or got in (
-                "reset:REFUSED_STREAM", "431", "reset:PROTOCOL_ERROR"), got
+                "reset:REFUSED_STREAM",
+                "431",
+                "reset:PROTOCOL_ERROR",
+            ), got
 
         bystander.send(keep, b"still here")
         assert bystander.read_exactly(keep, 10) == b"still here"
@@ -754,15 +820,16 @@ def test_stream_flood_respects_max_concurrent_streams(mesh: Mesh) -> None:
     m = Counters(mesh.n2)
     with hbone(mesh, svid_from(mesh.ca, SA_A)) as c:
         sids = _flood(c, f"{mesh.b.ip4}:8080", 150)
-        c.pump(lambda: all(s in c.responses or s in c.resets for s in sids) or c.gone,
-               timeout=20)
+        c.pump(lambda: all(s in c.responses or s in c.resets for s in sids) or c.gone, timeout=20)
         ok = [s for s in sids if c.responses.get(s, {}).get(":status") == "200"]
         refused = [s for s in sids if c.resets.get(s) == h2.errors.ErrorCodes.REFUSED_STREAM]
         assert len(ok) <= 100, len(ok)
         assert len(ok) + len(refused) == 150 or c.gone, c.why()
         if c.goaway is not None:
-            assert c.goaway.error_code in (h2.errors.ErrorCodes.PROTOCOL_ERROR,
-                                           h2.errors.ErrorCodes.REFUSED_STREAM), c.why()
+            assert c.goaway.error_code in (
+                h2.errors.ErrorCodes.PROTOCOL_ERROR,
+                h2.errors.ErrorCodes.REFUSED_STREAM,
+            ), c.why()
     assert m.delta("istio_tcp_connections_opened_total") == len(ok)
     assert not [x for x in mesh.n2.status()["connections"]["open"] if x["src"] == c.src]
     with hbone(mesh, svid_from(mesh.ca, SA_A)) as fresh:

@@ -72,8 +72,10 @@ class Interop:
 
 @pytest.fixture(scope="module")
 def interop() -> Iterator[Interop]:
-    with (cluster_nodes("node1", "node2", "node3") as (cluster, (n1, n2, n3)),
-          tempfile.TemporaryDirectory(prefix=f"tether-{cluster.tb.prefix}-") as d):
+    with (
+        cluster_nodes("node1", "node2", "node3") as (cluster, (n1, n2, n3)),
+        tempfile.TemporaryDirectory(prefix=f"tether-{cluster.tb.prefix}-") as d,
+    ):
         a = n1.add_pod("a", "shop", "sa-a")
         b = n2.add_pod("b", "shop", "sa-b")
         x = n3.add_pod("x", "legacy", "sa-x")
@@ -94,8 +96,14 @@ def _svid_files(m: Interop, ident: SpiffeId) -> list[str]:
     (base.with_suffix(".crt")).write_bytes(svid.chain_pem())
     (base.with_suffix(".key")).write_bytes(svid.key_pem())
     (m.certs / "ca.crt").write_bytes(svid.roots_pem())
-    return ["--cert", str(base.with_suffix(".crt")), "--key", str(base.with_suffix(".key")),
-            "--ca", str(m.certs / "ca.crt")]
+    return [
+        "--cert",
+        str(base.with_suffix(".crt")),
+        "--key",
+        str(base.with_suffix(".key")),
+        "--ca",
+        str(m.certs / "ca.crt"),
+    ]
 
 
 def _line_from(p: subprocess.Popen[bytes], prefix: bytes, limit: int = 50) -> bytes:
@@ -125,21 +133,39 @@ def _hp(ip: str, port: int) -> str:
 
 
 @pytest.mark.parametrize("family", [4, 6])
-def test_istio_hbone_dialer_through_tether_inbound(interop: Interop, peer_bin: str,
-                                                   family: int) -> None:
+def test_istio_hbone_dialer_through_tether_inbound(
+    interop: Interop, peer_bin: str, family: int
+) -> None:
     m = interop
     b_ip = m.b.ip4 if family == 4 else m.b.ip6
-    p = m.tb.spawn(m.x, [peer_bin, "dial", "--proxy", _hp(b_ip, 15008),
-                         "--target", _hp(b_ip, 8080), "--expect-id", SA_B.uri,
-                         "--send", "istio says hi", "--linger", *_svid_files(m, SA_X)],
-                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p = m.tb.spawn(
+        m.x,
+        [
+            peer_bin,
+            "dial",
+            "--proxy",
+            _hp(b_ip, 15008),
+            "--target",
+            _hp(b_ip, 8080),
+            "--expect-id",
+            SA_B.uri,
+            "--send",
+            "istio says hi",
+            "--linger",
+            *_svid_files(m, SA_X),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         assert p.stdout is not None and p.stdin is not None
         res = json.loads(_line_from(p, b'{"'))
         assert res["echo"] == "istio says hi", res
         assert res["server_id"] == SA_B.uri, res
-        assert res["greeting"]["peer"][0] == (m.x.ip4 if family == 4 else m.x.ip6), \
+        assert res["greeting"]["peer"][0] == (m.x.ip4 if family == 4 else m.x.ip6), (
             "tether delivers with the client's IP"
+        )
         # the dialer ended its stream (END_STREAM both ways) while still running
         recs = [r for r in _records(m.n2, "inbound") if r["path"] == "hbone"]
         assert recs, m.n2.status()["connections"]
@@ -155,13 +181,25 @@ def test_istio_hbone_dialer_through_tether_inbound(interop: Interop, peer_bin: s
 
 
 @pytest.mark.parametrize("family", [4, 6])
-def test_tether_outbound_to_istio_hbone_server(interop: Interop, peer_bin: str,
-                                               family: int) -> None:
+def test_tether_outbound_to_istio_hbone_server(
+    interop: Interop, peer_bin: str, family: int
+) -> None:
     m = interop
     z_ip = m.z.ip4 if family == 4 else m.z.ip6
-    srv = m.tb.spawn(m.z, [peer_bin, "serve", "--listen", _hp(z_ip, 15008),
-                           "--trust-domain", TD, *_svid_files(m, SA_Z)],
-                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    srv = m.tb.spawn(
+        m.z,
+        [
+            peer_bin,
+            "serve",
+            "--listen",
+            _hp(z_ip, 15008),
+            "--trust-domain",
+            TD,
+            *_svid_files(m, SA_Z),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         _line_from(srv, b"ready")
         r = m.n1.connect(m.a, m.z, family=family, nbytes=1 << 20)

@@ -51,10 +51,13 @@ def mesh() -> Iterator[Mesh]:
         pods: dict[str, Pod] = {}
         node_of: dict[str, AgentNode] = {}
         for node, name, ns, sa in [
-            (n1, "a", "shop", "sa-a"), (n1, "o1", "other", "sa-o1"),
+            (n1, "a", "shop", "sa-a"),
+            (n1, "o1", "other", "sa-o1"),
             (n1, "l1", "legacy", "sa-l1"),
-            (n2, "b", "shop", "sa-b"), (n2, "o2", "other", "sa-o2"),
-            (n2, "w", "blog", "sa-blog"), (n2, "l2", "legacy", "sa-l2"),
+            (n2, "b", "shop", "sa-b"),
+            (n2, "o2", "other", "sa-o2"),
+            (n2, "w", "blog", "sa-blog"),
+            (n2, "l2", "legacy", "sa-l2"),
         ]:
             pods[name] = node.add_pod(name, ns, sa, labels={"app": name})
             node_of[name] = node
@@ -78,20 +81,33 @@ def _no_policies_after(mesh: Mesh) -> Iterator[None]:
 # -- policies -----------------------------------------------------------------------
 
 
-def authz(name: str, ns: str, action: str, rules: list[dict[str, Any]] | None,
-          selector: dict[str, str] | None = None) -> dict[str, Any]:
+def authz(
+    name: str,
+    ns: str,
+    action: str,
+    rules: list[dict[str, Any]] | None,
+    selector: dict[str, str] | None = None,
+) -> dict[str, Any]:
     spec: dict[str, Any] = {"action": action}
     if rules is not None:
         spec["rules"] = rules
     if selector is not None:
         spec["selector"] = {"matchLabels": selector}
-    return {"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
-            "metadata": {"name": name, "namespace": ns}, "spec": spec}
+    return {
+        "apiVersion": "security.istio.io/v1",
+        "kind": "AuthorizationPolicy",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": spec,
+    }
 
 
 def peer_auth(ns: str, mode: str, name: str = "default") -> dict[str, Any]:
-    return {"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
-            "metadata": {"name": name, "namespace": ns}, "spec": {"mtls": {"mode": mode}}}
+    return {
+        "apiVersion": "security.istio.io/v1",
+        "kind": "PeerAuthentication",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"mtls": {"mode": mode}},
+    }
 
 
 def _doc_key(d: dict[str, Any]) -> str:
@@ -118,8 +134,7 @@ def _enforced(n: AgentNode) -> tuple[dict[str, str], set[str]]:
     return got, set(p["rejected"])
 
 
-def set_policies(mesh: Mesh, docs: list[dict[str, Any]],
-                 rejected: set[str] | None = None) -> None:
+def set_policies(mesh: Mesh, docs: list[dict[str, Any]], rejected: set[str] | None = None) -> None:
     """Write the docs to both nodes' files and wait until both agents enforce
     exactly the valid ones and refuse exactly `rejected` (document labels)."""
     mesh.cluster.policies[:] = docs
@@ -144,8 +159,9 @@ def _last_id(node: AgentNode) -> int:
     return max((c["id"] for c in conns), default=0)
 
 
-def attempt(mesh: Mesh, src: str, dst: str, port: int = 8080) -> tuple[bool, dict[str, Any],
-                                                                      list[dict[str, Any]]]:
+def attempt(
+    mesh: Mesh, src: str, dst: str, port: int = 8080
+) -> tuple[bool, dict[str, Any], list[dict[str, Any]]]:
     """One connection src -> dst:port from a process in pod src; returns (ok, the
     client's result, the destination agent's new inbound records for it)."""
     s, d = mesh[src], mesh[dst]
@@ -154,9 +170,14 @@ def attempt(mesh: Mesh, src: str, dst: str, port: int = 8080) -> tuple[bool, dic
     r = mesh.node_of[src].connect(s, d, port=port, nbytes=4096)
     deadline = time.monotonic() + RECORD_TIMEOUT
     while True:
-        recs = [c for c in dn.status()["connections"]["closed"]
-                if c["id"] > before and c["direction"] == "inbound"
-                and c["dst"] == f"{d.ip4}:{port}" and c["src"].startswith(f"{s.ip4}:")]
+        recs = [
+            c
+            for c in dn.status()["connections"]["closed"]
+            if c["id"] > before
+            and c["direction"] == "inbound"
+            and c["dst"] == f"{d.ip4}:{port}"
+            and c["src"].startswith(f"{s.ip4}:")
+        ]
         if recs or time.monotonic() > deadline:
             return bool(r["ok"]), r, recs
         time.sleep(0.1)
@@ -164,8 +185,7 @@ def attempt(mesh: Mesh, src: str, dst: str, port: int = 8080) -> tuple[bool, dic
 
 def allowed(mesh: Mesh, src: str, dst: str, port: int = 8080) -> None:
     ok, r, recs = attempt(mesh, src, dst, port)
-    assert ok, (f"{src} -> {dst}:{port} should be allowed", r, recs,
-                mesh.node_of[dst].log_tail(5))
+    assert ok, (f"{src} -> {dst}:{port} should be allowed", r, recs, mesh.node_of[dst].log_tail(5))
     assert recs and recs[-1]["response_flag"] == "-", recs
     assert r["server_saw_peer"][0] == mesh[src].ip4
 
@@ -186,9 +206,13 @@ def denied(mesh: Mesh, src: str, dst: str, port: int = 8080, why: str = "") -> d
 def source_flag(mesh: Mesh, src: str, dst: str, port: int = 8080) -> str:
     """The source agent's outbound record for the last src -> dst:port."""
     n = mesh.node_of[src]
-    recs = [c for c in n.connections() if c["direction"] == "outbound"
-            and c["pod"] == f"{mesh[src].namespace}/{src}"
-            and c["dst"] == f"{mesh[dst].ip4}:{port}"]
+    recs = [
+        c
+        for c in n.connections()
+        if c["direction"] == "outbound"
+        and c["pod"] == f"{mesh[src].namespace}/{src}"
+        and c["dst"] == f"{mesh[dst].ip4}:{port}"
+    ]
     return str(max(recs, key=lambda c: c["id"])["response_flag"]) if recs else "<none>"
 
 
@@ -207,8 +231,17 @@ def test_no_policy_allows_everything(mesh: Mesh) -> None:
 
 
 def test_allow_by_principal(mesh: Mesh) -> None:
-    set_policies(mesh, [authz("allow-a", "shop", "ALLOW", [
-        {"from": [{"source": {"principals": ["cluster.local/ns/shop/sa/sa-a"]}}]}])])
+    set_policies(
+        mesh,
+        [
+            authz(
+                "allow-a",
+                "shop",
+                "ALLOW",
+                [{"from": [{"source": {"principals": ["cluster.local/ns/shop/sa/sa-a"]}}]}],
+            )
+        ],
+    )
     allowed(mesh, "a", "b")
     allowed(mesh, "a", "b", 8081)
     rec = denied(mesh, "o1", "b", why="no ALLOW policy matched")
@@ -220,24 +253,36 @@ def test_allow_by_principal(mesh: Mesh) -> None:
 
 
 def test_deny_by_namespace(mesh: Mesh) -> None:
-    set_policies(mesh, [authz("deny-other", "shop", "DENY", [
-        {"from": [{"source": {"namespaces": ["other"]}}]}])])
+    set_policies(
+        mesh,
+        [authz("deny-other", "shop", "DENY", [{"from": [{"source": {"namespaces": ["other"]}}]}])],
+    )
     denied(mesh, "o1", "b", why="shop/deny-other")
     allowed(mesh, "a", "b")
     allowed(mesh, "l1", "b")  # plaintext has no namespace: a positive match never matches
 
 
 def test_deny_by_not_namespace_catches_plaintext(mesh: Mesh) -> None:
-    set_policies(mesh, [authz("deny-foreign", "shop", "DENY", [
-        {"from": [{"source": {"notNamespaces": ["shop"]}}]}])])
+    set_policies(
+        mesh,
+        [
+            authz(
+                "deny-foreign",
+                "shop",
+                "DENY",
+                [{"from": [{"source": {"notNamespaces": ["shop"]}}]}],
+            )
+        ],
+    )
     allowed(mesh, "a", "b")
     denied(mesh, "o1", "b", why="shop/deny-foreign")
     denied(mesh, "l1", "b", why="shop/deny-foreign")  # a negative match always does
 
 
 def test_deny_by_port(mesh: Mesh) -> None:
-    set_policies(mesh, [authz("deny-8081", "shop", "DENY", [
-        {"to": [{"operation": {"ports": ["8081"]}}]}])])
+    set_policies(
+        mesh, [authz("deny-8081", "shop", "DENY", [{"to": [{"operation": {"ports": ["8081"]}}]}])]
+    )
     allowed(mesh, "a", "b", 8080)
     denied(mesh, "a", "b", 8081, why="shop/deny-8081")
     denied(mesh, "l1", "b", 8081, why="shop/deny-8081")
@@ -246,22 +291,55 @@ def test_deny_by_port(mesh: Mesh) -> None:
 
 def test_ip_blocks(mesh: Mesh) -> None:
     a, l1 = mesh["a"], mesh["l1"]
-    set_policies(mesh, [authz("allow-a-ip", "shop", "ALLOW", [
-        {"from": [{"source": {"ipBlocks": [f"{a.ip4}/32", f"{l1.ip4}"]}}]}])])
+    set_policies(
+        mesh,
+        [
+            authz(
+                "allow-a-ip",
+                "shop",
+                "ALLOW",
+                [{"from": [{"source": {"ipBlocks": [f"{a.ip4}/32", f"{l1.ip4}"]}}]}],
+            )
+        ],
+    )
     allowed(mesh, "a", "b")
     allowed(mesh, "l1", "b")  # ipBlocks match plaintext peers too
     denied(mesh, "o1", "b", why="no ALLOW policy matched")
-    set_policies(mesh, [authz("deny-node1-cidr", "shop", "DENY", [
-        {"from": [{"source": {"ipBlocks": ["10.10.1.0/24"], "notIpBlocks": [f"{a.ip4}"]}}]}])])
+    set_policies(
+        mesh,
+        [
+            authz(
+                "deny-node1-cidr",
+                "shop",
+                "DENY",
+                [
+                    {
+                        "from": [
+                            {"source": {"ipBlocks": ["10.10.1.0/24"], "notIpBlocks": [f"{a.ip4}"]}}
+                        ]
+                    }
+                ],
+            )
+        ],
+    )
     allowed(mesh, "a", "b")
     denied(mesh, "o1", "b", why="shop/deny-node1-cidr")
     denied(mesh, "l1", "b", why="shop/deny-node1-cidr")
 
 
 def test_selector_scopes_a_policy_to_matching_workloads(mesh: Mesh) -> None:
-    set_policies(mesh, [authz("deny-all-to-o2", "other", "DENY",
-                              [{"from": [{"source": {"ipBlocks": ["0.0.0.0/0"]}}]}],
-                              selector={"app": "o2"})])
+    set_policies(
+        mesh,
+        [
+            authz(
+                "deny-all-to-o2",
+                "other",
+                "DENY",
+                [{"from": [{"source": {"ipBlocks": ["0.0.0.0/0"]}}]}],
+                selector={"app": "o2"},
+            )
+        ],
+    )
     denied(mesh, "a", "o2", why="other/deny-all-to-o2")
     allowed(mesh, "a", "b")
 
@@ -276,7 +354,8 @@ def test_peer_authentication_strict_and_permissive(mesh: Mesh) -> None:
     allowed(mesh, "l1", "o2")  # other has no PeerAuthentication: PERMISSIVE
     dump = mesh.n2.status()["policies"]["peerAuthentications"]
     assert [(p["key"], p["mode"], p["level"]) for p in dump] == [
-        ("shop/default", "STRICT", "namespace")]
+        ("shop/default", "STRICT", "namespace")
+    ]
 
     set_policies(mesh, [peer_auth("shop", "PERMISSIVE")])
     allowed(mesh, "l1", "b")
@@ -303,7 +382,8 @@ def _seed(pattern: str) -> list[dict[str, Any]]:
 def test_seed_deny_all_denies_everything_to_blog(mesh: Mesh) -> None:
     docs = _seed("AuthorizationPolicy-deny-all-*.yaml")
     assert [(d["metadata"]["namespace"], d["metadata"]["name"]) for d in docs] == [
-        ("blog", "deny-all")]
+        ("blog", "deny-all")
+    ]
     assert docs[0].get("spec") is None, "the seed's spec is empty: an ALLOW with no rules"
     set_policies(mesh, docs)
     for src in ("a", "o1", "o2", "l1", "l2"):
@@ -331,8 +411,10 @@ def test_seed_peer_authentication_default_strict(mesh: Mesh) -> None:
 
 def test_seed_deny_all_and_strict_together(mesh: Mesh) -> None:
     docs = _seed("AuthorizationPolicy-deny-all-*.yaml") + [
-        d for d in _seed("PeerAuthentication-default-*.yaml")
-        if d["metadata"]["namespace"] == "blog"]
+        d
+        for d in _seed("PeerAuthentication-default-*.yaml")
+        if d["metadata"]["namespace"] == "blog"
+    ]
     set_policies(mesh, docs)
     denied(mesh, "l1", "w", why="PeerAuthentication STRICT")  # refused before authz
     denied(mesh, "a", "w", why="no ALLOW policy matched")
@@ -340,8 +422,12 @@ def test_seed_deny_all_and_strict_together(mesh: Mesh) -> None:
 
 def test_config_dump_lists_policies(mesh: Mesh) -> None:
     docs = [
-        authz("allow-a", "shop", "ALLOW",
-              [{"from": [{"source": {"principals": ["cluster.local/ns/shop/sa/sa-a"]}}]}]),
+        authz(
+            "allow-a",
+            "shop",
+            "ALLOW",
+            [{"from": [{"source": {"principals": ["cluster.local/ns/shop/sa/sa-a"]}}]}],
+        ),
         authz("deny-8081", "shop", "DENY", [{"to": [{"operation": {"ports": ["8081"]}}]}]),
         peer_auth("shop", "STRICT"),
     ]
@@ -359,8 +445,9 @@ def test_config_dump_lists_policies(mesh: Mesh) -> None:
 
 def test_invalid_policy_is_reported_and_the_others_stay_in_force(mesh: Mesh) -> None:
     good = authz("deny-8081", "shop", "DENY", [{"to": [{"operation": {"ports": ["8081"]}}]}])
-    bad = authz("bad-ip", "shop", "DENY",
-                [{"from": [{"source": {"ipBlocks": ["10.10.1.300/24"]}}]}])
+    bad = authz(
+        "bad-ip", "shop", "DENY", [{"from": [{"source": {"ipBlocks": ["10.10.1.300/24"]}}]}]
+    )
     set_policies(mesh, [good, bad], rejected={"AuthorizationPolicy shop/bad-ip"})
     for n in (mesh.n1, mesh.n2):
         p = n.status()["policies"]

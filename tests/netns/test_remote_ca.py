@@ -27,16 +27,34 @@ def test_agents_use_the_remote_ca_and_it_refuses_foreign_identities() -> None:
         auth = ca_dir / "auth.yaml"
         td = "spiffe://cluster.local/ns/shop/sa/"
         # n2's token may only get identities of pods on n2 (not sa-a)
-        auth.write_text(yaml.safe_dump({
-            "tokens": {"token-n1": "n1", "token-n2": "n2"},
-            "nodes": {"n1": [td + "sa-a"], "n2": [td + "sa-b"]},
-        }))
+        auth.write_text(
+            yaml.safe_dump(
+                {
+                    "tokens": {"token-n1": "n1", "token-n2": "n2"},
+                    "nodes": {"n1": [td + "sa-a"], "n2": [td + "sa-b"]},
+                }
+            )
+        )
         for n, tok in ((n1, "token-n1"), (n2, "token-n2")):
             (n.dir / "token").write_text(tok)
-        ca = n1.tb.spawn(n1.node.agent, [PY, "-m", "agent.cli", "ca", "--bind",
-                                      "0.0.0.0:15012", "--root-dir", str(ca_dir / "root"),
-                                      "--auth-file", str(auth), "--insecure"],
-                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        ca = n1.tb.spawn(
+            n1.node.agent,
+            [
+                PY,
+                "-m",
+                "agent.cli",
+                "ca",
+                "--bind",
+                "0.0.0.0:15012",
+                "--root-dir",
+                str(ca_dir / "root"),
+                "--auth-file",
+                str(auth),
+                "--insecure",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         deadline = time.monotonic() + 30
         while not (ca_dir / "root" / "ca-cert.pem").exists():
             assert time.monotonic() < deadline and ca.poll() is None, ca.stderr
@@ -47,12 +65,14 @@ def test_agents_use_the_remote_ca_and_it_refuses_foreign_identities() -> None:
 
             def with_remote(n: AgentNode = n, orig=orig) -> dict:  # type: ignore[no-untyped-def,type-arg]
                 cfg = orig()
-                cfg["identity"] = {"caAddress": f"{n1.node.fabric_ip4}:15012",
-                                   "caRootFile": str(ca_dir / "root" / "ca-cert.pem"),
-                                   "tokenFile": str(n.dir / "token"),
-                                   # TLS to the CA is covered by tests/unit/
-                                   # test_identity_grpc.py (run_ca over TLS)
-                                   "caPlaintext": True}
+                cfg["identity"] = {
+                    "caAddress": f"{n1.node.fabric_ip4}:15012",
+                    "caRootFile": str(ca_dir / "root" / "ca-cert.pem"),
+                    "tokenFile": str(n.dir / "token"),
+                    # TLS to the CA is covered by tests/unit/
+                    # test_identity_grpc.py (run_ca over TLS)
+                    "caPlaintext": True,
+                }
                 return cfg
 
             n.config = with_remote  # type: ignore[method-assign]
@@ -75,7 +95,12 @@ def test_agents_use_the_remote_ca_and_it_refuses_foreign_identities() -> None:
             "    print('REFUSED', e)\n"
         )
         # from inside node n2's netns: the CA's address exists only in the testbed
-        proc = n2.tb.spawn(n2.node.agent, [PY, "-c", client], stdout=subprocess.PIPE,
-                        stderr=subprocess.PIPE, cwd=Path(__file__).resolve().parents[2])
+        proc = n2.tb.spawn(
+            n2.node.agent,
+            [PY, "-c", client],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=Path(__file__).resolve().parents[2],
+        )
         out, err = proc.communicate(timeout=60)
         assert b"REFUSED" in out and b"does not run on node 'n2'" in out, (out, err)

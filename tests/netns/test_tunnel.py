@@ -47,8 +47,11 @@ def mesh() -> Iterator[tuple[Cluster, AgentNode, AgentNode]]:
 
 def _record(node: AgentNode, direction: str, path: str | None = None) -> dict[str, Any]:
     time.sleep(0.2)
-    recs = [c for c in node.connections() if c["direction"] == direction
-            and (path is None or c["path"] == path)]
+    recs = [
+        c
+        for c in node.connections()
+        if c["direction"] == direction and (path is None or c["path"] == path)
+    ]
     assert recs, node.connections()
     return max(recs, key=lambda c: c["id"])
 
@@ -90,19 +93,27 @@ def test_wire_between_nodes_carries_no_mesh_plaintext(mesh: Any) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         pcap = Path(tmp) / "wire.pcap"
         with netns.entered(fabric):
-            cap = subprocess.Popen(["tshark", "-i", "br0", "-f", "tcp", "-w", str(pcap), "-q"],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            cap = subprocess.Popen(
+                ["tshark", "-i", "br0", "-f", "tcp", "-w", str(pcap), "-q"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
         try:
             assert cap.stderr is not None
             deadline = time.monotonic() + 20
             for line in cap.stderr:
                 if b"Capturing on" in line or time.monotonic() > deadline:
                     break
-            r = n1.connect(n1.tb.pod("a"), n2.tb.pod("b"), nbytes=200_000,
-                           extra=("--marker", "MESH-SECRET-"))
+            r = n1.connect(
+                n1.tb.pod("a"), n2.tb.pod("b"), nbytes=200_000, extra=("--marker", "MESH-SECRET-")
+            )
             assert r["ok"], r
-            r = n1.connect(n1.tb.pod("plain1"), n2.tb.pod("plain2"), nbytes=50_000,
-                           extra=("--marker", "PLAIN-CONTROL-"))
+            r = n1.connect(
+                n1.tb.pod("plain1"),
+                n2.tb.pod("plain2"),
+                nbytes=50_000,
+                extra=("--marker", "PLAIN-CONTROL-"),
+            )
             assert r["ok"], r
             time.sleep(0.5)
         finally:
@@ -117,10 +128,23 @@ def test_wire_between_nodes_carries_no_mesh_plaintext(mesh: Any) -> None:
         # the mesh bytes crossed as TLS application data to port 15008 (on a
         # pooled connection: earlier tests already did the handshake)
         records = subprocess.run(
-            ["tshark", "-r", str(pcap), "-d", "tcp.port==15008,tls", "-Y",
-             "tcp.dstport == 15008 && tls.record.content_type == 23", "-T", "fields",
-             "-e", "tcp.len"],
-            capture_output=True, text=True, timeout=60).stdout.split()
+            [
+                "tshark",
+                "-r",
+                str(pcap),
+                "-d",
+                "tcp.port==15008,tls",
+                "-Y",
+                "tcp.dstport == 15008 && tls.record.content_type == 23",
+                "-T",
+                "fields",
+                "-e",
+                "tcp.len",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout.split()
         assert sum(int(x) for x in records) > 200_000
 
 
@@ -138,8 +162,7 @@ def test_certificate_rotation_under_a_live_connection() -> None:
             certs = n1.status()["certificates"]
             return next(str(c["serial"]) for c in certs if c["identity"] == SA + "sa-a")
 
-        held = n1.spawn_peer(a, ["connect", b.ip4, "8080", "--hold", "7",
-                                 "--timeout", "10"])
+        held = n1.spawn_peer(a, ["connect", b.ip4, "8080", "--hold", "7", "--timeout", "10"])
         first = serial()
         seen = {first}
         deadline = time.monotonic() + 10
@@ -162,24 +185,32 @@ def test_policy_reload_closes_only_connections_it_denies() -> None:
         n2.serve(db)
         n1.start_agent()
         n2.start_agent()
-        held = {p.name: n1.spawn_peer(p, ["connect", db.ip4, "8080", "--hold", "5",
-                                           "--timeout", "10"]) for p in (x, y)}
+        held = {
+            p.name: n1.spawn_peer(p, ["connect", db.ip4, "8080", "--hold", "5", "--timeout", "10"])
+            for p in (x, y)
+        }
         time.sleep(1.5)
-        cluster.policies = [{
-            "apiVersion": "security.istio.io/v1",
-            "kind": "AuthorizationPolicy",
-            "metadata": {"name": "db-from-x", "namespace": "shop"},
-            "spec": {"selector": {"matchLabels": {}},
-                     "rules": [{"from": [{"source": {"principals": [
-                         "cluster.local/ns/shop/sa/sa-x"]}}]}]},
-        }]
+        cluster.policies = [
+            {
+                "apiVersion": "security.istio.io/v1",
+                "kind": "AuthorizationPolicy",
+                "metadata": {"name": "db-from-x", "namespace": "shop"},
+                "spec": {
+                    "selector": {"matchLabels": {}},
+                    "rules": [
+                        {"from": [{"source": {"principals": ["cluster.local/ns/shop/sa/sa-x"]}}]}
+                    ],
+                },
+            }
+        ]
         cluster.write_configs()
         outs = {name: p.communicate(timeout=30)[0] for name, p in held.items()}
         assert held["x"].returncode == 0, outs["x"]
         assert held["y"].returncode != 0, outs["y"]
         recs = [c for c in n2.connections() if c["src_identity"] == SA + "sa-y"]
-        assert any("policy change" in (c["error"] or "") and c["response_flag"] == "DENY"
-                   for c in recs), recs
+        assert any(
+            "policy change" in (c["error"] or "") and c["response_flag"] == "DENY" for c in recs
+        ), recs
         assert not n1.connect(y, db)["ok"]
         assert n1.connect(x, db)["ok"]
 
@@ -203,8 +234,11 @@ def _tcp_sockets_of(pid: int) -> list[socket.socket]:
             if dup < 0:
                 continue
             s = socket.socket(fileno=dup)
-            if (s.family not in (socket.AF_INET, socket.AF_INET6) or s.type != socket.SOCK_STREAM
-                    or s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)):
+            if (
+                s.family not in (socket.AF_INET, socket.AF_INET6)
+                or s.type != socket.SOCK_STREAM
+                or s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+            ):
                 s.close()
                 continue
             try:
@@ -228,13 +262,19 @@ def test_every_relayed_socket_has_nodelay(mesh: Any) -> None:
     _, n1, n2 = mesh
     a, c, b = n1.tb.pod("a"), n1.tb.pod("c"), n2.tb.pod("b")
     plain1, plain2 = n1.tb.pod("plain1"), n2.tb.pod("plain2")
-    held = [n1.spawn_peer(src, ["connect", dst.ip4, "8080", "--hold", "3", "--timeout", "10"])
-            for src, dst in ((a, b), (a, c), (a, plain2), (plain1, c))]
+    held = [
+        n1.spawn_peer(src, ["connect", dst.ip4, "8080", "--hold", "3", "--timeout", "10"])
+        for src, dst in ((a, b), (a, c), (a, plain2), (plain1, c))
+    ]
     try:
         time.sleep(1.0)
         paths = {(x["direction"], x["path"]) for x in n1.connections() if x["open"]}
-        assert {("outbound", "hbone"), ("inbound", "local"), ("outbound", "passthrough"),
-                ("inbound", "plaintext")} <= paths, paths
+        assert {
+            ("outbound", "hbone"),
+            ("inbound", "local"),
+            ("outbound", "passthrough"),
+            ("inbound", "plaintext"),
+        } <= paths, paths
         checked, lacking = 0, []
         for node in (n1, n2):
             assert node.agent is not None

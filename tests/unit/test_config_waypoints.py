@@ -15,21 +15,42 @@ def _doc(**extra: Any) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "node": "n1",
         "namespaces": [
-            {"name": "shop", "labels": {"istio.io/dataplane-mode": "ambient",
-                                        "istio.io/use-waypoint": "shop-wp"}},
+            {
+                "name": "shop",
+                "labels": {
+                    "istio.io/dataplane-mode": "ambient",
+                    "istio.io/use-waypoint": "shop-wp",
+                },
+            },
             {"name": "data", "labels": {"istio.io/use-waypoint": "none"}},
             {"name": "plain"},
         ],
         "workloads": [
-            {"name": "a", "namespace": "data", "serviceAccount": "a", "node": "n2",
-             "addresses": ["10.0.0.1"], "labels": {"istio.io/use-waypoint": "a-wp"}},
-            {"name": "b", "namespace": "data", "serviceAccount": "b", "node": "n2",
-             "addresses": ["10.0.0.2"]},
+            {
+                "name": "a",
+                "namespace": "data",
+                "serviceAccount": "a",
+                "node": "n2",
+                "addresses": ["10.0.0.1"],
+                "labels": {"istio.io/use-waypoint": "a-wp"},
+            },
+            {
+                "name": "b",
+                "namespace": "data",
+                "serviceAccount": "b",
+                "node": "n2",
+                "addresses": ["10.0.0.2"],
+            },
         ],
         "services": [
-            {"name": "db", "namespace": "data", "addresses": ["10.96.0.9"],
-             "ports": [{"port": 5432}], "selector": {"app": "db"},
-             "labels": {"istio.io/use-waypoint": "db-wp"}},
+            {
+                "name": "db",
+                "namespace": "data",
+                "addresses": ["10.96.0.9"],
+                "ports": [{"port": 5432}],
+                "selector": {"app": "db"},
+                "labels": {"istio.io/use-waypoint": "db-wp"},
+            },
         ],
     }
     doc.update(extra)

@@ -46,8 +46,11 @@ def _pair() -> tuple[h2.connection.H2Connection, h2.connection.H2Connection]:
     from agent.tunnel.h2conn import _H2Connection
 
     # The client does not validate what it sends, as a hostile or buggy peer would not.
-    c = h2.connection.H2Connection(h2.config.H2Configuration(
-        client_side=True, validate_outbound_headers=False, normalize_outbound_headers=False))
+    c = h2.connection.H2Connection(
+        h2.config.H2Configuration(
+            client_side=True, validate_outbound_headers=False, normalize_outbound_headers=False
+        )
+    )
     s = _H2Connection(h2.config.H2Configuration(client_side=False))
     c.initiate_connection()
     s.initiate_connection()
@@ -115,8 +118,11 @@ def test_malformed_response_keeps_h2s_connection_error_on_the_client_side() -> N
     from agent.tunnel.h2conn import _H2Connection
 
     c = _H2Connection(h2.config.H2Configuration(client_side=True))
-    s = h2.connection.H2Connection(h2.config.H2Configuration(
-        client_side=False, validate_outbound_headers=False, normalize_outbound_headers=False))
+    s = h2.connection.H2Connection(
+        h2.config.H2Configuration(
+            client_side=False, validate_outbound_headers=False, normalize_outbound_headers=False
+        )
+    )
     c.initiate_connection()
     s.initiate_connection()
     s.receive_data(c.data_to_send())

@@ -22,9 +22,12 @@ class Predecessor:
 
     async def give(self) -> handoff.Bundle:
         self.gave += 1
-        return {"shop/a": {"listeners": {"outbound": self.listener},
-                           "connections": [{"info": {"path": "local"}, "a": self.a,
-                                            "b": self.b}]}}
+        return {
+            "shop/a": {
+                "listeners": {"outbound": self.listener},
+                "connections": [{"info": {"path": "local"}, "a": self.a, "b": self.b}],
+            }
+        }
 
     async def release(self) -> None:
         self.released += 1
@@ -38,12 +41,14 @@ async def _run(tmp_path: Path, ask: bytes | None) -> tuple[Predecessor, object, 
         if ask is None:
             got: object = await handoff.receive(str(tmp_path))
         else:
+
             def raw() -> bytes:
                 with socket.socket(socket.AF_UNIX) as s:
                     s.settimeout(5)
                     s.connect(str(tmp_path / handoff.SOCKET_NAME))
                     s.sendall(ask)
                     return s.recv(4096)
+
             got = await asyncio.get_running_loop().run_in_executor(None, raw)
         await asyncio.wait_for(stop.wait(), 5)
         return old, got, stop.is_set()
@@ -62,8 +67,7 @@ def test_same_version_moves_listeners_and_connections(tmp_path: Path) -> None:
     old.peer.sendall(b"ping")
     assert pod["listeners"]["outbound"].recv(4) == b"ping"
     old.b.close()  # the predecessor's copies were closed after sending
-    for s in (pod["listeners"]["outbound"], pod["connections"][0]["a"],
-              pod["connections"][0]["b"]):
+    for s in (pod["listeners"]["outbound"], pod["connections"][0]["a"], pod["connections"][0]["b"]):
         s.close()
 
 

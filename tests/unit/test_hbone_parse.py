@@ -21,8 +21,7 @@ from agent.tunnel.hbone import (
     request_headers,
 )
 
-PROPS = settings(max_examples=300, deadline=None,
-                 suppress_health_check=[HealthCheck.too_slow])
+PROPS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 TRACEPARENT = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-01")
 FORWARDED = re.compile(r'for="(?P<addr>[^"]+)"(;host=(?P<host>[^;,]+))?')
@@ -95,8 +94,9 @@ def test_parse_authority_rejects_with_value_error(value: str) -> None:
         parse_authority(value)
 
 
-@pytest.mark.parametrize("value", ["10.0.0.1:\uff18\uff10", "10.0.0.1:\u0668\u0660",
-                                   "[fd00::1]:\u0968\u0966"])
+@pytest.mark.parametrize(
+    "value", ["10.0.0.1:\uff18\uff10", "10.0.0.1:\u0668\u0660", "[fd00::1]:\u0968\u0966"]
+)
 def test_parse_authority_rejects_non_ascii_port_digits(value: str) -> None:
     with pytest.raises(ValueError):
         parse_authority(value)
@@ -116,8 +116,7 @@ def test_format_authority(ip: str, port: int, text: str) -> None:
 
 @PROPS
 @given(ip=ips, port=ports)
-def test_authority_round_trip(ip: ipaddress.IPv4Address | ipaddress.IPv6Address,
-                              port: int) -> None:
+def test_authority_round_trip(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int) -> None:
     text = format_authority(str(ip), port)
     assert parse_authority(text) == (str(ip), port)
     assert (text.startswith("[")) == (ip.version == 6)
@@ -147,8 +146,12 @@ def test_parse_authority_mutations_only_raise_value_error(
     ip: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int, junk: str
 ) -> None:
     text = format_authority(str(ip), port)
-    for candidate in (junk + text, text + junk, text[: len(junk)] + junk,
-                      junk.join(text.rsplit(":", 1))):
+    for candidate in (
+        junk + text,
+        text + junk,
+        text[: len(junk)] + junk,
+        junk.join(text.rsplit(":", 1)),
+    ):
         try:
             got_ip, got_port = parse_authority(candidate)
         except ValueError:
@@ -172,14 +175,18 @@ LOCAL6 = "fd00:10:2::2"
         # the local address as an IPv4-mapped IPv6 socket address folds to IPv4
         (connect("10.10.2.2:8080"), "::ffff:10.10.2.2", ("10.10.2.2", 8080)),
         # ordinary headers, even repeated, do not matter
-        (connect("10.10.2.2:1", ("baggage", "a=1"), ("baggage", "b=2"), ("x-any", "")),
-         LOCAL4, ("10.10.2.2", 1)),
+        (
+            connect("10.10.2.2:1", ("baggage", "a=1"), ("baggage", "b=2"), ("x-any", "")),
+            LOCAL4,
+            ("10.10.2.2", 1),
+        ),
         # the pseudo-headers may come in any order
         ([(":authority", "10.10.2.2:80"), (":method", "CONNECT")], LOCAL4, ("10.10.2.2", 80)),
     ],
 )
-def test_check_request_accepts(headers: list[tuple[str, str]], local: str,
-                               want: tuple[str, int]) -> None:
+def test_check_request_accepts(
+    headers: list[tuple[str, str]], local: str, want: tuple[str, int]
+) -> None:
     assert check_request(headers, local) == want
 
 
@@ -191,17 +198,31 @@ def test_check_request_accepts(headers: list[tuple[str, str]], local: str,
         (connect("10.10.2.2:80")[:1], LOCAL4, "missing :authority"),
         ([(":method", "GET"), (":authority", "10.10.2.2:80")], LOCAL4, "not CONNECT"),
         ([(":method", "connect"), (":authority", "10.10.2.2:80")], LOCAL4, "not CONNECT"),
-        ([(":method", "POST"), (":authority", "10.10.2.2:80"), (":path", "/"),
-          (":scheme", "https")], LOCAL4, "not CONNECT"),
+        (
+            [
+                (":method", "POST"),
+                (":authority", "10.10.2.2:80"),
+                (":path", "/"),
+                (":scheme", "https"),
+            ],
+            LOCAL4,
+            "not CONNECT",
+        ),
         (connect("10.10.2.2:80", (":path", "/")), LOCAL4, "no :path or :scheme"),
         (connect("10.10.2.2:80", (":scheme", "https")), LOCAL4, "no :path or :scheme"),
         (connect("10.10.2.2:80", (":path", "")), LOCAL4, "no :path or :scheme"),
         (connect("10.10.2.2:80", (":method", "CONNECT")), LOCAL4, "duplicate pseudo-header"),
-        (connect("10.10.2.2:80", (":authority", "10.10.2.2:80")), LOCAL4,
-         "duplicate pseudo-header"),
+        (
+            connect("10.10.2.2:80", (":authority", "10.10.2.2:80")),
+            LOCAL4,
+            "duplicate pseudo-header",
+        ),
         # a later duplicate must not override a first, acceptable, value
-        (connect("10.10.2.2:80", (":authority", "10.10.2.3:80")), LOCAL4,
-         "duplicate pseudo-header"),
+        (
+            connect("10.10.2.2:80", (":authority", "10.10.2.3:80")),
+            LOCAL4,
+            "duplicate pseudo-header",
+        ),
         (connect("10.10.2.3:8080"), LOCAL4, "is not this destination"),
         (connect("10.99.99.99:8080"), LOCAL4, "is not this destination"),
         (connect("[fd00:10:2::3]:8080"), LOCAL6, "is not this destination"),
@@ -216,8 +237,9 @@ def test_check_request_accepts(headers: list[tuple[str, str]], local: str,
         (connect("fd00:10:2::2:8080"), LOCAL6, ""),
     ],
 )
-def test_check_request_refuses_with_400(headers: list[tuple[str, str]], local: str,
-                                        why: str) -> None:
+def test_check_request_refuses_with_400(
+    headers: list[tuple[str, str]], local: str, why: str
+) -> None:
     with pytest.raises(HboneError) as ei:
         check_request(headers, local)
     assert ei.value.status == 400
@@ -230,8 +252,9 @@ def test_check_request_folds_v4_mapped_authority(local: str) -> None:
     ip, port = check_request(connect("[::ffff:10.10.2.2]:8080"), local)
     assert port == 8080
     a = ipaddress.ip_address(ip)
-    assert (a.ipv4_mapped if isinstance(a, ipaddress.IPv6Address) else a) == \
-        ipaddress.IPv4Address("10.10.2.2")
+    assert (a.ipv4_mapped if isinstance(a, ipaddress.IPv6Address) else a) == ipaddress.IPv4Address(
+        "10.10.2.2"
+    )
 
 
 @PROPS
@@ -251,7 +274,8 @@ def test_check_request_accepts_its_own_address(
 @given(ip=ips, other=ips, port=ports)
 def test_check_request_refuses_any_other_address(
     ip: ipaddress.IPv4Address | ipaddress.IPv6Address,
-    other: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int,
+    other: ipaddress.IPv4Address | ipaddress.IPv6Address,
+    port: int,
 ) -> None:
     if ip == other:
         return
@@ -264,13 +288,27 @@ def test_check_request_refuses_any_other_address(
     assert ei.value.status == 400
 
 
-PSEUDO = st.sampled_from([":method", ":authority", ":path", ":scheme", ":protocol",
-                          ":status", ":Method", ":"])
-NAMES = st.one_of(PSEUDO, st.sampled_from(["baggage", "forwarded", "traceparent", "host"]),
-                  st.text(max_size=12))
+PSEUDO = st.sampled_from(
+    [":method", ":authority", ":path", ":scheme", ":protocol", ":status", ":Method", ":"]
+)
+NAMES = st.one_of(
+    PSEUDO, st.sampled_from(["baggage", "forwarded", "traceparent", "host"]), st.text(max_size=12)
+)
 VALUES = st.one_of(
-    st.sampled_from(["CONNECT", "GET", "connect", "10.10.2.2:8080", "[fd00:10:2::2]:8080",
-                     "10.10.2.2:0", "/", "https", "", "10.10.2.3:80"]),
+    st.sampled_from(
+        [
+            "CONNECT",
+            "GET",
+            "connect",
+            "10.10.2.2:8080",
+            "[fd00:10:2::2]:8080",
+            "10.10.2.2:0",
+            "/",
+            "https",
+            "",
+            "10.10.2.3:80",
+        ]
+    ),
     st.text(max_size=30),
 )
 HEADER_LISTS = st.lists(st.tuples(NAMES, VALUES), max_size=8)
@@ -279,8 +317,7 @@ HEADER_LISTS = st.lists(st.tuples(NAMES, VALUES), max_size=8)
 @PROPS
 @given(headers=HEADER_LISTS, local=st.sampled_from([LOCAL4, LOCAL6, "::ffff:10.10.2.2"]))
 @example(headers=connect("10.10.2.2:8080"), local=LOCAL4)
-@example(headers=[(":method", "CONNECT"), (":authority", "10.10.2.2:\u0668\u0660")],
-         local=LOCAL4)
+@example(headers=[(":method", "CONNECT"), (":authority", "10.10.2.2:\u0668\u0660")], local=LOCAL4)
 def test_check_request_any_header_list_is_a_target_or_a_400(
     headers: list[tuple[str, str]], local: str
 ) -> None:
@@ -304,8 +341,10 @@ def test_check_request_any_header_list_is_a_target_or_a_400(
 @PROPS
 @given(headers=HEADER_LISTS, ip=ips, port=ports, at=st.integers(min_value=0, max_value=8))
 def test_check_request_valid_request_with_noise_is_a_target_or_a_400(
-    headers: list[tuple[str, str]], ip: ipaddress.IPv4Address | ipaddress.IPv6Address,
-    port: int, at: int,
+    headers: list[tuple[str, str]],
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address,
+    port: int,
+    at: int,
 ) -> None:
     base = connect(format_authority(str(ip), port))
     mixed = [*headers[:at], *base, *headers[at:]]
@@ -324,9 +363,14 @@ def test_check_request_valid_request_with_noise_is_a_target_or_a_400(
 
 
 def test_request_headers_shape() -> None:
-    hs = request_headers("10.10.2.2:8080", ("10.10.1.2", 40000), namespace="shop",
-                         workload="a", service_host="b.shop.svc.cluster.local",
-                         cluster="Kubernetes")
+    hs = request_headers(
+        "10.10.2.2:8080",
+        ("10.10.1.2", 40000),
+        namespace="shop",
+        workload="a",
+        service_host="b.shop.svc.cluster.local",
+        cluster="Kubernetes",
+    )
     names = [k for k, _ in hs]
     assert names[:2] == [":method", ":authority"], "pseudo-headers come first"
     assert len(names) == len(set(names))
@@ -337,9 +381,13 @@ def test_request_headers_shape() -> None:
     assert TRACEPARENT.fullmatch(d["traceparent"]), d["traceparent"]
     assert d["forwarded"] == 'for="10.10.1.2:40000";host=b.shop.svc.cluster.local'
     bag = dict(kv.split("=", 1) for kv in d["baggage"].split(","))
-    assert bag == {"k8s.cluster.name": "Kubernetes", "k8s.namespace.name": "shop",
-                   "k8s.deployment.name": "a", "service.name": "a",
-                   "service.version": "latest"}
+    assert bag == {
+        "k8s.cluster.name": "Kubernetes",
+        "k8s.namespace.name": "shop",
+        "k8s.deployment.name": "a",
+        "service.name": "a",
+        "service.version": "latest",
+    }
     # what we send is what a destination accepts
     assert check_request(hs, "10.10.2.2") == ("10.10.2.2", 8080)
 
@@ -355,8 +403,7 @@ def test_request_headers_ipv6_source_is_bracketed_and_empty_fields_left_out() ->
 
 
 def test_traceparent_is_random_per_connection() -> None:
-    seen = {dict(request_headers("10.0.0.1:1", ("10.0.0.2", 1)))["traceparent"]
-            for _ in range(50)}
+    seen = {dict(request_headers("10.0.0.1:1", ("10.0.0.2", 1)))["traceparent"] for _ in range(50)}
     assert len(seen) == 50
     trace_ids = {t.split("-")[1] for t in seen}
     span_ids = {t.split("-")[2] for t in seen}
@@ -364,12 +411,21 @@ def test_traceparent_is_random_per_connection() -> None:
 
 
 @PROPS
-@given(dst=ips, dport=ports, src=ips, sport=st.integers(min_value=0, max_value=65535),
-       ns=st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-", max_size=20),
-       wl=st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-", max_size=20))
+@given(
+    dst=ips,
+    dport=ports,
+    src=ips,
+    sport=st.integers(min_value=0, max_value=65535),
+    ns=st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-", max_size=20),
+    wl=st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-", max_size=20),
+)
 def test_request_headers_properties(
-    dst: ipaddress.IPv4Address | ipaddress.IPv6Address, dport: int,
-    src: ipaddress.IPv4Address | ipaddress.IPv6Address, sport: int, ns: str, wl: str,
+    dst: ipaddress.IPv4Address | ipaddress.IPv6Address,
+    dport: int,
+    src: ipaddress.IPv4Address | ipaddress.IPv6Address,
+    sport: int,
+    ns: str,
+    wl: str,
 ) -> None:
     authority = format_authority(str(dst), dport)
     hs = request_headers(authority, (str(src), sport), namespace=ns, workload=wl)
@@ -383,7 +439,6 @@ def test_request_headers_properties(
     if sport:
         assert parse_authority(addr) == (str(src), sport)
     assert m["host"] is None
-    folded = dst.ipv4_mapped if isinstance(dst, ipaddress.IPv6Address) and dst.ipv4_mapped \
-        else dst
+    folded = dst.ipv4_mapped if isinstance(dst, ipaddress.IPv6Address) and dst.ipv4_mapped else dst
     assert check_request(hs, str(dst)) == (str(folded), dport)
     assert (f"k8s.namespace.name={ns}" in d["baggage"]) == bool(ns)

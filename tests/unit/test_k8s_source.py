@@ -26,8 +26,9 @@ class FakeList:
     def __call__(self, *args: Any, **kw: Any) -> Any:
         if not self.installed:
             raise ApiException(status=404, reason="Not Found")
-        return SimpleNamespace(data=json.dumps(
-            {"metadata": {"resourceVersion": "7"}, "items": self.items}).encode())
+        return SimpleNamespace(
+            data=json.dumps({"metadata": {"resourceVersion": "7"}, "items": self.items}).encode()
+        )
 
 
 def _source() -> KubeSource:
@@ -42,8 +43,13 @@ def test_missing_crd_is_synced_empty_and_reported_then_picked_up() -> None:
     assert "gateways" in src.synced and src.objects["gateways"] == {}
     assert "CRD not installed" in src.describe()["missing"]["gateways"]
     fake.installed = True
-    fake.items = [{"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
-                   "metadata": {"name": "waypoint", "namespace": "shop"}}]
+    fake.items = [
+        {
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "Gateway",
+            "metadata": {"name": "waypoint", "namespace": "shop"},
+        }
+    ]
     assert src._relist(kind) == "7"
     assert "gateways" not in src.describe()["missing"]
     assert list(src.objects["gateways"]) == ["shop/waypoint"]
@@ -51,9 +57,14 @@ def test_missing_crd_is_synced_empty_and_reported_then_picked_up() -> None:
 
 def test_snapshot_carries_gateway_api_documents_for_reporting() -> None:
     src = _source()
-    src.objects = {"gateways": {"shop/w": {
-        "apiVersion": "gateway.networking.k8s.io/v1",
-        "metadata": {"name": "w", "namespace": "shop"}}}}
+    src.objects = {
+        "gateways": {
+            "shop/w": {
+                "apiVersion": "gateway.networking.k8s.io/v1",
+                "metadata": {"name": "w", "namespace": "shop"},
+            }
+        }
+    }
     (doc,) = src.snapshot().policies
     assert doc["kind"] == "Gateway" and doc["apiVersion"].startswith("gateway.networking")
 
@@ -88,8 +99,13 @@ def test_crd_removed_while_watching_is_relisted_and_reported(
     src = _source()
     fake = FakeList()
     fake.installed = True
-    fake.items = [{"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
-                   "metadata": {"name": "w", "namespace": "shop"}}]
+    fake.items = [
+        {
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "Gateway",
+            "metadata": {"name": "w", "namespace": "shop"},
+        }
+    ]
 
     class GoneWatch:
         def stream(self, *a: Any, **kw: Any) -> Any:

@@ -15,8 +15,10 @@ RUNNER = Path(__file__).resolve().parents[2] / "vagrant" / "kernels" / "run.py"
 
 OOPS = "[    1.080606] Oops: int3: 0000 [#1] PREEMPT SMP NOPTI"
 EARLY = f"[    0.000000] Linux version 6.12\n{OOPS}\n[    1.157992] Kernel panic - not syncing\n"
-LATE = ("[    0.000000] Linux version 6.12\nguest: 6.12.117+deb13-amd64, 2 cpus\n"
-        f"{OOPS}\n[    9.1] Kernel panic - not syncing\n")
+LATE = (
+    "[    0.000000] Linux version 6.12\nguest: 6.12.117+deb13-amd64, 2 cpus\n"
+    f"{OOPS}\n[    9.1] Kernel panic - not syncing\n"
+)
 
 
 @pytest.fixture(scope="module")

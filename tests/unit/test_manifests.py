@@ -16,8 +16,9 @@ import yaml
 from agent import cli
 from agent import config as agentconfig
 
-kv = pytest.importorskip("kubernetes_validate",
-                         reason="pip install kubernetes-validate (a dev dependency)")
+kv = pytest.importorskip(
+    "kubernetes_validate", reason="pip install kubernetes-validate (a dev dependency)"
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 DS_DIR = ROOT / "daemonset"
@@ -25,11 +26,11 @@ K8S_VERSION = "1.30"  # the oldest version the manifests support (appArmorProfil
 
 # What the agent's code reads or writes on the host, and where it sees it.
 AGENT_HOST_PATHS = {
-    "/sys/fs/bpf": "/sys/fs/bpf",        # pinned maps and links (datapath)
+    "/sys/fs/bpf": "/sys/fs/bpf",  # pinned maps and links (datapath)
     "/sys/fs/cgroup": "/sys/fs/cgroup",  # pod cgroups (podfs), kubelet cgroup, attach
-    "/proc": "/host/proc",               # per-pod-netns sysctls (podnet)
-    "/lib/modules": "/lib/modules",      # BCC kernel headers (loader)
-    "/usr/src": "/usr/src",              # where /lib/modules/*/build points
+    "/proc": "/host/proc",  # per-pod-netns sysctls (podnet)
+    "/lib/modules": "/lib/modules",  # BCC kernel headers (loader)
+    "/usr/src": "/usr/src",  # where /lib/modules/*/build points
     "/var/run/tether": "/var/run/tether",  # state file, TLS temp, handoff socket
 }
 CLEANUP_HOST_PATHS = {"/sys/fs/bpf", "/proc", "/var/run"}
@@ -72,12 +73,19 @@ def agent_settings() -> dict[str, Any]:
     return doc
 
 
-def mount_of(pod: dict[str, Any], c: dict[str, Any], path: str) -> tuple[dict[str, Any],
-                                                                      dict[str, Any]]:
+def mount_of(
+    pod: dict[str, Any], c: dict[str, Any], path: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """The (volumeMount, volume) whose mountPath is the longest prefix of path."""
-    best = max((m for m in c["volumeMounts"]
-                if path == m["mountPath"] or path.startswith(m["mountPath"].rstrip("/") + "/")),
-               key=lambda m: len(m["mountPath"]), default=None)
+    best = max(
+        (
+            m
+            for m in c["volumeMounts"]
+            if path == m["mountPath"] or path.startswith(m["mountPath"].rstrip("/") + "/")
+        ),
+        key=lambda m: len(m["mountPath"]),
+        default=None,
+    )
     assert best is not None, f"{path}: not under any volume mount of {c['name']}"
     (vol,) = [v for v in pod["volumes"] if v["name"] == best["name"]]
     return best, vol
@@ -95,8 +103,7 @@ def test_schema_valid(path: Path) -> None:
             kv.validate(d, K8S_VERSION, strict=True)
         except kv.ValidationError as e:
             where = "/".join(str(x) for x in e.absolute_path)
-            pytest.fail(f"{path.name}: {d['kind']}/{d['metadata']['name']}: {where}: "
-                        f"{e.message}")
+            pytest.fail(f"{path.name}: {d['kind']}/{d['metadata']['name']}: {where}: {e.message}")
 
 
 def test_schema_check_is_real() -> None:
@@ -151,12 +158,17 @@ def test_no_wildcards_in_roles() -> None:
 
 def test_agent_role_is_exactly_what_the_source_uses() -> None:
     read = {"get", "list", "watch"}
-    want = {(g, r, v) for g, rs in (
-        ("", ("namespaces", "pods", "services")),
-        ("discovery.k8s.io", ("endpointslices",)),
-        ("security.istio.io", ("authorizationpolicies", "peerauthentications")),
-        ("gateway.networking.k8s.io", ("gateways", "httproutes")),
-    ) for r in rs for v in read}
+    want = {
+        (g, r, v)
+        for g, rs in (
+            ("", ("namespaces", "pods", "services")),
+            ("discovery.k8s.io", ("endpointslices",)),
+            ("security.istio.io", ("authorizationpolicies", "peerauthentications")),
+            ("gateway.networking.k8s.io", ("gateways", "httproutes")),
+        )
+        for r in rs
+        for v in read
+    }
     want |= {("", "pods", "patch"), ("", "events", "create")}
     assert rules("ClusterRole", "tether-agent") == want
 
@@ -175,35 +187,60 @@ def test_agent_role_covers_the_watched_kinds() -> None:
 def test_ca_role() -> None:
     assert rules("ClusterRole", "tether-ca") == {
         ("authentication.k8s.io", "tokenreviews", "create"),
-        ("", "pods", "get"), ("", "pods", "list")}
+        ("", "pods", "get"),
+        ("", "pods", "list"),
+    }
 
 
 def test_only_the_ca_reads_its_secret() -> None:
-    secret_roles = [d for d in all_docs() if d["kind"] in ("Role", "ClusterRole")
-                    and any("secrets" in r["resources"] for r in d["rules"])]
+    secret_roles = [
+        d
+        for d in all_docs()
+        if d["kind"] in ("Role", "ClusterRole")
+        and any("secrets" in r["resources"] for r in d["rules"])
+    ]
     assert [d["metadata"]["name"] for d in secret_roles] == ["tether-ca-root-key"]
     (role,) = secret_roles
     assert role["kind"] == "Role"
-    assert role["rules"] == [{"apiGroups": [""], "resources": ["secrets"],
-                              "resourceNames": ["tether-ca-root"], "verbs": ["get"]}]
-    bindings = [d for d in all_docs() if d["kind"] in ("RoleBinding", "ClusterRoleBinding")
-                and d["roleRef"]["name"] == "tether-ca-root-key"]
+    assert role["rules"] == [
+        {
+            "apiGroups": [""],
+            "resources": ["secrets"],
+            "resourceNames": ["tether-ca-root"],
+            "verbs": ["get"],
+        }
+    ]
+    bindings = [
+        d
+        for d in all_docs()
+        if d["kind"] in ("RoleBinding", "ClusterRoleBinding")
+        and d["roleRef"]["name"] == "tether-ca-root-key"
+    ]
     assert [s["name"] for b in bindings for s in b["subjects"]] == ["tether-ca"]
     # ... and only the CA pod mounts it.
     for d in all_docs():
         pod = (d.get("spec", {}).get("template") or {}).get("spec")
         if pod is None:
             continue
-        uses = [v for v in pod.get("volumes", [])
-                if v.get("secret", {}).get("secretName") == "tether-ca-root"]
+        uses = [
+            v
+            for v in pod.get("volumes", [])
+            if v.get("secret", {}).get("secretName") == "tether-ca-root"
+        ]
         assert bool(uses) == (d["metadata"]["name"] == "tether-ca"), d["metadata"]["name"]
 
 
 def test_bindings_name_existing_accounts() -> None:
-    sas = {(d["metadata"]["namespace"], d["metadata"]["name"])
-           for d in all_docs() if d["kind"] == "ServiceAccount"}
-    roles = {(d["kind"], d["metadata"]["name"]) for d in all_docs()
-             if d["kind"] in ("Role", "ClusterRole")}
+    sas = {
+        (d["metadata"]["namespace"], d["metadata"]["name"])
+        for d in all_docs()
+        if d["kind"] == "ServiceAccount"
+    }
+    roles = {
+        (d["kind"], d["metadata"]["name"])
+        for d in all_docs()
+        if d["kind"] in ("Role", "ClusterRole")
+    }
     for b in (d for d in all_docs() if d["kind"] in ("RoleBinding", "ClusterRoleBinding")):
         assert (b["roleRef"]["kind"], b["roleRef"]["name"]) in roles
         for s in b["subjects"]:
@@ -270,6 +307,7 @@ def test_settings_file_parses_and_points_at_the_ca() -> None:
     tok = src["serviceAccountToken"]
     assert ident.token_file == f"{m['mountPath']}/{tok['path']}"
     from agent.sources.k8s_auth import TokenReviewAuthenticator
+
     assert tok["audience"] == "tether-ca"
     assert TokenReviewAuthenticator.__init__.__defaults__ is not None
     defaults = TokenReviewAuthenticator.__init__.__defaults__
@@ -303,8 +341,11 @@ def test_agent_capabilities() -> None:
     # Kubernetes rejects allowPrivilegeEscalation=false with CAP_SYS_ADMIN.
     assert "allowPrivilegeEscalation" not in sc
     # The only privileged container is the bpffs mount step.
-    privileged = [c["name"] for c in pod["initContainers"] + pod["containers"]
-                  if c.get("securityContext", {}).get("privileged")]
+    privileged = [
+        c["name"]
+        for c in pod["initContainers"] + pod["containers"]
+        if c.get("securityContext", {}).get("privileged")
+    ]
     assert privileged == ["mount-bpffs"]
 
 
@@ -369,8 +410,7 @@ def test_ca_deployment_and_service() -> None:
     labels = dep["spec"]["template"]["metadata"]["labels"]
     assert svc["spec"]["selector"].items() <= labels.items()
     (port,) = ca["ports"]
-    assert port["containerPort"] == 15012 and svc["spec"]["ports"][0]["targetPort"] == \
-        port["name"]
+    assert port["containerPort"] == 15012 and svc["spec"]["ports"][0]["targetPort"] == port["name"]
     argv = ca["command"]
     root_dir = next(x.split("=", 1)[1] for x in argv if x.startswith("--root-dir="))
     (m,) = [m for m in ca["volumeMounts"] if m["mountPath"] == root_dir]
@@ -402,7 +442,7 @@ def test_cleanup_daemonset() -> None:
     assert a.pin_dir == settings["pinDir"]
     # the state dir, reached through the host's /var/run so it can be removed
     m, vol = mount_of(pod, init, a.state_dir)
-    host_state = vol["hostPath"]["path"] + a.state_dir[len(m["mountPath"]):]
+    host_state = vol["hostPath"]["path"] + a.state_dir[len(m["mountPath"]) :]
     assert host_state == settings["stateDir"]
     _, vol = mount_of(pod, init, a.pin_dir)
     assert vol["hostPath"]["path"] == "/sys/fs/bpf"

@@ -1067,8 +1067,9 @@ def test_other_kinds_skipped_with_hints() -> None:
     )
     assert "use an Istio AuthorizationPolicy" in reasons["AuthorizationPolicy foo/l5d"]
     assert "VirtualService" in reasons["ServiceProfile foo/sp"]
-    assert reasons["VirtualService default/vs"].startswith("not applied: VirtualService is "
-                                                          "Istio traffic configuration")
+    assert reasons["VirtualService default/vs"].startswith(
+        "not applied: VirtualService is Istio traffic configuration"
+    )
     assert "runs none yet" in reasons["VirtualService default/vs"]
     assert reasons["Namespace foo"].startswith("not handled")
     assert reasons["Widget default/w"] == "not handled by L4 authorization: Widget (example.com/v1)"
