@@ -20,7 +20,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from agent import cgroupfs, handoff, rbac
+from agent import cgroupfs, handoff, policy
 from agent import config as localconfig
 from agent.datapath.datapath import Datapath, DatapathConfig, PodSpec, check_pod
 from agent.datapath.errors import DatapathError, PodError
@@ -52,7 +52,7 @@ class Policies:
     """Istio security policy for the tunnel, enforced at the destination."""
 
     def __init__(self) -> None:
-        self.store = rbac.PolicyStore()
+        self.set = policy.PolicySet()
         self.report: Any = None
         self._docs: tuple[dict[str, Any], ...] = ()
 
@@ -61,22 +61,22 @@ class Policies:
         if self.report is not None and docs == self._docs:
             return False
         self._docs = docs
-        self.report = self.store.load(docs, replace=True)
+        self.set, self.report = policy.compile_policies(docs, self.set)
         for err in getattr(self.report, "errors", ()):
             log.error("policy not applied: %s", err)
         return True
 
     def authorize(self, req: AuthzRequest) -> AuthzResult:
-        d = self.store.evaluate(
-            rbac.Conn.make(req.src_ip, req.src_identity, req.dst_ip, req.dst_port, req.workload)
+        d = self.set.evaluate(
+            policy.Conn.make(req.src_ip, req.src_identity, req.dst_ip, req.dst_port, req.workload)
         )
         return AuthzResult(d.allowed, d.reason, d.policy)
 
     def plaintext_allowed(self, workload: localconfig.Workload, port: int) -> bool:
-        return self.store.plaintext_allowed(workload, port)
+        return self.set.plaintext_allowed(workload, port)
 
     def describe(self) -> Any:
-        return self.store.describe()
+        return self.set.describe()
 
 
 def _agent_cgroup() -> str:

@@ -14,15 +14,16 @@ import pytest
 
 from agent.config import Workload
 from agent.identity.spiffe import SpiffeId
-from agent.rbac import (
+from agent.policy import (
     Action,
     Conn,
     Enforcement,
     Mode,
     PolicyError,
-    PolicyStore,
+    PolicySet,
     Scope,
     WorkloadRef,
+    compile_policies,
     compile_policy,
     parse_authorization_policy,
     parse_peer_authentication,
@@ -82,9 +83,8 @@ def conn(
     return Conn.make(src_ip, principal, dst_ip, dst_port, dst)
 
 
-def store(*docs: dict[str, Any], root: str = "istio-system") -> PolicyStore:
-    s = PolicyStore(root_namespace=root)
-    report = s.load(docs)
+def store(*docs: dict[str, Any], root: str = "istio-system") -> PolicySet:
+    s, report = compile_policies(docs, root_namespace=root)
     assert report.ok, [str(e) for e in report.errors]
     return s
 
@@ -980,9 +980,8 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
 
 @pytest.mark.parametrize(("doc", "message"), [b[1:] for b in BAD], ids=[b[0] for b in BAD])
 def test_bad_document_reported_and_others_stay_in_force(doc: dict[str, Any], message: str) -> None:
-    s = PolicyStore()
     good = ap("deny-all", "bar")
-    report = s.load([good, doc, allow_from(principals=[SLEEP])])
+    s, report = compile_policies([good, doc, allow_from(principals=[SLEEP])])
     assert any(message in str(e) for e in report.errors), [str(e) for e in report.errors]
     assert "AuthorizationPolicy bar/deny-all" in report.loaded
     assert "AuthorizationPolicy foo/allow" in report.loaded
@@ -1018,20 +1017,20 @@ def test_every_error_in_a_document_is_reported() -> None:
     with pytest.raises(PolicyError) as info:
         parse_authorization_policy(doc)
     assert len(info.value.all) == 2
-    report = PolicyStore().load([doc])
+    _, report = compile_policies([doc])
     assert len(report.errors) == 2
 
 
 def test_invalid_update_keeps_previous_version() -> None:
     s = store(allow_from(principals=[SLEEP]))
-    report = s.load([allow_from(principals=[SLEEP], ipBlocks=["bad"])])
+    s, report = compile_policies([allow_from(principals=[SLEEP], ipBlocks=["bad"])], s)
     assert not report.ok
     assert s.evaluate(conn(SLEEP)).allowed
     assert not s.evaluate(conn(OTHER)).allowed
 
 
 def test_non_mapping_and_empty_documents() -> None:
-    report = PolicyStore().load([None, ["not", "a", "mapping"], "text"])
+    _, report = compile_policies([None, ["not", "a", "mapping"], "text"])
     assert [str(e) for e in report.errors] == [
         "document 1: expected a mapping, got a list",
         "document 2: expected a mapping, got a string",
@@ -1058,7 +1057,7 @@ def test_other_kinds_skipped_with_hints() -> None:
         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "foo"}},
         {"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"}},
     ]
-    report = PolicyStore().load(docs)
+    _, report = compile_policies(docs)
     assert report.ok
     assert report.loaded == ()
     reasons = {s.document: s.reason for s in report.skipped}
@@ -1075,16 +1074,19 @@ def test_other_kinds_skipped_with_hints() -> None:
     assert reasons["Widget default/w"] == "not handled by L4 authorization: Widget (example.com/v1)"
 
 
-def test_remove_and_replace() -> None:
+def test_each_compilation_is_the_full_set_and_leaves_the_previous_untouched() -> None:
     s = store(ap("deny-all"))
     assert not s.evaluate(conn()).allowed
-    assert s.remove("AuthorizationPolicy", "foo", "deny-all")
-    assert not s.remove("AuthorizationPolicy", "foo", "deny-all")
-    assert s.evaluate(conn()).allowed
-    s.load([ap("deny-all")])
-    s.load([pa("default", "foo", "STRICT")], replace=True)
-    assert s.evaluate(conn()).allowed
-    assert s.mtls_mode(FOO_APP) is Mode.STRICT
+    # A document absent from the next list is gone (a watch saw it deleted).
+    s2, report = compile_policies([pa("default", "foo", "STRICT")], s)
+    assert report.ok
+    assert s2.evaluate(conn()).allowed
+    assert s2.mtls_mode(FOO_APP) is Mode.STRICT
+    # The previous set is immutable: readers holding it see no change.
+    assert not s.evaluate(conn()).allowed
+    assert s.mtls_mode(FOO_APP) is Mode.PERMISSIVE
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.authorization_policies = ()  # type: ignore[misc]
 
 
 def test_describe_is_json_and_carries_notes() -> None:
@@ -1147,8 +1149,7 @@ def test_v1beta1_and_missing_namespace_default() -> None:
     doc = ap("p")
     doc["apiVersion"] = "security.istio.io/v1beta1"
     del doc["metadata"]["namespace"]
-    s = PolicyStore(default_namespace="default")
-    report = s.load([doc])
+    _, report = compile_policies([doc], default_namespace="default")
     assert report.loaded == ("AuthorizationPolicy default/p",)
 
 

@@ -11,7 +11,14 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.rbac import Conn, PolicyStore, WorkloadRef, compile_policy, parse_authorization_policy
+from agent.policy import (
+    Conn,
+    PolicySet,
+    WorkloadRef,
+    compile_policies,
+    compile_policy,
+    parse_authorization_policy,
+)
 
 NAMESPACES = ["a", "b"]
 ACCOUNTS = ["x", "y"]
@@ -142,9 +149,8 @@ conns = st.builds(
 conn_lists = st.lists(conns, min_size=1, max_size=8)
 
 
-def _store(docs: list[dict[str, Any]]) -> PolicyStore:
-    s = PolicyStore()
-    report = s.load(docs)
+def _store(docs: list[dict[str, Any]]) -> PolicySet:
+    s, report = compile_policies(docs)
     assert report.ok, [str(e) for e in report.errors]
     return s
 

@@ -12,7 +12,16 @@ from typing import Any
 import pytest
 import yaml
 
-from agent.rbac import Conn, Decision, Enforcement, Mode, PolicyStore, Scope, WorkloadRef
+from agent.policy import (
+    Conn,
+    Decision,
+    Enforcement,
+    Mode,
+    PolicySet,
+    Scope,
+    WorkloadRef,
+    compile_policies,
+)
 
 SEED_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "seed-yaml"
 
@@ -81,19 +90,18 @@ MYAPP_PROD = WorkloadRef("production", {"app": "myapp"}, "myapp")
 OTHER_PROD_POD = WorkloadRef("production", {"app": "billing"}, "billing")
 
 
-def _store(*keys: tuple[str, str, str]) -> PolicyStore:
-    s = PolicyStore()
-    report = s.load([_find(*k) for k in keys])
+def _store(*keys: tuple[str, str, str]) -> PolicySet:
+    s, report = compile_policies([_find(*k) for k in keys])
     assert report.ok, [str(e) for e in report.errors]
     assert len(report.loaded) == len(keys)
     return s
 
 
-def _decide(s: PolicyStore, principal: str | None, dst: WorkloadRef, port: int = 8080) -> Decision:
+def _decide(s: PolicySet, principal: str | None, dst: WorkloadRef, port: int = 8080) -> Decision:
     return s.evaluate(Conn.make("10.244.1.9", principal, "10.244.2.3", port, dst))
 
 
-def _notes(s: PolicyStore, key: str) -> tuple[str, ...]:
+def _notes(s: PolicySet, key: str) -> tuple[str, ...]:
     return next(p.notes for p in s.authorization_policies if p.key == key)
 
 
@@ -105,8 +113,7 @@ def test_every_fixture_names_its_seed() -> None:
 
 def test_all_security_documents_load_cleanly() -> None:
     docs = [d for _, d in ALL if d.get("kind") in SECURITY_KINDS]
-    s = PolicyStore()
-    report = s.load(docs)
+    _, report = compile_policies(docs)
     assert report.ok, [str(e) for e in report.errors]
     assert sorted(report.loaded) == [
         "AuthorizationPolicy blog/allow-frontend",
@@ -285,15 +292,13 @@ TOGETHER: list[tuple[str, str | None, WorkloadRef, bool, str | None]] = [
 def test_all_seeds_together(
     principal: str | None, dst: WorkloadRef, allowed: bool, policy: str | None
 ) -> None:
-    s = PolicyStore()
-    s.load(d for _, d in ALL)
+    s, _ = compile_policies(d for _, d in ALL)
     d = _decide(s, principal, dst)
     assert (d.allowed, d.policy) == (allowed, policy), d.reason
 
 
 def test_all_seeds_describe_lists_every_policy_with_notes() -> None:
-    s = PolicyStore()
-    s.load(d for _, d in ALL)
+    s, _ = compile_policies(d for _, d in ALL)
     dump = s.describe()
     keys = [p["key"] for p in dump["authorizationPolicies"]]
     assert keys == [
@@ -318,8 +323,7 @@ OTHER_DOCS = [(p, d) for p, d in ALL if d.get("kind") not in SECURITY_KINDS]
     ("doc",), [(d,) for _, d in OTHER_DOCS], ids=[p.name for p, _ in OTHER_DOCS]
 )
 def test_other_kinds_are_skipped_not_crashing(doc: dict[str, Any]) -> None:
-    s = PolicyStore()
-    report = s.load([doc])
+    s, report = compile_policies([doc])
     assert report.errors == ()
     assert report.loaded == ()
     (skipped,) = report.skipped
@@ -339,7 +343,7 @@ def test_other_kinds_are_skipped_not_crashing(doc: dict[str, Any]) -> None:
 
 
 def test_mesh_kind_hints_name_the_equivalent() -> None:
-    report = PolicyStore().load(d for _, d in OTHER_DOCS)
+    _, report = compile_policies(d for _, d in OTHER_DOCS)
     reasons = {s.document: s.reason for s in report.skipped}
     target = reasons["TrafficTarget blog/blog-api-access"]
     assert "AuthorizationPolicy" in target

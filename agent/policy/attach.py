@@ -1,0 +1,31 @@
+"""Which workloads a policy reaches (istiod's selection).
+
+A policy in the root namespace reaches every namespace; elsewhere only its own.
+A selector picks workloads by labels (every label must match); no selector means
+every workload in reach.  ``targetRefs`` attach a policy to a Gateway (waypoint)
+or a Service instead: the node never enforces those (ztunnel ignores them); they
+are recorded here for the waypoint translation to come.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from agent.policy.model import Labels, TargetRef, WorkloadLike
+
+
+def selects(
+    namespace: str, selector: Labels | None, root_namespace: str, workload: WorkloadLike
+) -> bool:
+    """True if a policy in ``namespace`` with ``selector`` reaches ``workload``."""
+    if namespace != root_namespace and namespace != workload.namespace:
+        return False
+    if selector is None:
+        return True
+    labels = workload.labels
+    return all(labels.get(k) == v for k, v in selector)
+
+
+def target_refs_text(refs: Sequence[TargetRef], policy_namespace: str) -> str:
+    """``Kind namespace/name, ...`` for notes about waypoint-attached policies."""
+    return ", ".join(f"{r.kind} {r.namespace or policy_namespace}/{r.name}" for r in refs)
