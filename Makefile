@@ -45,6 +45,7 @@ test-kernels: setup
 lint: setup
 	$(VENV)/bin/ruff check agent tests
 	$(VENV)/bin/ruff format --check agent tests
+	$(VENV)/bin/lint-imports
 
 typecheck: setup
 	$(VENV)/bin/mypy

@@ -1,82 +1,47 @@
-"""The node agent process: reconcile the desired pods (from the local file)
-with the datapath and the in-pod listeners, serve admin and metrics, and hand
-everything it can to a successor on restart.
+"""The node agent process: the wiring.
 
-One writer: only Agent.reconcile() changes the state store and what is
-enrolled; the tunnel, the datapath and the admin endpoint read.
+    source (local file | Kubernetes) --Snapshot--> ProxyState.apply (one writer,
+    on a worker thread) --StateView--> Pods.reconcile (datapath + listeners)
+                                   --> tunnel (outbound decision, L4 policy)
+                                   --> revalidate open connections on a policy change
+
+plus the admin, readiness and metrics servers, and the restart handoff.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import json
 import logging
 import os
 import signal
 import ssl
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from agent import cgroupfs, handoff, policy
-from agent import config as localconfig
-from agent.datapath.datapath import Datapath, DatapathConfig, PodSpec, check_pod
-from agent.datapath.errors import DatapathError, PodError
+from agent import cgroupfs, handoff
+from agent.admin import HttpServer, Response
+from agent.datapath.datapath import Datapath, DatapathConfig
+from agent.datapath.errors import DatapathError
 from agent.datapath.loader import BuildOptions
-from agent.datapath.structs import Listen
-from agent.identity.ca import CertificateAuthority
-from agent.identity.manager import CertificateManager, CertificateSource, EmbeddedCA
+from agent.identity.manager import CertificateManager
+from agent.identity.setup import certificate_manager
 from agent.identity.spiffe import SpiffeId
 from agent.metrics import Metrics
-from agent.state.store import Store
+from agent.model import NodeSettings, Snapshot
+from agent.pods import Pods
+from agent.sources import localfile
+from agent.state.state import Change, ProxyState
 from agent.tunnel.conns import ConnTable
+from agent.tunnel.context import Tunnel
 from agent.tunnel.hbone import HboneClient
-from agent.tunnel.proxy import AuthzRequest, AuthzResult, PodProxy, PodRef, Ports, Tunnel
+from agent.tunnel.watcher import revalidate
 
 log = logging.getLogger(__name__)
 
-LISTEN_KINDS = {
-    "in4": Listen.PLAIN4,
-    "in6": Listen.PLAIN6,
-    "hbone4": Listen.HBONE4,
-    "hbone6": Listen.HBONE6,
-}
-BIND_RETRY = 30.0  # a predecessor frees the node's ports when it hands over
-DEFAULT_CERT_TTL = timedelta(hours=24)
 DRAIN_TIMEOUT = float(os.environ.get("TETHER_DRAIN_TIMEOUT", "300"))
-
-
-class Policies:
-    """Istio security policy for the tunnel, enforced at the destination."""
-
-    def __init__(self) -> None:
-        self.set = policy.PolicySet()
-        self.report: Any = None
-        self._docs: tuple[dict[str, Any], ...] = ()
-
-    def load(self, docs: tuple[dict[str, Any], ...]) -> bool:
-        """Load the full set; True if it differs from the last one."""
-        if self.report is not None and docs == self._docs:
-            return False
-        self._docs = docs
-        self.set, self.report = policy.compile_policies(docs, self.set)
-        for err in getattr(self.report, "errors", ()):
-            log.error("policy not applied: %s", err)
-        return True
-
-    def authorize(self, req: AuthzRequest) -> AuthzResult:
-        d = self.set.evaluate(
-            policy.Conn.make(req.src_ip, req.src_identity, req.dst_ip, req.dst_port, req.workload)
-        )
-        return AuthzResult(d.allowed, d.reason, d.policy)
-
-    def plaintext_allowed(self, workload: localconfig.Workload, port: int) -> bool:
-        return self.set.plaintext_allowed(workload, port)
-
-    def describe(self) -> Any:
-        return self.set.describe()
+NETNS_CHECK_INTERVAL = 2.0
 
 
 def _agent_cgroup() -> str:
@@ -100,13 +65,15 @@ class Agent:
         the Kubernetes API."""
         self.config_path = config_path
         self.kube = kube
-        self.cfg = localconfig.load(config_path)
+        first = localfile.load(config_path)
+        self.settings: NodeSettings = first.settings
+        self.first_snapshot = first.snapshot
         if kube is not None:
-            self.cfg = dataclasses.replace(
-                self.cfg, node=kube["node"], namespaces={}, workloads=(), services=(), policies=()
-            )
-        self.source: Any = None
-        s = self.cfg.agent
+            self.settings = dataclasses.replace(self.settings, node=kube["node"])
+            self.first_snapshot = Snapshot(kube["node"])
+        self.file = localfile.LocalFileSource(config_path, first) if kube is None else None
+        self.kube_source: Any = None
+        s = self.settings.agent
         self.datapath = Datapath(
             DatapathConfig(
                 build=BuildOptions(pin_dir=s.pin_dir),
@@ -116,155 +83,55 @@ class Agent:
                 skmsg=s.sk_msg if skmsg is None else skmsg,
             )
         )
-        self.store = Store(self.cfg.identity.trust_domain)
-        self.policies = Policies()
+        self.state = ProxyState(self.settings.node, self.settings.identity.trust_domain)
         self.conns = ConnTable()
         self.metrics = Metrics(self.datapath.stats)
         self.conns.on_open.append(self.metrics.on_open)
         self.conns.on_close.append(self.metrics.on_close)
         self.certs: CertificateManager | None = None
+        self.pods: Pods | None = None
         self.tunnel: Tunnel | None = None
-        self.proxies: dict[str, PodProxy] = {}
-        self.errors: dict[str, str] = {}
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
+        self._applying = asyncio.Lock()
+        self._latest: Snapshot | None = None
+        self._inherited: dict[str, dict[str, Any]] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
         self._waypoints_reported: set[tuple[str, str, str]] = set()
-        self.handed_off = False  # a successor took (or we released) our listeners: drain, then stop
-        self._mtime = 0.0
+        self.handed_off = False  # a successor took (or we released) our listeners
 
-    # -- identity ------------------------------------------------------------
+    # -- state --------------------------------------------------------------
 
-    def _make_certs(self) -> CertificateManager | None:
-        """Embedded CA (local mode, caDir shared by the nodes) or a remote
-        IstioCertificateService (`tether ca` or istiod) asked with this node's
-        token and ImpersonatedIdentity."""
-        ident = self.cfg.identity
-        ttl = timedelta(seconds=ident.cert_ttl) if ident.cert_ttl else None
-        tmp = Path(self.cfg.agent.state_dir) / "tls"
-        tmp.mkdir(mode=0o700, parents=True, exist_ok=True)
-        source: CertificateSource
-        if ident.ca_address:
-            # grpc only when a remote CA is used: it costs ~18 MiB resident
-            import grpc
+    async def apply(self, snapshot: Snapshot) -> None:
+        """Install a snapshot (built off the loop) and act on it.  Snapshots
+        that arrive while one is applied collapse into the newest."""
+        self._latest = snapshot
+        async with self._applying:
+            if self._latest is not snapshot:
+                return  # a newer one is queued behind us
+            loop = asyncio.get_running_loop()
+            change = await loop.run_in_executor(None, self.state.apply, snapshot)
+            self._act(change)
 
-            from agent.identity.client import CaClient, token_file
-
-            roots = Path(ident.ca_root_file).read_text() if ident.ca_root_file else ""
-            creds = (
-                None
-                if ident.ca_plaintext
-                else grpc.ssl_channel_credentials(roots.encode() if roots else None)
-            )
-            source = CaClient(
-                ident.ca_address,
-                token=token_file(ident.token_file) if ident.token_file else None,
-                trust_roots=[roots] if roots else (),
-                channel_credentials=creds,
-                ttl=ttl or DEFAULT_CERT_TTL,
-            )
-        elif ident.ca_dir:
-            ca = CertificateAuthority.load_or_generate(ident.ca_dir, ident.trust_domain)
-            source = EmbeddedCA(ca, ttl)
-        else:
-            log.warning(
-                "no identity.caDir or caAddress: mesh traffic is passed through in plaintext"
-            )
-            return None
-        return CertificateManager(source, tls_tmp_dir=str(tmp))
-
-    # -- reconcile ----------------------------------------------------------
-
-    def reconcile(self, inherited: dict[str, dict[str, Any]] | None = None) -> None:
-        """Make the store and the enrolled pods match the config.  One bad pod
-        is reported and skipped; it never stops the others."""
-        self.store.replace(self.cfg)
-        changed = self.policies.load(self.cfg.policies)
-        waypoints = self.cfg.waypoint_uses()
-        for u in waypoints:
+    def _act(self, change: Change) -> None:
+        view = change.view
+        if change.policies_changed:
+            for err in view.policy_report.errors:
+                log.error("policy not applied: %s", err)
+        uses = view.snapshot.waypoint_uses()
+        for u in uses:
             if (u["scope"], u["name"], u["waypoint"]) not in self._waypoints_reported:
                 log.warning(
                     "%s %s uses waypoint %s: %s", u["scope"], u["name"], u["waypoint"], u["status"]
                 )
-        self._waypoints_reported = {(u["scope"], u["name"], u["waypoint"]) for u in waypoints}
-        want = {w.key: w for w in self.cfg.local_enrolled()}
-        gone = [k for k in self.proxies if k not in want]
-        gone += [k for k in self.datapath.leftover_pods() if k not in want]
-        for key in gone:
-            try:
-                self.datapath.unenroll(key)
-            except (OSError, DatapathError) as e:
-                self.errors[key] = f"unenroll failed: {e}"
-                log.error("pod %s: unenroll failed: %s", key, e)
-            proxy = self.proxies.pop(key, None)
-            if proxy is not None:
-                proxy.close()
-        if self.certs is not None:
-            self.certs.retain(self.store.identity_of(w) for w in want.values())
-        if changed:
-            for p in self.proxies.values():
-                n = p.revalidate()
-                if n:
-                    log.info("policy change closed %d connections of %s", n, p.pod.key)
-        for key, w in want.items():
-            if key in self.proxies:
-                continue
-            try:
-                self._enroll(w, (inherited or {}).get(key))
-                self.errors.pop(key, None)
-            except (PodError, OSError, DatapathError) as e:
-                self.errors[key] = str(e)
-                log.error("%s", e)
-        if self.source is not None:
-            for key in want:
-                self.source.report(
-                    key, "enabled" if key in self.proxies else "failed", self.errors.get(key, "")
-                )
-            for key in gone:
-                self.source.report(key, "disabled")
-
-    def _enroll(self, w: localconfig.Workload, inherited: dict[str, Any] | None) -> None:
-        if not w.netns or not w.cgroup:
-            raise PodError(
-                w.key,
-                "no netns/cgroup for this pod: "
-                + (
-                    "its cgroup v2 directory or sandbox process was not found on this node "
-                    "(agent/sources/podfs.py lists the layouts understood)"
-                    if self.kube
-                    else "the local file gives none"
-                ),
-            )
-        spec = PodSpec(
-            key=w.key,
-            netns=w.netns,
-            cgroup=w.cgroup,
-            ips=w.addresses,
-            exclude_out_ports=w.exclude_outbound_ports,
-            exclude_in_ports=w.exclude_inbound_ports,
-            exclude_out_cidrs=w.exclude_outbound_cidrs,
-        )
-        check_pod(spec)
-        assert self.tunnel is not None
-        identity = self.store.identity_of(w)
-        if self.certs is not None:
-            self.certs.prefetch(identity)
-        proxy = PodProxy(PodRef(w.key, w.netns, w.addresses, w, identity), Ports(), self.tunnel)
-        if inherited:
-            proxy.adopt(inherited["listeners"])
-        else:
-            proxy.open()
-        try:
-            self.datapath.enroll(
-                spec, {LISTEN_KINDS[k]: s for k, s in proxy.listeners.items() if k in LISTEN_KINDS}
-            )
-        except Exception:
-            proxy.close()
-            raise
-        proxy.serve()
-        if inherited:
-            for c in inherited["connections"]:
-                proxy.resume(c)
-        self.proxies[w.key] = proxy
+        self._waypoints_reported = {(u["scope"], u["name"], u["waypoint"]) for u in uses}
+        assert self.pods is not None and self.tunnel is not None
+        if change.policies_changed:
+            for pod, n in revalidate(self.tunnel).items():
+                log.info("policy change closed %d connections of %s", n, pod)
+        # what a predecessor handed over is adopted by the first reconcile
+        inherited, self._inherited = self._inherited, None
+        self.pods.reconcile(view, inherited)
 
     # -- run ----------------------------------------------------------------
 
@@ -272,56 +139,45 @@ class Agent:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
-        inherited = await handoff.receive(self.cfg.agent.state_dir)
+        self._inherited = await handoff.receive(self.settings.agent.state_dir)
         await loop.run_in_executor(None, self.datapath.start)
-        self.certs = self._make_certs()
-        hbone = None
-        server_ctx = None
-        if self.certs is not None:
-            certs = self.certs
-
-            async def client_ctx(i: SpiffeId) -> ssl.SSLContext:
-                return await certs.ssl_context_client(i)
-
-            async def server_ctx_(i: SpiffeId) -> ssl.SSLContext:
-                return await certs.ssl_context_server(i)
-
-            hbone = HboneClient(client_ctx)
-            server_ctx = server_ctx_
-        if self.kube is not None:
-            await self._start_kube(loop)
+        self.certs = certificate_manager(self.settings.identity, self.settings.agent.state_dir)
+        hbone, server_ctx = self._tls()
         self.tunnel = Tunnel(
-            self.datapath,
-            self.store,
+            self.state,
+            self.datapath.delivery_bypass(),
             self.conns,
-            self.policies,
             hbone,
             server_ctx,
             splicing=self.datapath.config.skmsg,
-            local=self.proxies,
         )
-        self.reconcile(inherited)
-        servers = [
-            await _bind(self._admin, "127.0.0.1", self.cfg.agent.admin_port, "admin"),
-            await _bind(self._ready_only, "127.0.0.1", self.cfg.agent.ready_port, "readiness"),
-            await _bind(self._metrics, "0.0.0.0", self.cfg.agent.metrics_port, "metrics"),
-        ]
-        giver = await handoff.serve(self.cfg.agent.state_dir, self._give, self._release, self._stop)
-        self._mtime = os.stat(self.config_path).st_mtime
+        self.pods = Pods(self.datapath, self.tunnel, self.certs, kube=self.kube is not None)
+        first = self.first_snapshot
+        if self.kube is not None:
+            first = await self._start_kube(loop) or first
+        await self.apply(first)
+        servers = await self._serve_http()
+        giver = await handoff.serve(
+            self.settings.agent.state_dir, self._give, self._release, self._stop
+        )
         self.ready.set()
+        a = self.settings.agent
         log.info(
             "agent ready: %d pods enrolled, admin on 127.0.0.1:%d, readiness on "
             "127.0.0.1:%d, metrics on :%d",
-            len(self.proxies),
-            self.cfg.agent.admin_port,
-            self.cfg.agent.ready_port,
-            self.cfg.agent.metrics_port,
+            len(self.pods.proxies),
+            a.admin_port,
+            a.ready_port,
+            a.metrics_port,
         )
-        watcher = loop.create_task(self._watch() if self.kube is None else self._idle())
+        tasks = [loop.create_task(self._check_netns())]
+        if self.file is not None:
+            tasks.append(loop.create_task(self.file.watch(self.apply)))
         await self._stop.wait()
-        watcher.cancel()
-        if self.source is not None:
-            self.source.stop()
+        for t in tasks:
+            t.cancel()
+        if self.kube_source is not None:
+            self.kube_source.stop()
         for srv in servers:
             srv.close()  # free the node's ports at once for the successor
         giver.close()
@@ -334,8 +190,7 @@ class Agent:
                 self._stop.clear()
                 log.info("handed over and drained; idle until terminated")
                 await self._stop.wait()
-        for p in self.proxies.values():
-            p.close()
+        self.pods.close()
         if hbone is not None:
             hbone.close()
         if self.certs is not None:
@@ -343,41 +198,65 @@ class Agent:
         self.datapath.close()
         log.info("agent stopped")
 
-    async def _start_kube(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _tls(self) -> tuple[HboneClient | None, Any]:
+        if self.certs is None:
+            return None, None
+        certs = self.certs
+
+        async def client_ctx(i: SpiffeId) -> ssl.SSLContext:
+            return await certs.ssl_context_client(i)
+
+        async def server_ctx(i: SpiffeId) -> ssl.SSLContext:
+            return await certs.ssl_context_server(i)
+
+        return HboneClient(client_ctx), server_ctx
+
+    async def _start_kube(self, loop: asyncio.AbstractEventLoop) -> Snapshot | None:
+        """Start the watchers and wait (bounded) for their first full snapshot."""
         from agent.sources.k8s import KubeSource
 
-        assert self.kube is not None
-        first = asyncio.Event()
+        assert self.kube is not None and self.pods is not None
+        first: asyncio.Future[Snapshot] = loop.create_future()
 
-        def on_snapshot(cfg: localconfig.LocalConfig) -> None:
-            self.cfg = cfg
-            first.set()
-            if self.tunnel is not None:
-                try:
-                    self.reconcile()
-                except Exception:
-                    log.exception("reconcile failed; retrying on the next change")
+        def on_snapshot(snap: Snapshot) -> None:
+            if not first.done():
+                first.set_result(snap)
+            else:  # apply() queues it behind the first and keeps only the newest
+                self._tasks.add(task := loop.create_task(self._apply_logged(snap)))
+                task.add_done_callback(self._tasks.discard)
 
-        root = self.cfg.agent.pod_cgroup_root
-        self.source = KubeSource(
+        root = self.settings.agent.pod_cgroup_root
+        self.kube_source = KubeSource(
             self.kube["node"],
-            self.cfg.agent,
-            self.cfg.identity,
             kubeconfig=self.kube.get("kubeconfig"),
             cgroup_root=Path(root) if root else None,
         )
-        self.source.start(loop, on_snapshot)
+        self.pods.report = self.kube_source.report
+        self.kube_source.start(loop, on_snapshot)
         try:
-            await asyncio.wait_for(first.wait(), 60)
+            return await asyncio.wait_for(asyncio.shield(first), 60)
         except TimeoutError:
             log.error(
                 "no complete snapshot from the API server in 60 s (%s); starting with "
                 "nothing enrolled",
-                self.source.errors,
+                self.kube_source.errors,
             )
+            return None
 
-    async def _idle(self) -> None:
-        await asyncio.Event().wait()
+    async def _apply_logged(self, snap: Snapshot) -> None:
+        try:
+            await self.apply(snap)
+        except Exception:
+            log.exception("applying a snapshot failed; retrying on the next change")
+
+    async def _check_netns(self) -> None:
+        while True:
+            await asyncio.sleep(NETNS_CHECK_INTERVAL)
+            assert self.pods is not None
+            try:
+                self.pods.check_netns(self.state.view)
+            except Exception:
+                log.exception("netns check failed")
 
     async def _drain(self) -> None:
         """After a handoff: HBONE connections (TLS state lives here) run to
@@ -389,28 +268,11 @@ class Agent:
         if self.conns.open:
             log.warning("drain timeout: closing %d connections", len(self.conns.open))
 
-    async def _watch(self) -> None:
-        """Reload the local file when it changes (bounded poll, 1 s)."""
-        while True:
-            await asyncio.sleep(1.0)
-            try:
-                m = os.stat(self.config_path).st_mtime
-                if m == self._mtime:
-                    continue
-                self._mtime = m
-                self.cfg = localconfig.load(self.config_path)
-            except (OSError, localconfig.ConfigError) as e:
-                log.error("config reload failed, keeping the last good one: %s", e)
-                continue
-            try:
-                self.reconcile()
-            except Exception:
-                log.exception("reconcile failed; retrying on the next change")
-
     async def _give(self) -> handoff.Bundle:
         """Freeze every pod's listeners and plain relays for a successor."""
+        assert self.pods is not None
         bundle: handoff.Bundle = {}
-        for key, p in self.proxies.items():
+        for key, p in self.pods.proxies.items():
             bundle[key] = await p.freeze()
         self.handed_off = True
         return bundle
@@ -418,24 +280,32 @@ class Agent:
     async def _release(self) -> None:
         """A successor we cannot hand sockets to (another handoff version):
         free the pods' listeners for it and keep every open connection here."""
-        for p in self.proxies.values():
+        assert self.pods is not None
+        for p in self.pods.proxies.values():
             p.release()
         self.handed_off = True
 
     # -- admin --------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
+        view = self.state.view
+        source: Any = (
+            self.kube_source.describe()
+            if self.kube_source is not None
+            else self.file.describe()
+            if self.file is not None
+            else {}
+        )
         return {
-            "node": self.cfg.node,
+            "node": self.settings.node,
             "ready": self.ready.is_set(),
             "datapath": self.datapath.status(),
-            "pod_errors": self.errors,
-            "source": self.source.describe()
-            if self.source is not None
-            else {"file": self.config_path},
-            "state": self.store.describe(),
-            "policies": self.policies.describe(),
-            "waypoints": self.cfg.waypoint_uses(),
+            "pod_errors": self.pods.errors if self.pods else {},
+            "source": source,
+            "state": view.describe(),
+            "policies": view.policies.describe()
+            | {"unreadable": [{"where": w, "reason": r} for w, r in view.snapshot.unreadable]},
+            "waypoints": view.snapshot.waypoint_uses(),
             "certificates": self.certs.describe() if self.certs else [],
             "hbone_pool": self.tunnel.hbone.describe() if self.tunnel and self.tunnel.hbone else [],
             "connections": {
@@ -444,59 +314,45 @@ class Agent:
             },
         }
 
-    async def _ready_only(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        """:15021, Istio's readiness port: /healthz/ready only (no config on it)."""
-        await self._admin(r, w, allowed=("/healthz/ready", "/healthz", "/ready"))
+    async def _serve_http(self) -> list[HttpServer]:
+        def ready() -> Response:
+            return (
+                Response(200, b"ready\n") if self.ready.is_set() else Response(503, b"starting\n")
+            )
 
-    async def _metrics(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        await self._admin(r, w, allowed=("/metrics",))
+        def dump(obj: Any) -> Response:
+            return Response(
+                200, json.dumps(obj, indent=1, default=str).encode(), "application/json"
+            )
 
-    async def _admin(
-        self,
-        r: asyncio.StreamReader,
-        w: asyncio.StreamWriter,
-        allowed: tuple[str, ...] | None = None,
-    ) -> None:
-        """Minimal HTTP/1.0: /healthz, /ready, /config_dump, /connections, /metrics."""
+        def metrics() -> Response:
+            return Response(200, self.metrics.exposition(), "text/plain; version=0.0.4")
+
+        health = {
+            "/healthz": lambda: Response(200, b"ok\n"),
+            "/ready": ready,
+            "/healthz/ready": ready,
+        }
+        admin = HttpServer(
+            {
+                **health,
+                "/config_dump": lambda: dump(self.status()),
+                "/status": lambda: dump(self.status()),
+                "/connections": lambda: dump(self.status()["connections"]),
+                "/metrics": metrics,
+            },
+            "admin",
+        )
+        readiness = HttpServer(health, "readiness")  # 15021: no config on it
+        prom = HttpServer({"/metrics": metrics}, "metrics")
+        a = self.settings.agent
         try:
-            line = (await asyncio.wait_for(r.readline(), 5)).decode(errors="replace")
-            with contextlib.suppress(asyncio.TimeoutError):
-                while (await asyncio.wait_for(r.readline(), 5)) not in (b"\r\n", b"\n", b""):
-                    pass
-            path = line.split(" ")[1] if line.count(" ") >= 2 else "/"
-            code, body = 200, b""
-            if allowed is not None and path not in allowed:
-                code, body = 404, f"not found: {' '.join(allowed)}\n".encode()
-            elif path == "/metrics":
-                body = self.metrics.exposition()
-            elif path == "/healthz":
-                body = b"ok\n"
-            elif path in ("/ready", "/healthz/ready"):
-                code, body = (200, b"ready\n") if self.ready.is_set() else (503, b"starting\n")
-            elif path in ("/config_dump", "/status"):
-                body = json.dumps(self.status(), indent=1, default=str).encode()
-            elif path == "/connections":
-                body = json.dumps(self.status()["connections"], indent=1).encode()
-            else:
-                code, body = 404, b"not found: /healthz /ready /config_dump /connections\n"
-            w.write(f"HTTP/1.0 {code} X\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
-            await w.drain()
-        finally:
-            w.close()
-
-
-async def _bind(handler: Any, host: str, port: int, what: str) -> asyncio.AbstractServer:
-    """Listen, retrying for a bounded time: during a rolling update the old
-    agent holds the port until it has handed over."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + BIND_RETRY
-    while True:
-        try:
-            return await asyncio.start_server(handler, host, port)
+            await admin.start("127.0.0.1", a.admin_port)
+            await readiness.start("127.0.0.1", a.ready_port)
+            await prom.start("0.0.0.0", a.metrics_port)
         except OSError as e:
-            if loop.time() > deadline:
-                raise DatapathError(f"cannot listen on {host}:{port} for {what}: {e}") from e
-            await asyncio.sleep(0.2)
+            raise DatapathError(str(e)) from e
+        return [admin, readiness, prom]
 
 
 def main_run(config_path: str, skmsg: bool | None, kube: dict[str, Any] | None = None) -> int:
@@ -506,7 +362,7 @@ def main_run(config_path: str, skmsg: bool | None, kube: dict[str, Any] | None =
     )
     try:
         agent = Agent(config_path, skmsg, kube)
-    except localconfig.ConfigError as e:
+    except localfile.ConfigError as e:
         log.error("%s", e)
         return 2
     try:

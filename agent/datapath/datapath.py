@@ -22,7 +22,7 @@ import os
 import shutil
 import socket
 import sys
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -109,10 +109,6 @@ class DatapathConfig:
     skmsg: bool = False  # splice pod<->agent loopback hops with sk_msg
 
 
-def _tuple_bytes(t: TetherTuple) -> bytes:
-    return bytes(t)
-
-
 def _ncpus() -> int:
     """Possible CPUs: per-CPU map values have one slot for each."""
     text = Path("/sys/devices/system/cpu/possible").read_text().strip()
@@ -121,6 +117,24 @@ def _ncpus() -> int:
         lo, _, hi = part.partition("-")
         n += int(hi or lo) - int(lo) + 1
     return n
+
+
+class DeliveryBypass:
+    """The tunnel's per-connection write to the kernel, and its only one:
+    the 4-tuple of each agent-to-app delivery goes into `tether_bypass`
+    before connect() so the destination pod's sk_lookup lets it through
+    (instead of steering it back to the agent), and leaves when the
+    connection ends.  Everything else in the datapath changes only through
+    the reconcile (enroll/unenroll)."""
+
+    def __init__(self, dp: Datapath) -> None:
+        self._dp = dp
+
+    def add(self, src: tuple[str, int], dst: tuple[str, int]) -> None:
+        bpfsys.map_update(self._dp._map("tether_bypass"), bytes(TetherTuple.of(src, dst)), b"\x01")
+
+    def remove(self, src: tuple[str, int], dst: tuple[str, int]) -> None:
+        bpfsys.map_delete(self._dp._map("tether_bypass"), bytes(TetherTuple.of(src, dst)))
 
 
 class Datapath:
@@ -248,12 +262,9 @@ class Datapath:
 
     # -- for the tunnel ----------------------------------------------------
 
-    def bypass(self, src: tuple[str, int], dst: tuple[str, int]) -> None:
-        """Let one connection the agent opens to a local app through sk_lookup."""
-        bpfsys.map_update(self._map("tether_bypass"), bytes(TetherTuple.of(src, dst)), b"\x01")
-
-    def unbypass(self, src: tuple[str, int], dst: tuple[str, int]) -> None:
-        bpfsys.map_delete(self._map("tether_bypass"), bytes(TetherTuple.of(src, dst)))
+    def delivery_bypass(self) -> DeliveryBypass:
+        """The one map the tunnel writes per connection: see DeliveryBypass."""
+        return DeliveryBypass(self)
 
     def stats(self) -> dict[str, int]:
         """Counters from tether_stats, summed over CPUs."""
@@ -524,19 +535,10 @@ def cleanup(pin_dir: str, state_dir: str) -> dict[str, list[str]]:
     return report
 
 
-def iter_link_targets(ids: Iterable[int]) -> Iterator[bpfsys.LinkInfo]:
-    for i in ids:
-        with contextlib.suppress(OSError):
-            fd = bpfsys.link_get_fd_by_id(i)
-            try:
-                yield bpfsys.link_info(fd)
-            finally:
-                os.close(fd)
-
-
 __all__: Sequence[str] = (
     "Datapath",
     "DatapathConfig",
+    "DeliveryBypass",
     "Enrollment",
     "PodSpec",
     "cleanup",

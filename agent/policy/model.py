@@ -137,7 +137,7 @@ class PolicyError(ValueError):
 
 
 class WorkloadLike(Protocol):
-    """What policy selection needs from a destination workload (``agent.config.Workload`` fits)."""
+    """What policy selection needs from a destination workload (``agent.model.Workload`` fits)."""
 
     @property
     def namespace(self) -> str: ...

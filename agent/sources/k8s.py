@@ -1,6 +1,6 @@
 """The mesh from the Kubernetes API: Namespaces, Pods, Services, Istio
-AuthorizationPolicy and PeerAuthentication, turned into the same model the
-local file gives (agent.config), so the agent's reconcile does not care where
+AuthorizationPolicy and PeerAuthentication, turned into the same Snapshot the
+local file gives (agent.model), so the agent's reconcile does not care where
 state came from.
 
 Destinations: Services with their EndpointSlices (ready endpoints, named
@@ -31,15 +31,7 @@ from typing import Any
 from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 
-from agent.config import (
-    AgentSettings,
-    Endpoint,
-    IdentitySettings,
-    LocalConfig,
-    Service,
-    ServicePort,
-    Workload,
-)
+from agent.model import Endpoint, Service, ServicePort, Snapshot, Workload
 from agent.sources import podfs
 
 log = logging.getLogger(__name__)
@@ -74,13 +66,11 @@ class Kind:
 
 
 class KubeSource:
-    """Watches the API and calls `on_snapshot(LocalConfig)` on the agent's loop."""
+    """Watches the API and calls `on_snapshot(Snapshot)` on the agent's loop."""
 
     def __init__(
         self,
         node: str,
-        agent: AgentSettings,
-        identity: IdentitySettings,
         api: client.ApiClient | None = None,
         kubeconfig: str | None = None,
         cgroup_root: Any = None,
@@ -90,8 +80,6 @@ class KubeSource:
         self.discovery = client.DiscoveryV1Api(api)
         self.custom = client.CustomObjectsApi(api)
         self.node = node
-        self.agent = agent
-        self.identity = identity
         self.cgroup_root = cgroup_root
         self.objects: dict[str, dict[str, dict[str, Any]]] = {}
         self.synced: set[str] = set()
@@ -129,14 +117,14 @@ class KubeSource:
         self._threads: list[threading.Thread] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: asyncio.Handle | None = None
-        self._on_snapshot: Callable[[LocalConfig], None] | None = None
+        self._on_snapshot: Callable[[Snapshot], None] | None = None
         self.errors: dict[str, str] = {}  # kind -> last watch error
         self._annotated: dict[str, str] = {}
 
     # -- lifecycle -------------------------------------------------------------
 
     def start(
-        self, loop: asyncio.AbstractEventLoop, on_snapshot: Callable[[LocalConfig], None]
+        self, loop: asyncio.AbstractEventLoop, on_snapshot: Callable[[Snapshot], None]
     ) -> None:
         self._loop = loop
         self._on_snapshot = on_snapshot
@@ -297,7 +285,7 @@ class KubeSource:
 
     # -- model ---------------------------------------------------------------------
 
-    def snapshot(self) -> LocalConfig:
+    def snapshot(self) -> Snapshot:
         with self._lock:
             objs = {k: list(v.values()) for k, v in self.objects.items()}
         namespaces = {
@@ -321,15 +309,7 @@ class KubeSource:
             )
             for o in objs.get(plural, [])
         )
-        return LocalConfig(
-            self.node,
-            self.agent,
-            namespaces,
-            tuple(workloads),
-            tuple(services),
-            self.identity,
-            policies,
-        )
+        return Snapshot(self.node, namespaces, tuple(workloads), tuple(services), policies)
 
     def _workload(self, pod: dict[str, Any]) -> Workload | None:
         meta, spec, status = pod["metadata"], pod.get("spec", {}), pod.get("status", {})

@@ -12,7 +12,6 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from agent.config import AgentSettings, IdentitySettings
 from agent.sources.k8s import Kind, KubeSource
 
 GW = ("gateway.networking.k8s.io", "v1", "gateways")
@@ -32,7 +31,7 @@ class FakeList:
 
 
 def _source() -> KubeSource:
-    return KubeSource("n1", AgentSettings(), IdentitySettings(), api=client.ApiClient())
+    return KubeSource("n1", api=client.ApiClient())
 
 
 def test_missing_crd_is_synced_empty_and_reported_then_picked_up() -> None:

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from agent import cli
-from agent import config as agentconfig
+from agent.sources import localfile
 
 kv = pytest.importorskip(
     "kubernetes_validate", reason="pip install kubernetes-validate (a dev dependency)"
@@ -283,11 +283,12 @@ def test_settings_paths_land_on_host_mounts() -> None:
 
 def test_settings_file_parses_and_points_at_the_ca() -> None:
     doc = agent_settings()
-    cfg = agentconfig.parse(doc)  # must not raise
+    lf = localfile.parse(doc)  # must not raise
+    cfg = lf.settings
     assert cfg.agent.pin_dir == "/sys/fs/bpf/tether"
     assert cfg.agent.state_dir == "/var/run/tether"
     assert cfg.agent.kubelet_cgroups
-    assert cfg.workloads == () and cfg.namespaces == {}  # the mesh comes from the API
+    assert lf.snapshot.workloads == () and lf.snapshot.namespaces == {}  # mesh: from the API
     ident = cfg.identity
     assert ident.ca_dir is None and not ident.ca_plaintext
     svc = find("Service", "tether-ca")
@@ -375,7 +376,7 @@ def test_probes_and_metrics() -> None:
         get = agent[probe]["httpGet"]
         assert (get["host"], get["port"], get["path"]) == ("127.0.0.1", 15021, "/healthz/ready")
     assert "livenessProbe" not in agent
-    from agent.config import AgentSettings
+    from agent.model import AgentSettings
 
     assert AgentSettings().ready_port == 15021
     ann = tmpl["metadata"]["annotations"]

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from agent.config import Workload
 from agent.identity.spiffe import SpiffeId
+from agent.model import Workload
 from agent.policy import (
     Action,
     Conn,

@@ -1,0 +1,37 @@
+"""How one node's agent runs (from the local file, or the DaemonSet's
+ConfigMap in Kubernetes mode): not mesh state, never changed by a source."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class IdentitySettings:
+    trust_domain: str = "cluster.local"
+    ca_dir: str | None = None  # local mode: root key and cert shared by the node agents
+    cert_ttl: float | None = None  # seconds; None: the CA's default (24 h)
+    ca_address: str | None = None  # host:port of an IstioCertificateService (tether ca, istiod)
+    ca_root_file: str | None = None  # PEM of the mesh root; also verifies the CA's TLS
+    token_file: str | None = None  # this node's bearer token for the CA
+    ca_plaintext: bool = False  # gRPC without TLS to the CA (tests; never across nodes)
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentSettings:
+    pin_dir: str = "/sys/fs/bpf/tether"
+    state_dir: str = "/run/tether"
+    cgroup: str | None = None  # None: the agent's own cgroup
+    kubelet_cgroups: tuple[str, ...] = ()
+    pod_cgroup_root: str | None = None  # where kubepods lives (default: the cgroup2 root)
+    sk_msg: bool = False
+    admin_port: int = 15000
+    ready_port: int = 15021
+    metrics_port: int = 15020
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeSettings:
+    node: str
+    agent: AgentSettings = dataclasses.field(default_factory=AgentSettings)
+    identity: IdentitySettings = dataclasses.field(default_factory=IdentitySettings)

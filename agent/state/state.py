@@ -1,0 +1,161 @@
+"""The one proxy state: workloads, services and the compiled policies (and,
+next, waypoints), as ztunnel's ProxyState.
+
+One writer: `ProxyState.apply(snapshot)`, called with a full snapshot from a
+source (the local file or the Kubernetes watchers).  It builds a new
+immutable `StateView` (indexes, compiled policies) and swaps it in with one
+assignment, so it can run on a worker thread while the data-plane loop keeps
+reading the previous view.  Everyone else reads a view: the tunnel (the
+outbound decision, L4 authorization), the pod reconciler, `tether status`.
+Lookups are dictionary hits; nothing on the connection path scans.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from agent.identity.spiffe import SpiffeId
+from agent.model import Service, ServicePort, Snapshot, Workload, norm_ip
+from agent.policy import LoadReport, PolicySet, compile_policies
+
+
+@dataclasses.dataclass(frozen=True)
+class StateView:
+    """Everything the agent knows at one moment; never changed once built."""
+
+    snapshot: Snapshot
+    trust_domain: str
+    policies: PolicySet
+    policy_report: LoadReport
+    by_ip: Mapping[str, Workload]
+    by_key: Mapping[str, Workload]
+    vips: Mapping[tuple[str, int], tuple[Service, ServicePort]]
+    selected: Mapping[str, tuple[Workload, ...]]  # service key -> workloads its selector picks
+    generation: int = 0
+
+    @property
+    def node(self) -> str:
+        return self.snapshot.node
+
+    def identity_of(self, w: Workload) -> SpiffeId:
+        return SpiffeId(self.trust_domain, w.namespace, w.service_account)
+
+    def workload_by_ip(self, ip: str) -> Workload | None:
+        try:
+            return self.by_ip.get(norm_ip(ip))
+        except ValueError:
+            return None
+
+    def captured(self, w: Workload) -> bool:
+        """Does a mesh node capture this workload (so it speaks HBONE)?"""
+        return self.snapshot.enrolled(w)
+
+    def local_enrolled(self) -> list[Workload]:
+        return self.snapshot.local_enrolled()
+
+    def endpoints(self, s: Service) -> tuple[Workload, ...]:
+        return self.selected.get(s.key, ())
+
+    def describe(self) -> dict[str, Any]:
+        snap = self.snapshot
+        return {
+            "node": snap.node,
+            "generation": self.generation,
+            "trust_domain": self.trust_domain,
+            "workloads": [
+                {
+                    "name": w.key,
+                    "node": w.node,
+                    "addresses": list(w.addresses),
+                    "identity": self.identity_of(w).uri,
+                    "captured": self.captured(w),
+                }
+                for w in snap.workloads
+            ],
+            "services": [
+                {
+                    "name": s.key,
+                    "addresses": list(s.addresses),
+                    "ports": [{"port": p.port, "targetPort": p.target_port} for p in s.ports],
+                    "endpoints": [e.address for e in s.endpoints]
+                    if s.endpoints is not None
+                    else [w.key for w in self.endpoints(s)],
+                }
+                for s in snap.services
+            ],
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class Change:
+    """What an apply changed, for the reconciler."""
+
+    view: StateView
+    policies_changed: bool
+
+
+def build_view(
+    snapshot: Snapshot, trust_domain: str, previous: StateView | None, generation: int
+) -> StateView:
+    """A new view from a snapshot (pure; the expensive part, policy
+    compilation, happens here, off the data-plane loop)."""
+    by_ip: dict[str, Workload] = {}
+    for w in snapshot.workloads:
+        for a in w.addresses:
+            by_ip[norm_ip(a)] = w
+    vips: dict[tuple[str, int], tuple[Service, ServicePort]] = {}
+    selected: dict[str, tuple[Workload, ...]] = {}
+    for s in snapshot.services:
+        for vip in s.addresses:
+            for p in s.ports:
+                vips[(norm_ip(vip), p.port)] = (s, p)
+        if s.endpoints is None:
+            selected[s.key] = tuple(
+                w
+                for w in snapshot.workloads
+                if w.namespace == s.namespace
+                and w.addresses
+                and all(w.labels.get(k) == v for k, v in s.selector.items())
+            )
+    if previous is not None and previous.snapshot.policies == snapshot.policies:
+        policies, report = previous.policies, previous.policy_report
+    else:
+        policies, report = compile_policies(
+            snapshot.policies, previous.policies if previous is not None else None
+        )
+    return StateView(
+        snapshot,
+        trust_domain,
+        policies,
+        report,
+        by_ip,
+        {w.key: w for w in snapshot.workloads},
+        vips,
+        selected,
+        generation,
+    )
+
+
+class ProxyState:
+    """Holds the current view; `apply` is the only way to change it."""
+
+    def __init__(self, node: str, trust_domain: str = "cluster.local") -> None:
+        self.trust_domain = trust_domain
+        self._lock = threading.Lock()  # serialises writers; readers never wait
+        self._view = build_view(Snapshot(node), trust_domain, None, 0)
+
+    @property
+    def view(self) -> StateView:
+        return self._view
+
+    def apply(self, snapshot: Snapshot) -> Change:
+        """Install a full snapshot.  Safe on a worker thread: readers see the
+        old view or the new one, never a mix."""
+        with self._lock:
+            old = self._view
+            view = build_view(snapshot, self.trust_domain, old, old.generation + 1)
+            self._view = view
+        return Change(view, policies_changed=view.policies is not old.policies)

@@ -1,0 +1,111 @@
+"""What every pod's listeners on a node share, and the small helpers all
+connection paths use (refuse, authorize, the original destination)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import ipaddress
+import socket
+import ssl
+import struct
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Protocol
+
+from agent.identity.spiffe import SpiffeId
+from agent.model import Workload, norm_ip
+from agent.policy import Conn, Decision
+from agent.state.state import ProxyState, StateView
+from agent.tunnel.conns import ConnTable
+from agent.tunnel.hbone import HBONE_PORT, HboneClient
+
+if TYPE_CHECKING:
+    from agent.tunnel.pod import PodProxy
+
+SO_ORIGINAL_DST = 80  # SOL_IP and SOL_IPV6 (IP6T_SO_ORIGINAL_DST) alike
+CONNECT_TIMEOUT = 10.0  # the one bound on connecting to an app or an upstream
+TLS_HANDSHAKE_TIMEOUT = 10.0
+
+
+class DeliveryBypass(Protocol):
+    """The one kernel map the tunnel writes per connection (the datapath's
+    `delivery_bypass()`): the 4-tuple of the agent's delivery connection to
+    an app, so the destination pod's sk_lookup lets it through instead of
+    steering it back to the agent.  Added before connect, removed when the
+    connection ends."""
+
+    def add(self, src: tuple[str, int], dst: tuple[str, int]) -> None: ...
+    def remove(self, src: tuple[str, int], dst: tuple[str, int]) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class PodRef:
+    """An enrolled pod as the tunnel sees it."""
+
+    key: str
+    netns: str
+    ips: tuple[str, ...]
+    workload: Workload | None = None
+    identity: SpiffeId | None = None
+
+
+@dataclasses.dataclass
+class Ports:
+    outbound: int = 15001
+    inbound: int = 15006
+    hbone: int = HBONE_PORT
+
+
+@dataclasses.dataclass
+class Tunnel:
+    """Everything a node's pod listeners share.  The state is read, never
+    written, from here."""
+
+    state: ProxyState
+    bypass: DeliveryBypass
+    conns: ConnTable
+    hbone: HboneClient | None = None  # None: no identity source, plaintext only
+    server_context: Callable[[SpiffeId], Awaitable[ssl.SSLContext]] | None = None
+    splicing: bool = False  # sk_msg splices the loopback hops (kernel-side)
+    local: dict[str, PodProxy] = dataclasses.field(default_factory=dict)  # this node's pods
+
+    @property
+    def view(self) -> StateView:
+        return self.state.view
+
+    def workload_key_at(self, ip: str) -> str | None:
+        w = self.state.view.workload_by_ip(ip)
+        return w.key if w else None
+
+
+def authorize(
+    view: StateView, pod: PodRef, src_ip: str, ident: SpiffeId | None, dst: tuple[str, int]
+) -> Decision:
+    """L4 authorization at the destination pod (ztunnel's inbound check)."""
+    if pod.workload is None:
+        return Decision(True, None, "no workload record: no policy applies")
+    return view.policies.evaluate(Conn.make(src_ip, ident, dst[0], dst[1], pod.workload))
+
+
+def original_dst(sock: socket.socket) -> tuple[str, int]:
+    """SO_ORIGINAL_DST of a redirected connection, answered by the datapath's
+    cgroup/getsockopt program (or by netfilter where a node has it)."""
+    if sock.family == socket.AF_INET:
+        raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+        port, addr = struct.unpack_from("!H4s", raw, 2)
+        return socket.inet_ntop(socket.AF_INET, addr), port
+    raw = sock.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)
+    port = struct.unpack_from("!H", raw, 2)[0]
+    return norm_ip(str(ipaddress.IPv6Address(raw[8:24]))), port
+
+
+def err(e: BaseException) -> str:
+    """An error for a log line: TimeoutError and friends have no message."""
+    return str(e) or type(e).__name__
+
+
+def refuse(sock: socket.socket) -> None:
+    """Close with RST, as a refused connection looks to the client."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()

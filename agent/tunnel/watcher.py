@@ -1,0 +1,27 @@
+"""Open connections against changed policy, in one place (ztunnel's
+PolicyWatcher): after a policy change every open inbound connection is
+authorized again and only those the new policy denies are closed."""
+
+from __future__ import annotations
+
+from agent.identity.spiffe import SpiffeId
+from agent.tunnel.context import Tunnel, authorize
+
+
+def revalidate(t: Tunnel) -> dict[str, int]:
+    """Close the open inbound connections the current policy denies;
+    returns how many were closed per pod."""
+    view = t.view
+    closed: dict[str, int] = {}
+    for c in list(t.conns.open.values()):
+        proxy = t.local.get(c.pod)
+        if c.direction != "inbound" or c.kill is None or proxy is None:
+            continue
+        ident = SpiffeId.parse(c.src_identity) if c.src_identity else None
+        decision = authorize(view, proxy.pod, c.src[0], ident, c.dst)
+        if not decision.allowed:
+            c.flag = "DENY"
+            c.error = f"closed by policy change: {decision.reason}"
+            c.kill()
+            closed[c.pod] = closed.get(c.pod, 0) + 1
+    return closed
