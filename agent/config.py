@@ -238,8 +238,10 @@ def _service(d: Any, i: int) -> Service:
     )
 
 
-def _policies(doc: dict[str, Any], base: Path | None) -> tuple[dict[str, Any], ...]:
-    out: list[dict[str, Any]] = []
+def _policies(doc: dict[str, Any], base: Path | None) -> tuple[Any, ...]:
+    """Documents as given; a file's non-mapping document (a list where a document was
+    expected) is kept for the policy loader to report and fail closed on, never dropped."""
+    out: list[Any] = []
     for i, p in enumerate(doc.get("policies") or []):
         if not isinstance(p, dict):
             raise ConfigError(f"policies[{i}]: expected an Istio document (a mapping)")
@@ -254,7 +256,7 @@ def _policies(doc: dict[str, Any], base: Path | None) -> tuple[dict[str, Any], .
             raise ConfigError(f"policyFiles[{i}]: cannot read {path}: {e.strerror}") from e
         except yaml.YAMLError as e:
             raise ConfigError(f"policyFiles[{i}]: {path} is not valid YAML: {e}") from e
-        out.extend(d for d in docs if isinstance(d, dict))
+        out.extend(d for d in docs if d is not None)
     return tuple(out)
 
 
