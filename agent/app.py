@@ -303,8 +303,7 @@ class Agent:
             "pod_errors": self.pods.errors if self.pods else {},
             "source": source,
             "state": view.describe(),
-            "policies": view.policies.describe()
-            | {"unreadable": [{"where": w, "reason": r} for w, r in view.snapshot.unreadable]},
+            "policies": view.policies.describe(),
             "waypoints": view.snapshot.waypoint_uses(),
             "certificates": self.certs.describe() if self.certs else [],
             "hbone_pool": self.tunnel.hbone.describe() if self.tunnel and self.tunnel.hbone else [],

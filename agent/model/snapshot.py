@@ -22,10 +22,9 @@ class Snapshot:
     namespaces: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)  # labels
     workloads: tuple[Workload, ...] = ()
     services: tuple[Service, ...] = ()
-    policies: tuple[dict[str, Any], ...] = ()  # Istio (and other) documents, as given
-    # Documents a source could not even read as documents (a list where a
-    # mapping was expected, unreadable YAML): reported, never dropped silently.
-    unreadable: tuple[tuple[str, str], ...] = ()  # (where, why)
+    # Istio (and other) documents as given; anything that is not a mapping is
+    # kept too, for the policy loader to report and fail closed on.
+    policies: tuple[Any, ...] = ()
 
     def enrolled(self, w: Workload) -> bool:
         """Istio ambient's rule: the pod's label wins (`none` opts out), else

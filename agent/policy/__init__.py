@@ -11,7 +11,7 @@
 """
 
 from agent.policy.l4 import CompiledPolicy, compile_policy
-from agent.policy.load import LoadReport, Skipped, compile_policies
+from agent.policy.load import LoadReport, Rejected, Skipped, compile_policies
 from agent.policy.model import (
     DEFAULT_ROOT_NAMESPACE,
     Action,
@@ -27,7 +27,7 @@ from agent.policy.model import (
     WorkloadRef,
 )
 from agent.policy.parse import document_label, parse_authorization_policy, parse_peer_authentication
-from agent.policy.policyset import PolicySet
+from agent.policy.policyset import Guard, PolicySet
 
 __all__ = [
     "DEFAULT_ROOT_NAMESPACE",
@@ -37,11 +37,13 @@ __all__ = [
     "Conn",
     "Decision",
     "Enforcement",
+    "Guard",
     "LoadReport",
     "Mode",
     "PeerAuthentication",
     "PolicyError",
     "PolicySet",
+    "Rejected",
     "Scope",
     "Skipped",
     "WorkloadLike",

@@ -9,6 +9,7 @@ are recorded here for the waypoint translation to come.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 from agent.policy.model import Labels, TargetRef, WorkloadLike
@@ -29,3 +30,22 @@ def selects(
 def target_refs_text(refs: Sequence[TargetRef], policy_namespace: str) -> str:
     """``Kind namespace/name, ...`` for notes about waypoint-attached policies."""
     return ", ".join(f"{r.kind} {r.namespace or policy_namespace}/{r.name}" for r in refs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Reach:
+    """The workloads a policy in ``namespace`` with ``selector`` reaches (None: all of the
+    namespace, or of the mesh from the root namespace)."""
+
+    namespace: str
+    selector: Labels | None = None
+
+    def reaches(self, workload: WorkloadLike, root_namespace: str) -> bool:
+        return selects(self.namespace, self.selector, root_namespace, workload)
+
+    def describe(self, root_namespace: str) -> str:
+        where = "the mesh" if self.namespace == root_namespace else f"namespace {self.namespace}"
+        if self.selector is None:
+            return f"every workload in {where}"
+        labels = ",".join(f"{k}={v}" for k, v in self.selector)
+        return f"workloads labelled {labels} in {where}"

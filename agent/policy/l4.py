@@ -55,6 +55,7 @@ from agent.policy.model import (
     Scope,
     Source,
     WorkloadLike,
+    clip,
     parse_ip_block,
 )
 
@@ -315,10 +316,34 @@ def _principal_notes(index: int, rule: Rule) -> list[str]:
     for value in dict.fromkeys(written):
         if value.startswith("spiffe://"):
             notes.append(
-                f"rule {index}: principal '{value}' includes 'spiffe://'; Istio principals are "
-                f"written without it ('{value[len('spiffe://') :]}'), so this value never matches"
+                f"rule {index}: principal {clip(value)} includes 'spiffe://'; Istio principals "
+                f"are written without it ({clip(value[len('spiffe://') :])}), so this value "
+                "never matches"
+            )
+    namespaces: list[str] = []
+    for src in rule.sources:
+        namespaces += src.namespaces + src.not_namespaces
+    for cond in rule.conditions:
+        if cond.key == "source.namespace":
+            namespaces += cond.values + cond.not_values
+    for value in dict.fromkeys(written + namespaces):
+        if _inner_wildcard(value):
+            # istiod's validation accepts any non-empty value here and its stringToMatch
+            # takes such a '*' literally; so does the node, and it says so.
+            notes.append(
+                f"rule {index}: {clip(value)} has a '*' that is not a lone, leading or trailing "
+                "wildcard; Istio supports only '*', 'prefix*' and '*suffix' and matches this "
+                "'*' as a literal character, so the value matches only that exact text"
             )
     return notes
+
+
+def _inner_wildcard(value: str) -> bool:
+    """A '*' that StringMatch.of takes literally (anywhere but a lone/leading/trailing one)."""
+    if value == "*" or "*" not in value:
+        return False
+    core = value[1:] if value.startswith("*") else value[:-1]
+    return "*" in core
 
 
 def _compile_rule(

@@ -111,6 +111,25 @@ class Enforcement(enum.Enum):
     NONE = "none"
 
 
+CLIP = 80  # longest user value echoed in a message
+
+
+def clip_text(text: str, limit: int = CLIP) -> str:
+    """``text`` cut to ``limit`` characters, saying how long it was: a message must never
+    carry a megabyte of user input into logs and /config_dump."""
+    if len(text) <= limit:
+        return text
+    return f"{text[: limit - 1]}… ({len(text)} chars)"
+
+
+def clip(value: object, limit: int = CLIP) -> str:
+    """``repr(value)`` for messages, cut like ``clip_text`` (computed on a bounded prefix)."""
+    if isinstance(value, str) and len(value) > limit:
+        return f"{value[:limit]!r}… ({len(value)} chars)"
+    text = repr(value)
+    return clip_text(text, limit)
+
+
 class PolicyError(ValueError):
     """A document is invalid; names the document and the field path, e.g.
     ``AuthorizationPolicy default/foo: spec.rules[0].from[0].source.ipBlocks[1]: '10.0.0/8'
@@ -124,10 +143,12 @@ class PolicyError(ValueError):
         message: str,
         others: Sequence[PolicyError] = (),
     ) -> None:
-        self.document = document
-        self.path = path
-        self.message = message
+        # Every part is capped, whoever built it: an error is a line in a log.
+        self.document = clip_text(document, 2 * CLIP)
+        self.path = clip_text(path, 2 * CLIP)
+        self.message = clip_text(message, 3 * CLIP)
         self.others = tuple(others)
+        document, path, message = self.document, self.path, self.message
         text = f"{document}: {path}: {message}" if path else f"{document}: {message}"
         super().__init__(text)
 
@@ -411,7 +432,8 @@ def parse_port(value: object) -> int | None:
         return None
     if isinstance(value, int):
         return value if 0 <= value <= 65535 else None
-    if isinstance(value, str) and value.isascii() and value.isdigit():
+    # The length check first: int() of a huge digit string raises (and is slow).
+    if isinstance(value, str) and len(value) <= 5 and value.isascii() and value.isdigit():
         port = int(value)
         return port if port <= 65535 else None
     return None

@@ -5,6 +5,7 @@ Every error carries its field path; one bad field never hides another."""
 from __future__ import annotations
 
 import datetime
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -31,6 +32,8 @@ from agent.policy.model import (
     Rule,
     Source,
     TargetRef,
+    clip,
+    clip_text,
     parse_ip_block,
     parse_port,
 )
@@ -81,7 +84,8 @@ class _Checker:
         for key in value:
             if key not in allowed:
                 self.error(
-                    f"{path}.{key}", f"unknown field (expected one of: {', '.join(allowed)})"
+                    f"{path}.{clip_text(str(key))}",
+                    f"unknown field (expected one of: {', '.join(allowed)})",
                 )
         return value
 
@@ -89,7 +93,7 @@ class _Checker:
         if value is None:
             return []
         if not isinstance(value, list):
-            hint = f"; write [{value!r}]" if isinstance(value, str | int) else ""
+            hint = f"; write [{clip(value)}]" if isinstance(value, str | int) else ""
             self.error(path, f"expected a list, got {type_name(value)}{hint}")
             return []
         return value
@@ -112,7 +116,7 @@ class _Checker:
             where = f"{path}.{key}[{i}]"
             net = parse_ip_block(item) if isinstance(item, str) else None
             if net is None:
-                self.error(where, f"{item!r} is not an IP or CIDR")
+                self.error(where, f"{clip(item)} is not an IP or CIDR")
             else:
                 out.append(net)
         return tuple(out)
@@ -122,7 +126,7 @@ class _Checker:
         for i, item in enumerate(self.items(m.get(key), f"{path}.{key}")):
             port = parse_port(item)
             if port is None:
-                self.error(f"{path}.{key}[{i}]", f"{item!r} is not a port number (0-65535)")
+                self.error(f"{path}.{key}[{i}]", f"{clip(item)} is not a port number (0-65535)")
             else:
                 out.append(port)
         return tuple(out)
@@ -148,7 +152,7 @@ class _Checker:
             return ()
         out = []
         for k, v in labels.items():
-            where = f"{path}.matchLabels.{k}"
+            where = f"{path}.matchLabels.{clip_text(str(k))}"
             if not isinstance(k, str) or not k:
                 self.error(where, "label key must be a non-empty string")
             elif not isinstance(v, str):
@@ -201,7 +205,28 @@ def document_label(doc: object, default_namespace: str = "default") -> str:
     kind = doc.get("kind")
     kind_s = kind if isinstance(kind, str) and kind else "<no kind>"
     name, ns, _ = metadata(doc, default_namespace)
+    kind_s, name, ns = clip_text(kind_s), clip_text(name), clip_text(ns)
     return f"{kind_s} {name}" if kind_s in _CLUSTER_SCOPED else f"{kind_s} {ns}/{name}"
+
+
+_DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+
+
+def dns1123_problem(value: str, *, subdomain: bool) -> str | None:
+    """What the API server would say about a name (apimachinery IsDNS1123Subdomain for
+    object names, IsDNS1123Label for namespaces), or None if it is valid."""
+    limit, what = (253, "DNS-1123 subdomain") if subdomain else (63, "DNS-1123 label")
+    if len(value) > limit:
+        return f"is not a valid {what}: must be no more than {limit} characters"
+    pattern = _DNS1123_SUBDOMAIN if subdomain else _DNS1123_LABEL
+    if not pattern.fullmatch(value):
+        chars = "'-' or '.'" if subdomain else "'-'"
+        return (
+            f"is not a valid {what}: lowercase letters, digits and {chars}, starting and "
+            "ending with a letter or digit"
+        )
+    return None
 
 
 def _check_header(
@@ -211,15 +236,25 @@ def _check_header(
     api_s = api if isinstance(api, str) else ""
     allowed = [f"{SECURITY_GROUP}/{v}" for v in SECURITY_VERSIONS]
     if api_s not in allowed:
-        c.error("apiVersion", f"{api!r} is not supported for {kind} (use {' or '.join(allowed)})")
+        c.error(
+            "apiVersion", f"{clip(api)} is not supported for {kind} (use {' or '.join(allowed)})"
+        )
     if doc.get("kind") != kind:
-        c.error("kind", f"expected {kind!r}, got {doc.get('kind')!r}")
+        c.error("kind", f"expected {clip(kind)}, got {clip(doc.get('kind'))}")
     name, namespace, meta = metadata(doc, default_namespace)
     if name == "<unnamed>":
         c.error("metadata.name", "must be a non-empty string")
+    else:
+        problem = dns1123_problem(name, subdomain=True)
+        if problem:
+            c.error("metadata.name", f"{clip(name)} {problem}")
     ns_raw = meta.get("namespace")
     if ns_raw is not None and (not isinstance(ns_raw, str) or not ns_raw):
         c.error("metadata.namespace", "must be a non-empty string")
+    else:
+        problem = dns1123_problem(namespace, subdomain=False)
+        if problem:
+            c.error("metadata.namespace", f"{clip(namespace)} {problem}")
     return api_s or allowed[0], name, namespace, meta
 
 
@@ -249,8 +284,13 @@ def _parse_source(c: _Checker, value: object, path: str) -> Source | None:
     ):
         for i, sa in enumerate(values):
             parts = sa.split("/")
-            if len(parts) > 2 or not all(parts):
-                c.error(f"{path}.{key}[{i}]", f"{sa!r} is not 'serviceaccount' or 'namespace/sa'")
+            if "*" in sa:
+                # istio pkg/config/security CheckServiceAccount
+                c.error(f"{path}.{key}[{i}]", f"{clip(sa)}: wildcard not allowed in {key}")
+            elif len(parts) > 2 or not all(parts):
+                c.error(
+                    f"{path}.{key}[{i}]", f"{clip(sa)} is not 'serviceaccount' or 'namespace/sa'"
+                )
     if (src.service_accounts or src.not_service_accounts) and (
         src.principals or src.not_principals or src.namespaces or src.not_namespaces
     ):
@@ -289,16 +329,16 @@ def _check_condition_key(c: _Checker, key: str, path: str) -> None:
         if key.startswith(prefix):
             if prefix.endswith(".") or _is_map_key(key, prefix):
                 return
-            c.error(path, f"bad key {key!r}: should have the form {prefix}[name]")
+            c.error(path, f"bad key {clip(key)}: should have the form {prefix}[name]")
             return
     if key == "destination.namespace":
-        c.error(path, f"attribute {key!r} is replaced by metadata.namespace")
+        c.error(path, f"attribute {clip(key)} is replaced by metadata.namespace")
     elif key.startswith("destination.labels"):
-        c.error(path, f"attribute {key!r} is replaced by the workload selector")
+        c.error(path, f"attribute {clip(key)} is replaced by the workload selector")
     elif key in ("destination.name", "destination.user"):
-        c.error(path, f"deprecated attribute {key!r}: only supported in v1alpha1")
+        c.error(path, f"deprecated attribute {clip(key)}: only supported in v1alpha1")
     else:
-        c.error(path, f"unknown attribute {key!r}")
+        c.error(path, f"unknown attribute {clip(key)}")
 
 
 def _parse_condition(c: _Checker, value: object, path: str) -> Condition | None:
@@ -313,14 +353,14 @@ def _parse_condition(c: _Checker, value: object, path: str) -> Condition | None:
     values = c.strings(m, "values", path)
     not_values = c.strings(m, "notValues", path)
     if not m.get("values") and not m.get("notValues"):
-        c.error(path, f"at least one of values or notValues must be set for key {key!r}")
+        c.error(path, f"at least one of values or notValues must be set for key {clip(key)}")
     for field, vals in (("values", values), ("notValues", not_values)):
         for i, v in enumerate(vals):
             where = f"{path}.{field}[{i}]"
             if key in WHEN_IP_KEYS and parse_ip_block(v) is None:
-                c.error(where, f"{v!r} is not an IP or CIDR")
+                c.error(where, f"{clip(v)} is not an IP or CIDR")
             elif key == "destination.port" and parse_port(v) is None:
-                c.error(where, f"{v!r} is not a port number (0-65535)")
+                c.error(where, f"{clip(v)} is not a port number (0-65535)")
     return Condition(key, values, not_values)
 
 
@@ -399,7 +439,7 @@ def parse_authorization_policy(
     if isinstance(raw_action, str) and raw_action in Action.__members__:
         action = Action[raw_action]
     else:
-        c.error("spec.action", f"{raw_action!r} is not one of ALLOW, DENY, AUDIT, CUSTOM")
+        c.error("spec.action", f"{clip(raw_action)} is not one of ALLOW, DENY, AUDIT, CUSTOM")
 
     provider: str | None = None
     raw_provider = spec.get("provider")
@@ -444,7 +484,7 @@ def _parse_mode(c: _Checker, value: object, path: str) -> Mode:
     raw = m.get("mode", "UNSET")
     if isinstance(raw, str) and raw in Mode.__members__:
         return Mode[raw]
-    c.error(f"{path}.mode", f"{raw!r} is not one of UNSET, DISABLE, PERMISSIVE, STRICT")
+    c.error(f"{path}.mode", f"{clip(raw)} is not one of UNSET, DISABLE, PERMISSIVE, STRICT")
     return Mode.UNSET
 
 
@@ -485,9 +525,9 @@ def parse_peer_authentication(
                 )
             for key, value in pm.items():
                 port = parse_port(key)
-                where = f"spec.portLevelMtls.{key}"
+                where = f"spec.portLevelMtls.{clip_text(str(key))}"
                 if port is None or port == 0:
-                    c.error(where, f"{key!r}: port must be in range 1..65535")
+                    c.error(where, f"{clip(key)}: port must be in range 1..65535")
                     continue
                 ports.append((port, _parse_mode(c, value, where)))
     c.raise_if_any()

@@ -10,9 +10,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from agent.policy.attach import Reach
 from agent.policy.l4 import CompiledPolicy
 from agent.policy.model import (
+    AUTHORIZATION_POLICY,
     DEFAULT_ROOT_NAMESPACE,
+    PEER_AUTHENTICATION,
     Action,
     Conn,
     Decision,
@@ -21,6 +24,24 @@ from agent.policy.model import (
     WorkloadLike,
 )
 from agent.policy.peerauth import peer_notes, resolve_mtls
+
+
+@dataclasses.dataclass(frozen=True)
+class Guard:
+    """What stands in for a policy that could not be applied (see ``agent.policy.load``):
+    for an AuthorizationPolicy a deny-all, for a PeerAuthentication a refusal of
+    plaintext, over ``reaches``, until the document is fixed or deleted."""
+
+    kind: str
+    key: str  # namespace/name, or the document label when the name is unreadable
+    document: str
+    reaches: tuple[Reach, ...]
+    reason: str
+    # The last good version of this key, kept across loads while it stays broken.
+    last_good: CompiledPolicy | PeerAuthentication | None = None
+
+    def applies_to(self, workload: WorkloadLike, root_namespace: str) -> bool:
+        return any(r.reaches(workload, root_namespace) for r in self.reaches)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +55,12 @@ class PolicySet:
     rejected: tuple[tuple[str, tuple[str, ...]], ...] = ()
     # document label -> why it is not applied, and what to use instead
     skipped: tuple[tuple[str, str], ...] = ()
+    # fail-closed stand-ins for documents that could not be applied
+    guards: tuple[Guard, ...] = ()
+
+    def guards_for(self, workload: WorkloadLike, kind: str) -> tuple[Guard, ...]:
+        root = self.root_namespace
+        return tuple(g for g in self.guards if g.kind == kind and g.applies_to(workload, root))
 
     def policies_for(self, workload: WorkloadLike) -> tuple[CompiledPolicy, ...]:
         """AuthorizationPolicies the node enforces for a workload, in key order."""
@@ -44,6 +71,8 @@ class PolicySet:
         must match; otherwise allow.  Order of loading never changes the answer."""
         wl = conn.dst
         if conn.src_principal is None:
+            for guard in self.guards_for(wl, PEER_AUTHENTICATION):
+                return Decision(False, guard.key, f"plaintext connection refused: {guard.reason}")
             mode, source = self._resolve_mtls(wl, conn.dst_port)
             if mode is Mode.STRICT:
                 # istiod sends STRICT as a DENY policy with notPrincipals ["*"].
@@ -54,6 +83,8 @@ class PolicySet:
                     f"plaintext connection refused: PeerAuthentication {name} sets mTLS "
                     f"STRICT for port {conn.dst_port}",
                 )
+        for guard in self.guards_for(wl, AUTHORIZATION_POLICY):
+            return Decision(False, guard.key, f"denied: {guard.reason}")
         applicable = self.policies_for(wl)
         for pol in applicable:
             if pol.policy.action is Action.DENY:
@@ -86,6 +117,8 @@ class PolicySet:
     def mtls_mode(self, workload: WorkloadLike, port: int | None = None) -> Mode:
         """Effective mode: mesh < namespace < workload < port, UNSET inherits; PERMISSIVE if
         nothing is set.  Without a port, the workload-level mode."""
+        if self.guards_for(workload, PEER_AUTHENTICATION):
+            return Mode.STRICT
         return self._resolve_mtls(workload, port)[0]
 
     def plaintext_allowed(self, workload: WorkloadLike, port: int) -> bool:
@@ -140,4 +173,14 @@ class PolicySet:
             "peerAuthentications": peer,
             "rejected": {k: list(v) for k, v in self.rejected},
             "skipped": dict(self.skipped),
+            "failClosed": [
+                {
+                    "document": g.document,
+                    "kind": g.kind,
+                    "key": g.key,
+                    "reaches": [r.describe(root) for r in g.reaches],
+                    "reason": g.reason,
+                }
+                for g in self.guards
+            ],
         }

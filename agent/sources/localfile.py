@@ -223,24 +223,18 @@ def _service(d: Any, i: int) -> Service:
     )
 
 
-def _policies(
-    doc: dict[str, Any], base: Path | None
-) -> tuple[tuple[dict[str, Any], ...], tuple[tuple[str, str], ...], tuple[Path, ...]]:
-    """Inline documents and those of every policyFiles entry.  A file that
-    cannot be read is an error for the whole load (its documents cannot be
-    told apart from deleted ones); an entry that is not a document is
-    reported as unreadable, never dropped silently."""
-    out: list[dict[str, Any]] = []
-    bad: list[tuple[str, str]] = []
+def _policies(doc: dict[str, Any], base: Path | None) -> tuple[tuple[Any, ...], tuple[Path, ...]]:
+    """Inline documents and those of every policyFiles entry, as given.  A
+    non-mapping entry (a list where a document was expected) is passed on
+    for the policy loader to report and fail closed on, never dropped: it may
+    hold a DENY.  A file that cannot be read fails the whole load (its
+    documents cannot be told apart from deleted ones)."""
+    out: list[Any] = []
     files: list[Path] = []
     inline = doc.get("policies") or []
     if not isinstance(inline, list):
         raise ConfigError("policies: expected a list of Istio documents")
-    for i, p in enumerate(inline):
-        if isinstance(p, dict):
-            out.append(p)
-        else:
-            bad.append((f"policies[{i}]", _not_a_document(p)))
+    out.extend(p for p in inline if p is not None)
     names = doc.get("policyFiles") or []
     if not isinstance(names, list):
         raise ConfigError("policyFiles: expected a list of file names")
@@ -253,21 +247,8 @@ def _policies(
             docs = read_yaml(path, many=True)
         except ConfigError as e:
             raise ConfigError(f"policyFiles[{i}]: {e}") from None
-        for j, d in enumerate(docs):
-            if isinstance(d, dict):
-                out.append(d)
-            elif d is not None:  # an empty document (`---` twice) is nothing
-                bad.append((f"{path} document {j + 1}", _not_a_document(d)))
-    return tuple(out), tuple(bad), tuple(files)
-
-
-def _not_a_document(value: object) -> str:
-    if isinstance(value, list):
-        return (
-            "a list where a document was expected: give each document on its own "
-            "(separated by ---), not wrapped in a list"
-        )
-    return f"not a document (a {type(value).__name__}); expected a mapping with apiVersion/kind"
+        out.extend(d for d in docs if d is not None)  # an empty document is nothing
+    return tuple(out), tuple(files)
 
 
 _AGENT_FIELDS = {
@@ -353,8 +334,8 @@ def parse(doc: Any, base: Path | None = None) -> LocalFile:
             raise ConfigError(f"{key}: expected a list")
     workloads = tuple(_workload(w, i, node) for i, w in enumerate(doc.get("workloads") or []))
     services = tuple(_service(s, i) for i, s in enumerate(doc.get("services") or []))
-    policies, unreadable, files = _policies(doc, base)
-    snapshot = Snapshot(node, namespaces, workloads, services, policies, unreadable)
+    policies, files = _policies(doc, base)
+    snapshot = Snapshot(node, namespaces, workloads, services, policies)
     return LocalFile(settings, snapshot, files)
 
 

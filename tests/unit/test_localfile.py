@@ -153,13 +153,20 @@ def test_every_bad_policy_file_is_reported_and_the_next_good_edit_applies(
     assert [d["metadata"]["name"] for d in got[-1].policies] == ["deny-two"]
 
 
-def test_list_wrapped_document_is_reported_not_dropped(tmp_path: Path) -> None:
+def test_list_wrapped_document_is_passed_on_and_fails_closed(tmp_path: Path) -> None:
+    """Before: dropped with no log line and nothing under `rejected` (a
+    wrapped DENY silently stopped denying)."""
     pol = tmp_path / "mesh.yaml"
     pol.write_text("- " + (DENY % "wrapped").replace("\n", "\n  ") + "\n---\n" + DENY % "plain")
     snap = load(_write_node_file(tmp_path, ["mesh.yaml"])).snapshot
-    assert [d["metadata"]["name"] for d in snap.policies] == ["deny-plain"]
-    ((where, why),) = snap.unreadable
-    assert "mesh.yaml document 1" in where and "a list where a document was expected" in why
+    assert (
+        isinstance(snap.policies[0], list) and snap.policies[1]["metadata"]["name"] == "deny-plain"
+    )
+    state = ProxyState("n1")
+    state.apply(snap)
+    desc = state.view.policies.describe()
+    assert any("a list" in k for k in desc["rejected"]), desc["rejected"]
+    assert desc["failClosed"], "the wrapped DENY cannot be read: its reach is denied"
 
 
 def test_compiling_a_huge_policy_does_not_stall_the_loop() -> None:

@@ -986,7 +986,13 @@ def test_bad_document_reported_and_others_stay_in_force(doc: dict[str, Any], mes
     assert "AuthorizationPolicy bar/deny-all" in report.loaded
     assert "AuthorizationPolicy foo/allow" in report.loaded
     assert not s.evaluate(conn(dst=BAR_APP)).allowed
-    assert s.evaluate(conn(SLEEP)).allowed
+    # The valid ALLOW is in force; the broken document fails closed over what it could
+    # reach (agent/policy/load.py), and a connection it denies says which document.
+    decision = s.evaluate(conn(SLEEP))
+    guarded = s.guards_for(FOO_APP, "AuthorizationPolicy")  # a PeerAuthentication's: plaintext
+    assert decision.allowed is not bool(guarded)
+    if guarded:
+        assert "could not be applied" in decision.reason
     assert s.describe()["rejected"]
 
 
@@ -1021,9 +1027,30 @@ def test_every_error_in_a_document_is_reported() -> None:
     assert len(report.errors) == 2
 
 
-def test_invalid_update_keeps_previous_version() -> None:
+def test_invalid_update_of_an_allow_fails_closed() -> None:
+    # It used to keep the previous ALLOW: a typo in the revocation of a grant kept the
+    # grant.  Now the workloads it selects are denied until the document is fixed.
     s = store(allow_from(principals=[SLEEP]))
     s, report = compile_policies([allow_from(principals=[SLEEP], ipBlocks=["bad"])], s)
+    assert not report.ok
+    assert not s.evaluate(conn(SLEEP)).allowed
+    assert not s.evaluate(conn(OTHER)).allowed
+    assert s.evaluate(conn(SLEEP, dst=FOO_DB)).allowed
+
+
+def test_invalid_update_of_a_deny_keeps_previous_version() -> None:
+    deny = ap("deny", selector={"matchLabels": {"app": "web"}}, action="DENY")
+    s = store(
+        {
+            **deny,
+            "spec": {**deny["spec"], "rules": [{"from": [{"source": {"principals": [OTHER]}}]}]},
+        }
+    )
+    bad = {
+        **deny,
+        "spec": {**deny["spec"], "rules": [{"from": [{"source": {"ipBlocks": ["bad"]}}]}]},
+    }
+    s, report = compile_policies([bad], s)
     assert not report.ok
     assert s.evaluate(conn(SLEEP)).allowed
     assert not s.evaluate(conn(OTHER)).allowed
