@@ -9,6 +9,7 @@ on each other or on a file format.
 from agent.model.addr import family, format_authority, norm_ip, plain, same_family
 from agent.model.settings import AgentSettings, IdentitySettings, NodeSettings
 from agent.model.snapshot import Snapshot
+from agent.model.waypoint import WAYPOINT_CLASS, Waypoint
 from agent.model.workload import (
     DATAPLANE_MODE,
     USE_WAYPOINT,
@@ -22,6 +23,7 @@ from agent.model.workload import (
 __all__ = [
     "DATAPLANE_MODE",
     "USE_WAYPOINT",
+    "WAYPOINT_CLASS",
     "WAYPOINT_NOT_APPLIED",
     "AgentSettings",
     "Endpoint",
@@ -30,6 +32,7 @@ __all__ = [
     "Service",
     "ServicePort",
     "Snapshot",
+    "Waypoint",
     "Workload",
     "family",
     "format_authority",

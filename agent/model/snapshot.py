@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from agent.model.waypoint import USE_WAYPOINT_NAMESPACE, Waypoint
 from agent.model.workload import (
     DATAPLANE_MODE,
     USE_WAYPOINT,
@@ -25,6 +26,36 @@ class Snapshot:
     # Istio (and other) documents as given; anything that is not a mapping is
     # kept too, for the policy loader to report and fail closed on.
     policies: tuple[Any, ...] = ()
+    waypoints: tuple[Waypoint, ...] = ()
+
+    def waypoint_named(self, namespace: str, name: str) -> Waypoint | None:
+        for wp in self.waypoints:
+            if wp.namespace == namespace and wp.name == name:
+                return wp
+        return None
+
+    def _use_waypoint(self, namespace: str, labels: dict[str, str]) -> tuple[str, str] | None:
+        """(namespace, name) the object's own istio.io/use-waypoint label names,
+        else its namespace's; None if neither asks or `none` opts out."""
+        for lab in (labels, self.namespaces.get(namespace, {})):
+            name = lab.get(USE_WAYPOINT)
+            if name is not None:
+                if name == "none":
+                    return None
+                return lab.get(USE_WAYPOINT_NAMESPACE, namespace), name
+        return None
+
+    def waypoint_of_service(self, s: Service) -> Waypoint | None:
+        """The waypoint traffic addressed to this service goes through."""
+        ref = self._use_waypoint(s.namespace, s.labels)
+        wp = self.waypoint_named(*ref) if ref else None
+        return wp if wp is not None and wp.serves_services() else None
+
+    def waypoint_of_workload(self, w: Workload) -> Waypoint | None:
+        """The waypoint traffic addressed to this pod directly goes through."""
+        ref = self._use_waypoint(w.namespace, w.labels)
+        wp = self.waypoint_named(*ref) if ref else None
+        return wp if wp is not None and wp.serves_workloads() else None
 
     def enrolled(self, w: Workload) -> bool:
         """Istio ambient's rule: the pod's label wins (`none` opts out), else
