@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from agent.datapath import bpfsys, inventory
+from agent.netns import delete_netns
 from agent.sim.harness import AgentNode, classify, cluster_nodes
 from agent.sim.topology import Testbed
 
@@ -133,6 +134,31 @@ def test_bad_pod_is_reported_and_others_keep_working(node: AgentNode) -> None:
         assert r["ok"] and _path(node, r) == ("captured", "captured")
     finally:
         node.pods = [p for p in node.pods if p.name != "f"]
+        node.write_config()
+
+
+def test_pod_whose_netns_disappears_is_unenrolled_and_reported(node: AgentNode) -> None:
+    """Before: a pod whose netns was deleted under a live agent stayed listed
+    as enrolled, with a dead netns path and no error, until the config changed."""
+    g = node.add_pod("g", "shop", "sa-g")
+    try:
+        node.write_config()
+        deadline = time.monotonic() + 10
+        while "shop/g" not in node.status()["datapath"]["pods"]:
+            assert time.monotonic() < deadline, node.log_tail()
+            time.sleep(0.2)
+        delete_netns(g.netns_path)  # as a runtime does when the sandbox goes
+        deadline = time.monotonic() + 10
+        while "shop/g" not in node.status()["pod_errors"]:
+            assert time.monotonic() < deadline, node.log_tail()
+            time.sleep(0.2)
+        st = node.status()
+        assert "disappeared" in st["pod_errors"]["shop/g"]
+        assert "shop/g" not in st["datapath"]["pods"]
+        r = node.connect(node.tb.pod("a"), node.tb.pod("b"))
+        assert r["ok"] and _path(node, r) == ("captured", "captured")
+    finally:
+        node.pods = [p for p in node.pods if p.name != "g"]
         node.write_config()
 
 
