@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -860,31 +861,40 @@ def _tls_transfer(nbytes: int, chunk_size: int = 256 * 1024) -> dict[str, Any]:
     }
 
 
-def _cheap_body_repr(self: Any) -> str:
-    return f"<{len(self.data)} bytes>"
+@contextlib.contextmanager
+def data_body_repr(fn: Any) -> Iterator[None]:
+    """Run with hyperframe's DataFrame._body_repr set to `fn`.  The agent's
+    h2conn patches it at import, so "as is" must put hyperframe's own back
+    (h2conn keeps it) rather than save whatever is installed now."""
+    import hyperframe.frame
+
+    saved = hyperframe.frame.DataFrame._body_repr
+    hyperframe.frame.DataFrame._body_repr = fn  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        hyperframe.frame.DataFrame._body_repr = saved
 
 
 def run_h2() -> dict[str, Any]:
-    """h2's cost per MB on the tunnel's hot path, as is and with h2's eager
-    `repr(frame)` trace formatting made O(1) for DATA frames (the candidate fix:
-    hyperframe's DataFrame repr hex-encodes the whole payload)."""
-    import hyperframe.frame
+    """h2's cost per MB on the tunnel's hot path, with hyperframe's DataFrame
+    repr as shipped (it hex-encodes the whole payload for a debug string) and
+    with the agent's O(1) replacement (agent.tunnel.h2conn.data_body_repr)."""
+    import h2
+    import hyperframe
+
+    from agent.tunnel import h2conn
 
     rows: dict[str, dict[str, Any]] = {}
     for frame in H2_FRAMES:
-        row: dict[str, Any] = dict(_h2_transfer(frame, H2_BYTES))
-        row.update(_h2_repr_share(frame, H2_PROFILE_BYTES))
-        original = hyperframe.frame.DataFrame._body_repr
-        hyperframe.frame.DataFrame._body_repr = _cheap_body_repr  # type: ignore[method-assign]
-        try:
+        with data_body_repr(h2conn.HYPERFRAME_DATA_BODY_REPR):
+            row: dict[str, Any] = dict(_h2_transfer(frame, H2_BYTES))
+            row.update(_h2_repr_share(frame, H2_PROFILE_BYTES))
+        with data_body_repr(h2conn.data_body_repr):
             cheap = _h2_transfer(frame, H2_BYTES)
-        finally:
-            hyperframe.frame.DataFrame._body_repr = original  # type: ignore[method-assign]
         row.update({f"{k}_cheap_repr": v for k, v in cheap.items()})
         row["gain_cheap_repr"] = round(cheap["pair_mb_s"] / row["pair_mb_s"], 2)
         rows[f"{frame // 1024} KiB"] = row
-    import h2
-
     return {
         "bytes": H2_BYTES,
         "profile_bytes": H2_PROFILE_BYTES,

@@ -1,0 +1,33 @@
+"""`tether bench h2` compares hyperframe's DataFrame repr as shipped with the
+agent's O(1) one.  Before, the agent's patch was applied at import, so the
+"as is" measurement saved the already-patched function and compared the fix
+with itself."""
+
+from __future__ import annotations
+
+import hyperframe.frame
+
+from agent import bench
+from agent.tunnel import h2conn
+
+
+def _body(frame: hyperframe.frame.DataFrame) -> str:
+    return frame._body_repr()  # type: ignore[no-any-return]
+
+
+def test_the_unpatched_path_is_hyperframes_own() -> None:
+    f = hyperframe.frame.DataFrame(1, data=b"\xab\xcd" * 4)
+    assert _body(f) == "<8 bytes>"  # the agent's patch is in force
+    with bench.data_body_repr(h2conn.HYPERFRAME_DATA_BODY_REPR):
+        assert "abcd" in _body(f)  # hyperframe hex-encodes the payload
+    with bench.data_body_repr(h2conn.data_body_repr):
+        assert _body(f) == "<8 bytes>"
+    assert _body(f) == "<8 bytes>"  # restored
+
+
+def test_the_two_measurements_differ_in_repr_cost() -> None:
+    with bench.data_body_repr(h2conn.HYPERFRAME_DATA_BODY_REPR):
+        slow = bench._h2_repr_share(16384, 4 << 20)
+    with bench.data_body_repr(h2conn.data_body_repr):
+        fast = bench._h2_repr_share(16384, 4 << 20)
+    assert slow["repr_pct"] > fast["repr_pct"], (slow, fast)
