@@ -32,6 +32,7 @@ from agent.identity.spiffe import SpiffeId
 from agent.metrics import Metrics
 from agent.state.store import Store
 from agent.tunnel.conns import ConnTable
+from agent.tunnel.h2conn import drain_all
 from agent.tunnel.hbone import HboneClient
 from agent.tunnel.proxy import AuthzRequest, AuthzResult, PodProxy, PodRef, Ports, Tunnel
 
@@ -46,6 +47,7 @@ LISTEN_KINDS = {
 BIND_RETRY = 30.0  # a predecessor frees the node's ports when it hands over
 DEFAULT_CERT_TTL = timedelta(hours=24)
 DRAIN_TIMEOUT = float(os.environ.get("TETHER_DRAIN_TIMEOUT", "300"))
+STOP_DRAIN_TIMEOUT = 5.0  # plain shutdown: HBONE streams get this long after GOAWAY
 
 
 class Policies:
@@ -326,7 +328,8 @@ class Agent:
             srv.close()  # free the node's ports at once for the successor
         giver.close()
         if self.handed_off:
-            await self._drain()
+            # GOAWAY moves the peers' new streams to the successor at once
+            await asyncio.gather(drain_all(DRAIN_TIMEOUT), self._drain())
             if self.kube is not None:
                 # A DaemonSet restarts an exited container, and a restarted old
                 # agent would take everything back: stay idle until the pod is
@@ -334,6 +337,7 @@ class Agent:
                 self._stop.clear()
                 log.info("handed over and drained; idle until terminated")
                 await self._stop.wait()
+        await drain_all(STOP_DRAIN_TIMEOUT)  # GOAWAYs, then close_notify on every connection
         for p in self.proxies.values():
             p.close()
         if hbone is not None:

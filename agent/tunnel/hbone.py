@@ -31,6 +31,7 @@ from typing import Any
 from agent import netns
 from agent.identity.spiffe import SpiffeId
 from agent.identity.tls import peer_identity
+from agent.tunnel.conns import format_authority
 from agent.tunnel.h2conn import H2Conn, H2Stream, StreamReset
 from agent.tunnel.relay import tcp_socket
 
@@ -51,10 +52,6 @@ class HboneError(ConnectionError):
         super().__init__(message)
         self.status = status
         self.flag = flag
-
-
-def format_authority(ip: str, port: int) -> str:
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
 def parse_authority(value: str) -> tuple[str, int]:
@@ -157,13 +154,23 @@ class HboneClient:
         self._sweeper: asyncio.Task[None] | None = None
 
     async def open(self, key: PoolKey, headers: list[tuple[str, str]]) -> H2Stream:
-        conn = await self._connection(key)
-        stream = conn.open_stream(headers)
-        try:
-            resp = await asyncio.wait_for(stream.response, CONNECT_TIMEOUT)
-        except (StreamReset, TimeoutError) as e:
-            stream.reset()
-            raise HboneError(f"CONNECT to {key.dst[0]} failed: {e or type(e).__name__}") from e
+        for attempt in (1, 2):
+            conn = await self._connection(key)
+            try:
+                stream = conn.open_stream(headers)
+            except StreamReset:  # the connection started draining since
+                continue
+            try:
+                resp = await asyncio.wait_for(stream.response, CONNECT_TIMEOUT)
+                break
+            except (StreamReset, TimeoutError) as e:
+                stream.reset()
+                refused = conn.goaway_received is not None and stream.id > conn.goaway_received
+                if attempt == 1 and refused:
+                    continue  # never processed by the peer (RFC 9113 §6.8): retry anew
+                raise HboneError(f"CONNECT to {key.dst[0]} failed: {e or type(e).__name__}") from e
+        else:
+            raise HboneError(f"CONNECT to {key.dst[0]} failed: every connection draining")
         status = dict(resp).get(":status", "")
         if status != "200":
             flag = "DENY" if status == "401" else "CONNECT"
@@ -182,6 +189,8 @@ class HboneClient:
             c = await self._dial(key)
             self.pool.setdefault(key, []).append(c)
             c.closed.add_done_callback(functools.partial(self._forget_cb, key, c))
+            # a peer's GOAWAY: in-flight streams finish there, new ones go to a fresh connection
+            c.on_goaway.append(functools.partial(self._forget, key, c))
             if self._sweeper is None:
                 self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
             return c

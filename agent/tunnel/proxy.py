@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+import functools
 import ipaddress
 import logging
 import socket
@@ -38,8 +39,9 @@ from agent.config import Workload
 from agent.identity.spiffe import SpiffeId
 from agent.identity.tls import peer_identity
 from agent.state.store import Store
+from agent.tunnel import limits
 from agent.tunnel.bridge import Bridge
-from agent.tunnel.conns import Connection, ConnTable
+from agent.tunnel.conns import Connection, ConnTable, parse_endpoint
 from agent.tunnel.h2conn import H2Conn, H2Stream
 from agent.tunnel.hbone import (
     HBONE_PORT,
@@ -49,6 +51,7 @@ from agent.tunnel.hbone import (
     check_request,
     request_headers,
 )
+from agent.tunnel.limits import HboneLimits
 from agent.tunnel.relay import Relay, tcp_socket
 
 log = logging.getLogger(__name__)
@@ -58,7 +61,6 @@ IP_TRANSPARENT = 19
 IPV6_TRANSPARENT = 75
 DELIVERY_MARK = 0x539  # agent.datapath.podnet.DELIVERY_MARK
 CONNECT_TIMEOUT = 10.0
-TLS_HANDSHAKE_TIMEOUT = 10.0
 
 
 class Capture(Protocol):
@@ -104,6 +106,7 @@ class Tunnel:
     server_context: Callable[[SpiffeId], Awaitable[ssl.SSLContext]] | None = None
     splicing: bool = False  # sk_msg splices the loopback hops (kernel-side)
     local: dict[str, PodProxy] = dataclasses.field(default_factory=dict)  # this node's pods
+    limits: HboneLimits = dataclasses.field(default_factory=HboneLimits)  # inbound 15008
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +166,10 @@ class _Mirror:
     @property
     def bytes_b_to_a(self) -> int:
         return self.c.relay.bytes_b_to_a if self.c.relay else 0
+
+    @property
+    def abort_flag(self) -> str | None:
+        return getattr(self.c.relay, "abort_flag", None)
 
 
 def _err(e: BaseException) -> str:
@@ -493,17 +500,28 @@ class PodProxy:
         loop = asyncio.get_running_loop()
         peer = _plain(sock.getpeername())
         local = _plain(sock.getsockname())
+        if not self.t.limits.admit(self.pod.key, peer[0]):
+            _refuse(sock)
+            return
+        release = functools.partial(self.t.limits.release, self.pod.key, peer[0])
         try:
             ctx = await self.t.server_context(self.pod.identity)
             _, conn = await loop.connect_accepted_socket(
                 lambda: H2Conn(
-                    client=False, on_request=self._on_connect, peer={"addr": peer, "local": local}
+                    client=False,
+                    on_request=self._on_connect,
+                    peer={"addr": peer, "local": local},
+                    idle_timeout=limits.IDLE_TIMEOUT,
                 ),
                 sock,
                 ssl=ctx,
-                ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT,
+                ssl_handshake_timeout=limits.HANDSHAKE_TIMEOUT,
             )
-        except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as e:
+            conn.closed.add_done_callback(lambda _f: release())
+        except BaseException as e:
+            release()
+            if not isinstance(e, (ssl.SSLError, OSError, TimeoutError, ConnectionError)):
+                raise
             c = self.t.conns.add(
                 self.pod.key,
                 "inbound",
@@ -624,7 +642,7 @@ class PodProxy:
     async def _relay(self, c: Connection, a: socket.socket, b: socket.socket) -> None:
         r = Relay(c.record())
         c.relay = r
-        c.kill = r.close
+        c.kill = r.kill
         try:
             await r.start(a, b)
             await r.done
@@ -693,8 +711,7 @@ class PodProxy:
             received_base=info.get("bytes_received", 0),
         )
         if info.get("delivered_as"):
-            host, _, port = info["delivered_as"].rpartition(":")
-            c.delivered_as = (host, int(port))
+            c.delivered_as = parse_endpoint(info["delivered_as"])
         self._track(
             asyncio.get_running_loop().create_task(self._relay(c, handed["a"], handed["b"]))
         )
