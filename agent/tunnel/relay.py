@@ -32,7 +32,7 @@ def tcp_socket(family: int) -> socket.socket:
     return s
 
 
-def reset_transport(transport: asyncio.BaseTransport | None) -> None:
+def reset_transport(transport: asyncio.Transport | None) -> None:
     """Close with RST (SO_LINGER 0), as the kernel does for a direct TCP
     connection whose other end aborted: the application must see
     ECONNRESET, not a FIN that makes a cut transfer look complete."""
