@@ -12,7 +12,12 @@ environment variable (TETHER_HBONE_*), read once at import.
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import contextlib
+import ctypes
+import ctypes.util
+import gc
 import logging
 import os
 import time
@@ -52,6 +57,7 @@ def limited(reason: str, message: str, *args: object) -> None:
     (a flood must not become a log flood), saying how many were not logged."""
     for cb in on_limited:
         cb(reason)
+    reclaim_soon()
     now = time.monotonic()
     if now - _last_log.get(reason, -LOG_EVERY) < LOG_EVERY:
         _suppressed[reason] += 1
@@ -65,6 +71,33 @@ def limited(reason: str, message: str, *args: object) -> None:
         reason,
         *args,
     )
+
+
+_libc: ctypes.CDLL | None = None
+with contextlib.suppress(OSError):
+    _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+RECLAIM_DELAY = 2.0
+_reclaim: asyncio.TimerHandle | None = None
+
+
+def reclaim_soon() -> None:
+    """After an attack, give its memory back to the system: glibc keeps
+    freed heap pages (an abusive connection's tens of thousands of stream
+    objects) mapped until malloc_trim.  Once per RECLAIM_DELAY at most, and
+    only when a limit fired: never on the data path."""
+    global _reclaim
+    if _reclaim is not None:
+        return
+    with contextlib.suppress(RuntimeError):
+        _reclaim = asyncio.get_running_loop().call_later(RECLAIM_DELAY, _do_reclaim)
+
+
+def _do_reclaim() -> None:
+    global _reclaim
+    _reclaim = None
+    gc.collect()
+    if _libc is not None and hasattr(_libc, "malloc_trim"):
+        _libc.malloc_trim(0)
 
 
 class Admission:
