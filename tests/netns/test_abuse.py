@@ -186,7 +186,7 @@ def rapid_reset(bed: Bed, seconds: float, pairs_per_conn: int = 2000) -> dict[st
             c.flush()
         except (OSError, ssl.SSLError, h2.exceptions.ProtocolError):
             pass
-        c.pump(lambda: c.gone, timeout=3.0)
+        c.pump(lambda c=c: c.gone, timeout=3.0)  # type: ignore[misc]
         calm = (
             c.goaway is not None and c.goaway.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
         )
