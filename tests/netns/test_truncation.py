@@ -36,7 +36,8 @@ CHUNK = 64 << 10
 # of TOTAL bytes, and says how its socket ended.
 CLIENT = r"""
 import errno, json, socket, sys, time
-mode, host, port, total, chunk = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+mode, host = sys.argv[1], sys.argv[2]
+port, total, chunk = (int(x) for x in sys.argv[3:6])
 s = socket.create_connection((host, port), timeout=15)
 n, end = 0, "complete"
 try:
