@@ -175,6 +175,7 @@ class H2Stream:
         self._early: list[bytes] = []
         self._early_eof = False
         self.closed = False
+        self.started = asyncio.get_running_loop().time()
         self.bytes_in = 0
         self.bytes_out = 0
         self._drained = asyncio.Event()
@@ -416,9 +417,12 @@ class H2Conn(asyncio.Protocol):
                 es._deliver_eof()
                 self._maybe_forget(es)
         elif isinstance(ev, h2.events.StreamReset):
-            if not self.client:
-                self._spend_reset()
             gone = self.streams.pop(ev.stream_id or 0, None)
+            now = asyncio.get_running_loop().time()
+            if not self.client and (gone is None or now - gone.started < limits.PREMATURE_RESET):
+                # premature resets only (Envoy's rule): an app aborting a
+                # long transfer is no attack, HEADERS+RST at once is
+                self._spend_reset()
             if gone is not None:
                 gone._closed(StreamReset(f"stream reset by peer (code {ev.error_code})"))
                 self._stream_gone()

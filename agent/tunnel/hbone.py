@@ -31,6 +31,7 @@ from typing import Any
 from agent import netns
 from agent.identity.spiffe import SpiffeId
 from agent.identity.tls import peer_identity
+from agent.tunnel import limits
 from agent.tunnel.conns import format_authority
 from agent.tunnel.h2conn import H2Conn, H2Stream, StreamReset
 from agent.tunnel.relay import tcp_socket
@@ -213,6 +214,7 @@ class HboneClient:
                     ssl=ctx,
                     server_hostname="",
                     ssl_handshake_timeout=CONNECT_TIMEOUT,
+                    ssl_shutdown_timeout=limits.SHUTDOWN_TIMEOUT,
                 ),
                 CONNECT_TIMEOUT,
             )

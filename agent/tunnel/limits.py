@@ -38,7 +38,12 @@ def _env(name: str, default: float) -> float:
 
 
 HANDSHAKE_TIMEOUT = _env("HANDSHAKE_TIMEOUT", 5.0)  # accept to TLS finished
-IDLE_TIMEOUT = _env("IDLE_TIMEOUT", 300.0)  # server side: no stream open for this long
+SHUTDOWN_TIMEOUT = _env("TLS_SHUTDOWN_TIMEOUT", 5.0)  # close_notify sent to the peer's reply
+# server side: no stream open for this long.  Longer than the client pools'
+# 300 s, so the client normally closes first (a race is harmless anyway: the
+# GOAWAY's last id tells the client a new stream was not processed).
+IDLE_TIMEOUT = _env("IDLE_TIMEOUT", 360.0)
+PREMATURE_RESET = 1.0  # a stream reset younger than this (s) spends the reset budget
 MAX_PER_SOURCE = int(_env("MAX_CONNS_PER_SOURCE", 512))  # per source IP, per pod
 MAX_PER_POD = int(_env("MAX_CONNS_PER_POD", 4096))  # per pod listener (4 and 6)
 MAX_PER_AGENT = int(_env("MAX_CONNS", 16384))  # every pod of the agent

@@ -516,6 +516,7 @@ class PodProxy:
                 sock,
                 ssl=ctx,
                 ssl_handshake_timeout=limits.HANDSHAKE_TIMEOUT,
+                ssl_shutdown_timeout=limits.SHUTDOWN_TIMEOUT,
             )
             conn.closed.add_done_callback(lambda _f: release())
         except BaseException as e:

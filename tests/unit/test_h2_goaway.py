@@ -486,3 +486,82 @@ def test_relay_clean_end_is_still_a_fin() -> None:
         assert r.abort_flag is None
 
     run(main())
+
+
+def test_resets_of_established_streams_do_not_spend_the_budget() -> None:
+    """Only premature resets count (Envoy's rule): apps aborting streams that
+    have lived a while (ordinary in a busy mesh) never earn a GOAWAY."""
+
+    async def main() -> None:
+        async def on_request(c: H2Conn, s: H2Stream) -> None:
+            c.respond(s, 200)
+
+        conn, cli = await pair(lambda: H2Conn(client=False, on_request=on_request), True)
+        for _ in range(4):  # 400 resets, twice the burst
+            ids = []
+            for _ in range(MAX_STREAMS):
+                sid = cli.h2.get_next_available_stream_id()
+                cli.h2.send_headers(sid, GOOD)
+                ids.append(sid)
+            cli.flush()
+            await cli.until(lambda ids=ids: len(cli.of(h2.events.ResponseReceived)) >= ids[-1] // 2)
+            for s in conn.streams.values():
+                s.started -= 5.0  # as if they had been running for a while
+            for sid in ids:
+                cli.h2.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+            cli.flush()
+            await asyncio.sleep(0.05)
+        assert not cli.sent(hyperframe.frame.GoAwayFrame) and not conn.closed.done()
+        conn.close()
+
+    run(main())
+
+
+def test_pool_drops_a_connection_on_goaway_and_dials_a_fresh_one() -> None:
+    """A peer's GOAWAY: the connection leaves the pool at once (its open
+    stream keeps going), the next CONNECT dials a new connection."""
+    from agent.identity.spiffe import SpiffeId
+    from agent.tunnel.hbone import HboneClient, PoolKey
+
+    async def main() -> None:
+        servers: list[RawPeer] = []
+
+        async def dial(key: PoolKey) -> H2Conn:
+            conn, srv = await pair(lambda: H2Conn(client=True), peer_client_side=False)
+            await asyncio.wait_for(conn.ready, WAIT)
+            servers.append(srv)
+            return conn
+
+        async def answer(srv: RawPeer, n: int) -> None:
+            await srv.until(lambda: len(srv.of(h2.events.RequestReceived)) >= n)
+            sid = srv.of(h2.events.RequestReceived)[n - 1].stream_id
+            srv.h2.send_headers(sid, [(":status", "200")])
+            srv.flush()
+
+        async def no_context(_: SpiffeId) -> Any:
+            raise AssertionError("not dialled for real")
+
+        client = HboneClient(no_context)
+        client._dial = dial  # type: ignore[method-assign]
+        ident = SpiffeId("cluster.local", "ns", "sa")
+        key = PoolKey(ident, ident, "/proc/self/ns/net", ("10.0.0.1", 15008))
+        first = asyncio.get_running_loop().create_task(client.open(key, GOOD))
+        await asyncio.sleep(0.05)
+        await answer(servers[0], 1)
+        s1 = await first
+        servers[0].raw(goaway(1))
+        await servers[0].until(lambda: True)
+        for _ in range(50):
+            if key not in client.pool:
+                break
+            await asyncio.sleep(0.01)
+        assert key not in client.pool and not s1.closed
+        second = asyncio.get_running_loop().create_task(client.open(key, GOOD))
+        await asyncio.sleep(0.05)
+        assert len(servers) == 2
+        await answer(servers[1], 1)
+        s2 = await second
+        assert s2.conn is not s1.conn and client.pool[key] == [s2.conn]
+        client.close()
+
+    run(main())
