@@ -94,3 +94,48 @@ def test_shutdown_drains_with_two_goaways_finishes_the_stream_and_sends_close_no
         c.close()
     n2.agent.wait(20)
     n2.agent = None
+
+
+def test_handoff_drains_hbone_with_goaway_and_close_notify_then_the_successor_serves(
+    bed: tuple[AgentNode, AgentNode, Pod, Pod, CertificateAuthority],
+) -> None:
+    """A successor takes over node 2: the old agent keeps its HBONE
+    connections (their TLS state is in that process) but drains them at once,
+    so the peer's new streams go to the successor; the open stream finishes,
+    and the old agent ends the connection with close_notify (it did not at
+    the end of a handoff drain before)."""
+    _n1, n2, a, b, ca = bed
+    svid = svid_from(ca, SA_A)
+    tls = tls_from(a, b.ip4, svid)
+    with mock.patch.object(h2.connection, "H2Connection", _H2Connection):
+        c = DrainClient(tls)
+    c.goaways = []
+    old = n2.agent
+    assert old is not None
+    try:
+        c.ready()
+        sid = c.request(connect_headers(f"{b.ip4}:8080"))
+        assert c.answer(sid) == "200"
+        assert c.read_line(sid).startswith(b"{")
+        n2.agent = None
+        n2.start_agent()  # the successor: handoff while the old agent runs
+        assert c.pump(lambda: len(c.goaways) >= 2, timeout=10), (c.goaways, c.why())
+        assert [g[0] for g in c.goaways] == [0, 0] and c.goaways[1][1] == sid, c.goaways
+        c.send(sid, b"still served by the old agent\n")
+        assert c.read_line(sid) == b"still served by the old agent"
+        c.finish(sid)
+        c.pump(lambda: c.eof or c.error is not None, timeout=10)
+        assert c.eof and c.error is None, f"no close_notify: {c.why()}"
+    finally:
+        c.close()
+    assert old.wait(20) == 0, n2.log_tail(30)
+    # new connections are the successor's
+    with mock.patch.object(h2.connection, "H2Connection", _H2Connection):
+        c2 = DrainClient(tls_from(a, b.ip4, svid))
+    c2.goaways = []
+    try:
+        c2.ready()
+        sid = c2.request(connect_headers(f"{b.ip4}:8080"))
+        assert c2.answer(sid) == "200", c2.why()
+    finally:
+        c2.close()
