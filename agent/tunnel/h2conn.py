@@ -174,6 +174,7 @@ class H2Stream:
         self._reading = True
         self._early: list[bytes] = []
         self._early_eof = False
+        self.eof_received = False  # the peer's END_STREAM: its side ended cleanly
         self.closed = False
         self.started = asyncio.get_running_loop().time()
         self.bytes_in = 0
@@ -218,6 +219,7 @@ class H2Stream:
             self._unacked += flow_len
 
     def _deliver_eof(self) -> None:
+        self.eof_received = True
         if self.on_eof is None:
             self._early_eof = True
         else:
@@ -424,7 +426,11 @@ class H2Conn(asyncio.Protocol):
                 # long transfer is no attack, HEADERS+RST at once is
                 self._spend_reset()
             if gone is not None:
-                gone._closed(StreamReset(f"stream reset by peer (code {ev.error_code})"))
+                if ev.error_code == h2.errors.ErrorCodes.NO_ERROR and gone.eof_received:
+                    # RFC 9113 §8.1: after a complete response, "stop sending"
+                    gone._closed(None)
+                else:
+                    gone._closed(StreamReset(f"stream reset by peer (code {ev.error_code})"))
                 self._stream_gone()
         elif isinstance(ev, h2.events.WindowUpdated):
             targets = (

@@ -609,7 +609,7 @@ class PodProxy:
             app.close()
             self._undeliver(c)
             self.t.conns.opened(c)
-            self.t.conns.end(c, "client went away during delivery")
+            self.t.conns.end(c, "client went away during delivery", "DC")
             return
         conn.respond(stream, 200)
         self.t.conns.opened(c)
