@@ -35,6 +35,7 @@ from agent.sources import localfile
 from agent.state.state import Change, ProxyState
 from agent.tunnel.conns import ConnTable
 from agent.tunnel.context import Tunnel
+from agent.tunnel.h2conn import drain_all
 from agent.tunnel.hbone import HboneClient
 from agent.tunnel.watcher import revalidate
 
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 
 DRAIN_TIMEOUT = float(os.environ.get("TETHER_DRAIN_TIMEOUT", "300"))
 NETNS_CHECK_INTERVAL = 2.0
+STOP_DRAIN_TIMEOUT = 5.0  # plain shutdown: HBONE streams get this long after GOAWAY
 
 
 def _agent_cgroup() -> str:
@@ -182,7 +184,8 @@ class Agent:
             srv.close()  # free the node's ports at once for the successor
         giver.close()
         if self.handed_off:
-            await self._drain()
+            # GOAWAY moves the peers' new streams to the successor at once
+            await asyncio.gather(drain_all(DRAIN_TIMEOUT), self._drain())
             if self.kube is not None:
                 # A DaemonSet restarts an exited container, and a restarted old
                 # agent would take everything back: stay idle until the pod is
@@ -190,6 +193,7 @@ class Agent:
                 self._stop.clear()
                 log.info("handed over and drained; idle until terminated")
                 await self._stop.wait()
+        await drain_all(STOP_DRAIN_TIMEOUT)  # GOAWAYs, then close_notify on every connection
         self.pods.close()
         if hbone is not None:
             hbone.close()

@@ -873,7 +873,7 @@ def data_body_repr(fn: Any) -> Iterator[None]:
     try:
         yield
     finally:
-        hyperframe.frame.DataFrame._body_repr = saved
+        hyperframe.frame.DataFrame._body_repr = saved  # type: ignore[method-assign]
 
 
 def run_h2() -> dict[str, Any]:

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
+from agent.tunnel import limits
 from agent.tunnel.conns import Connection
 
 LABELS = (
@@ -95,8 +96,19 @@ class Metrics:
             LABELS,
             registry=r,
         )
+        self.limited = Counter(
+            "tether_hbone_limited",
+            "Inbound HBONE connections or streams turned away by a limit "
+            "(per_source, per_pod, per_agent connections; stream_resets: GOAWAY ENHANCE_YOUR_CALM)",
+            ["reason"],
+            registry=r,
+        )
+        limits.on_limited.append(self.on_limited)
         if bpf_stats is not None:
             r.register(_BpfCollector(bpf_stats))
+
+    def on_limited(self, reason: str) -> None:
+        self.limited.labels(reason=reason).inc()
 
     def on_open(self, c: Connection) -> None:
         self.opened.labels(**labels_of(c)).inc()

@@ -6,7 +6,7 @@ policy, sources, tunnel and datapath can all depend on it without depending
 on each other or on a file format.
 """
 
-from agent.model.addr import family, format_authority, norm_ip, plain, same_family
+from agent.model.addr import HBONE_PORT, family, format_authority, norm_ip, plain, same_family
 from agent.model.settings import AgentSettings, IdentitySettings, NodeSettings
 from agent.model.snapshot import Snapshot
 from agent.model.waypoint import WAYPOINT_CLASS, Waypoint
@@ -22,6 +22,7 @@ from agent.model.workload import (
 
 __all__ = [
     "DATAPLANE_MODE",
+    "HBONE_PORT",
     "USE_WAYPOINT",
     "WAYPOINT_CLASS",
     "WAYPOINT_NOT_APPLIED",

@@ -10,6 +10,8 @@ import socket
 from collections.abc import Iterable
 from typing import Any
 
+HBONE_PORT = 15008  # every mesh pod's inbound HBONE (Istio ambient)
+
 
 def norm_ip(ip: str) -> str:
     """Canonical text of an address, IPv4-mapped IPv6 folded to IPv4.

@@ -25,6 +25,7 @@ import yaml
 from agent import netns
 from agent.datapath import inventory
 from agent.datapath.datapath import cleanup
+from agent.model import format_authority
 from agent.sim.topology import Node, NodeRole, Pod, Testbed
 
 PY = sys.executable
@@ -308,7 +309,7 @@ def classify(result: dict[str, Any], conns: Iterable[dict[str, Any]]) -> tuple[s
         return "failed", "failed"
 
     def ep(a: Sequence[Any]) -> str:
-        return f"{a[0]}:{a[1]}"
+        return format_authority(str(a[0]), int(a[1]))
 
     conns = list(conns)
     client_sock = ep(result["getsockname"])

@@ -13,10 +13,16 @@ import enum
 import ipaddress
 
 from agent.identity.spiffe import SpiffeId
-from agent.model import Service, ServicePort, Workload, format_authority, norm_ip, same_family
+from agent.model import (
+    HBONE_PORT,
+    Service,
+    ServicePort,
+    Workload,
+    format_authority,
+    norm_ip,
+    same_family,
+)
 from agent.state.state import StateView
-
-HBONE_PORT = 15008
 
 
 class Route(enum.Enum):

@@ -6,6 +6,7 @@ import asyncio
 import socket
 
 from agent.tunnel.h2conn import HIGH_WATER, H2Stream
+from agent.tunnel.relay import reset_transport
 
 
 class _SocketSide(asyncio.Protocol):
@@ -38,7 +39,8 @@ class _SocketSide(asyncio.Protocol):
         self.bridge.stream.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if exc is not None:
+        if exc is not None:  # the app reset its connection: so does the stream
+            self.bridge._aborted("socket", exc)
             self.bridge.stream.reset()
         elif not self.bridge.socket_eof:
             self.bridge.stream.write_eof()
@@ -57,6 +59,7 @@ class Bridge:
         self.socket_eof = False
         self.stream_eof = False
         self.error: Exception | None = None
+        self.abort_flag: str | None = None  # Istio response flag when a side aborted
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     async def start(self, sock: socket.socket) -> None:
@@ -93,11 +96,19 @@ class Bridge:
             self.transport.write_eof()
         self._half_closed("stream")
 
+    def _aborted(self, side: str, exc: Exception) -> None:
+        """`side` (socket | stream) ended without a clean end; flags are from
+        this connection's view: the initiator's side is downstream (DC)."""
+        if self.abort_flag is None and not self.done.done():
+            self.abort_flag = "DC" if side == self.initiator else "UC"
+            self.error = self.error or exc
+
     def _on_close(self, exc: Exception | None) -> None:
         if exc is not None:
-            self.error = exc
-            if self.transport is not None:
-                self.transport.abort()
+            # RST_STREAM, or the HBONE connection lost without END_STREAM: the
+            # app gets an RST, never a FIN that would pass a cut transfer as whole
+            self._aborted("stream", exc)
+            reset_transport(self.transport)
             self._finish(exc)
         elif self.transport is not None and not self.transport.is_closing():
             self.transport.close()
@@ -121,8 +132,7 @@ class Bridge:
     def close(self) -> None:
         """Abort both sides (the stream is reset, the socket gets an RST)."""
         self.stream.reset()
-        if self.transport is not None:
-            self.transport.abort()
+        reset_transport(self.transport)
         self._finish(ConnectionAbortedError("closed by the agent"))
 
     def _finish(self, exc: Exception | None) -> None:

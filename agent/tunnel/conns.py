@@ -11,7 +11,15 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from agent.model import format_authority
+
 access_log = logging.getLogger("tether.access")
+
+
+def parse_endpoint(value: str) -> tuple[str, int]:
+    """format_authority's inverse (brackets optional for IPv6)."""
+    host, _, port = value.rpartition(":")
+    return host.strip("[]"), int(port)
 
 
 class Counted(Protocol):
@@ -67,8 +75,8 @@ class Connection:
             "pod": self.pod,
             "direction": self.direction,
             "reporter": self.reporter,
-            "src": f"{self.src[0]}:{self.src[1]}",
-            "dst": f"{self.dst[0]}:{self.dst[1]}",
+            "src": format_authority(*self.src),
+            "dst": format_authority(*self.dst),
             "path": self.path,
             "src_identity": self.src_identity,
             "dst_identity": self.dst_identity,
@@ -84,9 +92,7 @@ class Connection:
             "error": self.error,
             "inherited": self.inherited,
             "spliced": self.spliced,
-            "delivered_as": f"{self.delivered_as[0]}:{self.delivered_as[1]}"
-            if self.delivered_as
-            else None,
+            "delivered_as": format_authority(*self.delivered_as) if self.delivered_as else None,
         }
 
 
@@ -133,10 +139,14 @@ class ConnTable:
         del self.open[c.id]
         c.ended = time.monotonic()
         c.error = c.error or error  # a reason given earlier (policy change) wins
+        abort = getattr(c.relay, "abort_flag", None)  # DC | UC: a side reset mid-transfer
         if flag is not None:
             c.flag = flag
+        elif abort and c.flag == "-":
+            c.flag = abort
+            c.error = c.error or getattr(c.relay, "abort_reason", None) or error
         elif error and c.flag == "-":
-            c.flag = "CONNECT"
+            c.flag = "CONNECT" if c.relay is None else "DC"
         self.closed.append(c)
         del self.closed[: -self.keep_closed]
         if access_log.isEnabledFor(logging.INFO):

@@ -13,18 +13,17 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Protocol
 
 from agent.identity.spiffe import SpiffeId
-from agent.model import Workload, norm_ip
+from agent.model import HBONE_PORT, Workload, norm_ip
 from agent.policy import Conn, Decision
 from agent.state.state import ProxyState, StateView
 from agent.tunnel.conns import ConnTable
-from agent.tunnel.hbone import HBONE_PORT, HboneClient
+from agent.tunnel.hbone import HboneClient
+from agent.tunnel.limits import HboneLimits
 
 if TYPE_CHECKING:
     from agent.tunnel.pod import PodProxy
 
 SO_ORIGINAL_DST = 80  # SOL_IP and SOL_IPV6 (IP6T_SO_ORIGINAL_DST) alike
-CONNECT_TIMEOUT = 10.0  # the one bound on connecting to an app or an upstream
-TLS_HANDSHAKE_TIMEOUT = 10.0
 
 
 class DeliveryBypass(Protocol):
@@ -68,6 +67,7 @@ class Tunnel:
     server_context: Callable[[SpiffeId], Awaitable[ssl.SSLContext]] | None = None
     splicing: bool = False  # sk_msg splices the loopback hops (kernel-side)
     local: dict[str, PodProxy] = dataclasses.field(default_factory=dict)  # this node's pods
+    limits: HboneLimits = dataclasses.field(default_factory=HboneLimits)  # inbound 15008
 
     @property
     def view(self) -> StateView:

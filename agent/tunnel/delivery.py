@@ -13,8 +13,9 @@ from agent import netns
 from agent.model import family, plain
 from agent.tunnel.bridge import Bridge
 from agent.tunnel.conns import Connection, ConnTable
-from agent.tunnel.context import CONNECT_TIMEOUT, DeliveryBypass, PodRef
+from agent.tunnel.context import DeliveryBypass, PodRef
 from agent.tunnel.h2conn import H2Stream
+from agent.tunnel.hbone import CONNECT_TIMEOUT
 from agent.tunnel.relay import Relay, tcp_socket
 
 IP_TRANSPARENT = 19
@@ -70,7 +71,7 @@ async def run_relay(
     is neither ended nor undelivered: the successor carries it on."""
     r = Relay(c.record())
     c.relay = r
-    c.kill = r.close
+    c.kill = r.kill
     try:
         await r.start(a, b)
         await r.done

@@ -25,6 +25,8 @@ import asyncio
 import collections
 import contextlib
 import logging
+import os
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -36,6 +38,8 @@ import h2.exceptions
 import h2.settings
 import h2.stream
 import hyperframe.frame
+
+from agent.tunnel import limits
 
 
 def data_body_repr(self: hyperframe.frame.DataFrame) -> str:
@@ -57,6 +61,9 @@ MAX_FRAME = 1024 * 1024
 MAX_STREAMS = 100
 MAX_HEADER_LIST = 16 * 1024
 HIGH_WATER = 4 * 1024 * 1024  # transport buffer above which we stop writing more
+LAST_STREAM_ID = 2**31 - 1  # a drain's first GOAWAY: "any stream you may have sent"
+DRAIN_PING_WAIT = 1.0  # between a drain's two GOAWAYs, at most (without a PING answer)
+CLOSE_WAIT = 2.0  # for close_notify to go out when draining every connection
 
 
 class _H2Connection(h2.connection.H2Connection):
@@ -72,18 +79,55 @@ class _H2Connection(h2.connection.H2Connection):
       HPACK state is in step; a block that fails to *decode* stays a
       connection error (COMPRESSION_ERROR territory: the state is lost)."""
 
+    # Graceful drain (RFC 9113 §6.8).  h2 moves its connection state machine
+    # to CLOSED on any GOAWAY, sent or received; in CLOSED every later frame
+    # (the PING a draining Go or Envoy peer sends next, WINDOW_UPDATE, DATA)
+    # is a ProtocolError, so the streams the GOAWAY promised to finish died
+    # with a GOAWAY(PROTOCOL_ERROR) of ours.  GOAWAY never reaches h2's state
+    # machine here: a received one is reported as ConnectionTerminated (H2Conn
+    # keeps the streams at or below its last_stream_id and opens no new one);
+    # ours are written as frames by send_goaway, and HEADERS above the last
+    # id we announced are refused here.  Everything else in h2 is unchanged.
+    goaway_sent: int | None = None  # the last_stream_id of our latest GOAWAY
+    refused = 0  # streams refused by the concurrency limit or a GOAWAY (reset budget)
+
+    def _receive_goaway_frame(self, frame: Any) -> Any:
+        ev = h2.events.ConnectionTerminated()
+        ev.error_code = h2.errors._error_code_from_int(frame.error_code)
+        ev.last_stream_id = frame.last_stream_id
+        ev.additional_data = frame.additional_data or None
+        return [], [ev]
+
+    def send_goaway(self, last_stream_id: int, code: int = h2.errors.ErrorCodes.NO_ERROR) -> None:
+        f = hyperframe.frame.GoAwayFrame(0)
+        f.last_stream_id = last_stream_id
+        f.error_code = code
+        self._data_to_send += f.serialize()
+        self.goaway_sent = last_stream_id
+
+    def _refuse_headers(self, frame: Any) -> Any:
+        self.decoder.decode(frame.data, raw=True)  # keep the HPACK state in step
+        self.highest_inbound_stream_id = max(self.highest_inbound_stream_id, frame.stream_id)
+        # later frames on it get RST_STREAM too, not a connection error
+        self._closed_streams[frame.stream_id] = h2.stream.StreamClosedBy.SEND_RST_STREAM
+        self.refused += 1
+        rst = hyperframe.frame.RstStreamFrame(frame.stream_id)
+        rst.error_code = h2.errors.ErrorCodes.REFUSED_STREAM
+        return [rst], []
+
     def _receive_headers_frame(self, frame: Any) -> Any:
         opens = not self.config.client_side and frame.stream_id not in self.streams
+        if (
+            opens
+            and self.goaway_sent is not None
+            and frame.stream_id > self.goaway_sent
+            and frame.stream_id > self.highest_inbound_stream_id
+        ):
+            return self._refuse_headers(frame)  # after our GOAWAY: never processed
         try:
             return super()._receive_headers_frame(frame)
         except h2.exceptions.TooManyStreamsError:
-            self.decoder.decode(frame.data, raw=True)
-            self.highest_inbound_stream_id = max(self.highest_inbound_stream_id, frame.stream_id)
-            # later frames on it get RST_STREAM too, not a connection error
-            self._closed_streams[frame.stream_id] = h2.stream.StreamClosedBy.SEND_RST_STREAM
-            rst = hyperframe.frame.RstStreamFrame(frame.stream_id)
-            rst.error_code = h2.errors.ErrorCodes.REFUSED_STREAM
-            return [rst], []
+            return self._refuse_headers(frame)
         except h2.exceptions.ProtocolError as e:
             # Only a plain ProtocolError raised after decoding, on the request
             # stream h2 created for this frame (so nothing above h2 knows of
@@ -135,7 +179,9 @@ class H2Stream:
         self._reading = True
         self._early: list[bytes] = []
         self._early_eof = False
+        self.eof_received = False  # the peer's END_STREAM: its side ended cleanly
         self.closed = False
+        self.started = asyncio.get_running_loop().time()
         self.bytes_in = 0
         self.bytes_out = 0
         self._drained = asyncio.Event()
@@ -178,6 +224,7 @@ class H2Stream:
             self._unacked += flow_len
 
     def _deliver_eof(self) -> None:
+        self.eof_received = True
         if self.on_eof is None:
             self._early_eof = True
         else:
@@ -230,13 +277,22 @@ RequestHandler = Callable[["H2Conn", H2Stream], Awaitable[None]]
 
 
 class H2Conn(asyncio.Protocol):
-    """One HTTP/2 connection (client or server side) over a TLS transport."""
+    """One HTTP/2 connection (client or server side) over a TLS transport.
+
+    Abuse bounds (server side): at most MAX_STREAMS requests are handled at
+    once, counting handlers still delivering after their stream went away;
+    a request's handler (and with it any socket) starts only after the whole
+    received batch is processed, so a HEADERS reset in the same batch costs
+    nothing; stream resets spend a ResetBudget, and an empty budget is
+    GOAWAY(ENHANCE_YOUR_CALM); a connection with no stream for
+    `idle_timeout` is closed gracefully."""
 
     def __init__(
         self,
         client: bool,
         on_request: RequestHandler | None = None,
         peer: dict[str, Any] | None = None,
+        idle_timeout: float | None = None,
     ) -> None:
         cfg = h2.config.H2Configuration(
             client_side=client, header_encoding="utf-8", validate_inbound_headers=True
@@ -251,7 +307,17 @@ class H2Conn(asyncio.Protocol):
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._write_paused = False
         self._handlers: set[asyncio.Task[None]] = set()
+        self._starting: list[H2Stream] = []
         self.last_used = asyncio.get_running_loop().time()
+        self.idle_timeout = idle_timeout
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self.resets = limits.ResetBudget()
+        self.draining = False  # a GOAWAY went either way: no new streams from us
+        self.goaway_received: int | None = None  # the peer's last_stream_id
+        self.on_goaway: list[Callable[[], None]] = []  # the pool forgets us at once
+        self._ping: tuple[bytes, asyncio.Future[None]] | None = None
+        self._closing = False
+        _live.add(self)
 
     # -- asyncio protocol ----------------------------------------------------
 
@@ -274,8 +340,10 @@ class H2Conn(asyncio.Protocol):
         self._flush()
         if not self.client and not self.ready.done():
             self.ready.set_result(None)
+        self._arm_idle()
 
     def data_received(self, data: bytes) -> None:
+        refused = self.h2.refused
         try:
             events = self.h2.receive_data(data)
         except h2.exceptions.ProtocolError as e:
@@ -285,13 +353,24 @@ class H2Conn(asyncio.Protocol):
             return
         for ev in events:
             self._event(ev)
+        for _ in range(self.h2.refused - refused):
+            self._spend_reset()
+        self._start_handlers()
         self._flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        _live.discard(self)
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        # Lost with streams open (no END_STREAM both ways): an abort, never a
+        # clean end, whatever the transport says.
         err = exc or StreamReset("connection closed")
+        self._starting.clear()
         for s in list(self.streams.values()):
             s._closed(err)
         self.streams.clear()
+        if self._ping is not None and not self._ping[1].done():
+            self._ping[1].set_result(None)
         if not self.ready.done():
             self.ready.set_exception(err)
         if not self.closed.done():
@@ -318,12 +397,17 @@ class H2Conn(asyncio.Protocol):
             assert ev.stream_id is not None and ev.headers is not None
             stream = H2Stream(self, ev.stream_id, [(str(k), str(v)) for k, v in ev.headers])
             self.streams[ev.stream_id] = stream
+            self.last_used = asyncio.get_running_loop().time()
             if self.on_request is None:
                 self.reset_stream(ev.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
                 return
-            task = asyncio.get_running_loop().create_task(self._handle(stream))
-            self._handlers.add(task)
-            task.add_done_callback(self._handlers.discard)
+            if len(self._handlers) + len(self._starting) >= MAX_STREAMS:
+                # h2 counts open streams; handlers still delivering for streams
+                # already reset count here too, so resets cannot multiply them.
+                self._spend_reset()
+                self.reset_stream(ev.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+                return
+            self._starting.append(stream)
         elif isinstance(ev, h2.events.ResponseReceived):
             rs = self.streams.get(ev.stream_id or 0)
             if rs is not None and not rs.response.done() and ev.headers is not None:
@@ -341,8 +425,18 @@ class H2Conn(asyncio.Protocol):
                 self._maybe_forget(es)
         elif isinstance(ev, h2.events.StreamReset):
             gone = self.streams.pop(ev.stream_id or 0, None)
+            now = asyncio.get_running_loop().time()
+            if not self.client and (gone is None or now - gone.started < limits.PREMATURE_RESET):
+                # premature resets only (Envoy's rule): an app aborting a
+                # long transfer is no attack, HEADERS+RST at once is
+                self._spend_reset()
             if gone is not None:
-                gone._closed(StreamReset(f"stream reset by peer (code {ev.error_code})"))
+                if ev.error_code == h2.errors.ErrorCodes.NO_ERROR and gone.eof_received:
+                    # RFC 9113 §8.1: after a complete response, "stop sending"
+                    gone._closed(None)
+                else:
+                    gone._closed(StreamReset(f"stream reset by peer (code {ev.error_code})"))
+                self._stream_gone()
         elif isinstance(ev, h2.events.WindowUpdated):
             targets = (
                 list(self.streams.values())
@@ -351,16 +445,109 @@ class H2Conn(asyncio.Protocol):
             )
             for s in targets:
                 self._send_pending(s)
+        elif isinstance(ev, h2.events.PingAckReceived):
+            ping = self._ping
+            if ping is not None and ev.ping_data == ping[0] and not ping[1].done():
+                ping[1].set_result(None)
         elif isinstance(ev, h2.events.ConnectionTerminated):
+            self._goaway_received(ev)
+
+    def _goaway_received(self, ev: h2.events.ConnectionTerminated) -> None:
+        """RFC 9113 §6.8: streams up to last_stream_id may still complete;
+        ours above it were never processed (retryable).  No new stream goes
+        here; the connection closes when its last stream ends."""
+        last = ev.last_stream_id if ev.last_stream_id is not None else 0
+        self.goaway_received = (
+            last if self.goaway_received is None else min(last, self.goaway_received)
+        )
+        log.info(
+            "GOAWAY from %s (%s, last stream %d): draining %d streams",
+            self.peer.get("addr"),
+            ev.error_code,
+            last,
+            len(self.streams),
+        )
+        if self.client:
+            for sid in [sid for sid in self.streams if sid > last]:
+                gone = self.streams.pop(sid)
+                gone._closed(StreamReset(f"stream {sid} refused by GOAWAY"))
+        self._start_draining()
+
+    def _start_draining(self) -> None:
+        if not self.draining:
+            self.draining = True
+            for cb in self.on_goaway:
+                cb()
+        self._close_if_drained()
+
+    def _close_if_drained(self) -> None:
+        if self.draining and not self.streams and not self._handlers and not self._starting:
             self.close()
+
+    def _stream_gone(self) -> None:
+        self.last_used = asyncio.get_running_loop().time()
+        if not self.streams:
+            self._close_if_drained()
+
+    def _spend_reset(self) -> None:
+        if self._closing or self.resets.spend():
+            return
+        limits.limited(
+            "stream_resets",
+            "%s resets streams faster than %.0f/s (burst %.0f): GOAWAY(ENHANCE_YOUR_CALM)",
+            self.peer.get("addr"),
+            self.resets.rate,
+            self.resets.burst,
+        )
+        self.h2.send_goaway(
+            self.h2.highest_inbound_stream_id, h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+        )
+        self._flush()
+        self.close()
+
+    def _start_handlers(self) -> None:
+        """Handlers start once the received batch is processed: a request
+        reset in the same batch never opens a socket or starts a task."""
+        starting, self._starting = self._starting, []
+        loop = asyncio.get_running_loop()
+        for stream in starting:
+            if stream.closed or self._closing:
+                continue
+            task = loop.create_task(self._handle(stream))
+            self._handlers.add(task)
+            task.add_done_callback(self._handler_done)
+
+    def _handler_done(self, task: asyncio.Task[None]) -> None:
+        self._handlers.discard(task)
+        self._close_if_drained()
 
     async def _handle(self, stream: H2Stream) -> None:
         assert self.on_request is not None
+        if stream.closed:  # reset before its handler ran: nothing to deliver
+            return
         try:
             await self.on_request(self, stream)
         except Exception:
             log.exception("HBONE request handler failed")
             self.respond(stream, 503)
+
+    # -- idle ---------------------------------------------------------------------
+
+    def _arm_idle(self) -> None:
+        if self.idle_timeout is None or self._closing:
+            return
+        self._idle_timer = asyncio.get_running_loop().call_later(
+            self.idle_timeout / 4, self._check_idle
+        )
+
+    def _check_idle(self) -> None:
+        assert self.idle_timeout is not None
+        idle = asyncio.get_running_loop().time() - self.last_used
+        if not self.streams and not self._handlers and idle >= self.idle_timeout:
+            log.info("HBONE connection from %s idle %.0f s: closing", self.peer.get("addr"), idle)
+            self.close()
+            return
+        self._arm_idle()
 
     # -- sending ----------------------------------------------------------------
 
@@ -399,6 +586,7 @@ class H2Conn(asyncio.Protocol):
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as e:
             self.streams.pop(s.id, None)
             s._closed(StreamReset(str(e)))
+            self._stream_gone()
 
     def _maybe_forget(self, s: H2Stream) -> None:
         with contextlib.suppress(KeyError):
@@ -406,10 +594,12 @@ class H2Conn(asyncio.Protocol):
             if st.closed:
                 self.streams.pop(s.id, None)
                 s._closed(None)
+                self._stream_gone()
                 return
         if s.id not in self.h2.streams:
             self.streams.pop(s.id, None)
             s._closed(None)
+            self._stream_gone()
 
     def ack(self, stream_id: int, n: int) -> None:
         if n <= 0:
@@ -425,10 +615,13 @@ class H2Conn(asyncio.Protocol):
         s = self.streams.pop(stream_id, None)
         if s is not None:
             s._closed(StreamReset(f"stream reset (code {code})"))
+            self._stream_gone()
 
     # -- client API -------------------------------------------------------------
 
     def open_stream(self, headers: list[tuple[str, str]]) -> H2Stream:
+        if self.draining or self._closing:
+            raise StreamReset("connection is draining (GOAWAY)")
         sid = self.h2.get_next_available_stream_id()
         self.h2.send_headers(sid, headers)
         s = H2Stream(self, sid, headers)
@@ -441,6 +634,8 @@ class H2Conn(asyncio.Protocol):
         return (
             self.transport is not None
             and not self.transport.is_closing()
+            and not self.draining
+            and not self._closing
             and self.h2.open_outbound_streams
             < min(MAX_STREAMS, self.h2.remote_settings.max_concurrent_streams)
         )
@@ -458,9 +653,66 @@ class H2Conn(asyncio.Protocol):
         if end_stream:
             self._maybe_forget(stream)
 
-    def close(self) -> None:
+    async def drain(self, ping_wait: float = DRAIN_PING_WAIT) -> None:
+        """Graceful shutdown as Go's and Envoy's servers do it (RFC 9113 §6.8):
+        GOAWAY(NO_ERROR, 2^31-1) so the peer stops opening streams, a PING
+        round trip (or ping_wait) for streams already in flight to arrive,
+        GOAWAY(NO_ERROR, the real last id), then the open streams run to their
+        end and the connection closes with TLS close_notify."""
+        if self.draining or self._closing:
+            self._start_draining()
+            return
+        self.draining = True
+        for cb in self.on_goaway:
+            cb()
+        self.h2.send_goaway(LAST_STREAM_ID)
+        payload = os.urandom(8)
+        acked: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._ping = (payload, acked)
         with contextlib.suppress(h2.exceptions.ProtocolError):
-            self.h2.close_connection()
+            self.h2.ping(payload)
+        self._flush()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(acked), ping_wait)
+        if self._closing:
+            return
+        self.h2.send_goaway(self.h2.highest_inbound_stream_id)
+        self._flush()
+        self._close_if_drained()
+
+    def close(self) -> None:
+        """Close now: GOAWAY (unless one went already), then the TLS
+        close_notify (the SSL transport's close sends it; abort would not)."""
+        if self._closing:
+            return
+        self._closing = True
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        if self.h2.goaway_sent is None:
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self.h2.close_connection()
         self._flush()
         if self.transport is not None:
             self.transport.close()
+
+
+_live: weakref.WeakSet[H2Conn] = weakref.WeakSet()
+
+
+async def drain_all(timeout: float) -> None:
+    """Drain every HBONE connection of this process (agent shutdown, end of
+    a handoff): graceful GOAWAYs, streams finish within `timeout`, then each
+    connection closes with close_notify, waited for up to CLOSE_WAIT."""
+    conns = list(_live)
+    if not conns:
+        return
+    log.info("draining %d HBONE connections", len(conns))
+    await asyncio.gather(*(c.drain() for c in conns), return_exceptions=True)
+    pending = [c.closed for c in conns if not c.closed.done()]
+    if pending:
+        await asyncio.wait(pending, timeout=timeout)
+    for c in conns:
+        c.close()
+    pending = [c.closed for c in conns if not c.closed.done()]
+    if pending:
+        await asyncio.wait(pending, timeout=CLOSE_WAIT)

@@ -31,12 +31,13 @@ from typing import Any
 from agent import netns
 from agent.identity.spiffe import SpiffeId
 from agent.identity.tls import peer_identity
+from agent.model import format_authority, norm_ip
+from agent.tunnel import limits
 from agent.tunnel.h2conn import H2Conn, H2Stream, StreamReset
 from agent.tunnel.relay import tcp_socket
 
 log = logging.getLogger(__name__)
 
-HBONE_PORT = 15008
 IDLE_TIMEOUT = 300.0
 CONNECT_TIMEOUT = 10.0
 KEEPALIVE_IDLE = 180
@@ -51,10 +52,6 @@ class HboneError(ConnectionError):
         super().__init__(message)
         self.status = status
         self.flag = flag
-
-
-def format_authority(ip: str, port: int) -> str:
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
 def parse_authority(value: str) -> tuple[str, int]:
@@ -127,16 +124,9 @@ def check_request(headers: list[tuple[str, str]], local_ip: str) -> tuple[str, i
         ip, port = parse_authority(h[":authority"])
     except ValueError as e:
         raise HboneError(str(e), 400) from None
-    if _plain_ip(ip) != _plain_ip(local_ip):
+    if norm_ip(ip) != norm_ip(local_ip):
         raise HboneError(f"authority {h[':authority']} is not this destination ({local_ip})", 400)
-    return str(_plain_ip(ip)), port
-
-
-def _plain_ip(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    a = ipaddress.ip_address(ip)
-    if isinstance(a, ipaddress.IPv6Address) and a.ipv4_mapped:
-        return a.ipv4_mapped
-    return a
+    return norm_ip(ip), port
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,13 +147,23 @@ class HboneClient:
         self._sweeper: asyncio.Task[None] | None = None
 
     async def open(self, key: PoolKey, headers: list[tuple[str, str]]) -> H2Stream:
-        conn = await self._connection(key)
-        stream = conn.open_stream(headers)
-        try:
-            resp = await asyncio.wait_for(stream.response, CONNECT_TIMEOUT)
-        except (StreamReset, TimeoutError) as e:
-            stream.reset()
-            raise HboneError(f"CONNECT to {key.dst[0]} failed: {e or type(e).__name__}") from e
+        for attempt in (1, 2):
+            conn = await self._connection(key)
+            try:
+                stream = conn.open_stream(headers)
+            except StreamReset:  # the connection started draining since
+                continue
+            try:
+                resp = await asyncio.wait_for(stream.response, CONNECT_TIMEOUT)
+                break
+            except (StreamReset, TimeoutError) as e:
+                stream.reset()
+                refused = conn.goaway_received is not None and stream.id > conn.goaway_received
+                if attempt == 1 and refused:
+                    continue  # never processed by the peer (RFC 9113 §6.8): retry anew
+                raise HboneError(f"CONNECT to {key.dst[0]} failed: {e or type(e).__name__}") from e
+        else:
+            raise HboneError(f"CONNECT to {key.dst[0]} failed: every connection draining")
         status = dict(resp).get(":status", "")
         if status != "200":
             flag = "DENY" if status == "401" else "CONNECT"
@@ -182,6 +182,8 @@ class HboneClient:
             c = await self._dial(key)
             self.pool.setdefault(key, []).append(c)
             c.closed.add_done_callback(functools.partial(self._forget_cb, key, c))
+            # a peer's GOAWAY: in-flight streams finish there, new ones go to a fresh connection
+            c.on_goaway.append(functools.partial(self._forget, key, c))
             if self._sweeper is None:
                 self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
             return c
@@ -204,6 +206,7 @@ class HboneClient:
                     ssl=ctx,
                     server_hostname="",
                     ssl_handshake_timeout=CONNECT_TIMEOUT,
+                    ssl_shutdown_timeout=limits.SHUTDOWN_TIMEOUT,
                 ),
                 CONNECT_TIMEOUT,
             )

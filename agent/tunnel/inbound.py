@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import socket
 import ssl
 from typing import Any
@@ -14,7 +15,8 @@ from typing import Any
 from agent.identity.spiffe import SpiffeId
 from agent.identity.tls import peer_identity
 from agent.model import plain
-from agent.tunnel.context import TLS_HANDSHAKE_TIMEOUT, PodRef, Tunnel, authorize, err
+from agent.tunnel import limits
+from agent.tunnel.context import PodRef, Tunnel, authorize, err, refuse
 from agent.tunnel.delivery import deliver, run_bridge, undeliver
 from agent.tunnel.h2conn import H2Conn, H2Stream
 from agent.tunnel.hbone import HboneError, check_request
@@ -37,15 +39,29 @@ class InboundHbone:
         peer = plain(sock.getpeername())
         local = plain(sock.getsockname())
         state: dict[str, Any] = {"addr": peer, "local": local}
+        if not t.limits.admit(self.pod.key, peer[0]):
+            refuse(sock)
+            return
+        release = functools.partial(t.limits.release, self.pod.key, peer[0])
         try:
             ctx = await server_context(self.identity)
             _, conn = await loop.connect_accepted_socket(
-                lambda: H2Conn(client=False, on_request=self._on_connect, peer=state),
+                lambda: H2Conn(
+                    client=False,
+                    on_request=self._on_connect,
+                    peer=state,
+                    idle_timeout=limits.IDLE_TIMEOUT,
+                ),
                 sock,
                 ssl=ctx,
-                ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT,
+                ssl_handshake_timeout=limits.HANDSHAKE_TIMEOUT,
+                ssl_shutdown_timeout=limits.SHUTDOWN_TIMEOUT,
             )
-        except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as e:
+            conn.closed.add_done_callback(lambda _f: release())
+        except BaseException as e:
+            release()
+            if not isinstance(e, ssl.SSLError | OSError | TimeoutError | ConnectionError):
+                raise
             c = t.conns.add(
                 self.pod.key,
                 "inbound",
@@ -133,7 +149,7 @@ class InboundHbone:
             app.close()
             undeliver(t.bypass, c)
             t.conns.opened(c)
-            t.conns.end(c, "client went away during delivery")
+            t.conns.end(c, "client went away during delivery", "DC")
             return
         conn.respond(stream, 200)
         t.conns.opened(c)

@@ -15,7 +15,6 @@ from agent.model import family, plain
 from agent.state.outbound import Request, Route, decide
 from agent.tunnel.conns import Connection
 from agent.tunnel.context import (
-    CONNECT_TIMEOUT,
     PodRef,
     Ports,
     Tunnel,
@@ -25,7 +24,7 @@ from agent.tunnel.context import (
     refuse,
 )
 from agent.tunnel.delivery import deliver, run_bridge, run_relay, undeliver
-from agent.tunnel.hbone import HboneError, PoolKey, request_headers
+from agent.tunnel.hbone import CONNECT_TIMEOUT, HboneError, PoolKey, request_headers
 from agent.tunnel.relay import tcp_socket
 
 log = logging.getLogger(__name__)
@@ -147,6 +146,10 @@ class _Mirror:
     @property
     def bytes_b_to_a(self) -> int:
         return self.c.relay.bytes_b_to_a if self.c.relay else 0
+
+    @property
+    def abort_flag(self) -> str | None:
+        return getattr(self.c.relay, "abort_flag", None)
 
 
 async def _same_node(

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from agent import netns
+from agent.tunnel.conns import parse_endpoint
 from agent.tunnel.context import PodRef, Ports, Tunnel
 from agent.tunnel.delivery import run_relay
 from agent.tunnel.inbound import InboundHbone
@@ -177,8 +178,7 @@ class PodProxy:
             received_base=info.get("bytes_received", 0),
         )
         if info.get("delivered_as"):
-            host, _, port = info["delivered_as"].rpartition(":")
-            c.delivered_as = (host.strip("[]"), int(port))
+            c.delivered_as = parse_endpoint(info["delivered_as"])
         coro = run_relay(self.t.conns, self.t.bypass, c, handed["a"], handed["b"])
         self._track(asyncio.get_running_loop().create_task(coro))
 

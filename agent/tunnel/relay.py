@@ -10,7 +10,9 @@ can be handed to a successor agent without losing a byte.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+import struct
 import time
 from typing import Any
 
@@ -28,6 +30,19 @@ def tcp_socket(family: int) -> socket.socket:
     s = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return s
+
+
+def reset_transport(transport: asyncio.Transport | None) -> None:
+    """Close with RST (SO_LINGER 0), as the kernel does for a direct TCP
+    connection whose other end aborted: the application must see
+    ECONNRESET, not a FIN that makes a cut transfer look complete."""
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 class _Half(asyncio.Protocol):
@@ -84,7 +99,11 @@ class _Half(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if not self.relay.frozen:
+        if self.relay.frozen:
+            return
+        if exc is not None:  # ECONNRESET and the like: pass the abort on
+            self.relay.abort(self, exc)
+        else:
             self.relay.close()
 
 
@@ -98,6 +117,8 @@ class Relay:
         self.a.peer, self.b.peer = self.b, self.a
         self.frozen = False
         self.started = time.monotonic()
+        self.abort_flag: str | None = None  # Istio response flag when a side aborted
+        self.abort_reason: str | None = None
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     async def start(self, a: socket.socket, b: socket.socket) -> None:
@@ -112,6 +133,21 @@ class Relay:
     @property
     def bytes_b_to_a(self) -> int:
         return self.b.bytes_in
+
+    def abort(self, side: _Half, exc: Exception) -> None:
+        """One side was reset: reset the other (a is the downstream side)."""
+        if self.abort_flag is None and not self.done.done():
+            self.abort_flag = "DC" if side is self.a else "UC"
+            self.abort_reason = f"{'downstream' if side is self.a else 'upstream'} reset: {exc}"
+        assert side.peer is not None
+        reset_transport(side.peer.transport)
+        self.close()
+
+    def kill(self) -> None:
+        """Reset both sides (policy change)."""
+        for half in (self.a, self.b):
+            reset_transport(half.transport)
+        self.close()
 
     def close(self) -> None:
         for half in (self.a, self.b):

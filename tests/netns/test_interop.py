@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -214,3 +215,57 @@ def test_tether_outbound_to_istio_hbone_server(
     line = next(ln for ln in log.decode().splitlines() if ln.startswith("CONNECT"))
     # Istio's server saw HTTP/2, the authority tether dialled, and tether's SVID
     assert line.startswith(f"CONNECT HTTP/2.0 {_hp(z_ip, 8080)} from {SA_A.uri} "), line
+
+
+def test_istio_server_graceful_shutdown_lets_tethers_in_flight_stream_finish(
+    interop: Interop, peer_bin: str
+) -> None:
+    """Go's http.Server.Shutdown mid-stream: GOAWAY(NO_ERROR), then the open
+    stream is let finish.  h2 closed its whole connection state on any
+    GOAWAY, so the stream's next DATA or WINDOW_UPDATE was a protocol error
+    and tether killed it; now it runs to a byte-exact end (the echo of every
+    byte is checked by the client), the connection leaves tether's pool, and
+    Istio's server completes its drain."""
+    m = interop
+    srv = m.tb.spawn(
+        m.z,
+        [
+            peer_bin,
+            "serve",
+            "--listen",
+            _hp(m.z.ip4, 15008),
+            "--trust-domain",
+            TD,
+            *_svid_files(m, SA_Z),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        _line_from(srv, b"ready")
+        client = m.n1.spawn_peer(
+            m.a,
+            ["connect", m.z.ip4, "8080", "--bytes", str(1 << 20), "--hold", "4", "--timeout", "10"],
+        )
+        _line_from(srv, b"CONNECT")
+        time.sleep(1.5)  # mid-hold: echo exchanges are in flight both ways
+        srv.send_signal(signal.SIGUSR1)
+        _line_from(srv, b"draining")
+        out, err = client.communicate(timeout=30)
+        res = json.loads(out.decode().strip().splitlines()[-1])
+        assert res["ok"], (res, err.decode()[-1000:], m.n1.log_tail(30))
+        drained = _line_from(srv, b"drained")
+        assert drained.strip() == b"drained <nil>", drained
+    finally:
+        if srv.poll() is None:
+            srv.kill()
+        srv.wait(10)
+    recs = [
+        r
+        for r in _records(m.n1, "outbound")
+        if r["path"] == "hbone" and r["dst"] == _hp(m.z.ip4, 8080)
+    ]
+    assert recs, m.n1.connections()
+    assert (recs[-1]["response_flag"], recs[-1]["error"]) == ("-", None), recs[-1]
+    assert recs[-1]["bytes_sent"] >= 1 << 20 and recs[-1]["bytes_received"] >= 1 << 20
+    assert "protocol error" not in m.n1.log_tail(200).lower()

@@ -6,6 +6,10 @@
 //	hbone-peer dial  --proxy IP:15008 --target IP:PORT --cert F --key F --ca F --expect-id ID --send TEXT [--linger]
 //	hbone-peer serve --listen IP:15008 --cert F --key F --ca F --trust-domain TD
 //
+// serve shuts down gracefully on SIGUSR1 (http.Server.Shutdown: Go's HTTP/2
+// server sends GOAWAY(NO_ERROR) and lets open streams finish), printing
+// "draining" and then "drained" once the last stream ended.
+//
 // dial: one CONNECT through the proxy with mutual TLS; reads the echo
 // server's greeting line, sends TEXT and a newline, reads the echo; prints
 // one JSON line.  serve: Istio's HBONE server behind mutual TLS; logs one
@@ -16,6 +20,7 @@ package main
 
 import (
 	"bufio"
+	"context"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
@@ -26,7 +31,9 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"os/signal"
 	"strings"
+	"syscall"
 	"time"
 
 	"istio.io/istio/pkg/hbone"
@@ -197,10 +204,23 @@ func serve(args []string) {
 	if err != nil {
 		fail("listen %s: %v", *listen, err)
 	}
+	drained := make(chan struct{})
+	usr1 := make(chan os.Signal, 1)
+	signal.Notify(usr1, syscall.SIGUSR1)
+	go func() {
+		<-usr1
+		fmt.Println("draining")
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		err := srv.Shutdown(ctx)
+		fmt.Printf("drained %v\n", err)
+		close(drained)
+	}()
 	fmt.Println("ready")
-	if err := srv.ServeTLS(ln, "", ""); err != nil {
+	if err := srv.ServeTLS(ln, "", ""); err != nil && !errors.Is(err, http.ErrServerClosed) {
 		fail("serve: %v", err)
 	}
+	<-drained
 }
 
 func main() {

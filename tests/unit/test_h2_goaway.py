@@ -1,0 +1,567 @@
+"""H2Conn under a peer's graceful drain and its own, under rapid reset, idle,
+and when a tunnel breaks mid-transfer.  Each case runs an H2Conn against a
+hand-driven `h2` peer (frames written raw where a real peer's differ from
+what h2 would send) over a socketpair; the truncation cases relay to real
+loopback TCP sockets so the application side sees what the kernel sends."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import hyperframe.frame
+import pytest
+
+from agent.tunnel.bridge import Bridge
+from agent.tunnel.h2conn import MAX_STREAMS, H2Conn, H2Stream, _H2Connection
+from agent.tunnel.relay import Relay
+
+GOOD = [(":method", "CONNECT"), (":authority", "10.0.0.1:80")]
+LAST = 2**31 - 1
+WAIT = 3.0
+
+
+class RawPeer(asyncio.Protocol):
+    """The other end, driven by the test: h2 for framing and HPACK, every
+    event kept, frames the test writes raw bypass h2's state machine."""
+
+    def __init__(self, client_side: bool) -> None:
+        # tether's subclass: like Go's, it keeps streams running through a GOAWAY
+        self.h2 = _H2Connection(
+            h2.config.H2Configuration(client_side=client_side, header_encoding="utf-8")
+        )
+        self.events: list[h2.events.Event] = []
+        self.frames: list[Any] = []  # raw parse of what the H2Conn sent
+        self.transport: asyncio.Transport | None = None
+        self.lost = asyncio.get_running_loop().create_future()
+        self.changed = asyncio.Event()
+        self._buf = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.h2.initiate_connection()
+        self.flush()
+
+    def data_received(self, data: bytes) -> None:
+        self._parse(data)
+        with contextlib.suppress(h2.exceptions.ProtocolError):
+            self.events += self.h2.receive_data(data)
+        for ev in self.events:
+            if isinstance(ev, h2.events.DataReceived) and ev.flow_controlled_length:
+                with contextlib.suppress(Exception):
+                    self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+        self.flush()
+        self.changed.set()
+
+    def _parse(self, data: bytes) -> None:
+        self._buf += data
+        if self._buf.startswith(b"PRI * HTTP/2.0"):
+            self._buf = self._buf[24:]
+        while len(self._buf) >= 9:
+            f, length = hyperframe.frame.Frame.parse_frame_header(memoryview(self._buf[:9]))
+            if len(self._buf) < 9 + length:
+                return
+            f.parse_body(memoryview(self._buf[9 : 9 + length]))
+            self.frames.append(f)
+            self._buf = self._buf[9 + length :]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(exc)
+        self.changed.set()
+
+    def flush(self) -> None:
+        out = self.h2.data_to_send()
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(out)
+
+    def raw(self, *frames: Any) -> None:
+        assert self.transport is not None
+        self.transport.write(b"".join(f.serialize() for f in frames))
+
+    async def until(self, cond: Callable[[], bool], timeout: float = WAIT) -> None:
+        async def wait() -> None:
+            while not cond():
+                self.changed.clear()
+                await self.changed.wait()
+
+        await asyncio.wait_for(wait(), timeout)
+
+    def of(self, kind: type) -> list[Any]:
+        return [e for e in self.events if isinstance(e, kind)]
+
+    def sent(self, kind: type) -> list[Any]:
+        return [f for f in self.frames if isinstance(f, kind)]
+
+
+def goaway(last: int, code: int = 0) -> hyperframe.frame.GoAwayFrame:
+    f = hyperframe.frame.GoAwayFrame(0)
+    f.last_stream_id, f.error_code = last, code
+    return f
+
+
+def ping(data: bytes = b"drain!!!") -> hyperframe.frame.PingFrame:
+    f = hyperframe.frame.PingFrame(0)
+    f.opaque_data = data
+    return f
+
+
+async def pair(
+    conn_factory: Callable[[], H2Conn], peer_client_side: bool
+) -> tuple[H2Conn, RawPeer]:
+    loop = asyncio.get_running_loop()
+    a, b = socket.socketpair()
+    _, conn = await loop.connect_accepted_socket(conn_factory, a)
+    _, peer = await loop.connect_accepted_socket(lambda: RawPeer(peer_client_side), b)
+    await peer.until(lambda: bool(peer.of(h2.events.RemoteSettingsChanged)))
+    return conn, peer
+
+
+def run(coro: Awaitable[None]) -> None:
+    asyncio.run(asyncio.wait_for(coro, 20))  # type: ignore[arg-type]
+
+
+# -- a peer's graceful drain (finding 10) ----------------------------------------------
+
+
+def test_client_keeps_its_stream_through_a_servers_goaway_and_ping() -> None:
+    """Go's http2 Server.Shutdown and Envoy's drain: GOAWAY(NO_ERROR, 2^31-1)
+    then a PING.  Unpatched h2 moved to CLOSED on the GOAWAY and raised on
+    the PING: tether answered GOAWAY(PROTOCOL_ERROR) and killed the stream.
+    Now the PING is answered, the stream carries data both ways to a clean
+    end, no new stream goes on the connection, and it closes after."""
+
+    async def main() -> None:
+        conn, srv = await pair(lambda: H2Conn(client=True), peer_client_side=False)
+        await asyncio.wait_for(conn.ready, WAIT)
+        drained: list[bool] = []
+        conn.on_goaway.append(lambda: drained.append(True))
+        stream = conn.open_stream(GOOD)
+        await srv.until(lambda: bool(srv.of(h2.events.RequestReceived)))
+        srv.h2.send_headers(1, [(":status", "200")])
+        srv.flush()
+        await asyncio.wait_for(stream.response, WAIT)
+        got = bytearray()
+        ended = asyncio.get_running_loop().create_future()
+        stream.attach(got.extend, lambda: ended.set_result(None), lambda e: None)
+
+        srv.raw(goaway(LAST), ping())
+        await srv.until(lambda: any("ACK" in f.flags for f in srv.sent(hyperframe.frame.PingFrame)))
+        assert not srv.sent(hyperframe.frame.GoAwayFrame), "answered the drain with GOAWAY"
+        assert not stream.closed
+        assert drained == [True] and not conn.available()
+        with pytest.raises(ConnectionError):
+            conn.open_stream(GOOD)
+
+        srv.raw(goaway(1))  # the real last id, as Go sends it after the PING
+        stream.write(b"upload" * 1000)
+        await srv.until(lambda: sum(len(e.data) for e in srv.of(h2.events.DataReceived)) == 6000)
+        srv.h2.send_data(1, b"download", end_stream=True)
+        srv.flush()
+        await asyncio.wait_for(ended, WAIT)
+        stream.write_eof()
+        await srv.until(lambda: bool(srv.of(h2.events.StreamEnded)))
+        assert bytes(got) == b"download"
+        await asyncio.wait_for(conn.closed, WAIT)  # its last stream ended
+        codes = [f.error_code for f in srv.sent(hyperframe.frame.GoAwayFrame)]
+        assert codes == [0], codes
+
+    run(main())
+
+
+def test_server_keeps_serving_a_stream_after_a_clients_goaway_and_ping() -> None:
+    """The other role: a client that drains (GOAWAY then PING) while its
+    stream is open keeps the stream; the server closes once it ends."""
+
+    async def main() -> None:
+        streams: list[H2Stream] = []
+
+        async def on_request(c: H2Conn, s: H2Stream) -> None:
+            streams.append(s)
+            c.respond(s, 200)
+            s.attach(lambda d: s.write(d), s.write_eof, lambda e: None)  # echo
+
+        conn, cli = await pair(lambda: H2Conn(client=False, on_request=on_request), True)
+        cli.h2.send_headers(1, GOOD)
+        cli.flush()
+        await cli.until(lambda: bool(cli.of(h2.events.ResponseReceived)))
+        cli.raw(goaway(0), ping())
+        await cli.until(lambda: any("ACK" in f.flags for f in cli.sent(hyperframe.frame.PingFrame)))
+        assert not cli.sent(hyperframe.frame.GoAwayFrame)
+        cli.h2.send_data(1, b"still here", end_stream=True)
+        cli.flush()
+        await cli.until(lambda: bool(cli.of(h2.events.StreamEnded)))
+        echoed = b"".join(e.data for e in cli.of(h2.events.DataReceived))
+        assert echoed == b"still here"
+        await asyncio.wait_for(conn.closed, WAIT)
+
+    run(main())
+
+
+def test_own_drain_sends_two_goaways_around_a_ping_and_finishes_streams() -> None:
+    """tether's drain: GOAWAY(NO_ERROR, 2^31-1), PING, after its ACK
+    GOAWAY(NO_ERROR, last id); the open stream finishes, a stream opened
+    after the second GOAWAY is refused, and the connection then closes."""
+
+    async def main() -> None:
+        async def on_request(c: H2Conn, s: H2Stream) -> None:
+            c.respond(s, 200)
+            s.attach(lambda d: s.write(d), s.write_eof, lambda e: None)
+
+        conn, cli = await pair(lambda: H2Conn(client=False, on_request=on_request), True)
+        cli.h2.send_headers(1, GOOD)
+        cli.flush()
+        await cli.until(lambda: bool(cli.of(h2.events.ResponseReceived)))
+        drain = asyncio.get_running_loop().create_task(conn.drain())
+        await cli.until(lambda: len(cli.sent(hyperframe.frame.GoAwayFrame)) == 2)
+        g1, g2 = cli.sent(hyperframe.frame.GoAwayFrame)
+        assert (g1.last_stream_id, g1.error_code) == (LAST, 0)
+        assert (g2.last_stream_id, g2.error_code) == (1, 0)
+        assert cli.sent(hyperframe.frame.PingFrame)
+        await drain
+        # a stream the client opens now was never going to be processed
+        cli.raw(
+            hyperframe.frame.HeadersFrame(3, cli.h2.encoder.encode(GOOD), flags=["END_HEADERS"])
+        )
+        await cli.until(
+            lambda: any(
+                f.stream_id == 3 and f.error_code == h2.errors.ErrorCodes.REFUSED_STREAM
+                for f in cli.sent(hyperframe.frame.RstStreamFrame)
+            )
+        )
+        cli.h2.send_data(1, b"finish me", end_stream=True)
+        cli.flush()
+        await cli.until(lambda: bool(cli.of(h2.events.StreamEnded)))
+        assert b"".join(e.data for e in cli.of(h2.events.DataReceived)) == b"finish me"
+        await asyncio.wait_for(conn.closed, WAIT)
+
+    run(main())
+
+
+# -- rapid reset and stream caps (finding 5) --------------------------------------
+
+
+def _headers(peer: RawPeer, sid: int) -> hyperframe.frame.HeadersFrame:
+    return hyperframe.frame.HeadersFrame(sid, peer.h2.encoder.encode(GOOD), flags=["END_HEADERS"])
+
+
+def _rst(sid: int) -> hyperframe.frame.RstStreamFrame:
+    f = hyperframe.frame.RstStreamFrame(sid)
+    f.error_code = h2.errors.ErrorCodes.CANCEL
+    return f
+
+
+def test_rapid_reset_gets_goaway_enhance_your_calm_and_starts_no_handler() -> None:
+    """CVE-2023-44487: HEADERS+RST_STREAM pairs.  Before: every CONNECT
+    started a handler (and a delivery socket) and no GOAWAY ever came.  Now a
+    request reset in the same batch starts nothing, and past the reset
+    budget the connection gets GOAWAY(ENHANCE_YOUR_CALM) and is closed."""
+
+    async def main() -> None:
+        calls: list[int] = []
+
+        async def on_request(c: H2Conn, s: H2Stream) -> None:
+            calls.append(s.id)
+            await asyncio.sleep(10)
+
+        conn, cli = await pair(lambda: H2Conn(client=False, on_request=on_request), True)
+        for batch in range(10):
+            frames: list[Any] = []
+            for i in range(100):
+                sid = 1 + 2 * (batch * 100 + i)
+                frames += [_headers(cli, sid), _rst(sid)]
+            if cli.transport is None or cli.transport.is_closing() or cli.lost.done():
+                break
+            cli.raw(*frames)
+            await asyncio.sleep(0.01)
+        await asyncio.wait_for(conn.closed, WAIT)
+        gas = cli.sent(hyperframe.frame.GoAwayFrame)
+        assert gas and gas[-1].error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, gas
+        assert calls == []
+
+    run(main())
+
+
+def test_handlers_still_running_for_reset_streams_count_against_the_stream_cap() -> None:
+    """h2 counts only open streams: a client resetting streams whose handler
+    is still delivering could run unbounded handlers (each with a socket).
+    Handlers are capped at MAX_STREAMS per connection; beyond, REFUSED_STREAM."""
+
+    async def main() -> None:
+        running: set[int] = set()
+
+        async def on_request(c: H2Conn, s: H2Stream) -> None:
+            running.add(s.id)
+            await asyncio.sleep(10)
+
+        conn, cli = await pair(lambda: H2Conn(client=False, on_request=on_request), True)
+        cli.raw(*[_headers(cli, 1 + 2 * i) for i in range(MAX_STREAMS)])
+        for _ in range(100):  # handlers run on the loop, not on received data: poll
+            if len(running) == MAX_STREAMS:
+                break
+            await asyncio.sleep(0.02)
+        assert len(running) == MAX_STREAMS
+        cli.raw(*[_rst(1 + 2 * i) for i in range(MAX_STREAMS)])
+        await asyncio.sleep(0.05)
+        more = [1 + 2 * (MAX_STREAMS + i) for i in range(50)]
+        cli.raw(*[_headers(cli, sid) for sid in more])
+        await cli.until(
+            lambda: {f.stream_id for f in cli.sent(hyperframe.frame.RstStreamFrame)} >= set(more)
+        )
+        await asyncio.sleep(0.05)
+        assert len(running) == MAX_STREAMS  # none of the 50 started
+        conn.close()
+
+    run(main())
+
+
+# -- idle (finding 6) ------------------------------------------------------------------
+
+
+def test_server_connection_with_no_stream_is_closed_after_idle_timeout() -> None:
+    async def main() -> None:
+        async def on_request(c: H2Conn, s: H2Stream) -> None:
+            c.respond(s, 200)
+
+        conn, cli = await pair(
+            lambda: H2Conn(client=False, on_request=on_request, idle_timeout=0.4), True
+        )
+        await asyncio.wait_for(cli.lost, WAIT)
+        assert conn.closed.done()
+        assert [f.error_code for f in cli.sent(hyperframe.frame.GoAwayFrame)] == [0]
+
+    run(main())
+
+
+# -- truncation is an abort, not an end (finding 7) ----------------------------------
+
+
+async def _app_pair() -> tuple[socket.socket, socket.socket]:
+    """A connected TCP pair on loopback: (the app's end, tether's end)."""
+    loop = asyncio.get_running_loop()
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(1)
+    lst.setblocking(False)
+    app = socket.socket()
+    app.setblocking(False)
+    await loop.sock_connect(app, lst.getsockname())
+    ours, _ = await loop.sock_accept(lst)
+    lst.close()
+    ours.setblocking(False)
+    return app, ours
+
+
+async def _read_to_end(app: socket.socket, expect: int) -> tuple[int, str]:
+    """Read like a length-checked upload: bytes received and how it ended."""
+    loop = asyncio.get_running_loop()
+    n = 0
+    try:
+        while True:
+            chunk = await asyncio.wait_for(loop.sock_recv(app, 65536), WAIT)
+            if not chunk:
+                return n, "EOF"
+            n += len(chunk)
+    except ConnectionResetError:
+        return n, "ECONNRESET"
+    except OSError as e:
+        return n, errno.errorcode.get(e.errno or 0, str(e))
+
+
+@pytest.mark.parametrize("how", ["rst_stream", "connection_lost"])
+def test_bridge_resets_the_app_socket_when_the_stream_is_cut(how: str) -> None:
+    """A transfer cut mid-way (RST_STREAM, or the HBONE connection lost
+    without END_STREAM): the app must see ECONNRESET, as over direct TCP.
+    Before, it got a FIN: a half-received upload looked complete."""
+
+    async def main() -> None:
+        bridges: list[Bridge] = []
+
+        async def on_request(c: H2Conn, s: H2Stream) -> None:
+            c.respond(s, 200)
+            b = Bridge(s, initiator="stream")
+            bridges.append(b)
+            await b.start(ours)
+            await b.done
+
+        app, ours = await _app_pair()
+        conn, cli = await pair(lambda: H2Conn(client=False, on_request=on_request), True)
+        cli.h2.send_headers(1, GOOD)
+        cli.h2.send_data(1, b"x" * 5000)
+        cli.flush()
+        loop = asyncio.get_running_loop()
+        got = 0
+        while got < 5000:
+            got += len(await asyncio.wait_for(loop.sock_recv(app, 65536), WAIT))
+        if how == "rst_stream":
+            cli.raw(_rst(1))
+        else:
+            assert cli.transport is not None
+            cli.transport.abort()
+        n, end = await _read_to_end(app, 10000)
+        assert end == "ECONNRESET", (n, end)
+        assert bridges and bridges[0].abort_flag == "DC"  # inbound: the stream is downstream
+        app.close()
+        conn.close()
+
+    run(main())
+
+
+def test_bridge_resets_the_stream_when_the_app_resets() -> None:
+    """ECONNRESET on the app's socket is passed on as RST_STREAM, never END_STREAM."""
+
+    async def main() -> None:
+        async def on_request(c: H2Conn, s: H2Stream) -> None:
+            c.respond(s, 200)
+            b = Bridge(s, initiator="stream")
+            await b.start(ours)
+            await b.done
+
+        app, ours = await _app_pair()
+        conn, cli = await pair(lambda: H2Conn(client=False, on_request=on_request), True)
+        cli.h2.send_headers(1, GOOD)
+        cli.flush()
+        await cli.until(lambda: bool(cli.of(h2.events.ResponseReceived)))
+        await asyncio.get_running_loop().sock_sendall(app, b"partial")
+        await cli.until(lambda: bool(cli.of(h2.events.DataReceived)))
+        app.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        app.close()
+        await cli.until(
+            lambda: bool(cli.of(h2.events.StreamReset) or cli.of(h2.events.StreamEnded))
+        )
+        assert cli.of(h2.events.StreamReset) and not cli.of(h2.events.StreamEnded)
+        conn.close()
+
+    run(main())
+
+
+def test_relay_passes_a_reset_on_as_a_reset() -> None:
+    """Plaintext and same-node relays: one side reset, the other gets RST too."""
+
+    async def main() -> None:
+        client, a = await _app_pair()
+        server, b = await _app_pair()
+        r = Relay({})
+        await r.start(a, b)
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(client, b"y" * 3000)
+        got = 0
+        while got < 3000:
+            got += len(await asyncio.wait_for(loop.sock_recv(server, 65536), WAIT))
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()
+        n, end = await _read_to_end(server, 10000)
+        assert end == "ECONNRESET", (n, end)
+        await asyncio.wait_for(r.done, WAIT)
+        assert r.abort_flag == "DC"
+        server.close()
+
+    run(main())
+
+
+def test_relay_clean_end_is_still_a_fin() -> None:
+    async def main() -> None:
+        client, a = await _app_pair()
+        server, b = await _app_pair()
+        r = Relay({})
+        await r.start(a, b)
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(client, b"z" * 100)
+        client.shutdown(socket.SHUT_WR)
+        n, end = await _read_to_end(server, 100)
+        assert (n, end) == (100, "EOF")
+        server.close()
+        client.close()
+        await asyncio.wait_for(r.done, WAIT)
+        assert r.abort_flag is None
+
+    run(main())
+
+
+def test_resets_of_established_streams_do_not_spend_the_budget() -> None:
+    """Only premature resets count (Envoy's rule): apps aborting streams that
+    have lived a while (ordinary in a busy mesh) never earn a GOAWAY."""
+
+    async def main() -> None:
+        async def on_request(c: H2Conn, s: H2Stream) -> None:
+            c.respond(s, 200)
+
+        conn, cli = await pair(lambda: H2Conn(client=False, on_request=on_request), True)
+        for _ in range(4):  # 400 resets, twice the burst
+            ids = []
+            for _ in range(MAX_STREAMS):
+                sid = cli.h2.get_next_available_stream_id()
+                cli.h2.send_headers(sid, GOOD)
+                ids.append(sid)
+            cli.flush()
+            await cli.until(lambda ids=ids: len(cli.of(h2.events.ResponseReceived)) >= ids[-1] // 2)
+            for s in conn.streams.values():
+                s.started -= 5.0  # as if they had been running for a while
+            for sid in ids:
+                cli.h2.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+            cli.flush()
+            await asyncio.sleep(0.05)
+        assert not cli.sent(hyperframe.frame.GoAwayFrame) and not conn.closed.done()
+        conn.close()
+
+    run(main())
+
+
+def test_pool_drops_a_connection_on_goaway_and_dials_a_fresh_one() -> None:
+    """A peer's GOAWAY: the connection leaves the pool at once (its open
+    stream keeps going), the next CONNECT dials a new connection."""
+    from agent.identity.spiffe import SpiffeId
+    from agent.tunnel.hbone import HboneClient, PoolKey
+
+    async def main() -> None:
+        servers: list[RawPeer] = []
+
+        async def dial(key: PoolKey) -> H2Conn:
+            conn, srv = await pair(lambda: H2Conn(client=True), peer_client_side=False)
+            await asyncio.wait_for(conn.ready, WAIT)
+            servers.append(srv)
+            return conn
+
+        async def answer(srv: RawPeer, n: int) -> None:
+            await srv.until(lambda: len(srv.of(h2.events.RequestReceived)) >= n)
+            sid = srv.of(h2.events.RequestReceived)[n - 1].stream_id
+            srv.h2.send_headers(sid, [(":status", "200")])
+            srv.flush()
+
+        async def no_context(_: SpiffeId) -> Any:
+            raise AssertionError("not dialled for real")
+
+        client = HboneClient(no_context)
+        client._dial = dial  # type: ignore[method-assign]
+        ident = SpiffeId("cluster.local", "ns", "sa")
+        key = PoolKey(ident, ident, "/proc/self/ns/net", ("10.0.0.1", 15008))
+        first = asyncio.get_running_loop().create_task(client.open(key, GOOD))
+        await asyncio.sleep(0.05)
+        await answer(servers[0], 1)
+        s1 = await first
+        servers[0].raw(goaway(1))
+        await servers[0].until(lambda: True)
+        for _ in range(50):
+            if key not in client.pool:
+                break
+            await asyncio.sleep(0.01)
+        assert key not in client.pool and not s1.closed
+        second = asyncio.get_running_loop().create_task(client.open(key, GOOD))
+        await asyncio.sleep(0.05)
+        assert len(servers) == 2
+        await answer(servers[1], 1)
+        s2 = await second
+        assert s2.conn is not s1.conn and client.pool[key] == [s2.conn]
+        client.close()
+
+    run(main())
