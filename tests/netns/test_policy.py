@@ -443,7 +443,11 @@ def test_config_dump_lists_policies(mesh: Mesh) -> None:
         assert [x["key"] for x in p["peerAuthentications"]] == ["shop/default"]
 
 
-def test_invalid_policy_is_reported_and_the_others_stay_in_force(mesh: Mesh) -> None:
+def test_invalid_policy_is_reported_and_its_reach_fails_closed(mesh: Mesh) -> None:
+    """A new DENY that cannot be read: the others stay in force, and what the
+    broken one could reach (no selector: its namespace) is denied until it is
+    fixed or deleted (agent/policy/load.py says why); before, it was simply
+    dropped, so a DENY with a typo denied nothing."""
     good = authz("deny-8081", "shop", "DENY", [{"to": [{"operation": {"ports": ["8081"]}}]}])
     bad = authz(
         "bad-ip", "shop", "DENY", [{"from": [{"source": {"ipBlocks": ["10.10.1.300/24"]}}]}]
@@ -454,10 +458,14 @@ def test_invalid_policy_is_reported_and_the_others_stay_in_force(mesh: Mesh) -> 
         errs = p["rejected"]["AuthorizationPolicy shop/bad-ip"]
         assert any("ipBlocks[0]" in e and "10.10.1.300/24" in e for e in errs), errs
         assert [x["key"] for x in p["authorizationPolicies"]] == ["shop/deny-8081"]
+        assert [g["key"] for g in p["failClosed"]] == ["shop/bad-ip"], p["failClosed"]
     assert "policy not applied" in mesh.n2.log_tail(200)
     assert "bad-ip" in mesh.n2.log_tail(200)
+    denied(mesh, "a", "b", 8080, why="shop/bad-ip")  # its reach: namespace shop
+    denied(mesh, "l1", "b", 8080, why="shop/bad-ip")
+    set_policies(mesh, [good])  # deleting the broken document lifts the deny-all
     denied(mesh, "a", "b", 8081, why="shop/deny-8081")  # the valid one is enforced
-    allowed(mesh, "a", "b", 8080)  # the invalid one is not (it would deny nothing here)
+    allowed(mesh, "a", "b", 8080)
     allowed(mesh, "l1", "b", 8080)
 
 
