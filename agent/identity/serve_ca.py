@@ -80,7 +80,7 @@ async def run_ca(
     if authenticator is None:
         if auth_file is None:
             raise ValueError("tether ca needs an authenticator or an auth file")
-        authenticator = StaticAuthenticator.from_file(auth_file)
+        authenticator = StaticAuthenticator.from_file(auth_file, trust_domain)
     elif auth_file is not None:
         raise ValueError("give either an authenticator or an auth file, not both")
     ca = load_ca(root_dir, trust_domain, max_ttl=max_ttl)

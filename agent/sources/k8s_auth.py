@@ -6,7 +6,11 @@ node authorizer decides it (security/pkg/server/ca/node_auth.go).
 A node agent is the tether-agent service account; its node comes from the
 bound token's `authentication.kubernetes.io/node-name` extra (Kubernetes
 1.30+ puts it in pod-bound tokens), or else from the pod it is bound to.
-Any other service account may only get its own identity.
+Any other service account gets its own identity, ns/<namespace>/sa/<name>,
+and only that, asked for without impersonation: a pod's bound token (the
+API server has checked in the TokenReview that the pod named in its
+pod-name/pod-uid extras still exists) serves a dedicated proxy or an Envoy
+waypoint running as its own service account.
 """
 
 from __future__ import annotations
@@ -61,12 +65,15 @@ class TokenReviewAuthenticator:
             raise AuthenticationError(f"{user} is not a service account")
         ns, _, sa = user[len(SA_PREFIX) :].partition(":")
         own = frozenset({SpiffeId(self.trust_domain, ns, sa)})
-        if f"{ns}/{sa}" not in self.node_agents:
-            return Caller(name=user, identities=own)
         extra = st.user.extra or {}
+        pod = (extra.get(POD_NAME_EXTRA) or [None])[0]
+        if f"{ns}/{sa}" not in self.node_agents:
+            # Not a node agent: its own identity only (node stays None, so the
+            # server refuses ImpersonatedIdentity from it).
+            name = f"{user} (pod {ns}/{pod})" if pod else user
+            return Caller(name=name, identities=own)
         node = (extra.get(NODE_NAME_EXTRA) or [None])[0]
         if node is None:
-            pod = (extra.get(POD_NAME_EXTRA) or [None])[0]
             if pod is None:
                 raise AuthenticationError(
                     f"{user}: token is not bound to a pod, so its node "
@@ -78,7 +85,10 @@ class TokenReviewAuthenticator:
 
     async def authorize_impersonation(self, caller: Caller, identity: SpiffeId) -> None:
         if caller.node is None:
-            raise PermissionDeniedError(f"{caller.name} may not request other identities")
+            raise PermissionDeniedError(
+                f"{caller.name} is not a node agent "
+                f"({', '.join(sorted(self.node_agents))}) and may not request other identities"
+            )
         if identity.trust_domain != self.trust_domain:
             raise PermissionDeniedError(
                 f"identity {identity} is not in trust domain {self.trust_domain}"

@@ -212,8 +212,9 @@ def test_workload_gets_its_own_identity_without_impersonation(ca: CertificateAut
     async def body(target: str) -> None:
         async with CaClient(target, token="web-sa-token", impersonate=False) as client:
             assert (await client.fetch(WEB)).identity == WEB
-            with pytest.raises(CaClientError, match="differ from the authorized identity"):
+            with pytest.raises(CaClientError, match="may get only its own identity") as info:
                 await client.fetch(DB)
+            assert info.value.code == grpc.StatusCode.PERMISSION_DENIED
         async with CaClient(target, token="web-sa-token", impersonate=True) as client:
             with pytest.raises(CaClientError, match="not a node agent") as info:
                 await client.fetch(WEB)
