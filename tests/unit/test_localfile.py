@@ -171,8 +171,10 @@ def test_list_wrapped_document_is_passed_on_and_fails_closed(tmp_path: Path) -> 
 
 def test_compiling_a_huge_policy_does_not_stall_the_loop() -> None:
     """100k principals: compiled on a worker thread (ProxyState.apply off the
-    loop), so the loop keeps ticking; before, the reload ran on the loop and
-    stalled every connection for 5-10 s."""
+    loop), so the loop keeps running callbacks meanwhile; before, the reload
+    ran on the loop and stalled every connection for 5-10 s.  Checked by
+    counting loop ticks during the compile (no timing bound: a loaded
+    machine only makes the compile longer)."""
     doc = {
         "apiVersion": "security.istio.io/v1",
         "kind": "AuthorizationPolicy",
@@ -195,29 +197,28 @@ def test_compiling_a_huge_policy_does_not_stall_the_loop() -> None:
     }
     state = ProxyState("n1")
 
-    async def run() -> tuple[float, float]:
+    async def run() -> tuple[float, float, int]:
         loop = asyncio.get_running_loop()
-        worst = 0.0
-        done = False
+        worst, ticks, done = 0.0, 0, False
 
         async def tick() -> None:
-            nonlocal worst
+            nonlocal worst, ticks
             last = loop.time()
             while not done:
                 await asyncio.sleep(0.01)
                 now = loop.time()
-                worst = max(worst, now - last)
-                last = now
+                worst, ticks, last = max(worst, now - last), ticks + 1, now
 
         ticker = loop.create_task(tick())
+        await asyncio.sleep(0)
         t0 = loop.time()
         await loop.run_in_executor(None, state.apply, Snapshot("n1", policies=(doc,)))
-        took = loop.time() - t0
+        took, during = loop.time() - t0, ticks
         done = True
         await ticker
-        return took, worst
+        return took, worst, during
 
-    took, worst = asyncio.run(run())
+    took, worst, during = asyncio.run(run())
     assert state.view.policies.describe()["authorizationPolicies"][0]["name"] == "big"
-    print(f"compile {took:.2f}s, worst loop gap {worst * 1000:.0f} ms")
-    assert worst < max(0.5, took / 4), (took, worst)
+    print(f"compile {took:.2f}s, {during} loop ticks meanwhile, worst gap {worst * 1000:.0f} ms")
+    assert during >= 3, (took, worst, during)
