@@ -79,7 +79,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (  # noq
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2, tls_pb2  # noqa: F401
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
-from google.protobuf import any_pb2, json_format
+from google.protobuf import any_pb2, json_format, symbol_database
 from google.protobuf.message import Message
 
 log = logging.getLogger(__name__)
@@ -126,16 +126,10 @@ def parse_resource(message_type: type[Message], doc: Mapping[str, Any]) -> Messa
 
 
 def _resource_name(a: any_pb2.Any) -> str:
-    return str(getattr(_unpack(a), "name", "") or getattr(_unpack(a), "cluster_name", ""))
-
-
-def _unpack(a: any_pb2.Any) -> Message:
-    from google.protobuf import symbol_database
-
-    cls = symbol_database.Default().GetSymbol(a.TypeName())
-    msg: Message = cls()
+    """``name``, or ``cluster_name`` for a ClusterLoadAssignment."""
+    msg = symbol_database.Default().GetSymbol(a.TypeName())()
     a.Unpack(msg)
-    return msg
+    return str(getattr(msg, "name", "") or getattr(msg, "cluster_name", ""))
 
 
 def content_version(a: any_pb2.Any) -> str:

@@ -11,7 +11,8 @@ import stat
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,14 @@ from waypoint.xds import (  # noqa: E402
 
 NODE = node_id("shop", "waypoint")
 TIMEOUT = 5
+
+
+def eventually(read: Callable[[], list[Any]], timeout: float = 5.0) -> list[Any]:
+    """The hook runs on the stream's thread just after the NACK is recorded: wait for it."""
+    deadline = time.monotonic() + timeout
+    while not read() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return read()
 
 
 def cluster(name: str, timeout_s: int = 1) -> cluster_pb2.Cluster:
@@ -202,7 +211,8 @@ def test_sotw_pushes_changed_types_only_and_tracks_ack_and_nack(server: XdsServe
         assert st["streams"] == 1
         assert st["types"][TYPE_LISTENER]["acked"] == v1[TYPE_LISTENER]
         assert st["types"][TYPE_LISTENER]["nack_message"] == "bad listener m"
-        assert nacks == [(NODE, TYPE_LISTENER, v2[TYPE_LISTENER], "bad listener m")]
+        want = [(NODE, TYPE_LISTENER, v2[TYPE_LISTENER], "bad listener m")]
+        assert eventually(lambda: nacks) == want
         # an unchanged snapshot sends nothing and keeps the versions
         assert (
             cache.set_snapshot(

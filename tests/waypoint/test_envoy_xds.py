@@ -11,7 +11,7 @@ import signal
 import ssl
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -99,7 +99,7 @@ def test_envoy_acks_serves_and_keeps_last_good_on_nack(
         message = cache.wait_nacked(NODE, TYPE_LISTENER, bad[TYPE_LISTENER], 5)
         assert message is not None, cache.status()
         assert "stat_prefix" in message.lower() or "statprefix" in message.lower(), message
-        assert nacks == [(NODE, TYPE_LISTENER, bad[TYPE_LISTENER], message)]
+        assert eventually(lambda: nacks) == [(NODE, TYPE_LISTENER, bad[TYPE_LISTENER], message)]
         st = cache.status()[NODE]["types"][TYPE_LISTENER]
         assert st["acked"] == v2[TYPE_LISTENER]
         assert st["nack_version"] == bad[TYPE_LISTENER] and st["nack_message"] == message
@@ -110,6 +110,14 @@ def test_envoy_acks_serves_and_keeps_last_good_on_nack(
         assert cache.wait_acked(NODE, TYPE_LISTENER, fixed[TYPE_LISTENER], 5)
         assert get_until(url + "/", "v4") == "v4"
         assert envoy.running()
+
+
+def eventually(read: Callable[[], list[Any]], timeout: float = 5.0) -> list[Any]:
+    """The hook runs on the stream's thread just after the NACK is recorded: wait for it."""
+    deadline = time.monotonic() + timeout
+    while not read() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return read()
 
 
 def make_svid(ca: CertificateAuthority) -> Svid:
