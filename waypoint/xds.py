@@ -8,24 +8,29 @@ namespace's waypoint configuration, and with it that waypoint's private key
 (SDS ``tls_certificate``), which would let it impersonate the waypoint's
 SPIFFE identity mesh-wide.
 
-Decision: there is no token and no TCP endpoint.  The agent serves ADS on one
-unix socket per waypoint it runs on its node,
-``<stateDir>/xds/<namespace>.<name>.sock`` (directory 0700, socket 0600, owned
-by root unless an owner is given), and only that socket's path is
-bind-mounted into that waypoint's pod.  Reaching the socket at all therefore
-means running in that waypoint's pod (or being root on the node, which owns
-everything anyway).  On top of that, every stream's Envoy node id must be the
-node id of the waypoint the socket is for (``node_id(namespace, name)``);
-any other node id is refused with PERMISSION_DENIED and logged, so a mount
-mistake cannot turn into serving one waypoint's config and key to another.
-The cache is keyed by node id, so a stream only ever reads its own entry.
+Decision: there is no token and no TCP endpoint.  Checks 1 and 2 each keep
+that pod out on its own; 3 keeps a wiring mistake from crossing waypoints:
 
-Not done: checking the connecting process's credentials (SO_PEERCRED →
-pid → cgroup/netns of the waypoint pod).  grpcio accepts connections in its
-C core and exposes neither the socket fd nor the peer's credentials
-(``context.peer()`` is just ``unix:``), so the check could not be made per
-stream without a proxy in front of grpc; the per-waypoint socket plus the
-bind mount gives the same boundary (the filesystem decides who can connect).
+1. One unix socket per waypoint the agent runs on its node,
+   ``<stateDir>/xds/<namespace>.<name>.sock`` (directory 0700, socket 0600,
+   owned by root unless an owner is given), and only that socket's path is
+   bind-mounted into that waypoint's pod.  Reaching it means running in that
+   pod, or being root on the node (who owns everything anyway).
+2. The peer's credentials (``XdsServer(peer_check=...)``, waypoint/peer.py):
+   the process that connected, from SO_PEERCRED, must be in the waypoint
+   pod's network namespace (``peer_in_netns``) or cgroup
+   (``peer_in_cgroup``); others are disconnected before a byte reaches grpc
+   and logged.  grpcio hides the accepted fd and the peer credentials
+   (``context.peer()`` is just ``unix:``), so a gate owns the mounted socket,
+   checks, and relays admitted connections to grpc's own socket beside it
+   (same 0700 directory, never mounted anywhere).  The pid is read in the
+   agent's pid namespace (the agent runs with the host's); pid reuse between
+   connect() and the check is the remaining gap (SO_PEERPIDFD, Linux 6.5).
+3. Every stream's Envoy node id must be the node id of the waypoint the
+   socket is for (``node_id(namespace, name)``); any other is refused with
+   PERMISSION_DENIED and logged, so a mount or wiring mistake cannot turn
+   into serving one waypoint's config and key to another.  The cache is
+   keyed by node id: a stream only ever reads its own entry.
 
 Protocol
 --------
@@ -81,6 +86,8 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import any_pb2, json_format, symbol_database
 from google.protobuf.message import Message
+
+from waypoint.peer import PeerCheck, PeerGate
 
 log = logging.getLogger(__name__)
 
@@ -589,23 +596,34 @@ class XdsServer:
         node_ids: Iterable[str],
         *,
         owner: tuple[int, int] | None = None,
+        peer_check: PeerCheck | None = None,
         max_streams: int = 8,
     ) -> None:
         self.cache = cache
         self.path = Path(path)
         self.owner = owner
         self.servicer = AdsServicer(cache, node_ids, name=str(self.path))
-        # two pool threads per stream would starve: one per stream, readers are extra
         self._server: grpc.Server | None = None
-        self.max_streams = max_streams
+        self.max_streams = max_streams  # each stream holds one pool thread while open
+        self.gate: PeerGate | None = None
+        if peer_check is not None:
+            # grpc listens where no pod can reach it; the gate owns the mounted path
+            self.gate = PeerGate(
+                self.path, self.path.with_name(f".{self.path.name}.grpc"), peer_check
+            )
+
+    @property
+    def grpc_path(self) -> Path:
+        return self.gate.private if self.gate is not None else self.path
 
     def start(self) -> None:
         # 0700 directory first: the socket file is created by grpc with the
         # umask's mode, and nobody else can reach it before the chmod below.
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.path.parent, 0o700)
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()  # a stale socket from a previous agent
+        for p in {self.path, self.grpc_path}:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()  # a stale socket from a previous agent
         server = grpc.server(
             futures.ThreadPoolExecutor(
                 max_workers=self.max_streams, thread_name_prefix=f"xds-{self.path.stem}"
@@ -613,20 +631,25 @@ class XdsServer:
             maximum_concurrent_rpcs=self.max_streams,
         )
         ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self.servicer, server)
-        server.add_insecure_port(f"unix:{self.path}")
+        server.add_insecure_port(f"unix:{self.grpc_path}")
         server.start()
-        os.chmod(self.path, 0o600)
+        os.chmod(self.grpc_path, 0o600)
+        self._server = server
+        if self.gate is not None:
+            self.gate.start()
         if self.owner is not None:
             os.chown(self.path, *self.owner)
-        self._server = server
         log.info("xds: serving %s on %s", sorted(self.servicer.node_ids), self.path)
 
     def stop(self, grace: float = 1.0) -> None:
+        if self.gate is not None:
+            self.gate.stop()
         if self._server is not None:
             self._server.stop(grace).wait(grace + 1)
             self._server = None
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        for p in {self.path, self.grpc_path}:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
 
     def __enter__(self) -> XdsServer:
         self.start()

@@ -30,6 +30,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2  # noqa: E402
 from google.rpc import status_pb2  # noqa: E402
 
 from waypoint import envoy as envoy_mod  # noqa: E402
+from waypoint.peer import PeerCheck, PeerCred, peer_in_cgroup, peer_in_netns  # noqa: E402
 from waypoint.xds import (  # noqa: E402
     TYPE_CLUSTER,
     TYPE_LISTENER,
@@ -381,3 +382,71 @@ def test_bootstrap_shape(tmp_path: Path) -> None:
     assert b["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
     assert b["bootstrap_extensions"][0]["name"] == "envoy.bootstrap.internal_listener"
     assert [layer["name"] for layer in b["layered_runtime"]["layers"]] == ["static", "admin"]
+
+
+# -- SO_PEERCRED gate --------------------------------------------------------------------
+
+
+def gated(xds_dir: Path, check: PeerCheck) -> XdsServer:
+    srv = XdsServer(
+        SnapshotCache(), socket_path(xds_dir, "shop", "waypoint"), [NODE], peer_check=check
+    )
+    srv.cache.set_snapshot(NODE, {TYPE_CLUSTER: [cluster("a")]})
+    srv.start()
+    return srv
+
+
+def test_gate_admits_a_peer_in_the_waypoint_netns(xds_dir: Path) -> None:
+    seen: list[PeerCred] = []
+    in_netns = peer_in_netns("/proc/self/ns/net")  # this test process plays the pod
+
+    def check(p: PeerCred) -> bool:
+        seen.append(p)
+        return in_netns(p)
+
+    srv = gated(xds_dir, check)
+    try:
+        for p in (srv.path, srv.grpc_path):
+            assert stat.S_IMODE(p.stat().st_mode) == 0o600
+        assert srv.grpc_path != srv.path and srv.grpc_path.parent == srv.path.parent
+        c = Client(srv.path)
+        try:
+            c.send(sotw_req(TYPE_CLUSTER))
+            assert names_of(c.recv(), cluster_pb2.Cluster) == ["a"]
+        finally:
+            c.close()
+        assert seen and seen[0].pid == os.getpid() and seen[0].uid == os.getuid()
+    finally:
+        srv.stop(grace=0)
+    assert not srv.path.exists() and not srv.grpc_path.exists()
+
+
+def test_gate_refuses_a_peer_elsewhere_before_grpc(xds_dir: Path) -> None:
+    srv = gated(xds_dir, peer_in_netns("/proc/self/ns/net"))
+    assert srv.gate is not None
+    srv.gate.check = lambda p: False  # the peer is not in the waypoint's pod
+    try:
+        c = Client(srv.path)
+        try:
+            c.send(sotw_req(TYPE_CLUSTER))
+            with pytest.raises(grpc.RpcError) as err:
+                c.recv()
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        finally:
+            c.close()
+        assert srv.gate.refused >= 1
+        assert srv.cache.status()[NODE]["streams"] == 0
+    finally:
+        srv.stop(grace=0)
+
+
+def test_peer_in_cgroup_matches_the_pod_cgroup_and_below() -> None:
+    line = next(x for x in Path("/proc/self/cgroup").read_text().splitlines() if x[:3] == "0::")
+    mine = line[3:]
+    me = PeerCred(os.getpid(), os.getuid(), os.getgid())
+    root = "/sys/fs/cgroup"
+    assert peer_in_cgroup(root + mine, root)(me)
+    if mine != "/":
+        assert peer_in_cgroup(root + mine.rsplit("/", 1)[0] or root, root)(me)  # a parent: below
+    assert not peer_in_cgroup(root + "/kubepods/pod-other", root)(me)
+    assert not peer_in_cgroup(root + mine, root)(PeerCred(2**22 + 7, 0, 0))  # no such pid

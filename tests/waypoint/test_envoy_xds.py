@@ -29,6 +29,7 @@ from agent.identity.spiffe import SpiffeId  # noqa: E402
 from agent.identity.svid import Svid, generate_key  # noqa: E402
 from tests.waypoint.resources import get_until, snapshot  # noqa: E402
 from waypoint.envoy import EnvoyProcess, bootstrap, free_port  # noqa: E402
+from waypoint.peer import PeerCheck, PeerCred  # noqa: E402
 from waypoint.sds import svid_secrets  # noqa: E402
 from waypoint.xds import (  # noqa: E402
     TYPE_CLUSTER,
@@ -48,9 +49,15 @@ WAYPOINT_ID = SpiffeId("cluster.local", "shop", "waypoint")
 
 @contextlib.contextmanager
 def running(
-    xds_dir: Path, envoy_bin: Path, cache: SnapshotCache, *, delta: bool, **kw: Any
+    xds_dir: Path,
+    envoy_bin: Path,
+    cache: SnapshotCache,
+    *,
+    delta: bool,
+    peer_check: PeerCheck | None = None,
+    **kw: Any,
 ) -> Iterator[EnvoyProcess]:
-    srv = XdsServer(cache, socket_path(xds_dir, "shop", "waypoint"), [NODE])
+    srv = XdsServer(cache, socket_path(xds_dir, "shop", "waypoint"), [NODE], peer_check=peer_check)
     srv.start()
     envoy = EnvoyProcess(
         bootstrap(NODE, "waypoint.shop", srv.path, free_port(), delta=delta),
@@ -118,6 +125,25 @@ def eventually(read: Callable[[], list[Any]], timeout: float = 5.0) -> list[Any]
     while not read() and time.monotonic() < deadline:
         time.sleep(0.01)
     return read()
+
+
+@pytest.mark.parametrize("delta", MODES)
+def test_envoy_through_the_peer_gate(xds_dir: Path, envoy_bin: Path, delta: bool) -> None:
+    """The SO_PEERCRED gate relays a whole ADS session (here: the peer must be Envoy)."""
+
+    def is_envoy(p: PeerCred) -> bool:
+        return os.path.realpath(f"/proc/{p.pid}/exe") == os.path.realpath(envoy_bin)
+
+    cache = SnapshotCache()
+    port = free_port()
+    v1 = cache.set_snapshot(NODE, snapshot(port, "gated"))
+    with running(xds_dir, envoy_bin, cache, delta=delta, peer_check=is_envoy) as envoy:
+        assert cache.wait_acked(NODE, TYPE_LISTENER, v1[TYPE_LISTENER], 5)
+        assert get_until(f"http://127.0.0.1:{port}/via", "gated") == "gated"
+        v2 = cache.set_snapshot(NODE, snapshot(port, "gated-2"))
+        assert cache.wait_acked(NODE, TYPE_LISTENER, v2[TYPE_LISTENER], 5)
+        assert get_until(f"http://127.0.0.1:{port}/", "gated-2") == "gated-2"
+        assert envoy.running()
 
 
 def make_svid(ca: CertificateAuthority) -> Svid:
