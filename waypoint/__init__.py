@@ -1,0 +1,1 @@
+"""Waypoints: stock Envoy run and configured by the node agent over ADS."""
