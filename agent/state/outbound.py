@@ -13,7 +13,15 @@ import enum
 import ipaddress
 
 from agent.identity.spiffe import SpiffeId
-from agent.model import Service, ServicePort, Workload, format_authority, norm_ip, same_family
+from agent.model import (
+    Service,
+    ServicePort,
+    Waypoint,
+    Workload,
+    format_authority,
+    norm_ip,
+    same_family,
+)
 from agent.state.state import StateView
 
 HBONE_PORT = 15008
@@ -23,7 +31,12 @@ class Route(enum.Enum):
     HBONE = "hbone"  # mTLS CONNECT to the endpoint's node (its pod's 15008)
     LOCAL = "local"  # the endpoint is an enrolled pod on this node: authorize, deliver
     PASSTHROUGH = "passthrough"  # outside the mesh (or no identity): plain TCP
-    # WAYPOINT: to come (HBONE to the destination's waypoint, service authority)
+    # HBONE to the destination's waypoint (its address:15008), `:authority` =
+    # what the app dialled (service VIP:port, or pod ip:port)
+    WAYPOINT = "waypoint"
+    # fail closed: the connection is reset, the reason recorded (traffic that
+    # must go through a waypoint is never sent around it)
+    REFUSE = "refuse"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,15 +49,19 @@ class Request:
     dst_identity: SpiffeId | None = None  # expected peer identity (HBONE, LOCAL)
     dst_workload: Workload | None = None
     dst_service: Service | None = None
+    waypoint: Waypoint | None = None  # WAYPOINT (and REFUSE because of one)
+    via: str | None = None  # WAYPOINT: the waypoint address chosen
 
     @property
     def authority(self) -> str:
-        """HBONE's `:authority`: the endpoint's ip:port."""
+        """HBONE's `:authority`: the endpoint's ip:port; through a waypoint,
+        what the app dialled (the service VIP:port or the pod's ip:port)."""
         return format_authority(*self.target)
 
     @property
     def hbone_address(self) -> tuple[str, int]:
-        return (self.target[0], HBONE_PORT)
+        """Where the HBONE connection goes: the waypoint, else the endpoint."""
+        return (self.via or self.target[0], HBONE_PORT)
 
 
 def decide(
@@ -66,14 +83,92 @@ def decide(
     svc = view.vips.get(original)
     if svc is not None:
         service, sport = svc
+        wp = view.service_waypoint.get(service.key)
+        if wp is not None:
+            req = _via_waypoint(view, source, original, wp, tls, pick, None, service)
+            if req is not None:
+                return req
         target, w, why = _endpoint(view, service, sport, ip, pick)
         if w is None:
-            return Request(Route.PASSTHROUGH, original, target, why, dst_service=service)
-        return _to_workload(view, source, original, target, w, service, tls)
+            req = Request(Route.PASSTHROUGH, original, target, why, dst_service=service)
+        else:
+            req = _to_workload(view, source, original, target, w, service, tls)
+        return _note_missing(view, req, f"service {service.key}")
     w = view.workload_by_ip(ip)
     if w is None:
         return Request(Route.PASSTHROUGH, original, original, "no workload or service at " + ip)
-    return _to_workload(view, source, original, original, w, None, tls)
+    wp = view.workload_waypoint.get(w.key)
+    if wp is not None and original[1] not in w.exclude_inbound_ports:
+        req = _via_waypoint(view, source, original, wp, tls, pick, w, None)
+        if req is not None:
+            return req
+    return _note_missing(
+        view, _to_workload(view, source, original, original, w, None, tls), f"workload {w.key}"
+    )
+
+
+def _note_missing(view: StateView, req: Request, what: str) -> Request:
+    """A use-waypoint label naming a Gateway that does not exist: the
+    traffic goes direct (Istio does the same), and the reason says so."""
+    ref = view.missing_waypoint.get(what)
+    if ref is None:
+        return req
+    return dataclasses.replace(
+        req, reason=f"{req.reason}; {what} names no such waypoint {ref}: direct"
+    )
+
+
+def _via_waypoint(
+    view: StateView,
+    source: Workload | None,
+    original: tuple[str, int],
+    wp: Waypoint,
+    tls: bool,
+    pick: int,
+    w: Workload | None,
+    service: Service | None,
+) -> Request | None:
+    """To the destination's waypoint; None: this source does not go through
+    it (unknown source, or the source is a waypoint's own pod)."""
+    if source is None or view.is_waypoint(source):
+        return None
+    what = f"service {service.key}" if service else f"workload {w.key if w else '?'}"
+
+    def req(route: Route, why: str, via: str | None = None) -> Request:
+        return Request(
+            route,
+            original,
+            original,
+            why,
+            src_identity=view.identity_of(source) if route is Route.WAYPOINT else None,
+            dst_identity=view.identity_of_waypoint(wp) if route is Route.WAYPOINT else None,
+            dst_workload=w,
+            dst_service=service,
+            waypoint=wp,
+            via=via,
+        )
+
+    if not tls:
+        return req(
+            Route.REFUSE,
+            f"{what} uses waypoint {wp.key}, and this node has no identity source "
+            "(no caDir/caAddress) to reach it: refused, never sent around it",
+        )
+    if not wp.addresses:
+        return req(
+            Route.REFUSE,
+            f"{what} uses waypoint {wp.key}, which has no address yet: refused, "
+            "never sent around it",
+        )
+    want = ipaddress.ip_address(original[0]).version
+    addrs = [a for a in wp.addresses if ipaddress.ip_address(a).version == want]
+    if not addrs:
+        return req(
+            Route.REFUSE,
+            f"{what} uses waypoint {wp.key}, which has no IPv{want} address: refused",
+        )
+    via = norm_ip(addrs[pick % len(addrs)])
+    return req(Route.WAYPOINT, f"{what} uses waypoint {wp.key} at {via}", via)
 
 
 def _endpoint(
