@@ -71,10 +71,12 @@ def decide(
     *,
     tls: bool,
     pick: int = 0,
+    require_waypoint: bool = True,
 ) -> Request:
     """source: the enrolled pod that connected (None: unknown, passthrough);
     tls: this node can originate mTLS (it has a certificate source);
-    pick: which endpoint of a service (the caller's round robin)."""
+    pick: which endpoint of a service (the caller's round robin);
+    require_waypoint: agent.requireWaypoint (see below)."""
     try:
         ip = norm_ip(dst[0])
     except ValueError:
@@ -85,13 +87,23 @@ def decide(
         service, sport = svc
         wp = view.service_waypoint.get(service.key)
         if wp is not None:
-            req = _via_waypoint(view, source, original, wp, tls, pick, None, service)
+            req = _via_waypoint(view, source, original, original, wp, tls, pick, None, service)
             if req is not None:
                 return req
         target, w, why = _endpoint(view, service, sport, ip, pick)
         if w is None:
             req = Request(Route.PASSTHROUGH, original, target, why, dst_service=service)
         else:
+            # The endpoint's own waypoint (for workload traffic), authority the
+            # endpoint's ip:port.  ztunnel sends service-addressed traffic
+            # direct here; with requireWaypoint the endpoint takes traffic only
+            # from its waypoint, so it goes through it (never refused for
+            # skipping a waypoint it was never sent to).
+            wpw = view.workload_waypoint.get(w.key) if require_waypoint else None
+            if wpw is not None and target[1] not in w.exclude_inbound_ports:
+                req_w = _via_waypoint(view, source, original, target, wpw, tls, pick, w, service)
+                if req_w is not None:
+                    return req_w
             req = _to_workload(view, source, original, target, w, service, tls)
         return _note_missing(view, req, f"service {service.key}")
     w = view.workload_by_ip(ip)
@@ -99,7 +111,7 @@ def decide(
         return Request(Route.PASSTHROUGH, original, original, "no workload or service at " + ip)
     wp = view.workload_waypoint.get(w.key)
     if wp is not None and original[1] not in w.exclude_inbound_ports:
-        req = _via_waypoint(view, source, original, wp, tls, pick, w, None)
+        req = _via_waypoint(view, source, original, original, wp, tls, pick, w, None)
         if req is not None:
             return req
     return _note_missing(
@@ -122,23 +134,25 @@ def _via_waypoint(
     view: StateView,
     source: Workload | None,
     original: tuple[str, int],
+    target: tuple[str, int],
     wp: Waypoint,
     tls: bool,
     pick: int,
     w: Workload | None,
     service: Service | None,
 ) -> Request | None:
-    """To the destination's waypoint; None: this source does not go through
+    """To the destination's waypoint, `target` as the authority (the service
+    VIP:port, or the pod's ip:port); None: this source does not go through
     it (unknown source, or the source is a waypoint's own pod)."""
     if source is None or view.is_waypoint(source):
         return None
-    what = f"service {service.key}" if service else f"workload {w.key if w else '?'}"
+    what = f"workload {w.key}" if w else f"service {service.key if service else '?'}"
 
     def req(route: Route, why: str, via: str | None = None) -> Request:
         return Request(
             route,
             original,
-            original,
+            target,
             why,
             src_identity=view.identity_of(source) if route is Route.WAYPOINT else None,
             dst_identity=view.identity_of_waypoint(wp) if route is Route.WAYPOINT else None,
@@ -160,7 +174,7 @@ def _via_waypoint(
             f"{what} uses waypoint {wp.key}, which has no address yet: refused, "
             "never sent around it",
         )
-    want = ipaddress.ip_address(original[0]).version
+    want = ipaddress.ip_address(target[0]).version
     addrs = [a for a in wp.addresses if ipaddress.ip_address(a).version == want]
     if not addrs:
         return req(

@@ -49,6 +49,7 @@ async def outbound(t: Tunnel, pod: PodRef, ports: Ports, app: socket.socket) -> 
         dst,
         tls=t.hbone is not None and pod.identity is not None,
         pick=next(_round_robin),
+        require_waypoint=t.require_waypoint,
     )
     common = {
         "spliced": t.splicing,

@@ -237,8 +237,10 @@ WP_SERVICES = (
     svc("noaddr", ("10.96.1.8",), "backend", **{UW: "wp-noaddr"}),
     svc("local-svc", ("10.96.1.9",), "local-web", **{UW: "wp"}),
     svc("nsd-svc", ("10.96.1.10",), "nsd-pod", ns="nsd"),
-    svc("nsd-optout", ("10.96.1.11",), "nsd-pod", ns="nsd", **{UW: "none"}),
+    # opted out, and so is its pod (else the pod's own, namespace's, waypoint applies)
+    svc("nsd-optout", ("10.96.1.11",), "nsd-optout", ns="nsd", **{UW: "none"}),
     svc("plain", ("10.96.1.12",), "backend"),
+    svc("to-wl-pod", ("10.96.1.13",), "wl-pod"),
 )  # fmt: skip
 WP_SNAP = Snapshot(
     "n1",
@@ -283,8 +285,8 @@ WP_TABLE: list[
      ("10.7.0.1", 15008), sid("nsd", "ns-wp"), "waypoint nsd/ns-wp"),
     ("namespace label, pod", ("10.2.0.17", 8080), 0, True, Route.WAYPOINT, "10.2.0.17:8080",
      ("10.7.0.1", 15008), sid("nsd", "ns-wp"), "waypoint nsd/ns-wp"),
-    ("service opts out with none", ("10.96.1.11", 80), 0, True, Route.HBONE, "10.2.0.17:8080",
-     ("10.2.0.17", 15008), sid("nsd", "nsd-pod"), "mesh"),
+    ("service opts out with none", ("10.96.1.11", 80), 0, True, Route.HBONE, "10.2.0.18:8080",
+     ("10.2.0.18", 15008), sid("nsd", "nsd-optout"), "mesh"),
     ("pod opts out with none", ("10.2.0.18", 8080), 0, True, Route.HBONE, "10.2.0.18:8080",
      ("10.2.0.18", 15008), sid("nsd", "nsd-optout"), "mesh"),
     ("service names no such waypoint: direct", ("10.96.1.7", 80), 0, True, Route.HBONE,
@@ -302,6 +304,9 @@ WP_TABLE: list[
     ("same-node pod with a waypoint: still the waypoint", ("10.1.0.16", 8080), 0, True,
      Route.WAYPOINT, "10.1.0.16:8080", ("10.5.0.3", 15008), sid("shop", "wp-workload"),
      "wp-workload"),
+    ("service without one, endpoint with its own (requireWaypoint)", ("10.96.1.13", 80), 0, True,
+     Route.WAYPOINT, "10.2.0.11:8080", ("10.5.0.3", 15008), sid("shop", "wp-workload"),
+     "workload shop/wl-pod uses waypoint shop/wp-workload"),
     ("no waypoint anywhere: unchanged", ("10.96.1.12", 80), 0, True, Route.HBONE,
      "10.2.0.19:8080", ("10.2.0.19", 15008), sid("shop", "backend"), "mesh"),
 ]  # fmt: skip
@@ -332,9 +337,21 @@ def test_waypoint_decision(
         assert req.src_identity is not None and req.src_identity.uri == sid("shop", "client")
     if route is Route.WAYPOINT:
         assert req.waypoint is not None and req.via == hbone[0]  # type: ignore[index]
-        assert req.original == req.target == (req.target[0], dst[1])
+        assert req.original == (dst[0], dst[1])
     if route is Route.REFUSE:
         assert req.src_identity is None and req.waypoint is not None
+
+
+def test_service_endpoint_with_its_own_waypoint_without_require_waypoint_is_direct() -> None:
+    """requireWaypoint false is Istio's behaviour: a workload waypoint applies
+    only to traffic addressed to the pod (ztunnel: "Don't traverse waypoint
+    if traffic was addressed to a service")."""
+    req = decide(WP_STATE.view, SRC, ("10.96.1.13", 80), tls=True, require_waypoint=False)
+    assert req.route is Route.HBONE and req.target == ("10.2.0.11", 8080)
+    assert req.dst_identity is not None and req.dst_identity.uri == sid("shop", "wl-pod")
+    # traffic addressed to the pod still goes through its waypoint
+    req = decide(WP_STATE.view, SRC, ("10.2.0.11", 8080), tls=True, require_waypoint=False)
+    assert req.route is Route.WAYPOINT
 
 
 def test_waypoint_request_carries_the_service() -> None:
