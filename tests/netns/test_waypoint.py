@@ -12,7 +12,10 @@ authority, and bridge the streams.
 Checked: pod a's connection to the service VIP goes, from a's agent, as a
 CONNECT with :authority = VIP:port to the waypoint, authenticated as a;
 b's agent accepts the waypoint's CONNECT and delivers; a direct connection
-from a to b is refused by b's agent with 401 naming the waypoint.
+from a to b is refused by b's agent with 401 naming the waypoint.  On b's
+own node: pod c's connection to the VIP still goes to the waypoint (not
+same-node delivery), c's direct connection is reset (DENY), and plaintext
+from outside the mesh is reset too.
 """
 
 from __future__ import annotations
@@ -134,6 +137,8 @@ class Mesh:
     n2: AgentNode
     a: Pod
     b: Pod
+    c: Pod
+    outsider: Pod
     wp: HboneWaypoint
 
 
@@ -142,6 +147,8 @@ def mesh() -> Iterator[Mesh]:
     with cluster_nodes("node1", "node2") as (cluster, (n1, n2)):
         a = n1.add_pod("a", "shop", "sa-a", labels={"app": "a"})
         b = n2.add_pod("b", "shop", "sa-b", labels={"app": "b"})
+        c = n2.add_pod("c", "shop", "sa-c", labels={"app": "c"})
+        outsider = n1.add_pod("outsider", "legacy", "default")  # namespace not enrolled
         wp_pod = n2.add_pod(
             "wp-5d8",
             "shop",
@@ -178,7 +185,7 @@ def mesh() -> Iterator[Mesh]:
         n1.start_agent()
         n2.start_agent()
         try:
-            yield Mesh(cluster, n1, n2, a, b, wp)
+            yield Mesh(cluster, n1, n2, a, b, c, outsider, wp)
         finally:
             wp.stop()
 
@@ -233,3 +240,35 @@ def test_direct_connection_to_the_guarded_pod_is_refused_with_401(mesh: Mesh) ->
     assert (
         "waypoint bypass: shop/b takes mesh traffic only through waypoint shop/wp" in (inn["error"])
     ), inn
+
+
+def test_same_node_source_still_goes_through_the_waypoint(mesh: Mesh) -> None:
+    m = mesh
+    before = len(m.wp.seen)
+    r = m.n2.peer(m.c, ["connect", VIP, "80", "--bytes", "4096", "--timeout", "10"])
+    assert r["ok"], (r, m.n2.log_tail())
+    assert m.wp.seen[before:] == [Seen(f"{VIP}:80", SpiffeId(TD, "shop", "sa-c").uri, 200)]
+    out = _record(
+        m.n2,
+        lambda c: c["direction"] == "outbound" and c["pod"] == "shop/c" and c["dst"] == f"{VIP}:80",
+    )
+    assert out["path"] == "waypoint", out
+
+
+def test_same_node_and_plaintext_bypasses_are_reset(mesh: Mesh) -> None:
+    m = mesh
+    r = m.n2.connect(m.c, m.b)
+    assert not r["ok"], r
+    local = _record(
+        m.n2,
+        lambda c: c["direction"] == "inbound" and c["path"] == "local" and c["pod"] == "shop/b",
+    )
+    assert local["response_flag"] == "DENY" and "waypoint bypass" in local["error"], local
+    r = m.n1.connect(m.outsider, m.b)
+    assert not r["ok"], r
+    plain = _record(
+        m.n2,
+        lambda c: c["direction"] == "inbound" and c["path"] == "plaintext" and c["pod"] == "shop/b",
+    )
+    assert plain["response_flag"] == "DENY", plain
+    assert "a peer without identity is not it" in plain["error"], plain
