@@ -121,14 +121,15 @@ class Agent:
             for err in view.policy_report.errors:
                 log.error("policy not applied: %s", err)
         uses = view.snapshot.waypoint_uses()
+        seen = {(str(u["scope"]), str(u["name"]), str(u["status"])) for u in uses}
         for u in uses:
-            if (u["scope"], u["name"], u["waypoint"]) not in self._waypoints_reported:
-                log.warning(
+            if (str(u["scope"]), str(u["name"]), str(u["status"])) not in self._waypoints_reported:
+                (log.info if u["resolved"] else log.warning)(
                     "%s %s uses waypoint %s: %s", u["scope"], u["name"], u["waypoint"], u["status"]
                 )
-        self._waypoints_reported = {(u["scope"], u["name"], u["waypoint"]) for u in uses}
+        self._waypoints_reported = seen
         assert self.pods is not None and self.tunnel is not None
-        if change.policies_changed:
+        if change.policies_changed or change.guards_changed:
             for pod, n in revalidate(self.tunnel).items():
                 log.info("policy change closed %d connections of %s", n, pod)
         # what a predecessor handed over is adopted by the first reconcile
@@ -152,6 +153,7 @@ class Agent:
             hbone,
             server_ctx,
             splicing=self.datapath.config.skmsg,
+            require_waypoint=self.settings.agent.require_waypoint,
         )
         self.pods = Pods(self.datapath, self.tunnel, self.certs, kube=self.kube is not None)
         first = self.first_snapshot
@@ -308,7 +310,8 @@ class Agent:
             "source": source,
             "state": view.describe(),
             "policies": view.policies.describe(),
-            "waypoints": view.snapshot.waypoint_uses(),
+            "waypoints": view.describe()["waypoints"],
+            "waypoint_uses": view.snapshot.waypoint_uses(),
             "certificates": self.certs.describe() if self.certs else [],
             "hbone_pool": self.tunnel.hbone.describe() if self.tunnel and self.tunnel.hbone else [],
             "connections": {

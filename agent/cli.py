@@ -52,6 +52,13 @@ def _cmd_status(a: argparse.Namespace) -> int:
             f"certificate {c.get('identity')}: {c.get('state')}, serial {c.get('serial')}, "
             f"until {c.get('not_after')}"
         )
+    for w in data.get("waypoints", []):
+        print(
+            f"waypoint {w['name']} ({w['identity']}, for {w['for']}) at "
+            f"{','.join(w['addresses']) or 'no address yet'}; guards {','.join(w['guards']) or '-'}"
+        )
+    for u in data.get("waypoint_uses", []):
+        print(f"  {u['scope']} {u['name']} uses waypoint {u['waypoint']}: {u['status']}")
     for p in data.get("hbone_pool", []):
         print(
             f"hbone pool {p['src']} -> {p['dst']} at {p['address']}: "

@@ -9,11 +9,17 @@ on each other or on a file format.
 from agent.model.addr import HBONE_PORT, family, format_authority, norm_ip, plain, same_family
 from agent.model.settings import AgentSettings, IdentitySettings, NodeSettings
 from agent.model.snapshot import Snapshot
-from agent.model.waypoint import WAYPOINT_CLASS, Waypoint
+from agent.model.waypoint import (
+    FOR_VALUES,
+    GATEWAY_NAME_LABEL,
+    USE_WAYPOINT_NAMESPACE,
+    WAYPOINT_CLASS,
+    WAYPOINT_FOR,
+    Waypoint,
+)
 from agent.model.workload import (
     DATAPLANE_MODE,
     USE_WAYPOINT,
-    WAYPOINT_NOT_APPLIED,
     Endpoint,
     Service,
     ServicePort,
@@ -22,10 +28,13 @@ from agent.model.workload import (
 
 __all__ = [
     "DATAPLANE_MODE",
+    "FOR_VALUES",
+    "GATEWAY_NAME_LABEL",
     "HBONE_PORT",
     "USE_WAYPOINT",
+    "USE_WAYPOINT_NAMESPACE",
     "WAYPOINT_CLASS",
-    "WAYPOINT_NOT_APPLIED",
+    "WAYPOINT_FOR",
     "AgentSettings",
     "Endpoint",
     "IdentitySettings",

@@ -28,6 +28,10 @@ class AgentSettings:
     admin_port: int = 15000
     ready_port: int = 15021
     metrics_port: int = 15020
+    # A workload whose traffic goes through a waypoint refuses mesh traffic
+    # that did not come from that waypoint (false: Istio's default, which
+    # does not enforce it).
+    require_waypoint: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

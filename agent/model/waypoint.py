@@ -10,6 +10,9 @@ WAYPOINT_CLASS = "istio-waypoint"
 WAYPOINT_FOR = "istio.io/waypoint-for"
 USE_WAYPOINT_NAMESPACE = "istio.io/use-waypoint-namespace"
 FOR_VALUES = ("service", "workload", "all", "none")
+# The label Istio puts on a waypoint's pods (and its Service, Deployment):
+# istio.io/istio manifests/.../files/waypoint.yaml.
+GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,11 +6,6 @@ import dataclasses
 
 DATAPLANE_MODE = "istio.io/dataplane-mode"
 USE_WAYPOINT = "istio.io/use-waypoint"
-WAYPOINT_NOT_APPLIED = (
-    "not applied: tether runs no waypoint (L7) proxy yet, so traffic to it goes "
-    "direct over HBONE and only L4 authorization is enforced; L7 routes and "
-    "policies attached to the waypoint have no effect"
-)
 
 
 @dataclasses.dataclass(frozen=True)

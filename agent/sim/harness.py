@@ -43,6 +43,7 @@ class Cluster:
         self.namespaces: dict[str, dict[str, str]] = {}
         self.services: list[dict[str, Any]] = []
         self.policies: list[dict[str, Any]] = []
+        self.waypoints: list[dict[str, Any]] = []  # the local file's `waypoints:`
         self._tmp = tempfile.TemporaryDirectory(prefix=f"tether-{tb.prefix}-ca-")
         self.ca_dir = self._tmp.name
         self.mtls = True
@@ -136,6 +137,7 @@ class AgentNode:
             "workloads": [n._workload(p, n is self) for n in c.nodes for p in n.pods],
             "services": c.services,
             "policies": c.policies,
+            "waypoints": c.waypoints,
         }
 
     def write_config(self) -> None:

@@ -31,7 +31,19 @@ from typing import Any
 from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 
-from agent.model import Endpoint, Service, ServicePort, Snapshot, Workload
+from agent.model import (
+    FOR_VALUES,
+    GATEWAY_NAME_LABEL,
+    WAYPOINT_CLASS,
+    WAYPOINT_FOR,
+    Endpoint,
+    Service,
+    ServicePort,
+    Snapshot,
+    Waypoint,
+    Workload,
+    norm_ip,
+)
 from agent.sources import podfs
 
 log = logging.getLogger(__name__)
@@ -44,6 +56,9 @@ WATCH_TIMEOUT = 300
 BACKOFF_MAX = 30.0
 DEBOUNCE = 0.05
 MISSING_RECHECK = 30.0  # seconds between looks for a CRD that was not installed
+# Istio's older name for GATEWAY_NAME_LABEL on gateway pods
+OLD_GATEWAY_NAME_LABEL = "istio.io/gateway-name"
+SERVICE_ACCOUNT_ANNOTATION = "gateway.istio.io/service-account"
 
 
 def api_client(kubeconfig: str | None = None) -> client.ApiClient:
@@ -98,8 +113,8 @@ class KubeSource:
                 self.custom.list_cluster_custom_object,
                 ("security.istio.io", "v1", "peerauthentications"),
             ),
-            # Waypoints (L7) are not run yet: these are watched so that what
-            # they would configure is reported as not applied, not ignored.
+            # Gateways of class istio-waypoint are waypoints; other Gateways and
+            # HTTPRoutes go on as documents (reported, for the L7 translation).
             Kind(
                 "gateways",
                 self.custom.list_cluster_custom_object,
@@ -308,8 +323,12 @@ class KubeSource:
                 ("httproutes", "HTTPRoute"),
             )
             for o in objs.get(plural, [])
+            if not (plural == "gateways" and _is_waypoint(o))
         )
-        return Snapshot(self.node, namespaces, tuple(workloads), tuple(services), policies)
+        waypoints = waypoints_of(objs.get("gateways", []), objs.get("pods", []))
+        return Snapshot(
+            self.node, namespaces, tuple(workloads), tuple(services), policies, waypoints
+        )
 
     def _workload(self, pod: dict[str, Any]) -> Workload | None:
         meta, spec, status = pod["metadata"], pod.get("spec", {}), pod.get("status", {})
@@ -451,3 +470,92 @@ class KubeSource:
             "objects": {k: len(v) for k, v in self.objects.items()},
             "at": time.time(),
         }
+
+
+def _is_waypoint(gw: dict[str, Any]) -> bool:
+    return bool((gw.get("spec") or {}).get("gatewayClassName") == WAYPOINT_CLASS)
+
+
+def _serving(pod: dict[str, Any]) -> bool:
+    """A waypoint pod that can take traffic: running with an IP, not being
+    deleted, not reported unready."""
+    status = pod.get("status") or {}
+    if status.get("phase") in ("Succeeded", "Failed", "Pending"):
+        return False
+    if (pod.get("metadata") or {}).get("deletionTimestamp"):
+        return False
+    ready = [c for c in status.get("conditions") or [] if c.get("type") == "Ready"]
+    if ready and ready[0].get("status") != "True":
+        return False
+    return bool(status.get("podIP") or status.get("podIPs"))
+
+
+def _ips(pod: dict[str, Any]) -> list[str]:
+    status = pod.get("status") or {}
+    ips = [p["ip"] for p in status.get("podIPs") or [] if p.get("ip")]
+    return ips or ([status["podIP"]] if status.get("podIP") else [])
+
+
+def waypoints_of(
+    gateways: list[dict[str, Any]], pods: list[dict[str, Any]]
+) -> tuple[Waypoint, ...]:
+    """Gateways of class istio-waypoint as Waypoints.  Addresses: the
+    Gateway's `status.addresses` (IPAddress entries) when set, else the IPs of
+    its pods, found as Istio labels them (gateway.networking.k8s.io/gateway-name
+    = the Gateway's name, in its namespace).  Node and service account come
+    from those pods; `istio.io/waypoint-for` on the Gateway (default service).
+    No address yet: traffic through it is refused until it has one."""
+    pods_of: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for p in pods:
+        meta = p.get("metadata") or {}
+        labels = meta.get("labels") or {}
+        gw_name = labels.get(GATEWAY_NAME_LABEL) or labels.get(OLD_GATEWAY_NAME_LABEL)
+        if gw_name:
+            pods_of.setdefault((meta.get("namespace", ""), gw_name), []).append(p)
+    out = []
+    for gw in gateways:
+        if not _is_waypoint(gw):
+            continue
+        meta = gw.get("metadata") or {}
+        ns, name = meta.get("namespace", ""), meta.get("name", "")
+        labels = meta.get("labels") or {}
+        traffic_for = labels.get(WAYPOINT_FOR, "service")
+        if traffic_for not in FOR_VALUES:
+            log.warning(
+                "Gateway %s/%s: %s=%r is not one of %s; taken as service",
+                ns,
+                name,
+                WAYPOINT_FOR,
+                traffic_for,
+                ", ".join(FOR_VALUES),
+            )
+            traffic_for = "service"
+        status_ips = []
+        for a in (gw.get("status") or {}).get("addresses") or []:
+            if a.get("type", "IPAddress") != "IPAddress":
+                continue  # a Hostname: not dialled by the node
+            try:
+                status_ips.append(norm_ip(str(a.get("value", ""))))
+            except ValueError:
+                continue
+        mine = sorted(
+            (p for p in pods_of.get((ns, name), []) if _serving(p)),
+            key=lambda p: str(p["metadata"].get("name", "")),
+        )
+        pod_ips = [ip for p in mine for ip in _ips(p)]
+        first = mine[0] if mine else {}
+        spec = first.get("spec") or {}
+        account = spec.get("serviceAccountName") or (meta.get("annotations") or {}).get(
+            SERVICE_ACCOUNT_ANNOTATION, ""
+        )
+        out.append(
+            Waypoint(
+                name=name,
+                namespace=ns,
+                addresses=tuple(status_ips or pod_ips),
+                node=str(spec.get("nodeName") or ""),
+                service_account=str(account or ""),
+                traffic_for=traffic_for,
+            )
+        )
+    return tuple(sorted(out, key=lambda w: w.key))

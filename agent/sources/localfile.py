@@ -26,12 +26,14 @@ from typing import Any
 import yaml
 
 from agent.model import (
+    FOR_VALUES,
     AgentSettings,
     IdentitySettings,
     NodeSettings,
     Service,
     ServicePort,
     Snapshot,
+    Waypoint,
     Workload,
 )
 
@@ -223,6 +225,64 @@ def _service(d: Any, i: int) -> Service:
     )
 
 
+_WAYPOINT_FIELDS = {
+    "name",
+    "namespace",
+    "addresses",
+    "node",
+    "serviceAccount",
+    "for",
+    "netns",
+    "cgroup",
+}
+
+
+def _waypoint(d: Any, i: int, node: str) -> Waypoint:
+    """A waypoint as Istio runs one (a Gateway of class istio-waypoint and its
+    pods): `for` is its istio.io/waypoint-for label, `addresses` its pods'
+    IPs (HBONE on 15008 there); none yet means traffic through it is refused."""
+    where = f"waypoints[{i}]"
+    addrs = _named_with_addresses(d, where)
+    unknown = set(d) - _WAYPOINT_FIELDS
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown field(s) {short(sorted(map(str, unknown)), 120)}; "
+            f"known: {sorted(_WAYPOINT_FIELDS)}"
+        )
+    traffic_for = d.get("for", "service")
+    if traffic_for not in FOR_VALUES:
+        raise ConfigError(
+            f"{where}.for: {short(traffic_for, 40)!r} is not one of {', '.join(FOR_VALUES)}"
+        )
+    for field in ("node", "serviceAccount", "netns", "cgroup"):
+        if d.get(field) is not None and not isinstance(d[field], str):
+            raise ConfigError(f"{where}.{field}: expected a string")
+    return Waypoint(
+        name=d["name"],
+        namespace=d["namespace"],
+        addresses=addrs,
+        node=d.get("node") or node,
+        service_account=d.get("serviceAccount") or "",
+        traffic_for=traffic_for,
+        netns=d.get("netns"),
+        cgroup=d.get("cgroup"),
+    )
+
+
+def _waypoints(v: Any, node: str) -> tuple[Waypoint, ...]:
+    out: list[Waypoint] = []
+    seen: dict[str, int] = {}
+    for i, d in enumerate(v or []):
+        wp = _waypoint(d, i, node)
+        if wp.key in seen:
+            raise ConfigError(
+                f"waypoints[{i}]: {wp.key} is already defined by waypoints[{seen[wp.key]}]"
+            )
+        seen[wp.key] = i
+        out.append(wp)
+    return tuple(out)
+
+
 def _policies(doc: dict[str, Any], base: Path | None) -> tuple[tuple[Any, ...], tuple[Path, ...]]:
     """Inline documents and those of every policyFiles entry, as given.  A
     non-mapping entry (a list where a document was expected) is passed on
@@ -261,7 +321,14 @@ _AGENT_FIELDS = {
     "readyPort",
     "metricsPort",
     "podCgroupRoot",
+    "requireWaypoint",
 }
+
+
+def _bool(v: Any, where: str) -> bool:
+    if not isinstance(v, bool):
+        raise ConfigError(f"{where}: expected true or false, got {short(v, 40)!r}")
+    return v
 
 
 def _agent_settings(a: Any) -> AgentSettings:
@@ -284,6 +351,7 @@ def _agent_settings(a: Any) -> AgentSettings:
             admin_port=int(a.get("adminPort", 15000)),
             ready_port=int(a.get("readyPort", 15021)),
             metrics_port=int(a.get("metricsPort", 15020)),
+            require_waypoint=_bool(a.get("requireWaypoint", True), "agent.requireWaypoint"),
         )
     except (TypeError, ValueError) as e:
         raise ConfigError(f"agent: a port is not a number: {short(e, 80)}") from None
@@ -329,13 +397,14 @@ def parse(doc: Any, base: Path | None = None) -> LocalFile:
         if not isinstance(ns, dict) or not isinstance(ns.get("name"), str):
             raise ConfigError(f"namespaces[{i}]: expected a mapping with a name")
         namespaces[ns["name"]] = _labels(ns.get("labels"), f"namespaces[{i}].labels")
-    for key in ("workloads", "services", "namespaces"):
+    for key in ("workloads", "services", "namespaces", "waypoints"):
         if not isinstance(doc.get(key) or [], list):
             raise ConfigError(f"{key}: expected a list")
     workloads = tuple(_workload(w, i, node) for i, w in enumerate(doc.get("workloads") or []))
     services = tuple(_service(s, i) for i, s in enumerate(doc.get("services") or []))
+    waypoints = _waypoints(doc.get("waypoints"), node)
     policies, files = _policies(doc, base)
-    snapshot = Snapshot(node, namespaces, workloads, services, policies)
+    snapshot = Snapshot(node, namespaces, workloads, services, policies, waypoints)
     return LocalFile(settings, snapshot, files)
 
 

@@ -17,6 +17,7 @@ from agent.model import (
     HBONE_PORT,
     Service,
     ServicePort,
+    Waypoint,
     Workload,
     format_authority,
     norm_ip,
@@ -29,7 +30,12 @@ class Route(enum.Enum):
     HBONE = "hbone"  # mTLS CONNECT to the endpoint's node (its pod's 15008)
     LOCAL = "local"  # the endpoint is an enrolled pod on this node: authorize, deliver
     PASSTHROUGH = "passthrough"  # outside the mesh (or no identity): plain TCP
-    # WAYPOINT: to come (HBONE to the destination's waypoint, service authority)
+    # HBONE to the destination's waypoint (its address:15008), `:authority` =
+    # what the app dialled (service VIP:port, or pod ip:port)
+    WAYPOINT = "waypoint"
+    # fail closed: the connection is reset, the reason recorded (traffic that
+    # must go through a waypoint is never sent around it)
+    REFUSE = "refuse"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,15 +48,19 @@ class Request:
     dst_identity: SpiffeId | None = None  # expected peer identity (HBONE, LOCAL)
     dst_workload: Workload | None = None
     dst_service: Service | None = None
+    waypoint: Waypoint | None = None  # WAYPOINT (and REFUSE because of one)
+    via: str | None = None  # WAYPOINT: the waypoint address chosen
 
     @property
     def authority(self) -> str:
-        """HBONE's `:authority`: the endpoint's ip:port."""
+        """HBONE's `:authority`: the endpoint's ip:port; through a waypoint,
+        what the app dialled (the service VIP:port or the pod's ip:port)."""
         return format_authority(*self.target)
 
     @property
     def hbone_address(self) -> tuple[str, int]:
-        return (self.target[0], HBONE_PORT)
+        """Where the HBONE connection goes: the waypoint, else the endpoint."""
+        return (self.via or self.target[0], HBONE_PORT)
 
 
 def decide(
@@ -60,10 +70,12 @@ def decide(
     *,
     tls: bool,
     pick: int = 0,
+    require_waypoint: bool = True,
 ) -> Request:
     """source: the enrolled pod that connected (None: unknown, passthrough);
     tls: this node can originate mTLS (it has a certificate source);
-    pick: which endpoint of a service (the caller's round robin)."""
+    pick: which endpoint of a service (the caller's round robin);
+    require_waypoint: agent.requireWaypoint (see below)."""
     try:
         ip = norm_ip(dst[0])
     except ValueError:
@@ -72,14 +84,104 @@ def decide(
     svc = view.vips.get(original)
     if svc is not None:
         service, sport = svc
+        wp = view.service_waypoint.get(service.key)
+        if wp is not None:
+            req = _via_waypoint(view, source, original, original, wp, tls, pick, None, service)
+            if req is not None:
+                return req
         target, w, why = _endpoint(view, service, sport, ip, pick)
         if w is None:
-            return Request(Route.PASSTHROUGH, original, target, why, dst_service=service)
-        return _to_workload(view, source, original, target, w, service, tls)
+            req = Request(Route.PASSTHROUGH, original, target, why, dst_service=service)
+        else:
+            # The endpoint's own waypoint (for workload traffic), authority the
+            # endpoint's ip:port.  ztunnel sends service-addressed traffic
+            # direct here; with requireWaypoint the endpoint takes traffic only
+            # from its waypoint, so it goes through it (never refused for
+            # skipping a waypoint it was never sent to).
+            wpw = view.workload_waypoint.get(w.key) if require_waypoint else None
+            if wpw is not None and target[1] not in w.exclude_inbound_ports:
+                req_w = _via_waypoint(view, source, original, target, wpw, tls, pick, w, service)
+                if req_w is not None:
+                    return req_w
+            req = _to_workload(view, source, original, target, w, service, tls)
+        return _note_missing(view, req, f"service {service.key}")
     w = view.workload_by_ip(ip)
     if w is None:
         return Request(Route.PASSTHROUGH, original, original, "no workload or service at " + ip)
-    return _to_workload(view, source, original, original, w, None, tls)
+    wp = view.workload_waypoint.get(w.key)
+    if wp is not None and original[1] not in w.exclude_inbound_ports:
+        req = _via_waypoint(view, source, original, original, wp, tls, pick, w, None)
+        if req is not None:
+            return req
+    return _note_missing(
+        view, _to_workload(view, source, original, original, w, None, tls), f"workload {w.key}"
+    )
+
+
+def _note_missing(view: StateView, req: Request, what: str) -> Request:
+    """A use-waypoint label naming a Gateway that does not exist: the
+    traffic goes direct (Istio does the same), and the reason says so."""
+    ref = view.missing_waypoint.get(what)
+    if ref is None:
+        return req
+    return dataclasses.replace(
+        req, reason=f"{req.reason}; {what} names no such waypoint {ref}: direct"
+    )
+
+
+def _via_waypoint(
+    view: StateView,
+    source: Workload | None,
+    original: tuple[str, int],
+    target: tuple[str, int],
+    wp: Waypoint,
+    tls: bool,
+    pick: int,
+    w: Workload | None,
+    service: Service | None,
+) -> Request | None:
+    """To the destination's waypoint, `target` as the authority (the service
+    VIP:port, or the pod's ip:port); None: this source does not go through
+    it (unknown source, or the source is a waypoint's own pod)."""
+    if source is None or view.is_waypoint(source):
+        return None
+    what = f"workload {w.key}" if w else f"service {service.key if service else '?'}"
+
+    def req(route: Route, why: str, via: str | None = None) -> Request:
+        return Request(
+            route,
+            original,
+            target,
+            why,
+            src_identity=view.identity_of(source) if route is Route.WAYPOINT else None,
+            dst_identity=view.identity_of_waypoint(wp) if route is Route.WAYPOINT else None,
+            dst_workload=w,
+            dst_service=service,
+            waypoint=wp,
+            via=via,
+        )
+
+    if not tls:
+        return req(
+            Route.REFUSE,
+            f"{what} uses waypoint {wp.key}, and this node has no identity source "
+            "(no caDir/caAddress) to reach it: refused, never sent around it",
+        )
+    if not wp.addresses:
+        return req(
+            Route.REFUSE,
+            f"{what} uses waypoint {wp.key}, which has no address yet: refused, "
+            "never sent around it",
+        )
+    want = ipaddress.ip_address(target[0]).version
+    addrs = [a for a in wp.addresses if ipaddress.ip_address(a).version == want]
+    if not addrs:
+        return req(
+            Route.REFUSE,
+            f"{what} uses waypoint {wp.key}, which has no IPv{want} address: refused",
+        )
+    via = norm_ip(addrs[pick % len(addrs)])
+    return req(Route.WAYPOINT, f"{what} uses waypoint {wp.key} at {via}", via)
 
 
 def _endpoint(

@@ -1,5 +1,5 @@
-"""The one proxy state: workloads, services and the compiled policies (and,
-next, waypoints), as ztunnel's ProxyState.
+"""The one proxy state: workloads, services, waypoints and the compiled
+policies, as ztunnel's ProxyState.
 
 One writer: `ProxyState.apply(snapshot)`, called with a full snapshot from a
 source (the local file or the Kubernetes watchers).  It builds a new
@@ -18,7 +18,15 @@ from collections.abc import Mapping
 from typing import Any
 
 from agent.identity.spiffe import SpiffeId
-from agent.model import Service, ServicePort, Snapshot, Workload, norm_ip
+from agent.model import (
+    GATEWAY_NAME_LABEL,
+    Service,
+    ServicePort,
+    Snapshot,
+    Waypoint,
+    Workload,
+    norm_ip,
+)
 from agent.policy import LoadReport, PolicySet, compile_policies
 
 
@@ -35,6 +43,18 @@ class StateView:
     vips: Mapping[tuple[str, int], tuple[Service, ServicePort]]
     selected: Mapping[str, tuple[Workload, ...]]  # service key -> workloads its selector picks
     generation: int = 0
+    # Waypoints.  service key -> the waypoint its service traffic goes through;
+    # workload key -> the waypoint traffic to the pod's own address goes through.
+    service_waypoint: Mapping[str, Waypoint] = dataclasses.field(default_factory=dict)
+    workload_waypoint: Mapping[str, Waypoint] = dataclasses.field(default_factory=dict)
+    # "service ns/name" | "workload ns/name" -> the waypoint its label names
+    # that does not exist ("ns/name"): its traffic goes direct, and is reported.
+    missing_waypoint: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    # waypoint address (and its pods' addresses) -> the waypoint
+    waypoint_by_ip: Mapping[str, Waypoint] = dataclasses.field(default_factory=dict)
+    # workload key -> the waypoints whose traffic it must come through (the
+    # waypoint of a service selecting it, its own waypoint for workload traffic)
+    guards: Mapping[str, tuple[Waypoint, ...]] = dataclasses.field(default_factory=dict)
 
     @property
     def node(self) -> str:
@@ -42,6 +62,25 @@ class StateView:
 
     def identity_of(self, w: Workload) -> SpiffeId:
         return SpiffeId(self.trust_domain, w.namespace, w.service_account)
+
+    def identity_of_waypoint(self, wp: Waypoint) -> SpiffeId:
+        return SpiffeId(self.trust_domain, wp.namespace, wp.account)
+
+    def waypoint_at(self, ip: str) -> Waypoint | None:
+        """The waypoint at this address (its own, or one of its pods')."""
+        try:
+            return self.waypoint_by_ip.get(norm_ip(ip))
+        except ValueError:
+            return None
+
+    def is_waypoint(self, w: Workload) -> bool:
+        """Is this workload a waypoint's pod?"""
+        return any(self.waypoint_at(a) is not None for a in w.addresses)
+
+    def guarded_by(self, w: Workload) -> tuple[Waypoint, ...]:
+        """The waypoints mesh traffic to this workload must come through
+        (empty: none; any mesh peer may reach it, as policy allows)."""
+        return self.guards.get(w.key, ())
 
     def workload_by_ip(self, ip: str) -> Workload | None:
         try:
@@ -86,6 +125,17 @@ class StateView:
                 }
                 for s in snap.services
             ],
+            "waypoints": [
+                {
+                    "name": wp.key,
+                    "addresses": list(wp.addresses),
+                    "node": wp.node,
+                    "identity": self.identity_of_waypoint(wp).uri,
+                    "for": wp.traffic_for,
+                    "guards": sorted(k for k, wps in self.guards.items() if wp in wps),
+                }
+                for wp in snap.waypoints
+            ],
         }
 
 
@@ -95,6 +145,7 @@ class Change:
 
     view: StateView
     policies_changed: bool
+    guards_changed: bool = False  # which pods take traffic only from a waypoint
 
 
 def build_view(
@@ -120,6 +171,7 @@ def build_view(
                 and w.addresses
                 and all(w.labels.get(k) == v for k, v in s.selector.items())
             )
+    wps = _waypoint_indexes(snapshot, by_ip, selected)
     if previous is not None and previous.snapshot.policies == snapshot.policies:
         policies, report = previous.policies, previous.policy_report
     else:
@@ -136,7 +188,74 @@ def build_view(
         vips,
         selected,
         generation,
+        **wps,
     )
+
+
+def _waypoint_indexes(
+    snapshot: Snapshot,
+    by_ip: Mapping[str, Workload],
+    selected: Mapping[str, tuple[Workload, ...]],
+) -> dict[str, Any]:
+    service_wp: dict[str, Waypoint] = {}
+    workload_wp: dict[str, Waypoint] = {}
+    missing: dict[str, str] = {}
+    guards: dict[str, list[Waypoint]] = {}
+
+    def guard(w: Workload, wp: Waypoint) -> None:
+        have = guards.setdefault(w.key, [])
+        if wp not in have:
+            have.append(wp)
+
+    for s in snapshot.services:
+        ref = snapshot.use_waypoint(s.namespace, s.labels)
+        if ref is None:
+            continue
+        wp = snapshot.waypoint_named(*ref)
+        if wp is None:
+            missing[f"service {s.key}"] = "/".join(ref)
+            continue
+        if not wp.serves_services():
+            continue
+        service_wp[s.key] = wp
+        if s.endpoints is not None:
+            members = [by_ip.get(norm_ip(e.address)) for e in s.endpoints]
+        else:
+            members = list(selected.get(s.key, ()))
+        for m in members:
+            if m is not None:
+                guard(m, wp)
+    for w in snapshot.workloads:
+        ref = snapshot.use_waypoint(w.namespace, w.labels)
+        if ref is None:
+            continue
+        wp = snapshot.waypoint_named(*ref)
+        if wp is None:
+            missing[f"workload {w.key}"] = "/".join(ref)
+        elif wp.serves_workloads():
+            workload_wp[w.key] = wp
+            guard(w, wp)
+    at: dict[str, Waypoint] = {}
+    for wp in snapshot.waypoints:
+        for a in wp.addresses:
+            at[norm_ip(a)] = wp
+    for w in snapshot.workloads:  # its pods, as Istio labels them
+        name = w.labels.get(GATEWAY_NAME_LABEL)
+        wp = snapshot.waypoint_named(w.namespace, name) if name else None
+        if wp is not None:
+            for a in w.addresses:
+                at.setdefault(norm_ip(a), wp)
+    # a waypoint's own pods are never guarded by a waypoint (no loop)
+    for w in snapshot.workloads:
+        if any(norm_ip(a) in at for a in w.addresses):
+            guards.pop(w.key, None)
+    return {
+        "service_waypoint": service_wp,
+        "workload_waypoint": workload_wp,
+        "missing_waypoint": missing,
+        "waypoint_by_ip": at,
+        "guards": {k: tuple(v) for k, v in guards.items()},
+    }
 
 
 class ProxyState:
@@ -158,4 +277,8 @@ class ProxyState:
             old = self._view
             view = build_view(snapshot, self.trust_domain, old, old.generation + 1)
             self._view = view
-        return Change(view, policies_changed=view.policies is not old.policies)
+        return Change(
+            view,
+            policies_changed=view.policies is not old.policies,
+            guards_changed=view.guards != old.guards,
+        )

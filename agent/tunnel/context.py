@@ -68,6 +68,7 @@ class Tunnel:
     splicing: bool = False  # sk_msg splices the loopback hops (kernel-side)
     local: dict[str, PodProxy] = dataclasses.field(default_factory=dict)  # this node's pods
     limits: HboneLimits = dataclasses.field(default_factory=HboneLimits)  # inbound 15008
+    require_waypoint: bool = True  # agent.requireWaypoint: refuse traffic that skipped one
 
     @property
     def view(self) -> StateView:
@@ -85,6 +86,27 @@ def authorize(
     if pod.workload is None:
         return Decision(True, None, "no workload record: no policy applies")
     return view.policies.evaluate(Conn.make(src_ip, ident, dst[0], dst[1], pod.workload))
+
+
+def waypoint_bypass(t: Tunnel, pod: PodRef, ident: SpiffeId | None) -> str | None:
+    """Why this pod refuses mesh traffic from `ident` (None: it does not):
+    a workload guarded by a waypoint accepts only its waypoint's identity
+    (agent.requireWaypoint; the waypoint is where L7 policy is enforced)."""
+    if not t.require_waypoint or pod.workload is None:
+        return None
+    view = t.view
+    guards = view.guarded_by(pod.workload)
+    if not guards:
+        return None
+    allowed = [view.identity_of_waypoint(wp) for wp in guards]
+    if ident is not None and ident in allowed:
+        return None
+    names = ", ".join(f"{wp.key} ({i.uri})" for wp, i in zip(guards, allowed, strict=True))
+    who = ident.uri if ident is not None else "a peer without identity"
+    return (
+        f"waypoint bypass: {pod.key} takes mesh traffic only through waypoint {names}; "
+        f"{who} is not it"
+    )
 
 
 def original_dst(sock: socket.socket) -> tuple[str, int]:

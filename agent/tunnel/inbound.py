@@ -1,7 +1,8 @@
 """15008, inbound HBONE: mTLS as the destination pod's identity, then each
 CONNECT stream is checked (agent.tunnel.hbone.check_request), authorized
 with the peer's SPIFFE ID (L4 policy at the destination) and delivered to
-the app."""
+the app.  A pod guarded by a waypoint takes CONNECTs only from its
+waypoint's identity (agent.requireWaypoint)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,14 @@ from agent.identity.spiffe import SpiffeId
 from agent.identity.tls import peer_identity
 from agent.model import plain
 from agent.tunnel import limits
-from agent.tunnel.context import PodRef, Tunnel, authorize, err, refuse
+from agent.tunnel.context import (
+    PodRef,
+    Tunnel,
+    authorize,
+    err,
+    refuse,
+    waypoint_bypass,
+)
 from agent.tunnel.delivery import deliver, run_bridge, undeliver
 from agent.tunnel.h2conn import H2Conn, H2Stream
 from agent.tunnel.hbone import HboneError, check_request
@@ -132,6 +140,11 @@ class InboundHbone:
         if ident is None:
             conn.respond(stream, 401)
             t.conns.refuse(c, "no peer identity", "DENY")
+            return
+        bypass = waypoint_bypass(t, self.pod, ident)
+        if bypass is not None:
+            conn.respond(stream, 401)
+            t.conns.refuse(c, bypass, "DENY")
             return
         decision = authorize(t.view, self.pod, peer[0], ident, dst)
         if not decision.allowed:

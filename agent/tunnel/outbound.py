@@ -1,7 +1,8 @@
 """15001, outbound: a connection the pod's cgroup/connect hooks redirected.
 Decide where it goes (agent.state.outbound.decide, a pure function) and
-carry out the request: HBONE to the endpoint's node, same-node delivery, or
-plain TCP passthrough."""
+carry out the request: HBONE to the endpoint's node, HBONE to the
+destination's waypoint, same-node delivery, plain TCP passthrough, or a
+reset (a waypoint that cannot be reached: never sent around it)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from agent.tunnel.context import (
     err,
     original_dst,
     refuse,
+    waypoint_bypass,
 )
 from agent.tunnel.delivery import deliver, run_bridge, run_relay, undeliver
 from agent.tunnel.hbone import CONNECT_TIMEOUT, HboneError, PoolKey, request_headers
@@ -46,6 +48,7 @@ async def outbound(t: Tunnel, pod: PodRef, ports: Ports, app: socket.socket) -> 
         dst,
         tls=t.hbone is not None and pod.identity is not None,
         pick=next(_round_robin),
+        require_waypoint=t.require_waypoint,
     )
     common = {
         "spliced": t.splicing,
@@ -78,6 +81,22 @@ async def outbound(t: Tunnel, pod: PodRef, ports: Ports, app: socket.socket) -> 
             **common,
         )
         await _hbone(t, pod, ports, app, src, req, c)
+    elif req.route is Route.WAYPOINT:
+        c = t.conns.add(
+            pod.key,
+            "outbound",
+            src,
+            dst,
+            "waypoint",
+            dst_identity=req.dst_identity.uri if req.dst_identity else None,
+            security="mutual_tls",
+            **common,
+        )
+        await _hbone(t, pod, ports, app, src, req, c)
+    elif req.route is Route.REFUSE:
+        c = t.conns.add(pod.key, "outbound", src, dst, "refused", **common)
+        refuse(app)
+        t.conns.refuse(c, req.reason, "NR")
     else:
         c = t.conns.add(pod.key, "outbound", src, dst, "passthrough", **common)
         await _passthrough(t, pod, app, req, c)
@@ -102,7 +121,10 @@ async def _hbone(
         workload=w.name if w else "",
         service_host=req.dst_service.hostname if req.dst_service else "",
     )
-    key = PoolKey(req.src_identity, req.dst_identity, pod.netns, (req.target[0], ports.hbone))
+    # through a waypoint: to its address (Envoy's 15008), :authority the
+    # service VIP:port (or the pod's ip:port), its identity expected
+    where = req.hbone_address if req.route is Route.WAYPOINT else (req.target[0], ports.hbone)
+    key = PoolKey(req.src_identity, req.dst_identity, pod.netns, where)
     try:
         stream = await t.hbone.open(key, headers)
     except HboneError as e:
@@ -190,6 +212,12 @@ async def _same_node(
         dst_workload=peer.key,
         spliced=t.splicing,
     )
+    bypass = waypoint_bypass(t, peer, req.src_identity)
+    if bypass is not None:
+        refuse(app)
+        for c in (out, inn):
+            t.conns.refuse(c, bypass, "DENY")
+        return
     decision = authorize(t.view, peer, src_ip, req.src_identity, target)
     if not decision.allowed:
         refuse(app)

@@ -1,13 +1,15 @@
 """15006, inbound plaintext: a connection to an enrolled pod that did not
 come through HBONE (sk_lookup steered it here).  Refused under STRICT
-PeerAuthentication; under PERMISSIVE authorized without an identity."""
+PeerAuthentication; under PERMISSIVE authorized without an identity.
+Refused for a pod guarded by a waypoint (agent.requireWaypoint): plaintext
+never comes from the waypoint."""
 
 from __future__ import annotations
 
 import socket
 
 from agent.model import plain
-from agent.tunnel.context import PodRef, Tunnel, authorize, err, refuse
+from agent.tunnel.context import PodRef, Tunnel, authorize, err, refuse, waypoint_bypass
 from agent.tunnel.delivery import deliver, run_relay
 
 
@@ -29,6 +31,11 @@ async def inbound_plain(t: Tunnel, pod: PodRef, client: socket.socket) -> None:
     if pod.workload is not None and not view.policies.plaintext_allowed(pod.workload, dst[1]):
         refuse(client)
         t.conns.refuse(c, "plaintext refused: PeerAuthentication STRICT", "DENY")
+        return
+    bypass = waypoint_bypass(t, pod, None)
+    if bypass is not None:
+        refuse(client)
+        t.conns.refuse(c, bypass, "DENY")
         return
     decision = authorize(view, pod, src[0], None, dst)
     if not decision.allowed:

@@ -1,11 +1,12 @@
 """Open connections against changed policy, in one place (ztunnel's
-PolicyWatcher): after a policy change every open inbound connection is
-authorized again and only those the new policy denies are closed."""
+PolicyWatcher): after a policy change (or a change of which pods a waypoint
+guards) every open inbound connection is authorized again and only those
+the new state denies are closed."""
 
 from __future__ import annotations
 
 from agent.identity.spiffe import SpiffeId
-from agent.tunnel.context import Tunnel, authorize
+from agent.tunnel.context import Tunnel, authorize, waypoint_bypass
 
 
 def revalidate(t: Tunnel) -> dict[str, int]:
@@ -18,10 +19,11 @@ def revalidate(t: Tunnel) -> dict[str, int]:
         if c.direction != "inbound" or c.kill is None or proxy is None:
             continue
         ident = SpiffeId.parse(c.src_identity) if c.src_identity else None
+        bypass = waypoint_bypass(t, proxy.pod, ident)
         decision = authorize(view, proxy.pod, c.src[0], ident, c.dst)
-        if not decision.allowed:
+        if bypass is not None or not decision.allowed:
             c.flag = "DENY"
-            c.error = f"closed by policy change: {decision.reason}"
+            c.error = f"closed by policy change: {bypass or decision.reason}"
             c.kill()
             closed[c.pod] = closed.get(c.pod, 0) + 1
     return closed

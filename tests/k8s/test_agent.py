@@ -407,10 +407,13 @@ def test_bad_policy_and_uncapturable_pod_are_reported(kube_node: KubeNode) -> No
     assert r["ok"] and path[1] == "captured"
 
 
-def test_waypoint_configuration_is_reported_as_not_applied(kube_node: KubeNode) -> None:
-    """tether runs no waypoint yet.  A namespace that asks for one, its waypoint
-    Gateway and an HTTPRoute attached to a service are watched and reported in
-    /config_dump (and the log) as not applied; L4 capture and policy carry on."""
+def test_waypoint_configuration_is_reported_as_what_is_true(kube_node: KubeNode) -> None:
+    """A namespace and a service that ask for a waypoint, its Gateway (class
+    istio-waypoint, no pods yet) and an HTTPRoute: /config_dump lists the
+    waypoint and each use resolved to it, its service traffic refused until
+    it has an address (never sent around it); the HTTPRoute is still reported
+    as not applied.  The service's pod is guarded: a direct connection to it
+    skips the waypoint and is refused, until the service opts out."""
     n = kube_node
     n.core.patch_namespace(
         n.ns,
@@ -467,15 +470,32 @@ def test_waypoint_configuration_is_reported_as_not_applied(kube_node: KubeNode) 
     n.wait(lambda: {f"{n.ns}/a", f"{n.ns}/b"} <= n.enrolled(), "pods enrolled")
 
     def reported() -> bool:
-        uses = {(u["scope"], u["name"]) for u in n.status()["waypoints"]}
+        uses = {(u["scope"], u["name"]) for u in n.status()["waypoint_uses"]}
         return {("namespace", n.ns), ("service", f"{n.ns}/b")} <= uses
 
     n.wait(reported, "waypoint uses reported")
-    assert all("not applied" in u["status"] for u in n.status()["waypoints"])
-    skipped = json.dumps(n.status()["policies"])
-    for doc in (f"Gateway {n.ns}/waypoint", f"HTTPRoute {n.ns}/b-v1"):
-        assert doc in skipped, skipped
-    assert "not applied" in skipped
-    assert "uses waypoint waypoint: not applied" in (n.dir / "agent.log").read_text()
+    st = n.status()
+    (wp,) = st["waypoints"]
+    assert wp["name"] == f"{n.ns}/waypoint" and wp["addresses"] == [] and wp["for"] == "service"
+    assert wp["identity"] == f"spiffe://cluster.local/ns/{n.ns}/sa/waypoint"
+    assert wp["guards"] == [f"{n.ns}/b"]
+    uses = {u["scope"]: u for u in st["waypoint_uses"]}
+    assert all(u["resolved"] == f"{n.ns}/waypoint" for u in uses.values())
+    assert "which has no address yet: refused" in uses["service"]["status"]
+    assert "workload traffic goes direct" in uses["namespace"]["status"]
+    skipped = json.dumps(st["policies"])
+    assert f"HTTPRoute {n.ns}/b-v1" in skipped and "not applied" in skipped
+    assert f"Gateway {n.ns}/waypoint" not in skipped  # it is a waypoint now
+    log = (n.dir / "agent.log").read_text()
+    assert f"uses waypoint waypoint: service traffic goes through waypoint {n.ns}/waypoint" in log
+    r, path = n.connect("a", "b")
+    assert not r["ok"], (r, path)
+    refused = [c for c in n.status()["connections"]["closed"] if c["pod"] == f"{n.ns}/b"]
+    assert refused and refused[-1]["response_flag"] == "DENY"
+    assert "waypoint bypass" in refused[-1]["error"], refused[-1]
+    n.core.patch_namespaced_service(
+        "b", n.ns, {"metadata": {"labels": {"istio.io/use-waypoint": "none"}}}
+    )
+    n.wait(lambda: n.status()["waypoints"][0]["guards"] == [], "service b opted out")
     r, path = n.connect("a", "b")
     assert r["ok"] and path == ("captured", "captured"), (r, path)

@@ -12,7 +12,8 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from agent.sources.k8s import Kind, KubeSource
+from agent.sources.k8s import Kind, KubeSource, waypoints_of
+from agent.state.state import ProxyState
 
 GW = ("gateway.networking.k8s.io", "v1", "gateways")
 
@@ -129,3 +130,113 @@ def test_crd_removed_while_watching_is_relisted_and_reported(
     assert "gateways" in src.missing
     assert src.objects["gateways"] == {}
     assert len(waits) <= 3, waits
+
+
+# -- waypoints: Gateways of class istio-waypoint --------------------------------
+
+
+def _gateway(name: str, ns: str = "shop", **kw: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "Gateway",
+        "metadata": {"name": name, "namespace": ns, "labels": kw.pop("labels", {}), **kw},
+        "spec": {
+            "gatewayClassName": "istio-waypoint",
+            "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}],
+        },
+    }
+
+
+def _wp_pod(
+    name: str, gw: str, ips: list[str], node: str = "n2", ns: str = "shop", **status: Any
+) -> dict[str, Any]:
+    """A waypoint pod as Istio's deployment controller labels it."""
+    return {
+        "metadata": {
+            "name": name,
+            "namespace": ns,
+            "uid": f"uid-{name}",
+            "labels": {
+                "gateway.networking.k8s.io/gateway-name": gw,
+                "istio.io/dataplane-mode": "none",
+            },
+        },
+        "spec": {"nodeName": node, "serviceAccountName": gw},
+        "status": {
+            "phase": "Running",
+            "podIP": ips[0] if ips else None,
+            "podIPs": [{"ip": i} for i in ips],
+            "conditions": [{"type": "Ready", "status": "True"}],
+            **status,
+        },
+    }
+
+
+def test_waypoint_gateway_becomes_a_waypoint_from_its_pods() -> None:
+    src = _source()
+    src.objects = {
+        "gateways": {
+            "shop/waypoint": _gateway("waypoint"),
+            "shop/ingress": {
+                "apiVersion": "gateway.networking.k8s.io/v1",
+                "metadata": {"name": "ingress", "namespace": "shop"},
+                "spec": {"gatewayClassName": "istio"},
+            },
+        },
+        "pods": {
+            "shop/waypoint-b": _wp_pod("waypoint-b", "waypoint", ["10.2.0.8", "fd00::8"]),
+            "shop/waypoint-a": _wp_pod("waypoint-a", "waypoint", ["10.3.0.7"], node="n3"),
+            "shop/gone": _wp_pod("gone", "waypoint", ["10.2.0.9"], phase="Failed"),
+            "shop/unready": _wp_pod(
+                "unready",
+                "waypoint",
+                ["10.2.0.10"],
+                conditions=[{"type": "Ready", "status": "False"}],
+            ),
+            "other/waypoint-x": _wp_pod("waypoint-x", "waypoint", ["10.4.0.1"], ns="other"),
+        },
+    }
+    snap = src.snapshot()
+    (wp,) = snap.waypoints
+    assert wp.key == "shop/waypoint"
+    assert wp.addresses == ("10.3.0.7", "10.2.0.8", "fd00::8")  # serving pods, by name
+    assert (wp.node, wp.account, wp.traffic_for) == ("n3", "waypoint", "service")
+    # the waypoint Gateway is no longer a document reported as not applied; others are
+    assert [d["metadata"]["name"] for d in snap.policies] == ["ingress"]
+    state = ProxyState("n1")
+    state.apply(snap)
+    assert state.view.waypoint_at("10.2.0.8") is wp
+    assert state.view.identity_of_waypoint(wp).uri == "spiffe://cluster.local/ns/shop/sa/waypoint"
+
+
+def test_waypoint_status_addresses_win_and_waypoint_for_is_read() -> None:
+    gw = _gateway("wp", labels={"istio.io/waypoint-for": "all"})
+    gw["status"] = {
+        "addresses": [
+            {"type": "IPAddress", "value": "10.96.5.5"},
+            {"type": "Hostname", "value": "wp.shop.svc.cluster.local"},
+            {"value": "fd00:96::5"},
+        ]
+    }
+    (wp,) = waypoints_of([gw], [_wp_pod("wp-1", "wp", ["10.2.0.8"])])
+    assert wp.addresses == ("10.96.5.5", "fd00:96::5")
+    assert (wp.traffic_for, wp.node) == ("all", "n2")
+
+
+def test_waypoint_without_pods_has_no_address_and_named_account() -> None:
+    gw = _gateway(
+        "wp",
+        labels={"istio.io/waypoint-for": "bogus"},
+        annotations={"gateway.istio.io/service-account": "custom-sa"},
+    )
+    old_label = _wp_pod("wp-1", "wp", ["10.2.0.8"], phase="Pending")
+    (wp,) = waypoints_of([gw], [old_label])
+    assert wp.addresses == () and wp.node == ""
+    assert wp.account == "custom-sa" and wp.traffic_for == "service"
+
+
+def test_older_istio_gateway_name_label_is_followed() -> None:
+    pod = _wp_pod("wp-1", "wp", ["10.2.0.8"])
+    pod["metadata"]["labels"] = {"istio.io/gateway-name": "wp"}
+    (wp,) = waypoints_of([_gateway("wp")], [pod])
+    assert wp.addresses == ("10.2.0.8",)

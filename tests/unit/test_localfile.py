@@ -1,6 +1,8 @@
-"""The local file and the waypoint label: every namespace, service and
-workload that asks for a waypoint is listed as not applied (tether runs no
-waypoint yet); `none` opts out; a malformed labels field names itself."""
+"""The local file and waypoints: the `waypoints:` list (validated, with
+errors naming the field), and every namespace, service and workload that
+asks for a waypoint is listed with the waypoint it resolves to (or "no such
+waypoint": its traffic goes direct); `none` opts out; a malformed labels
+field names itself."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from agent.model import WAYPOINT_NOT_APPLIED, Snapshot
+from agent.model import Snapshot, Waypoint
 from agent.sources.localfile import MAX_ERROR_CHARS, ConfigError, LocalFileSource, load, parse
 from agent.state.state import ProxyState
 
@@ -64,15 +66,109 @@ def _doc(**extra: Any) -> dict[str, Any]:
     return doc
 
 
-def test_every_scope_that_asks_for_a_waypoint_is_listed_as_not_applied() -> None:
+WAYPOINTS = [
+    {
+        "name": "shop-wp",
+        "namespace": "shop",
+        "addresses": ["10.0.9.1", "fd00::9:1"],
+        "node": "n2",
+        "serviceAccount": "shop-wp-sa",
+        "for": "all",
+        "netns": "/run/netns/wp",
+        "cgroup": "/sys/fs/cgroup/wp",
+    },
+    {"name": "db-wp", "namespace": "data", "addresses": ["10.0.9.2"]},
+    {"name": "a-wp", "namespace": "data", "for": "service"},
+]
+
+
+def test_every_scope_that_asks_for_a_waypoint_is_listed_as_what_is_true() -> None:
+    """Before: every use was listed as "not applied" (tether ran no waypoint).
+    Now each names the waypoint it resolves to, or says there is none."""
     uses = parse(_doc()).snapshot.waypoint_uses()
-    assert [(u["scope"], u["name"], u["waypoint"]) for u in uses] == [
-        ("namespace", "shop", "shop-wp"),
-        ("service", "data/db", "db-wp"),
-        ("workload", "data/a", "a-wp"),
+    assert [(u["scope"], u["name"], u["waypoint"], u["resolved"]) for u in uses] == [
+        ("namespace", "shop", "shop-wp", None),
+        ("service", "data/db", "db-wp", None),
+        ("workload", "data/a", "a-wp", None),
     ]
-    assert all(u["status"] == WAYPOINT_NOT_APPLIED for u in uses)
-    assert "only L4 authorization is enforced" in WAYPOINT_NOT_APPLIED
+    assert [u["status"] for u in uses] == [
+        "no such waypoint shop/shop-wp: traffic goes direct",
+        "no such waypoint data/db-wp: traffic goes direct",
+        "no such waypoint data/a-wp: traffic goes direct",
+    ]
+    uses = parse(_doc(waypoints=WAYPOINTS)).snapshot.waypoint_uses()
+    assert [(u["resolved"], u["status"]) for u in uses] == [
+        ("shop/shop-wp", "service and workload traffic goes through waypoint shop/shop-wp"),
+        ("data/db-wp", "service traffic goes through waypoint data/db-wp"),
+        (
+            "data/a-wp",
+            "waypoint data/a-wp is for service traffic: workload traffic goes direct",
+        ),
+    ]
+
+
+def test_waypoint_without_address_is_reported_as_refusing() -> None:
+    doc = _doc(waypoints=[{"name": "db-wp", "namespace": "data"}])
+    (svc,) = [u for u in parse(doc).snapshot.waypoint_uses() if u["scope"] == "service"]
+    assert "has no address yet: refused" in str(svc["status"])
+
+
+def test_waypoints_are_read_with_every_field() -> None:
+    snap = parse(_doc(waypoints=WAYPOINTS)).snapshot
+    assert snap.waypoints[0] == Waypoint(
+        "shop-wp",
+        "shop",
+        ("10.0.9.1", "fd00::9:1"),
+        "n2",
+        "shop-wp-sa",
+        "all",
+        "/run/netns/wp",
+        "/sys/fs/cgroup/wp",
+    )
+    db = snap.waypoints[1]
+    assert (db.node, db.account, db.traffic_for, db.netns) == ("n1", "db-wp", "service", None)
+    assert snap.waypoint_named("data", "a-wp") is snap.waypoints[2]
+    assert snap.waypoints[2].addresses == ()
+
+
+@pytest.mark.parametrize(
+    "bad,error",
+    [
+        ({"namespace": "data"}, r"waypoints\[0\]\.name: required string"),
+        ({"name": "w"}, r"waypoints\[0\]\.namespace: required string"),
+        ({"name": "w", "namespace": "d", "addresses": ["nope"]},
+         r"waypoints\[0\]\.addresses: 'nope' is not an IP address"),
+        ({"name": "w", "namespace": "d", "addresses": "10.0.0.1"},
+         r"waypoints\[0\]\.addresses: expected a list of strings"),
+        ({"name": "w", "namespace": "d", "for": "pods"},
+         r"waypoints\[0\]\.for: 'pods' is not one of service, workload, all, none"),
+        ({"name": "w", "namespace": "d", "port": 15008},
+         r"waypoints\[0\]: unknown field\(s\) \['port'\]"),
+        ({"name": "w", "namespace": "d", "node": ["n1"]},
+         r"waypoints\[0\]\.node: expected a string"),
+        ("w", r"waypoints\[0\]: expected a mapping"),
+    ],
+)  # fmt: skip
+def test_bad_waypoints_name_the_field(bad: Any, error: str) -> None:
+    with pytest.raises(ConfigError, match=error):
+        parse(_doc(waypoints=[bad]))
+
+
+def test_duplicate_waypoint_and_not_a_list() -> None:
+    wp = {"name": "w", "namespace": "d"}
+    with pytest.raises(
+        ConfigError, match=r"waypoints\[1\]: d/w is already defined by waypoints\[0\]"
+    ):
+        parse(_doc(waypoints=[wp, dict(wp)]))
+    with pytest.raises(ConfigError, match="waypoints: expected a list"):
+        parse(_doc(waypoints={"w": wp}))
+
+
+def test_require_waypoint_setting() -> None:
+    assert parse(_doc()).settings.agent.require_waypoint is True
+    assert parse(_doc(agent={"requireWaypoint": False})).settings.agent.require_waypoint is False
+    with pytest.raises(ConfigError, match=r"agent\.requireWaypoint: expected true or false"):
+        parse(_doc(agent={"requireWaypoint": "no"}))
 
 
 def test_no_labels_no_waypoints() -> None:
