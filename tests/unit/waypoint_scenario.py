@@ -157,4 +157,3 @@ def doc(kind: str, name: str, spec: Mapping[str, Any], namespace: str = "blog",
 
 TO_WAYPOINT = [{"kind": "Gateway", "group": "gateway.networking.k8s.io", "name": "waypoint"}]
 TO_BLOG_API = [{"kind": "Service", "group": "", "name": "blog-api"}]
-__all__ = ["CLUSTER", "LISTENER", "ROUTE"]
