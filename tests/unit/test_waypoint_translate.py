@@ -70,13 +70,15 @@ def test_hbone_listener_terminates_mtls_connect_into_main_internal() -> None:
     assert sfs["name"] == "envoy.filters.http.set_filter_state"
     states = {s["object_key"]: s for s in sfs["typed_config"]["on_request_headers"]}
     assert states["envoy.filters.listener.original_dst.local_ip"]["format_string"] == {
-        "text_format_source": {"inline_string": "%REQ(:AUTHORITY)%"}}
+        "text_format_source": {"inline_string": "%REQ(:AUTHORITY)%"}
+    }
     assert "envoy.filters.listener.original_dst.remote_ip" in states
     peer = states["io.istio.peer_principal"]
     assert peer["factory_key"] == "envoy.string"
     assert peer["shared_with_upstream"] == "ONCE"
     assert peer["format_string"]["text_format_source"]["inline_string"] == (
-        "%DOWNSTREAM_PEER_URI_SAN%")
+        "%DOWNSTREAM_PEER_URI_SAN%"
+    )
 
 
 def test_main_internal_cluster_is_the_internal_listener() -> None:
@@ -93,19 +95,24 @@ def test_one_chain_per_service_vip_and_port_codec_auto() -> None:
     assert main["internal_listener"] == {}
     assert main["listener_filters"][0]["name"] == "envoy.filters.listener.original_dst"
     names = [fc["name"] for fc in main["filter_chains"]]
-    assert names == [f"inbound-vip|8080|http|{BLOG_API}",
-                     "inbound-vip|9090|http|user-service.blog.svc.cluster.local",
-                     "inbound-vip|80|http|myapp.default.svc.cluster.local",
-                     "inbound-vip|80|http|myapp.production.svc.cluster.local"]
+    assert names == [
+        f"inbound-vip|8080|http|{BLOG_API}",
+        "inbound-vip|9090|http|user-service.blog.svc.cluster.local",
+        "inbound-vip|80|http|myapp.default.svc.cluster.local",
+        "inbound-vip|80|http|myapp.production.svc.cluster.local",
+    ]
     fc = chain(res)
     assert fc["filter_chain_match"] == {
         "prefix_ranges": [{"address_prefix": "10.96.0.10", "prefix_len": 32}],
-        "destination_port": 8080}
+        "destination_port": 8080,
+    }
     hcm = fc["filters"][0]["typed_config"]
     assert hcm.get("codec_type", "AUTO") == "AUTO"  # the enum default: omitted in JSON
     assert hcm["rds"]["route_config_name"] == f"inbound-vip|8080|http|{BLOG_API}"
     assert [f["name"] for f in hcm["http_filters"]] == [
-        "envoy.filters.http.fault", "envoy.filters.http.router"]
+        "envoy.filters.http.fault",
+        "envoy.filters.http.router",
+    ]
 
 
 def test_service_not_using_the_waypoint_gets_no_chain() -> None:
@@ -126,8 +133,14 @@ def test_default_route_and_cluster_endpoints_through_hbone() -> None:
     assert c["lb_policy"] == "LEAST_REQUEST"
     eps = c["load_assignment"]["endpoints"][0]["lb_endpoints"]
     assert [e["endpoint"]["address"]["envoy_internal_address"] for e in eps] == [
-        {"server_listener_name": "connect_originate|blog|blog-api", "endpoint_id": "10.1.0.11:8080"},
-        {"server_listener_name": "connect_originate|blog|blog-api", "endpoint_id": "10.1.0.12:8080"},
+        {
+            "server_listener_name": "connect_originate|blog|blog-api",
+            "endpoint_id": "10.1.0.11:8080",
+        },
+        {
+            "server_listener_name": "connect_originate|blog|blog-api",
+            "endpoint_id": "10.1.0.12:8080",
+        },
     ]
     assert eps[0]["metadata"]["filter_metadata"] == {
         "envoy.filters.listener.original_dst": {"local": "10.1.0.11:8080"},
@@ -136,7 +149,8 @@ def test_default_route_and_cluster_endpoints_through_hbone() -> None:
     (tsm,) = c["transport_socket_matches"]
     assert tsm["match"] == {"tunnel": "hbone"}
     assert tsm["transport_socket"]["typed_config"]["passthrough_metadata"] == [
-        {"kind": {"host": {}}, "name": "envoy.filters.listener.original_dst"}]
+        {"kind": {"host": {}}, "name": "envoy.filters.listener.original_dst"}
+    ]
 
 
 def test_originate_listener_and_cluster_per_destination_identity() -> None:
@@ -151,26 +165,42 @@ def test_originate_listener_and_cluster_per_destination_identity() -> None:
     assert c["type"] == "ORIGINAL_DST"
     assert c["lb_policy"] == "CLUSTER_PROVIDED"
     assert c["original_dst_lb_config"] == {"upstream_port_override": 15008}
-    opts = c["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    opts = c["typed_extension_protocol_options"][
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+    ]
     assert opts["explicit_http_config"] == {"http2_protocol_options": {}}
     ctx = c["transport_socket"]["typed_config"]["common_tls_context"]
     assert ctx["alpn_protocols"] == ["h2"]
     assert ctx["combined_validation_context"]["default_validation_context"][
-        "match_typed_subject_alt_names"] == [
-        {"san_type": "URI", "matcher": {"exact": "spiffe://cluster.local/ns/blog/sa/blog-api"}}]
+        "match_typed_subject_alt_names"
+    ] == [{"san_type": "URI", "matcher": {"exact": "spiffe://cluster.local/ns/blog/sa/blog-api"}}]
     assert sorted(n for n in res[LISTENER] if n.startswith("connect_originate")) == [
-        "connect_originate|blog|blog-api", "connect_originate|blog|user-service",
-        "connect_originate|default|myapp", "connect_originate|production|myapp"]
+        "connect_originate|blog|blog-api",
+        "connect_originate|blog|user-service",
+        "connect_originate|default|myapp",
+        "connect_originate|production|myapp",
+    ]
 
 
 def test_pod_outside_the_mesh_is_reached_in_plaintext() -> None:
-    wls = (*WORKLOADS[:1], Workload("legacy", "blog", "legacy", "n2", ("10.1.0.30",),
-                                    {"app": "blog-api", "istio.io/dataplane-mode": "none"}))
+    wls = (
+        *WORKLOADS[:1],
+        Workload(
+            "legacy",
+            "blog",
+            "legacy",
+            "n2",
+            ("10.1.0.30",),
+            {"app": "blog-api", "istio.io/dataplane-mode": "none"},
+        ),
+    )
     res, _ = run([], workloads=wls)
     eps = cluster(res, f"outbound|8080||{BLOG_API}")["load_assignment"]["endpoints"][0][
-        "lb_endpoints"]
-    assert eps[1] == {"endpoint": {"address": {"socket_address": {"address": "10.1.0.30",
-                                                                  "port_value": 8080}}}}
+        "lb_endpoints"
+    ]
+    assert eps[1] == {
+        "endpoint": {"address": {"socket_address": {"address": "10.1.0.30", "port_value": 8080}}}
+    }
 
 
 def test_workload_addressed_waypoint_gets_a_pod_chain() -> None:
@@ -180,10 +210,12 @@ def test_workload_addressed_waypoint_gets_a_pod_chain() -> None:
     res, _ = translate(view_of([], waypoints=(wp,)), wp)
     fc = chain(res, "inbound-pod|blog/blog-api-v1")
     assert fc["filter_chain_match"] == {
-        "prefix_ranges": [{"address_prefix": "10.1.0.11", "prefix_len": 32}]}
+        "prefix_ranges": [{"address_prefix": "10.1.0.11", "prefix_len": 32}]
+    }
     c = cluster(res, "inbound-pod|blog/blog-api-v1")
     assert c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"] == {
-        "envoy_internal_address": {"server_listener_name": "connect_originate|blog|blog-api"}}
+        "envoy_internal_address": {"server_listener_name": "connect_originate|blog|blog-api"}
+    }
 
 
 def test_unknown_field_is_refused_when_building_a_message() -> None:
@@ -191,10 +223,19 @@ def test_unknown_field_is_refused_when_building_a_message() -> None:
         message(Cluster, {"name": "x", "no_such_field": 1})
 
 
-@pytest.mark.parametrize(("text", "want"), [
-    ("30s", "30s"), ("1.5s", "1.5s"), ("100ms", "0.1s"), ("1h30m", "5400s"), ("0s", "0s"),
-    ("10", None), ("s", None), ("-1s", None),
-])
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [
+        ("30s", "30s"),
+        ("1.5s", "1.5s"),
+        ("100ms", "0.1s"),
+        ("1h30m", "5400s"),
+        ("0s", "0s"),
+        ("10", None),
+        ("s", None),
+        ("-1s", None),
+    ],
+)
 def test_duration(text: str, want: str | None) -> None:
     assert duration(text) == want
 
@@ -205,44 +246,98 @@ def test_duration(text: str, want: str | None) -> None:
 def lb_policy(res: Any, name: str) -> str:
     """The enum by name (ROUND_ROBIN is the default, so JSON leaves it out)."""
     msg = res[CLUSTER][name]
-    return str(msg.DESCRIPTOR.fields_by_name["lb_policy"].enum_type.values_by_number[
-        msg.lb_policy].name)
+    return str(
+        msg.DESCRIPTOR.fields_by_name["lb_policy"].enum_type.values_by_number[msg.lb_policy].name
+    )
+
 
 DR_TABLE: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
     ("lb round robin", {"loadBalancer": {"simple": "ROUND_ROBIN"}}, {"lb_policy": "ROUND_ROBIN"}),
-    ("lb least request", {"loadBalancer": {"simple": "LEAST_REQUEST"}},
-     {"lb_policy": "LEAST_REQUEST"}),
-    ("lb least conn alias", {"loadBalancer": {"simple": "LEAST_CONN"}},
-     {"lb_policy": "LEAST_REQUEST"}),
+    (
+        "lb least request",
+        {"loadBalancer": {"simple": "LEAST_REQUEST"}},
+        {"lb_policy": "LEAST_REQUEST"},
+    ),
+    (
+        "lb least conn alias",
+        {"loadBalancer": {"simple": "LEAST_CONN"}},
+        {"lb_policy": "LEAST_REQUEST"},
+    ),
     ("lb random", {"loadBalancer": {"simple": "RANDOM"}}, {"lb_policy": "RANDOM"}),
-    ("tcp maxConnections", {"connectionPool": {"tcp": {"maxConnections": 100}}},
-     {"circuit_breakers": {"thresholds": [{"max_connections": 100}]}}),
-    ("http limits", {"connectionPool": {"http": {
-        "http1MaxPendingRequests": 50, "http2MaxRequests": 10, "maxRetries": 3}}},
-     {"circuit_breakers": {"thresholds": [{"max_pending_requests": 50, "max_requests": 10,
-                                           "max_retries": 3}]}}),
-    ("maxRequestsPerConnection", {"connectionPool": {"http": {"maxRequestsPerConnection": 2}}},
-     {"typed_extension_protocol_options": {
-         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-             "common_http_protocol_options": {"max_requests_per_connection": 2}}}}),
-    ("connectTimeout", {"connectionPool": {"tcp": {"connectTimeout": "3s"}}},
-     {"connect_timeout": "3s"}),
-    ("outlier 5xx", {"outlierDetection": {"consecutive5xxErrors": 5, "interval": "30s",
-                                          "baseEjectionTime": "30s", "maxEjectionPercent": 50}},
-     {"outlier_detection": {"consecutive_5xx": 5, "enforcing_consecutive_5xx": 100,
-                            "interval": "30s", "base_ejection_time": "30s",
-                            "max_ejection_percent": 50}}),
-    ("outlier gateway", {"outlierDetection": {"consecutiveGatewayErrors": 3}},
-     {"outlier_detection": {"consecutive_gateway_failure": 3,
-                            "enforcing_consecutive_gateway_failure": 100}}),
+    (
+        "tcp maxConnections",
+        {"connectionPool": {"tcp": {"maxConnections": 100}}},
+        {"circuit_breakers": {"thresholds": [{"max_connections": 100}]}},
+    ),
+    (
+        "http limits",
+        {
+            "connectionPool": {
+                "http": {"http1MaxPendingRequests": 50, "http2MaxRequests": 10, "maxRetries": 3}
+            }
+        },
+        {
+            "circuit_breakers": {
+                "thresholds": [{"max_pending_requests": 50, "max_requests": 10, "max_retries": 3}]
+            }
+        },
+    ),
+    (
+        "maxRequestsPerConnection",
+        {"connectionPool": {"http": {"maxRequestsPerConnection": 2}}},
+        {
+            "typed_extension_protocol_options": {
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "common_http_protocol_options": {"max_requests_per_connection": 2}
+                }
+            }
+        },
+    ),
+    (
+        "connectTimeout",
+        {"connectionPool": {"tcp": {"connectTimeout": "3s"}}},
+        {"connect_timeout": "3s"},
+    ),
+    (
+        "outlier 5xx",
+        {
+            "outlierDetection": {
+                "consecutive5xxErrors": 5,
+                "interval": "30s",
+                "baseEjectionTime": "30s",
+                "maxEjectionPercent": 50,
+            }
+        },
+        {
+            "outlier_detection": {
+                "consecutive_5xx": 5,
+                "enforcing_consecutive_5xx": 100,
+                "interval": "30s",
+                "base_ejection_time": "30s",
+                "max_ejection_percent": 50,
+            }
+        },
+    ),
+    (
+        "outlier gateway",
+        {"outlierDetection": {"consecutiveGatewayErrors": 3}},
+        {
+            "outlier_detection": {
+                "consecutive_gateway_failure": 3,
+                "enforcing_consecutive_gateway_failure": 100,
+            }
+        },
+    ),
 ]
 
 
-@pytest.mark.parametrize(("policy", "want"), [(p, w) for _, p, w in DR_TABLE],
-                         ids=[i for i, _, _ in DR_TABLE])
+@pytest.mark.parametrize(
+    ("policy", "want"), [(p, w) for _, p, w in DR_TABLE], ids=[i for i, _, _ in DR_TABLE]
+)
 def test_destination_rule_traffic_policy(policy: dict[str, Any], want: dict[str, Any]) -> None:
-    res, report = run([doc("DestinationRule", "blog-api",
-                           {"host": "blog-api", "trafficPolicy": policy})])
+    res, report = run(
+        [doc("DestinationRule", "blog-api", {"host": "blog-api", "trafficPolicy": policy})]
+    )
     got = cluster(res, f"outbound|8080||{BLOG_API}")
     got["lb_policy"] = lb_policy(res, f"outbound|8080||{BLOG_API}")
     assert contains(got, want), got
@@ -250,42 +345,75 @@ def test_destination_rule_traffic_policy(policy: dict[str, Any], want: dict[str,
 
 
 def test_destination_rule_subsets_select_by_labels_with_own_policy() -> None:
-    dr = doc("DestinationRule", "blog-api", {
-        "host": "blog-api.blog.svc.cluster.local",
-        "trafficPolicy": {"loadBalancer": {"simple": "LEAST_CONN"}},
-        "subsets": [
-            {"name": "v1", "labels": {"version": "v1"}},
-            {"name": "v2", "labels": {"version": "v2"}, "trafficPolicy": {"portLevelSettings": [
-                {"port": {"number": 8080}, "loadBalancer": {"simple": "RANDOM"}}]}},
-        ]})
+    dr = doc(
+        "DestinationRule",
+        "blog-api",
+        {
+            "host": "blog-api.blog.svc.cluster.local",
+            "trafficPolicy": {"loadBalancer": {"simple": "LEAST_CONN"}},
+            "subsets": [
+                {"name": "v1", "labels": {"version": "v1"}},
+                {
+                    "name": "v2",
+                    "labels": {"version": "v2"},
+                    "trafficPolicy": {
+                        "portLevelSettings": [
+                            {"port": {"number": 8080}, "loadBalancer": {"simple": "RANDOM"}}
+                        ]
+                    },
+                },
+            ],
+        },
+    )
     res, _ = run([dr])
     v1 = cluster(res, f"outbound|8080|v1|{BLOG_API}")
     v2 = cluster(res, f"outbound|8080|v2|{BLOG_API}")
-    ids = [e["endpoint"]["address"]["envoy_internal_address"]["endpoint_id"]
-           for e in v1["load_assignment"]["endpoints"][0]["lb_endpoints"]]
+    ids = [
+        e["endpoint"]["address"]["envoy_internal_address"]["endpoint_id"]
+        for e in v1["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    ]
     assert ids == ["10.1.0.11:8080"]
     assert v1["lb_policy"] == "LEAST_REQUEST"
     assert v2["lb_policy"] == "RANDOM"
 
 
-@pytest.mark.parametrize(("policy", "field", "words"), [
-    ({"loadBalancer": {"simple": "PASSTHROUGH"}}, "spec.trafficPolicy.loadBalancer.simple",
-     "PASSTHROUGH"),
-    ({"loadBalancer": {"consistentHash": {"httpHeaderName": "x"}}},
-     "spec.trafficPolicy.loadBalancer.consistentHash", "not supported"),
-    ({"outlierDetection": {"consecutiveErrors": 5}},
-     "spec.trafficPolicy.outlierDetection.consecutiveErrors", "consecutive5xxErrors"),
-    ({"circuitBreaker": {"consecutiveErrors": 5}}, "spec.trafficPolicy.circuitBreaker",
-     "outlierDetection"),
-    ({"tls": {"mode": "SIMPLE"}}, "spec.trafficPolicy.tls", "HBONE"),
-    ({"connectionPool": {"tcp": {"tcpKeepalive": {"time": "1s"}}}},
-     "spec.trafficPolicy.connectionPool.tcp.tcpKeepalive", "not applied"),
-])
+@pytest.mark.parametrize(
+    ("policy", "field", "words"),
+    [
+        (
+            {"loadBalancer": {"simple": "PASSTHROUGH"}},
+            "spec.trafficPolicy.loadBalancer.simple",
+            "PASSTHROUGH",
+        ),
+        (
+            {"loadBalancer": {"consistentHash": {"httpHeaderName": "x"}}},
+            "spec.trafficPolicy.loadBalancer.consistentHash",
+            "not supported",
+        ),
+        (
+            {"outlierDetection": {"consecutiveErrors": 5}},
+            "spec.trafficPolicy.outlierDetection.consecutiveErrors",
+            "consecutive5xxErrors",
+        ),
+        (
+            {"circuitBreaker": {"consecutiveErrors": 5}},
+            "spec.trafficPolicy.circuitBreaker",
+            "outlierDetection",
+        ),
+        ({"tls": {"mode": "SIMPLE"}}, "spec.trafficPolicy.tls", "HBONE"),
+        (
+            {"connectionPool": {"tcp": {"tcpKeepalive": {"time": "1s"}}}},
+            "spec.trafficPolicy.connectionPool.tcp.tcpKeepalive",
+            "not applied",
+        ),
+    ],
+)
 def test_destination_rule_fields_not_applied_are_reported(
     policy: dict[str, Any], field: str, words: str
 ) -> None:
-    _, report = run([doc("DestinationRule", "blog-api",
-                         {"host": "blog-api", "trafficPolicy": policy})])
+    _, report = run(
+        [doc("DestinationRule", "blog-api", {"host": "blog-api", "trafficPolicy": policy})]
+    )
     issues = [i for i in report.for_document("DestinationRule blog/blog-api") if i.field == field]
     assert issues and words in issues[0].reason, report
 
@@ -298,7 +426,8 @@ def test_seed_blog_api_destination_rule() -> None:
     top = cluster(res, f"outbound|8080||{BLOG_API}")
     assert top["lb_policy"] == "LEAST_REQUEST"  # LEAST_CONN
     assert top["circuit_breakers"]["thresholds"] == [
-        {"max_connections": 100, "max_pending_requests": 50}]
+        {"max_connections": 100, "max_pending_requests": 50}
+    ]
     assert lb_policy(res, f"outbound|8080|v1|{BLOG_API}") == "ROUND_ROBIN"
     assert cluster(res, f"outbound|8080|v2|{BLOG_API}")["lb_policy"] == "RANDOM"
     (issue,) = report.for_document("DestinationRule blog/blog-api")
@@ -310,21 +439,49 @@ def test_seed_blog_api_destination_rule() -> None:
 
 
 def _serialized(res: Any) -> dict[tuple[str, str], bytes]:
-    return {(t, n): m.SerializeToString(deterministic=True)
-            for t, by in res.items() for n, m in by.items()}
+    return {
+        (t, n): m.SerializeToString(deterministic=True)
+        for t, by in res.items()
+        for n, m in by.items()
+    }
 
 
 def _canary(weight_v1: int) -> dict[str, Any]:
-    return doc("VirtualService", "blog-api-canary", {"hosts": ["blog-api"], "http": [
-        {"match": [{"headers": {"canary": {"exact": "true"}}}],
-         "route": [{"destination": {"host": "blog-api", "subset": "v2"}}]},
-        {"route": [{"destination": {"host": "blog-api", "subset": "v1"}, "weight": weight_v1},
-                   {"destination": {"host": "blog-api", "subset": "v2"},
-                    "weight": 100 - weight_v1}]}]})
+    return doc(
+        "VirtualService",
+        "blog-api-canary",
+        {
+            "hosts": ["blog-api"],
+            "http": [
+                {
+                    "match": [{"headers": {"canary": {"exact": "true"}}}],
+                    "route": [{"destination": {"host": "blog-api", "subset": "v2"}}],
+                },
+                {
+                    "route": [
+                        {"destination": {"host": "blog-api", "subset": "v1"}, "weight": weight_v1},
+                        {
+                            "destination": {"host": "blog-api", "subset": "v2"},
+                            "weight": 100 - weight_v1,
+                        },
+                    ]
+                },
+            ],
+        },
+    )
 
 
-SUBSETS = doc("DestinationRule", "blog-api", {"host": "blog-api", "subsets": [
-    {"name": "v1", "labels": {"version": "v1"}}, {"name": "v2", "labels": {"version": "v2"}}]})
+SUBSETS = doc(
+    "DestinationRule",
+    "blog-api",
+    {
+        "host": "blog-api",
+        "subsets": [
+            {"name": "v1", "labels": {"version": "v1"}},
+            {"name": "v2", "labels": {"version": "v2"}},
+        ],
+    },
+)
 
 
 def test_same_input_gives_byte_identical_resources() -> None:
@@ -344,12 +501,23 @@ def test_changing_one_route_changes_only_that_route_configuration() -> None:
 
 def test_a_new_pod_changes_only_the_clusters_it_is_in() -> None:
     a, _ = run([SUBSETS])
-    more = (*WORKLOADS, Workload("blog-api-v1b", "blog", "blog-api", "n2", ("10.1.0.14",),
-                                 {"app": "blog-api", "version": "v1"}))
+    more = (
+        *WORKLOADS,
+        Workload(
+            "blog-api-v1b",
+            "blog",
+            "blog-api",
+            "n2",
+            ("10.1.0.14",),
+            {"app": "blog-api", "version": "v1"},
+        ),
+    )
     b, _ = run([SUBSETS], workloads=more)
     sa, sb = _serialized(a), _serialized(b)
     assert sorted(k[1] for k in sa if sa[k] != sb.get(k)) == [
-        f"outbound|8080|v1|{BLOG_API}", f"outbound|8080||{BLOG_API}"]
+        f"outbound|8080|v1|{BLOG_API}",
+        f"outbound|8080||{BLOG_API}",
+    ]
 
 
 # -- the seeds ---------------------------------------------------------------------
@@ -375,7 +543,8 @@ def test_every_seed_of_an_l7_kind_is_applied_or_reported() -> None:
         if d.get("kind") not in L7_KINDS:
             continue
         if (group_of(d), d["kind"]) not in HANDLED | set(NOT_APPLIED) and d[
-                "kind"] not in OTHER_MESH_KINDS:
+            "kind"
+        ] not in OTHER_MESH_KINDS:
             continue
         label = f"{d['kind']} {d['metadata'].get('namespace', 'default')}/{d['metadata']['name']}"
         if label not in labels and not _applied(res, d):
@@ -396,7 +565,8 @@ def test_seed_canary_golden() -> None:
         "DestinationRule blog/blog-api: spec.trafficPolicy.circuitBreaker: not an Istio field "
         "(Istio has no circuitBreaker); ejection settings go in outlierDetection "
         "(consecutive5xxErrors, interval, baseEjectionTime, maxEjectionPercent), request "
-        "limits in connectionPool"]
+        "limits in connectionPool"
+    ]
     if not GOLDEN.exists():  # pragma: no cover - regenerate: delete the file, run, review
         GOLDEN.write_text(json.dumps(got, indent=1, sort_keys=True) + "\n")
     assert got == json.loads(GOLDEN.read_text())
@@ -406,7 +576,8 @@ def test_seed_canary_golden() -> None:
     assert r_canary["route"]["cluster"] == f"outbound|8080|v2|{BLOG_API}"
     assert r_split["route"]["weighted_clusters"]["clusters"] == [
         {"name": f"outbound|8080|v1|{BLOG_API}", "weight": 90},
-        {"name": f"outbound|8080|v2|{BLOG_API}", "weight": 10}]
+        {"name": f"outbound|8080|v2|{BLOG_API}", "weight": 10},
+    ]
     assert r_split["route"]["timeout"] == "0s"
     assert r_split["route"]["retry_policy"]["num_retries"] == 2
     assert set(res[CLUSTER]) >= {f"outbound|8080|v1|{BLOG_API}", f"outbound|8080|v2|{BLOG_API}"}

@@ -12,18 +12,26 @@ USER_CHAIN = "inbound-vip|9090|http|user-service.blog.svc.cluster.local"
 PEER = "io.istio.peer_principal"
 
 
-def ap(rules: list[dict[str, Any]] | None, action: str = "ALLOW", refs: Any = TO_WAYPOINT,
-       name: str = "p") -> dict[str, Any]:
+def ap(
+    rules: list[dict[str, Any]] | None,
+    action: str = "ALLOW",
+    refs: Any = TO_WAYPOINT,
+    name: str = "p",
+) -> dict[str, Any]:
     spec: dict[str, Any] = {"targetRefs": refs, "action": action}
     if rules is not None:
         spec["rules"] = rules
     return doc("AuthorizationPolicy", name, spec)
 
 
-def rbac(res: Any, chain: str = "inbound-vip|8080|http|blog-api.blog.svc.cluster.local"
-         ) -> list[dict[str, Any]]:
-    return [f["typed_config"]["rules"] for f in http_filters(res, chain)
-            if f["name"] == "envoy.filters.http.rbac"]
+def rbac(
+    res: Any, chain: str = "inbound-vip|8080|http|blog-api.blog.svc.cluster.local"
+) -> list[dict[str, Any]]:
+    return [
+        f["typed_config"]["rules"]
+        for f in http_filters(res, chain)
+        if f["name"] == "envoy.filters.http.rbac"
+    ]
 
 
 def only_policy(res: Any) -> dict[str, Any]:
@@ -37,76 +45,185 @@ def peer(match: dict[str, Any]) -> dict[str, Any]:
 
 
 def claim(path: list[str], match: dict[str, Any]) -> dict[str, Any]:
-    meta = {"filter": "envoy.filters.http.jwt_authn",
-            "path": [{"key": k} for k in ["payload", *path]]}
-    return {"or_ids": {"ids": [
-        {"metadata": {**meta, "value": {"string_match": match}}},
-        {"metadata": {**meta, "value": {"list_match": {"one_of": {"string_match": match}}}}}]}}
+    meta = {
+        "filter": "envoy.filters.http.jwt_authn",
+        "path": [{"key": k} for k in ["payload", *path]],
+    }
+    return {
+        "or_ids": {
+            "ids": [
+                {"metadata": {**meta, "value": {"string_match": match}}},
+                {
+                    "metadata": {
+                        **meta,
+                        "value": {"list_match": {"one_of": {"string_match": match}}},
+                    }
+                },
+            ]
+        }
+    }
 
 
 ANY = [{"any": True}]
 
 AP_TABLE: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
-    ("methods", {"to": [{"operation": {"methods": ["GET", "POST"]}}]},
-     {"permissions": [{"or_rules": {"rules": [
-         {"header": {"name": ":method", "string_match": {"exact": "GET"}}},
-         {"header": {"name": ":method", "string_match": {"exact": "POST"}}}]}}],
-      "principals": ANY}),
-    ("notMethods", {"to": [{"operation": {"notMethods": ["DELETE"]}}]},
-     {"permissions": [{"not_rule": {"header": {"name": ":method",
-                                               "string_match": {"exact": "DELETE"}}}}]}),
-    ("paths exact prefix suffix",
-     {"to": [{"operation": {"paths": ["/a", "/api/*", "*.png"]}}]},
-     {"permissions": [{"or_rules": {"rules": [
-         {"url_path": {"path": {"exact": "/a"}}},
-         {"url_path": {"path": {"prefix": "/api/"}}},
-         {"url_path": {"path": {"suffix": ".png"}}}]}}]}),
-    ("notPaths", {"to": [{"operation": {"notPaths": ["/admin*"]}}]},
-     {"permissions": [{"not_rule": {"url_path": {"path": {"prefix": "/admin"}}}}]}),
-    ("hosts", {"to": [{"operation": {"hosts": ["blog.example.com"]}}]},
-     {"permissions": [{"or_rules": {"rules": [
-         {"header": {"name": ":authority", "string_match": {"exact": "blog.example.com",
-                                                            "ignore_case": True}}},
-         {"header": {"name": ":authority", "string_match": {"prefix": "blog.example.com:",
-                                                            "ignore_case": True}}}]}}]}),
-    ("ports", {"to": [{"operation": {"ports": ["8080"]}}]},
-     {"permissions": [{"destination_port": 8080}]}),
-    ("principals via the HBONE peer",
-     {"from": [{"source": {"principals": ["cluster.local/ns/blog/sa/blog-frontend"]}}]},
-     {"permissions": ANY, "principals": [
-         peer({"exact": "spiffe://cluster.local/ns/blog/sa/blog-frontend"})]}),
-    ("notPrincipals wildcard suffix",
-     {"from": [{"source": {"notPrincipals": ["*/sa/bad"]}}]},
-     {"principals": [{"not_id": peer({"suffix": "/sa/bad"})}]}),
-    ("namespaces as a regex on the peer",
-     {"from": [{"source": {"namespaces": ["istio-system"]}}]},
-     {"principals": [peer({"safe_regex": {
-         "regex": "spiffe://[^/]+/ns/istio-system/sa/[^/]+"}})]}),
-    ("serviceAccounts", {"from": [{"source": {"serviceAccounts": ["other/sa1"]}}]},
-     {"principals": [peer({"safe_regex": {"regex": "spiffe://[^/]+/ns/other/sa/sa1"}})]}),
-    ("ipBlocks", {"from": [{"source": {"ipBlocks": ["10.0.0.0/8"]}}]},
-     {"principals": [{"direct_remote_ip": {"address_prefix": "10.0.0.0", "prefix_len": 8}}]}),
-    ("requestPrincipals iss/*",
-     {"from": [{"source": {"requestPrincipals": ["https://auth.example.com/*"]}}]},
-     {"principals": [claim(["iss"], {"exact": "https://auth.example.com"})]}),
-    ("when request.headers",
-     {"when": [{"key": "request.headers[authorization]", "values": ["Bearer *"]}]},
-     {"principals": [{"header": {"name": "authorization",
-                                 "string_match": {"prefix": "Bearer "}}}]}),
-    ("when claims", {"when": [{"key": "request.auth.claims[role]", "values": ["admin"]}]},
-     {"principals": [claim(["role"], {"exact": "admin"})]}),
-    ("when notValues source.namespace",
-     {"when": [{"key": "source.namespace", "notValues": ["evil"]}]},
-     {"principals": [{"not_id": peer({"safe_regex": {
-         "regex": "spiffe://[^/]+/ns/evil/sa/[^/]+"}})}]}),
-    ("when destination.port", {"when": [{"key": "destination.port", "values": ["8080"]}]},
-     {"permissions": [{"destination_port": 8080}]}),
+    (
+        "methods",
+        {"to": [{"operation": {"methods": ["GET", "POST"]}}]},
+        {
+            "permissions": [
+                {
+                    "or_rules": {
+                        "rules": [
+                            {"header": {"name": ":method", "string_match": {"exact": "GET"}}},
+                            {"header": {"name": ":method", "string_match": {"exact": "POST"}}},
+                        ]
+                    }
+                }
+            ],
+            "principals": ANY,
+        },
+    ),
+    (
+        "notMethods",
+        {"to": [{"operation": {"notMethods": ["DELETE"]}}]},
+        {
+            "permissions": [
+                {"not_rule": {"header": {"name": ":method", "string_match": {"exact": "DELETE"}}}}
+            ]
+        },
+    ),
+    (
+        "paths exact prefix suffix",
+        {"to": [{"operation": {"paths": ["/a", "/api/*", "*.png"]}}]},
+        {
+            "permissions": [
+                {
+                    "or_rules": {
+                        "rules": [
+                            {"url_path": {"path": {"exact": "/a"}}},
+                            {"url_path": {"path": {"prefix": "/api/"}}},
+                            {"url_path": {"path": {"suffix": ".png"}}},
+                        ]
+                    }
+                }
+            ]
+        },
+    ),
+    (
+        "notPaths",
+        {"to": [{"operation": {"notPaths": ["/admin*"]}}]},
+        {"permissions": [{"not_rule": {"url_path": {"path": {"prefix": "/admin"}}}}]},
+    ),
+    (
+        "hosts",
+        {"to": [{"operation": {"hosts": ["blog.example.com"]}}]},
+        {
+            "permissions": [
+                {
+                    "or_rules": {
+                        "rules": [
+                            {
+                                "header": {
+                                    "name": ":authority",
+                                    "string_match": {
+                                        "exact": "blog.example.com",
+                                        "ignore_case": True,
+                                    },
+                                }
+                            },
+                            {
+                                "header": {
+                                    "name": ":authority",
+                                    "string_match": {
+                                        "prefix": "blog.example.com:",
+                                        "ignore_case": True,
+                                    },
+                                }
+                            },
+                        ]
+                    }
+                }
+            ]
+        },
+    ),
+    (
+        "ports",
+        {"to": [{"operation": {"ports": ["8080"]}}]},
+        {"permissions": [{"destination_port": 8080}]},
+    ),
+    (
+        "principals via the HBONE peer",
+        {"from": [{"source": {"principals": ["cluster.local/ns/blog/sa/blog-frontend"]}}]},
+        {
+            "permissions": ANY,
+            "principals": [peer({"exact": "spiffe://cluster.local/ns/blog/sa/blog-frontend"})],
+        },
+    ),
+    (
+        "notPrincipals wildcard suffix",
+        {"from": [{"source": {"notPrincipals": ["*/sa/bad"]}}]},
+        {"principals": [{"not_id": peer({"suffix": "/sa/bad"})}]},
+    ),
+    (
+        "namespaces as a regex on the peer",
+        {"from": [{"source": {"namespaces": ["istio-system"]}}]},
+        {
+            "principals": [
+                peer({"safe_regex": {"regex": "spiffe://[^/]+/ns/istio-system/sa/[^/]+"}})
+            ]
+        },
+    ),
+    (
+        "serviceAccounts",
+        {"from": [{"source": {"serviceAccounts": ["other/sa1"]}}]},
+        {"principals": [peer({"safe_regex": {"regex": "spiffe://[^/]+/ns/other/sa/sa1"}})]},
+    ),
+    (
+        "ipBlocks",
+        {"from": [{"source": {"ipBlocks": ["10.0.0.0/8"]}}]},
+        {"principals": [{"direct_remote_ip": {"address_prefix": "10.0.0.0", "prefix_len": 8}}]},
+    ),
+    (
+        "requestPrincipals iss/*",
+        {"from": [{"source": {"requestPrincipals": ["https://auth.example.com/*"]}}]},
+        {"principals": [claim(["iss"], {"exact": "https://auth.example.com"})]},
+    ),
+    (
+        "when request.headers",
+        {"when": [{"key": "request.headers[authorization]", "values": ["Bearer *"]}]},
+        {
+            "principals": [
+                {"header": {"name": "authorization", "string_match": {"prefix": "Bearer "}}}
+            ]
+        },
+    ),
+    (
+        "when claims",
+        {"when": [{"key": "request.auth.claims[role]", "values": ["admin"]}]},
+        {"principals": [claim(["role"], {"exact": "admin"})]},
+    ),
+    (
+        "when notValues source.namespace",
+        {"when": [{"key": "source.namespace", "notValues": ["evil"]}]},
+        {
+            "principals": [
+                {"not_id": peer({"safe_regex": {"regex": "spiffe://[^/]+/ns/evil/sa/[^/]+"}})}
+            ]
+        },
+    ),
+    (
+        "when destination.port",
+        {"when": [{"key": "destination.port", "values": ["8080"]}]},
+        {"permissions": [{"destination_port": 8080}]},
+    ),
     ("empty rule matches everything", {}, {"permissions": ANY, "principals": ANY}),
 ]
 
 
-@pytest.mark.parametrize(("rule", "want"), [(r, w) for _, r, w in AP_TABLE],
-                         ids=[i for i, _, _ in AP_TABLE])
+@pytest.mark.parametrize(
+    ("rule", "want"), [(r, w) for _, r, w in AP_TABLE], ids=[i for i, _, _ in AP_TABLE]
+)
 def test_authorization_policy_field(rule: dict[str, Any], want: dict[str, Any]) -> None:
     res, report = run([ap([rule])])
     got = only_policy(res)
@@ -115,11 +232,13 @@ def test_authorization_policy_field(rule: dict[str, Any], want: dict[str, Any]) 
 
 
 def test_deny_before_allow_and_audit_logs() -> None:
-    res, _ = run([
-        ap([{"to": [{"operation": {"methods": ["GET"]}}]}], "ALLOW", name="a"),
-        ap([{"to": [{"operation": {"paths": ["/admin"]}}]}], "DENY", name="d"),
-        ap([{}], "AUDIT", name="l"),
-    ])
+    res, _ = run(
+        [
+            ap([{"to": [{"operation": {"methods": ["GET"]}}]}], "ALLOW", name="a"),
+            ap([{"to": [{"operation": {"paths": ["/admin"]}}]}], "DENY", name="d"),
+            ap([{}], "AUDIT", name="l"),
+        ]
+    )
     assert [r.get("action", "ALLOW") for r in rbac(res)] == ["LOG", "DENY", "ALLOW"]
     assert list(rbac(res)[2]["policies"]) == ["ns[blog]-policy[a]-rule[0]"]
 
@@ -165,8 +284,19 @@ def test_untranslatable_allow_rule_is_dropped_and_reported() -> None:
 
 
 def test_untranslatable_deny_condition_is_dropped_so_it_denies_more() -> None:
-    res, report = run([ap([{"to": [{"operation": {"methods": ["GET"]}}],
-                            "when": [{"key": "connection.sni", "values": ["x"]}]}], "DENY")])
+    res, report = run(
+        [
+            ap(
+                [
+                    {
+                        "to": [{"operation": {"methods": ["GET"]}}],
+                        "when": [{"key": "connection.sni", "values": ["x"]}],
+                    }
+                ],
+                "DENY",
+            )
+        ]
+    )
     got = only_policy(res)
     assert got["principals"] == ANY
     assert "fails closed" in report.for_document("AuthorizationPolicy blog/p")[0].reason
@@ -181,8 +311,14 @@ def test_invalid_attached_policy_denies_its_reach() -> None:
 
 
 def test_selector_policy_with_l7_fields_is_reported_with_the_fix() -> None:
-    d = doc("AuthorizationPolicy", "sel", {"selector": {"matchLabels": {"app": "blog-api"}},
-                                           "rules": [{"to": [{"operation": {"methods": ["GET"]}}]}]})
+    d = doc(
+        "AuthorizationPolicy",
+        "sel",
+        {
+            "selector": {"matchLabels": {"app": "blog-api"}},
+            "rules": [{"to": [{"operation": {"methods": ["GET"]}}]}],
+        },
+    )
     res, report = run([d])
     assert rbac(res) == []
     (issue,) = report.for_document("AuthorizationPolicy blog/sel")
@@ -204,33 +340,60 @@ def jwt(res: Any) -> dict[str, Any]:
 
 JWKS = '{"keys":[{"kty":"RSA","e":"AQAB","n":"xyz"}]}'
 RA_TABLE: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
-    ("issuer audiences inline jwks",
-     {"issuer": "https://a", "audiences": ["blog-api"], "jwks": JWKS},
-     {"issuer": "https://a", "audiences": ["blog-api"], "local_jwks": {"inline_string": JWKS},
-      "payload_in_metadata": "payload"}),
-    ("forwardOriginalToken", {"issuer": "i", "jwks": JWKS, "forwardOriginalToken": True},
-     {"forward": True}),
-    ("outputPayloadToHeader", {"issuer": "i", "jwks": JWKS, "outputPayloadToHeader": "x-jwt"},
-     {"forward_payload_header": "x-jwt"}),
-    ("fromHeaders fromParams",
-     {"issuer": "i", "jwks": JWKS, "fromHeaders": [{"name": "x-token", "prefix": "Bearer "}],
-      "fromParams": ["tok"]},
-     {"from_headers": [{"name": "x-token", "value_prefix": "Bearer "}], "from_params": ["tok"]}),
-    ("outputClaimToHeaders",
-     {"issuer": "i", "jwks": JWKS, "outputClaimToHeaders": [{"header": "x-sub", "claim": "sub"}]},
-     {"claim_to_headers": [{"header_name": "x-sub", "claim_name": "sub"}]}),
+    (
+        "issuer audiences inline jwks",
+        {"issuer": "https://a", "audiences": ["blog-api"], "jwks": JWKS},
+        {
+            "issuer": "https://a",
+            "audiences": ["blog-api"],
+            "local_jwks": {"inline_string": JWKS},
+            "payload_in_metadata": "payload",
+        },
+    ),
+    (
+        "forwardOriginalToken",
+        {"issuer": "i", "jwks": JWKS, "forwardOriginalToken": True},
+        {"forward": True},
+    ),
+    (
+        "outputPayloadToHeader",
+        {"issuer": "i", "jwks": JWKS, "outputPayloadToHeader": "x-jwt"},
+        {"forward_payload_header": "x-jwt"},
+    ),
+    (
+        "fromHeaders fromParams",
+        {
+            "issuer": "i",
+            "jwks": JWKS,
+            "fromHeaders": [{"name": "x-token", "prefix": "Bearer "}],
+            "fromParams": ["tok"],
+        },
+        {"from_headers": [{"name": "x-token", "value_prefix": "Bearer "}], "from_params": ["tok"]},
+    ),
+    (
+        "outputClaimToHeaders",
+        {
+            "issuer": "i",
+            "jwks": JWKS,
+            "outputClaimToHeaders": [{"header": "x-sub", "claim": "sub"}],
+        },
+        {"claim_to_headers": [{"header_name": "x-sub", "claim_name": "sub"}]},
+    ),
 ]
 
 
-@pytest.mark.parametrize(("rule", "want"), [(r, w) for _, r, w in RA_TABLE],
-                         ids=[i for i, _, _ in RA_TABLE])
+@pytest.mark.parametrize(
+    ("rule", "want"), [(r, w) for _, r, w in RA_TABLE], ids=[i for i, _, _ in RA_TABLE]
+)
 def test_request_authentication_field(rule: dict[str, Any], want: dict[str, Any]) -> None:
     res, report = run([ra(rule)])
     cfg = jwt(res)
     (provider,) = cfg["providers"].values()
     assert contains(provider, want), provider
     assert cfg["rules"][0]["requires"]["requires_any"]["requirements"] == [
-        {"provider_name": "blog/jwt/0"}, {"allow_missing": {}}]
+        {"provider_name": "blog/jwt/0"},
+        {"allow_missing": {}},
+    ]
     assert not report.for_document("RequestAuthentication blog/jwt")
 
 
@@ -247,5 +410,8 @@ def test_jwks_uri_comes_from_the_agent() -> None:
 def test_jwt_filter_runs_before_rbac() -> None:
     res, _ = run([ra({"issuer": "i", "jwks": JWKS}), ap([{}])])
     assert [f["name"] for f in http_filters(res)] == [
-        "envoy.filters.http.jwt_authn", "envoy.filters.http.rbac", "envoy.filters.http.fault",
-        "envoy.filters.http.router"]
+        "envoy.filters.http.jwt_authn",
+        "envoy.filters.http.rbac",
+        "envoy.filters.http.fault",
+        "envoy.filters.http.router",
+    ]

@@ -53,26 +53,52 @@ def seeds(kind: str, name: str, namespace: str | None = None) -> list[dict[str, 
 
 
 WAYPOINT = Waypoint("waypoint", "blog", ("10.1.0.9",), "n1")
-USE = {"istio.io/dataplane-mode": "ambient", "istio.io/use-waypoint": "waypoint",
-       "istio.io/use-waypoint-namespace": "blog"}
+USE = {
+    "istio.io/dataplane-mode": "ambient",
+    "istio.io/use-waypoint": "waypoint",
+    "istio.io/use-waypoint-namespace": "blog",
+}
 NAMESPACES = {"blog": USE, "default": USE, "production": USE}
 SERVICES = (
-    Service("blog-api", "blog", ("10.96.0.10",), (ServicePort(8080, 8080, "http"),),
-            {"app": "blog-api"}),
-    Service("user-service", "blog", ("10.96.0.11",), (ServicePort(9090, 9090, "grpc"),),
-            {"app": "user-service"}),
+    Service(
+        "blog-api", "blog", ("10.96.0.10",), (ServicePort(8080, 8080, "http"),), {"app": "blog-api"}
+    ),
+    Service(
+        "user-service",
+        "blog",
+        ("10.96.0.11",),
+        (ServicePort(9090, 9090, "grpc"),),
+        {"app": "user-service"},
+    ),
     Service("myapp", "default", ("10.96.0.20",), (ServicePort(80, 8080),), {"app": "myapp"}),
     Service("myapp", "production", ("10.96.0.30",), (ServicePort(80, 8080),), {"app": "myapp"}),
 )
 WORKLOADS = (
-    Workload("blog-api-v1", "blog", "blog-api", "n1", ("10.1.0.11",),
-             {"app": "blog-api", "version": "v1"}),
-    Workload("blog-api-v2", "blog", "blog-api", "n2", ("10.1.0.12",),
-             {"app": "blog-api", "version": "v2"}),
-    Workload("user-service-0", "blog", "user-service", "n2", ("10.1.0.13",),
-             {"app": "user-service"}),
-    Workload("myapp-v1", "default", "myapp", "n1", ("10.1.0.21",), {"app": "myapp", "version": "v1"}),
-    Workload("myapp-v2", "default", "myapp", "n2", ("10.1.0.22",), {"app": "myapp", "version": "v2"}),
+    Workload(
+        "blog-api-v1",
+        "blog",
+        "blog-api",
+        "n1",
+        ("10.1.0.11",),
+        {"app": "blog-api", "version": "v1"},
+    ),
+    Workload(
+        "blog-api-v2",
+        "blog",
+        "blog-api",
+        "n2",
+        ("10.1.0.12",),
+        {"app": "blog-api", "version": "v2"},
+    ),
+    Workload(
+        "user-service-0", "blog", "user-service", "n2", ("10.1.0.13",), {"app": "user-service"}
+    ),
+    Workload(
+        "myapp-v1", "default", "myapp", "n1", ("10.1.0.21",), {"app": "myapp", "version": "v1"}
+    ),
+    Workload(
+        "myapp-v2", "default", "myapp", "n2", ("10.1.0.22",), {"app": "myapp", "version": "v2"}
+    ),
     Workload("myapp-0", "production", "myapp", "n2", ("10.1.0.31",), {"app": "myapp"}),
 )
 
@@ -85,8 +111,14 @@ def view_of(
     namespaces: dict[str, dict[str, str]] | None = None,
     waypoints: tuple[Waypoint, ...] = (WAYPOINT,),
 ) -> StateView:
-    snap = Snapshot("n1", namespaces if namespaces is not None else NAMESPACES, workloads,
-                    services, tuple(docs), waypoints)
+    snap = Snapshot(
+        "n1",
+        namespaces if namespaces is not None else NAMESPACES,
+        workloads,
+        services,
+        tuple(docs),
+        waypoints,
+    )
     return build_view(snap, "cluster.local", None, 1)
 
 
@@ -111,22 +143,25 @@ def route_config(res: Resources, name: str) -> dict[str, Any]:
     return as_dict(res[ROUTE][name])
 
 
-def routes(res: Resources, host: str = "blog-api.blog.svc.cluster.local", port: int = 8080
-           ) -> list[dict[str, Any]]:
+def routes(
+    res: Resources, host: str = "blog-api.blog.svc.cluster.local", port: int = 8080
+) -> list[dict[str, Any]]:
     rc = route_config(res, f"inbound-vip|{port}|http|{host}")
     return list(rc["virtual_hosts"][0]["routes"])
 
 
-def chain(res: Resources, name: str = "inbound-vip|8080|http|blog-api.blog.svc.cluster.local"
-          ) -> dict[str, Any]:
+def chain(
+    res: Resources, name: str = "inbound-vip|8080|http|blog-api.blog.svc.cluster.local"
+) -> dict[str, Any]:
     for fc in listener(res, "main_internal")["filter_chains"]:
         if fc["name"] == name:
             return dict(fc)
     raise KeyError(name)
 
 
-def http_filters(res: Resources, name: str = "inbound-vip|8080|http|blog-api.blog.svc.cluster.local"
-                 ) -> list[dict[str, Any]]:
+def http_filters(
+    res: Resources, name: str = "inbound-vip|8080|http|blog-api.blog.svc.cluster.local"
+) -> list[dict[str, Any]]:
     return list(chain(res, name)["filters"][0]["typed_config"]["http_filters"])
 
 
@@ -137,13 +172,17 @@ def contains(actual: Any, expected: Any) -> bool:
             k in actual and contains(actual[k], v) for k, v in expected.items()
         )
     if isinstance(expected, list):
-        return (isinstance(actual, list) and len(actual) == len(expected)
-                and all(contains(a, e) for a, e in zip(actual, expected, strict=True)))
+        return (
+            isinstance(actual, list)
+            and len(actual) == len(expected)
+            and all(contains(a, e) for a, e in zip(actual, expected, strict=True))
+        )
     return bool(actual == expected)
 
 
-def doc(kind: str, name: str, spec: Mapping[str, Any], namespace: str = "blog",
-        api: str | None = None) -> dict[str, Any]:
+def doc(
+    kind: str, name: str, spec: Mapping[str, Any], namespace: str = "blog", api: str | None = None
+) -> dict[str, Any]:
     apis = {
         "VirtualService": "networking.istio.io/v1",
         "DestinationRule": "networking.istio.io/v1",
@@ -151,8 +190,12 @@ def doc(kind: str, name: str, spec: Mapping[str, Any], namespace: str = "blog",
         "RequestAuthentication": "security.istio.io/v1",
         "HTTPRoute": "gateway.networking.k8s.io/v1",
     }
-    return {"apiVersion": api or apis[kind], "kind": kind,
-            "metadata": {"name": name, "namespace": namespace}, "spec": dict(spec)}
+    return {
+        "apiVersion": api or apis[kind],
+        "kind": kind,
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": dict(spec),
+    }
 
 
 TO_WAYPOINT = [{"kind": "Gateway", "group": "gateway.networking.k8s.io", "name": "waypoint"}]

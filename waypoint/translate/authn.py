@@ -19,16 +19,27 @@ from waypoint.translate.mesh import Mesh, name_of, namespace_of, spec_of
 
 JWT_AUTHN = "envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication"
 EMPTY_JWKS = '{"keys":[]}'
-RULE_FIELDS = ("issuer", "audiences", "jwksUri", "jwks", "fromHeaders", "fromParams",
-               "fromCookies", "outputPayloadToHeader", "forwardOriginalToken",
-               "outputClaimToHeaders", "timeout")
+RULE_FIELDS = (
+    "issuer",
+    "audiences",
+    "jwksUri",
+    "jwks",
+    "fromHeaders",
+    "fromParams",
+    "fromCookies",
+    "outputPayloadToHeader",
+    "forwardOriginalToken",
+    "outputClaimToHeaders",
+    "timeout",
+)
 
 # scope -> provider name -> JwtProvider
 Providers = dict[str, dict[str, dict[str, Any]]]
 
 
-def _provider(rule: Mapping[str, Any], path: str, label: str, jwks: Mapping[str, str],
-              report: Report) -> dict[str, Any] | None:
+def _provider(
+    rule: Mapping[str, Any], path: str, label: str, jwks: Mapping[str, str], report: Report
+) -> dict[str, Any] | None:
     issuer = rule.get("issuer")
     if not isinstance(issuer, str) or not issuer:
         report.add(label, f"{path}.issuer", "required: the rule is not applied")
@@ -45,12 +56,20 @@ def _provider(rule: Mapping[str, Any], path: str, label: str, jwks: Mapping[str,
     elif isinstance(rule.get("jwksUri"), str):
         text = jwks.get(rule["jwksUri"])
         if text is None:
-            report.add(label, f"{path}.jwksUri", f"{show(rule['jwksUri'])} not fetched yet: "
-                       f"tokens of {issuer} are refused until the agent passes its JWKS")
+            report.add(
+                label,
+                f"{path}.jwksUri",
+                f"{show(rule['jwksUri'])} not fetched yet: "
+                f"tokens of {issuer} are refused until the agent passes its JWKS",
+            )
         p["local_jwks"] = {"inline_string": text if text is not None else EMPTY_JWKS}
     else:
-        report.add(label, f"{path}.jwks", "neither jwks nor jwksUri: OpenID discovery is not "
-                   f"supported; tokens of {issuer} are refused")
+        report.add(
+            label,
+            f"{path}.jwks",
+            "neither jwks nor jwksUri: OpenID discovery is not "
+            f"supported; tokens of {issuer} are refused",
+        )
         p["local_jwks"] = {"inline_string": EMPTY_JWKS}
     if "timeout" in rule:
         report.add(label, f"{path}.timeout", "the agent fetches JWKS with its own timeout")
@@ -61,9 +80,12 @@ def _provider(rule: Mapping[str, Any], path: str, label: str, jwks: Mapping[str,
     headers = rule.get("fromHeaders")
     if isinstance(headers, list):
         p["from_headers"] = [
-            {"name": str(h.get("name")), **({"value_prefix": h["prefix"]}
-                                            if isinstance(h.get("prefix"), str) else {})}
-            for h in headers if isinstance(h, Mapping) and h.get("name")
+            {
+                "name": str(h.get("name")),
+                **({"value_prefix": h["prefix"]} if isinstance(h.get("prefix"), str) else {}),
+            }
+            for h in headers
+            if isinstance(h, Mapping) and h.get("name")
         ]
     for key, field in (("fromParams", "from_params"), ("fromCookies", "from_cookies")):
         values = rule.get(key)
@@ -73,7 +95,8 @@ def _provider(rule: Mapping[str, Any], path: str, label: str, jwks: Mapping[str,
     if isinstance(claims, list):
         p["claim_to_headers"] = [
             {"header_name": str(c.get("header")), "claim_name": str(c.get("claim"))}
-            for c in claims if isinstance(c, Mapping) and c.get("header") and c.get("claim")
+            for c in claims
+            if isinstance(c, Mapping) and c.get("header") and c.get("claim")
         ]
     return p
 
@@ -86,11 +109,14 @@ def translate_authn(mesh: Mesh, jwks: Mapping[str, str], report: Report) -> Prov
         refs = raw_target_refs(spec)
         if not refs:
             if ns in served_ns:
-                report.add(label, "spec.selector" if "selector" in spec else "spec",
-                           "without targetRefs a RequestAuthentication is for sidecars; the "
-                           "waypoint applies it with targetRefs (kind Gateway name "
-                           f"{mesh.waypoint.name}, group gateway.networking.k8s.io, or kind "
-                           "Service)")
+                report.add(
+                    label,
+                    "spec.selector" if "selector" in spec else "spec",
+                    "without targetRefs a RequestAuthentication is for sidecars; the "
+                    "waypoint applies it with targetRefs (kind Gateway name "
+                    f"{mesh.waypoint.name}, group gateway.networking.k8s.io, or kind "
+                    "Service)",
+                )
             continue
         reach = scopes(mesh, ns, refs)
         if not reach:
@@ -117,14 +143,27 @@ def jwt_filter(providers: Providers, service_key: str | None) -> list[dict[str, 
     if not merged:
         return []
     names = sorted(merged)
-    return [{
-        "name": "envoy.filters.http.jwt_authn",
-        "typed_config": typed(JWT_AUTHN, {
-            "providers": {n: merged[n] for n in names},
-            "rules": [{
-                "match": {"prefix": "/"},
-                "requires": {"requires_any": {"requirements": [
-                    *({"provider_name": n} for n in names), {"allow_missing": {}}]}},
-            }],
-        }),
-    }]
+    return [
+        {
+            "name": "envoy.filters.http.jwt_authn",
+            "typed_config": typed(
+                JWT_AUTHN,
+                {
+                    "providers": {n: merged[n] for n in names},
+                    "rules": [
+                        {
+                            "match": {"prefix": "/"},
+                            "requires": {
+                                "requires_any": {
+                                    "requirements": [
+                                        *({"provider_name": n} for n in names),
+                                        {"allow_missing": {}},
+                                    ]
+                                }
+                            },
+                        }
+                    ],
+                },
+            ),
+        }
+    ]

@@ -20,9 +20,16 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from agent.policy.model import Action, AuthorizationPolicy, Condition, Operation, Rule, Source
+from agent.policy.model import (
+    Action,
+    AuthorizationPolicy,
+    Condition,
+    Operation,
+    PolicyError,
+    Rule,
+    Source,
+)
 from agent.policy.parse import parse_authorization_policy
-from agent.policy.model import PolicyError
 from waypoint.translate.attach import GATEWAY, raw_target_refs, scopes
 from waypoint.translate.common import Doc, Report, inner_wildcard, istio_string, re2_escape, typed
 from waypoint.translate.hbone import PEER_PRINCIPAL_KEY
@@ -104,22 +111,34 @@ def _namespace(field: str, value: str) -> dict[str, Any]:
 
 def _service_account(value: str, policy_ns: str) -> dict[str, Any]:
     ns, _, sa = value.rpartition("/")
-    return _peer({"safe_regex": {
-        "regex": f"spiffe://[^/]+/ns/{re2_escape(ns or policy_ns)}/sa/{re2_escape(sa)}"}})
+    return _peer(
+        {
+            "safe_regex": {
+                "regex": f"spiffe://[^/]+/ns/{re2_escape(ns or policy_ns)}/sa/{re2_escape(sa)}"
+            }
+        }
+    )
 
 
 def _claim(path: list[str], match: dict[str, Any]) -> dict[str, Any]:
     """A JWT claim (string, or a list containing the value) matches."""
     meta = {"filter": JWT_FILTER, "path": [{"key": k} for k in [JWT_PAYLOAD, *path]]}
-    return _or_ids([
-        {"metadata": {**meta, "value": {"string_match": match}}},
-        {"metadata": {**meta, "value": {"list_match": {"one_of": {"string_match": match}}}}},
-    ])
+    return _or_ids(
+        [
+            {"metadata": {**meta, "value": {"string_match": match}}},
+            {"metadata": {**meta, "value": {"list_match": {"one_of": {"string_match": match}}}}},
+        ]
+    )
 
 
 def _claim_present(path: list[str]) -> dict[str, Any]:
-    return {"metadata": {"filter": JWT_FILTER, "path": [{"key": k} for k in [JWT_PAYLOAD, *path]],
-                         "value": {"present_match": True}}}
+    return {
+        "metadata": {
+            "filter": JWT_FILTER,
+            "path": [{"key": k} for k in [JWT_PAYLOAD, *path]],
+            "value": {"present_match": True},
+        }
+    }
 
 
 def _request_principal(field: str, value: str) -> dict[str, Any]:
@@ -131,8 +150,11 @@ def _request_principal(field: str, value: str) -> dict[str, Any]:
     if value.startswith("*/") and "*" not in value[2:]:
         return _claim(["sub"], {"exact": value[2:]})
     if "*" in value or "/" not in value:
-        raise Untranslatable(field, f"{value!r}: request principals are matched as "
-                             "'<iss>/<sub>', '<iss>/*', '*/<sub>' or '*'")
+        raise Untranslatable(
+            field,
+            f"{value!r}: request principals are matched as "
+            "'<iss>/<sub>', '<iss>/*', '*/<sub>' or '*'",
+        )
     iss, _, sub = value.rpartition("/")
     return _and_ids([_claim(["iss"], {"exact": iss}), _claim(["sub"], {"exact": sub})])
 
@@ -155,15 +177,22 @@ def _source(src: Source, path: str, policy_ns: str) -> list[dict[str, Any]]:
         ("notPrincipals", True, src.not_principals, _principal),
         ("namespaces", False, src.namespaces, _namespace),
         ("notNamespaces", True, src.not_namespaces, _namespace),
-        ("serviceAccounts", False, src.service_accounts,
-         lambda _f, v: _service_account(v, policy_ns)),
-        ("notServiceAccounts", True, src.not_service_accounts,
-         lambda _f, v: _service_account(v, policy_ns)),
+        (
+            "serviceAccounts",
+            False,
+            src.service_accounts,
+            lambda _f, v: _service_account(v, policy_ns),
+        ),
+        (
+            "notServiceAccounts",
+            True,
+            src.not_service_accounts,
+            lambda _f, v: _service_account(v, policy_ns),
+        ),
         ("ipBlocks", False, src.ip_blocks, lambda _f, v: _cidr(v, "direct_remote_ip")),
         ("notIpBlocks", True, src.not_ip_blocks, lambda _f, v: _cidr(v, "direct_remote_ip")),
         ("remoteIpBlocks", False, src.remote_ip_blocks, lambda _f, v: _cidr(v, "remote_ip")),
-        ("notRemoteIpBlocks", True, src.not_remote_ip_blocks,
-         lambda _f, v: _cidr(v, "remote_ip")),
+        ("notRemoteIpBlocks", True, src.not_remote_ip_blocks, lambda _f, v: _cidr(v, "remote_ip")),
         ("requestPrincipals", False, src.request_principals, _request_principal),
         ("notRequestPrincipals", True, src.not_request_principals, _request_principal),
     ):
@@ -176,11 +205,17 @@ def _source(src: Source, path: str, policy_ns: str) -> list[dict[str, Any]]:
 
 def _host(field: str, value: str) -> dict[str, Any]:
     _check(field, value)
-    exact = {"header": {"name": ":authority", "string_match": istio_string(value, ignore_case=True)}}
+    exact = {
+        "header": {"name": ":authority", "string_match": istio_string(value, ignore_case=True)}
+    }
     if "*" in value:
         return exact
-    with_port = {"header": {"name": ":authority",
-                            "string_match": {"prefix": f"{value}:", "ignore_case": True}}}
+    with_port = {
+        "header": {
+            "name": ":authority",
+            "string_match": {"prefix": f"{value}:", "ignore_case": True},
+        }
+    }
     return _or_rules([exact, with_port])
 
 
@@ -191,18 +226,27 @@ def _path(field: str, value: str) -> dict[str, Any]:
 
 def _operation(op: Operation, path: str) -> list[dict[str, Any]]:
     parts: list[dict[str, Any]] = []
-    for name, negated, values, build in (
-        ("methods", False, op.methods,
-         lambda _f, v: {"header": {"name": ":method", "string_match": {"exact": v}}}),
-        ("notMethods", True, op.not_methods,
-         lambda _f, v: {"header": {"name": ":method", "string_match": {"exact": v}}}),
+    fields: list[tuple[str, bool, tuple[Any, ...], Any]] = [
+        (
+            "methods",
+            False,
+            op.methods,
+            lambda _f, v: {"header": {"name": ":method", "string_match": {"exact": v}}},
+        ),
+        (
+            "notMethods",
+            True,
+            op.not_methods,
+            lambda _f, v: {"header": {"name": ":method", "string_match": {"exact": v}}},
+        ),
         ("paths", False, op.paths, _path),
         ("notPaths", True, op.not_paths, _path),
         ("hosts", False, op.hosts, _host),
         ("notHosts", True, op.not_hosts, _host),
         ("ports", False, op.ports, lambda _f, v: {"destination_port": v}),
         ("notPorts", True, op.not_ports, lambda _f, v: {"destination_port": v}),
-    ):
+    ]
+    for name, negated, values, build in fields:
         if values:
             m = _or_rules([build(f"{path}.{name}[{i}]", v) for i, v in enumerate(values)])
             parts.append({"not_rule": m} if negated else m)
@@ -213,7 +257,7 @@ def _operation(op: Operation, path: str) -> list[dict[str, Any]]:
 
 
 def _map_key(key: str, prefix: str) -> list[str]:
-    rest = key[len(prefix):]
+    rest = key[len(prefix) :]
     return rest[1:-1].split("][")
 
 
@@ -255,16 +299,19 @@ def _condition_one(key: str, value: str, field: str) -> tuple[str, dict[str, Any
     if key == "destination.port":
         return "permission", {"destination_port": int(value)}
     if key == "connection.sni":
-        raise Untranslatable(field, "connection.sni: the waypoint sees HBONE, not the "
-                             "client's TLS ClientHello")
+        raise Untranslatable(
+            field, "connection.sni: the waypoint sees HBONE, not the client's TLS ClientHello"
+        )
     raise Untranslatable(field, f"{key}: not supported by tether's waypoint")
 
 
 def _condition(cond: Condition, path: str) -> tuple[str, dict[str, Any]]:
     side = ""
     parts: list[dict[str, Any]] = []
-    for field, values, negated in (("values", cond.values, False),
-                                   ("notValues", cond.not_values, True)):
+    for field, values, negated in (
+        ("values", cond.values, False),
+        ("notValues", cond.not_values, True),
+    ):
         if not values:
             continue
         ms = []
@@ -285,8 +332,9 @@ def _condition(cond: Condition, path: str) -> tuple[str, dict[str, Any]]:
 # -- rules and policies -------------------------------------------------------
 
 
-def _rule(p: AuthorizationPolicy, rule: Rule, path: str, report: Report, label: str
-          ) -> dict[str, Any] | None:
+def _rule(
+    p: AuthorizationPolicy, rule: Rule, path: str, report: Report, label: str
+) -> dict[str, Any] | None:
     """An RBAC Policy for one rule; None when an ALLOW rule cannot be translated."""
     lenient = p.action is not Action.ALLOW
 
@@ -295,30 +343,54 @@ def _rule(p: AuthorizationPolicy, rule: Rule, path: str, report: Report, label: 
             return build()
         except Untranslatable as e:
             if lenient:
-                report.add(label, e.field, f"{e.reason}; left out of this {p.action.value} "
-                           "rule, which therefore matches more (fails closed)")
+                report.add(
+                    label,
+                    e.field,
+                    f"{e.reason}; left out of this {p.action.value} "
+                    "rule, which therefore matches more (fails closed)",
+                )
                 return None
             raise
 
     try:
-        froms = [x for x in (attempt(lambda s=s, i=i: _and_ids(
-            _source(s, f"{path}.from[{i}].source", p.namespace)), f"{path}.from[{i}]")
-            for i, s in enumerate(rule.sources)) if x is not None]
-        tos = [x for x in (attempt(lambda o=o, i=i: _and_rules(
-            _operation(o, f"{path}.to[{i}].operation")), f"{path}.to[{i}]")
-            for i, o in enumerate(rule.operations)) if x is not None]
+        froms = [
+            x
+            for x in (
+                attempt(
+                    lambda s=s, i=i: _and_ids(_source(s, f"{path}.from[{i}].source", p.namespace)),
+                    f"{path}.from[{i}]",
+                )
+                for i, s in enumerate(rule.sources)
+            )
+            if x is not None
+        ]
+        tos = [
+            x
+            for x in (
+                attempt(
+                    lambda o=o, i=i: _and_rules(_operation(o, f"{path}.to[{i}].operation")),
+                    f"{path}.to[{i}]",
+                )
+                for i, o in enumerate(rule.operations)
+            )
+            if x is not None
+        ]
         principals: list[dict[str, Any]] = [_or_ids(froms)] if froms else []
         permissions: list[dict[str, Any]] = [_or_rules(tos)] if tos else []
         for i, cond in enumerate(rule.conditions):
-            got = attempt(lambda c=cond, i=i: _condition(c, f"{path}.when[{i}]"),
-                          f"{path}.when[{i}]")
+            got = attempt(
+                lambda c=cond, i=i: _condition(c, f"{path}.when[{i}]"), f"{path}.when[{i}]"
+            )
             if got is None:
                 continue
             side, m = got
             (principals if side == "principal" else permissions).append(m)
     except Untranslatable as e:
-        report.add(label, e.field, f"{e.reason}; this ALLOW rule is left out, so it allows "
-                   "nothing (fails closed)")
+        report.add(
+            label,
+            e.field,
+            f"{e.reason}; this ALLOW rule is left out, so it allows nothing (fails closed)",
+        )
         return None
     return {"permissions": [_and_rules(permissions)], "principals": [_and_ids(principals)]}
 
@@ -328,8 +400,7 @@ class Authz:
     """RBAC rules by scope (GATEWAY or a service key) and action."""
 
     # scope -> action -> policy name -> RBAC Policy
-    rules: dict[str, dict[str, dict[str, dict[str, Any]]]] = dataclasses.field(
-        default_factory=dict)
+    rules: dict[str, dict[str, dict[str, dict[str, Any]]]] = dataclasses.field(default_factory=dict)
 
     def add(self, scope: str, action: str, name: str, policy: dict[str, Any] | None) -> None:
         by_action = self.rules.setdefault(scope, {}).setdefault(action, {})
@@ -350,8 +421,9 @@ class Authz:
             rules: dict[str, Any] = {"action": envoy_action}
             if policies:
                 rules["policies"] = dict(sorted(policies.items()))
-            out.append({"name": "envoy.filters.http.rbac",
-                        "typed_config": typed(RBAC, {"rules": rules})})
+            out.append(
+                {"name": "envoy.filters.http.rbac", "typed_config": typed(RBAC, {"rules": rules})}
+            )
         return out
 
 
@@ -372,23 +444,36 @@ def translate_authz(mesh: Mesh, report: Report) -> Authz:
             p = parse_authorization_policy(doc)
         except PolicyError as e:
             for err in e.all:
-                report.add(label, err.path, f"{err.message}; the policy is invalid, so "
-                           "every request in its reach is denied until it is fixed")
+                report.add(
+                    label,
+                    err.path,
+                    f"{err.message}; the policy is invalid, so "
+                    "every request in its reach is denied until it is fixed",
+                )
             for scope in sorted(reach):
-                authz.add(scope, "DENY", f"ns[{ns}]-policy[{_name(doc)}]-invalid",
-                          {"permissions": [{"any": True}], "principals": [{"any": True}]})
+                authz.add(
+                    scope,
+                    "DENY",
+                    f"ns[{ns}]-policy[{_name(doc)}]-invalid",
+                    {"permissions": [{"any": True}], "principals": [{"any": True}]},
+                )
             continue
         if p.action is Action.CUSTOM:
-            report.add(label, "spec.action", "CUSTOM (external authorization) is not "
-                       "supported by tether's waypoint: the policy is not applied")
+            report.add(
+                label,
+                "spec.action",
+                "CUSTOM (external authorization) is not "
+                "supported by tether's waypoint: the policy is not applied",
+            )
             continue
         for scope in sorted(reach):
             if not p.rules:
                 authz.add(scope, p.action.value, "", None)  # ALLOW nothing
             for i, rule in enumerate(p.rules):
                 built = _rule(p, rule, f"spec.rules[{i}]", report, label)
-                authz.add(scope, p.action.value,
-                          f"ns[{p.namespace}]-policy[{p.name}]-rule[{i}]", built)
+                authz.add(
+                    scope, p.action.value, f"ns[{p.namespace}]-policy[{p.name}]-rule[{i}]", built
+                )
     return authz
 
 
@@ -397,8 +482,9 @@ def _name(doc: Doc) -> str:
     return str(meta.get("name", "")) if isinstance(meta, Mapping) else ""
 
 
-def _report_selector_policy(doc: Doc, spec: Mapping[str, Any], ns: str, served_ns: set[str],
-                            mesh: Mesh, report: Report) -> None:
+def _report_selector_policy(
+    doc: Doc, spec: Mapping[str, Any], ns: str, served_ns: set[str], mesh: Mesh, report: Report
+) -> None:
     """A policy without targetRefs is the node's (L4), not this waypoint's:
     say so where this waypoint serves, with what that means for traffic
     that comes through the waypoint."""
@@ -409,18 +495,26 @@ def _report_selector_policy(doc: Doc, spec: Mapping[str, Any], ns: str, served_n
         p = parse_authorization_policy(doc)
     except PolicyError:
         return  # the node's loader reports it
-    fields = sorted({f for r in p.rules for s in r.sources for f in s.l7_fields()}
-                    | {f for r in p.rules for o in r.operations for f in o.l7_fields()}
-                    | {c.key for r in p.rules for c in r.conditions if not c.is_l4})
-    attach = ("the waypoint applies only policies with targetRefs (kind Gateway name "
-              f"{mesh.waypoint.name}, group gateway.networking.k8s.io, or kind Service)")
+    fields = sorted(
+        {f for r in p.rules for s in r.sources for f in s.l7_fields()}
+        | {f for r in p.rules for o in r.operations for f in o.l7_fields()}
+        | {c.key for r in p.rules for c in r.conditions if not c.is_l4}
+    )
+    attach = (
+        "the waypoint applies only policies with targetRefs (kind Gateway name "
+        f"{mesh.waypoint.name}, group gateway.networking.k8s.io, or kind Service)"
+    )
     if fields:
-        reason = (f"L7 fields ({', '.join(fields)}) in a policy without targetRefs: the node "
-                  f"enforces it at L4, where those never match; {attach}")
+        reason = (
+            f"L7 fields ({', '.join(fields)}) in a policy without targetRefs: the node "
+            f"enforces it at L4, where those never match; {attach}"
+        )
     else:
         reason = f"no targetRefs: enforced by the destination's node at L4, not here; {attach}"
     if p.action is Action.ALLOW:
-        reason += (". Traffic through the waypoint reaches the pods as the waypoint's identity "
-                   f"(spiffe://{mesh.trust_domain}/ns/{mesh.waypoint.namespace}/sa/"
-                   f"{mesh.waypoint.account}): an L4 ALLOW must admit it")
+        reason += (
+            ". Traffic through the waypoint reaches the pods as the waypoint's identity "
+            f"(spiffe://{mesh.trust_domain}/ns/{mesh.waypoint.namespace}/sa/"
+            f"{mesh.waypoint.account}): an L4 ALLOW must admit it"
+        )
     report.add(mesh.label(doc), where, reason)

@@ -36,8 +36,10 @@ class Issue:
     reason: str
 
     def __str__(self) -> str:
-        return f"{self.document}: {self.field}: {self.reason}" if self.field else (
-            f"{self.document}: {self.reason}"
+        return (
+            f"{self.document}: {self.field}: {self.reason}"
+            if self.field
+            else (f"{self.document}: {self.reason}")
         )
 
 
@@ -58,7 +60,7 @@ def message(cls: type[Message], value: Mapping[str, Any]) -> Message:
     """``value`` (the proto3 JSON form, ``@type`` for Any) as a ``cls``; an unknown
     field or a wrong type raises here, not in Envoy."""
     msg = cls()
-    json_format.ParseDict(value, msg)
+    json_format.ParseDict(dict(value), msg)
     return msg
 
 
@@ -147,6 +149,10 @@ def string_match(spec: object) -> dict[str, Any] | None:
 
 def re2_escape(text: str) -> str:
     return re.sub(r"([\\.^$|?*+()\[\]{}])", r"\\\1", text)
+
+
+def as_list(value: object) -> list[Any]:
+    return value if isinstance(value, list) else []
 
 
 def sorted_unique(items: Iterable[str]) -> list[str]:

@@ -120,8 +120,11 @@ def _check_policy(doc: Doc, pol: object, path: str, r: Report, *, port_level: bo
     if not isinstance(pol, Mapping):
         r.add(doc, path, "expected a mapping")
         return
-    known = (("port", *POLICY_FIELDS) if port_level else
-             (*POLICY_FIELDS, "portLevelSettings", "tunnel", "proxyProtocol"))
+    known = (
+        ("port", *POLICY_FIELDS)
+        if port_level
+        else (*POLICY_FIELDS, "portLevelSettings", "tunnel", "proxyProtocol")
+    )
     _unknown(doc, pol, path, known, r)
     for key in ("tunnel", "proxyProtocol"):
         if key in pol:
@@ -131,15 +134,26 @@ def _check_policy(doc: Doc, pol: object, path: str, r: Report, *, port_level: bo
         for key in lb:
             if key == "simple":
                 if lb[key] == "PASSTHROUGH":
-                    r.add(doc, f"{path}.loadBalancer.simple", "PASSTHROUGH is not supported "
-                          "(endpoints are always the service's pods); the default "
-                          "LEAST_REQUEST is used")
+                    r.add(
+                        doc,
+                        f"{path}.loadBalancer.simple",
+                        "PASSTHROUGH is not supported "
+                        "(endpoints are always the service's pods); the default "
+                        "LEAST_REQUEST is used",
+                    )
                 elif lb[key] not in LB and lb[key] != "UNSPECIFIED":
-                    r.add(doc, f"{path}.loadBalancer.simple", f"unknown value {show(lb[key])} "
-                          "(ROUND_ROBIN, LEAST_REQUEST, RANDOM)")
+                    r.add(
+                        doc,
+                        f"{path}.loadBalancer.simple",
+                        f"unknown value {show(lb[key])} (ROUND_ROBIN, LEAST_REQUEST, RANDOM)",
+                    )
             else:
-                r.add(doc, f"{path}.loadBalancer.{key}", "not supported yet; only "
-                      "loadBalancer.simple (ROUND_ROBIN, LEAST_REQUEST, RANDOM) is applied")
+                r.add(
+                    doc,
+                    f"{path}.loadBalancer.{key}",
+                    "not supported yet; only "
+                    "loadBalancer.simple (ROUND_ROBIN, LEAST_REQUEST, RANDOM) is applied",
+                )
     cp = pol.get("connectionPool")
     if isinstance(cp, Mapping):
         _unknown(doc, cp, f"{path}.connectionPool", ("tcp", "http"), r)
@@ -149,22 +163,32 @@ def _check_policy(doc: Doc, pol: object, path: str, r: Report, *, port_level: bo
                 _unknown(doc, sub, f"{path}.connectionPool.{part}", known_f, r)
                 for key in sub:
                     if key in known_f and key not in applied:
-                        r.add(doc, f"{path}.connectionPool.{part}.{key}",
-                              "not applied by tether's waypoint")
+                        r.add(
+                            doc,
+                            f"{path}.connectionPool.{part}.{key}",
+                            "not applied by tether's waypoint",
+                        )
     od = pol.get("outlierDetection")
     if isinstance(od, Mapping):
         _unknown(doc, od, f"{path}.outlierDetection", _OUTLIER, r)
         if "consecutiveErrors" in od:
-            r.add(doc, f"{path}.outlierDetection.consecutiveErrors",
-                  "deprecated and removed from Istio's API: not applied; use "
-                  "consecutive5xxErrors (or consecutiveGatewayErrors for 502/503/504 only)")
+            r.add(
+                doc,
+                f"{path}.outlierDetection.consecutiveErrors",
+                "deprecated and removed from Istio's API: not applied; use "
+                "consecutive5xxErrors (or consecutiveGatewayErrors for 502/503/504 only)",
+            )
         for key in ("interval", "baseEjectionTime"):
             if key in od and duration(od[key]) is None:
                 r.add(doc, f"{path}.outlierDetection.{key}", f"{show(od[key])} is not a duration")
     tls = pol.get("tls")
     if isinstance(tls, Mapping) and tls.get("mode") != "ISTIO_MUTUAL":
-        r.add(doc, f"{path}.tls", "not applied: the waypoint always reaches mesh pods over "
-              "HBONE mTLS (ISTIO_MUTUAL) and others in plaintext")
+        r.add(
+            doc,
+            f"{path}.tls",
+            "not applied: the waypoint always reaches mesh pods over "
+            "HBONE mTLS (ISTIO_MUTUAL) and others in plaintext",
+        )
     pls = pol.get("portLevelSettings")
     if not port_level and isinstance(pls, list):
         for i, p in enumerate(pls):
@@ -172,8 +196,9 @@ def _check_policy(doc: Doc, pol: object, path: str, r: Report, *, port_level: bo
 
 
 def _check(doc: Doc, spec: Mapping[str, Any], r: Report) -> None:
-    _unknown(doc, spec, "spec", ("host", "trafficPolicy", "subsets", "exportTo",
-                                 "workloadSelector"), r)
+    _unknown(
+        doc, spec, "spec", ("host", "trafficPolicy", "subsets", "exportTo", "workloadSelector"), r
+    )
     if "workloadSelector" in spec:
         r.add(doc, "spec.workloadSelector", "applies to sidecars only; ignored by waypoints")
     if "trafficPolicy" in spec:
@@ -215,7 +240,9 @@ def _at_port(pol: Mapping[str, Any], port: int) -> dict[str, Any]:
     return out
 
 
-def effective_policy(doc: Doc | None, subset: Mapping[str, Any] | None, port: int) -> dict[str, Any]:
+def effective_policy(
+    doc: Doc | None, subset: Mapping[str, Any] | None, port: int
+) -> dict[str, Any]:
     top = spec_of(doc).get("trafficPolicy") if doc else None
     pol = _at_port(top if isinstance(top, Mapping) else {}, port)
     if subset is not None and isinstance(subset.get("trafficPolicy"), Mapping):
@@ -229,14 +256,16 @@ def _int(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
-def apply_policy(cluster: dict[str, Any], pol: Mapping[str, Any], http_opts: dict[str, Any]) -> None:
+def apply_policy(
+    cluster: dict[str, Any], pol: Mapping[str, Any], http_opts: dict[str, Any]
+) -> None:
     lb = pol.get("loadBalancer")
     simple = lb.get("simple") if isinstance(lb, Mapping) else None
     cluster["lb_policy"] = LB.get(simple, DEFAULT_LB) if isinstance(simple, str) else DEFAULT_LB
     cp = pol.get("connectionPool")
     if isinstance(cp, Mapping):
-        tcp = cp.get("tcp") if isinstance(cp.get("tcp"), Mapping) else {}
-        http = cp.get("http") if isinstance(cp.get("http"), Mapping) else {}
+        tcp: Mapping[str, Any] = cp["tcp"] if isinstance(cp.get("tcp"), Mapping) else {}
+        http: Mapping[str, Any] = cp["http"] if isinstance(cp.get("http"), Mapping) else {}
         threshold: dict[str, Any] = {}
         for field, src, key in (
             ("max_connections", tcp, "maxConnections"),
@@ -290,8 +319,9 @@ def apply_policy(cluster: dict[str, Any], pol: Mapping[str, Any], http_opts: dic
             cluster["common_lb_config"] = {"healthy_panic_threshold": {"value": float(n)}}
 
 
-def endpoints_of(mesh: Mesh, s: Service, port: ServicePort, report: Report
-                 ) -> list[tuple[str, int, Workload]]:
+def endpoints_of(
+    mesh: Mesh, s: Service, port: ServicePort, report: Report
+) -> list[tuple[str, int, Workload]]:
     """(ip, target port, workload) of the service's pods, sorted."""
     view = mesh.view
     out: list[tuple[str, int, Workload]] = []
@@ -300,13 +330,16 @@ def endpoints_of(mesh: Mesh, s: Service, port: ServicePort, report: Report
             out.extend((a, port.target_port, w) for a in w.addresses)
     else:
         for ep in s.endpoints:
-            w = view.workload_by_ip(ep.address)
-            if w is None:
-                report.add(f"Service {s.key}", f"endpoints[{ep.address}]",
-                           "no known pod has this address: its identity is unknown, so the "
-                           "waypoint cannot open HBONE to it; left out")
+            wl = view.workload_by_ip(ep.address)
+            if wl is None:
+                report.add(
+                    f"Service {s.key}",
+                    f"endpoints[{ep.address}]",
+                    "no known pod has this address: its identity is unknown, so the "
+                    "waypoint cannot open HBONE to it; left out",
+                )
                 continue
-            out.append((ep.address, ep.ports.get(port.name, port.target_port), w))
+            out.append((ep.address, ep.ports.get(port.name, port.target_port), wl))
     return sorted(out, key=lambda e: (e[0], e[1]))
 
 
@@ -318,8 +351,12 @@ def upstream_protocol(port: ServicePort) -> dict[str, Any]:
         return {"explicit_http_config": {"http2_protocol_options": {}}}
     if name.startswith("http"):
         return {"explicit_http_config": {"http_protocol_options": {}}}
-    return {"use_downstream_protocol_config": {"http_protocol_options": {},
-                                               "http2_protocol_options": {}}}
+    return {
+        "use_downstream_protocol_config": {
+            "http_protocol_options": {},
+            "http2_protocol_options": {},
+        }
+    }
 
 
 def service_cluster(
@@ -333,7 +370,9 @@ def service_cluster(
 ) -> dict[str, Any]:
     doc = rules.of(s)
     sub = rules.subsets(s).get(subset) if subset else None
-    labels = sub.get("labels") if sub is not None and isinstance(sub.get("labels"), Mapping) else {}
+    labels: Mapping[str, Any] = {}
+    if sub is not None and isinstance(sub.get("labels"), Mapping):
+        labels = sub["labels"]
     name = cluster_name(s, port.port, subset)
     lb_endpoints = []
     for ip, target, w in endpoints_of(mesh, s, port, report):

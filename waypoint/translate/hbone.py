@@ -73,7 +73,11 @@ def internal_upstream(passthrough: list[str]) -> dict[str, Any]:
             "envoy.extensions.transport_sockets.internal_upstream.v3.InternalUpstreamTransport",
             {
                 **(
-                    {"passthrough_metadata": [{"kind": {"host": {}}, "name": n} for n in passthrough]}
+                    {
+                        "passthrough_metadata": [
+                            {"kind": {"host": {}}, "name": n} for n in passthrough
+                        ]
+                    }
                     if passthrough
                     else {}
                 ),
@@ -198,7 +202,9 @@ def main_internal_cluster() -> dict[str, Any]:
                         {
                             "endpoint": {
                                 "address": {
-                                    "envoy_internal_address": {"server_listener_name": MAIN_INTERNAL}
+                                    "envoy_internal_address": {
+                                        "server_listener_name": MAIN_INTERNAL
+                                    }
                                 }
                             }
                         }
@@ -261,7 +267,9 @@ def originate_cluster(
         "connect_timeout": CONNECT_TIMEOUT,
         "original_dst_lb_config": {"upstream_port_override": HBONE_PORT},
         "typed_extension_protocol_options": {
-            HTTP_OPTIONS: typed(HTTP_OPTIONS, {"explicit_http_config": {"http2_protocol_options": {}}})
+            HTTP_OPTIONS: typed(
+                HTTP_OPTIONS, {"explicit_http_config": {"http2_protocol_options": {}}}
+            )
         },
         "transport_socket": {
             "name": "envoy.transport_sockets.tls",

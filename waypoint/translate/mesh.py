@@ -157,9 +157,11 @@ class Mesh:
         parts = host.split(".")
         if len(parts) == 1:
             name, ns = host, namespace
-        elif len(parts) == 2 or (len(parts) == 3 and parts[2] == "svc"):
-            name, ns = parts[0], parts[1]
-        elif host.endswith(".svc.cluster.local") and len(parts) == 5:
+        elif (
+            len(parts) == 2
+            or (len(parts) == 3 and parts[2] == "svc")
+            or (host.endswith(".svc.cluster.local") and len(parts) == 5)
+        ):
             name, ns = parts[0], parts[1]
         else:
             return None

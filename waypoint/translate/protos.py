@@ -4,9 +4,6 @@ descriptor pool holds only what has been imported)."""
 
 from __future__ import annotations
 
-from google.protobuf import descriptor_pool
-from google.protobuf.message import Message
-
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
@@ -29,6 +26,8 @@ from envoy.extensions.transport_sockets.internal_upstream.v3 import (  # noqa: F
 from envoy.extensions.transport_sockets.raw_buffer.v3 import raw_buffer_pb2  # noqa: F401
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2  # noqa: F401
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401
+from google.protobuf import descriptor_pool
+from google.protobuf.message import Message
 
 Listener: type[Message] = listener_pb2.Listener
 Cluster: type[Message] = cluster_pb2.Cluster

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from agent.model import Service, ServicePort
-from waypoint.translate.common import Doc, Report, duration, show, string_match, typed
+from waypoint.translate.common import Doc, Report, as_list, duration, show, string_match, typed
 from waypoint.translate.destination import DestinationRules, cluster_name
 from waypoint.translate.mesh import GATEWAY_API, Mesh, name_of, namespace_of, spec_of
 
@@ -57,9 +57,7 @@ def fraction(percent: object) -> dict[str, Any] | None:
     return {"numerator": round(float(percent) * 10000), "denominator": "MILLION"}
 
 
-def _headers_to_add(
-    set_: Mapping[str, Any], add: Mapping[str, Any]
-) -> list[dict[str, Any]]:
+def _headers_to_add(set_: Mapping[str, Any], add: Mapping[str, Any]) -> list[dict[str, Any]]:
     out = [
         {"header": {"key": k, "value": str(v)}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
         for k, v in sorted(set_.items())
@@ -98,65 +96,105 @@ class Router:
             spec, ns = spec_of(doc), namespace_of(doc)
             gateways = _str_list(spec.get("gateways"))
             if gateways and "mesh" not in gateways:
-                r.add(doc, "spec.gateways", f"bound to {', '.join(gateways)} only (not 'mesh'): "
-                      "an ingress gateway's routes; waypoints apply VirtualServices bound to "
-                      "the mesh (leave gateways out or add 'mesh')")
+                r.add(
+                    doc,
+                    "spec.gateways",
+                    f"bound to {', '.join(gateways)} only (not 'mesh'): "
+                    "an ingress gateway's routes; waypoints apply VirtualServices bound to "
+                    "the mesh (leave gateways out or add 'mesh')",
+                )
                 continue
             for i, host in enumerate(_str_list(spec.get("hosts"))):
                 s = mesh.resolve(host, ns)
                 if s is None:
-                    r.add(doc, f"spec.hosts[{i}]", f"{show(host)} names no known Service "
-                          "(ServiceEntry hosts are not supported)")
+                    r.add(
+                        doc,
+                        f"spec.hosts[{i}]",
+                        f"{show(host)} names no known Service "
+                        "(ServiceEntry hosts are not supported)",
+                    )
                 elif s.key not in served:
-                    r.add(doc, f"spec.hosts[{i}]", f"{s.hostname} does not use this waypoint "
-                          f"({self.mesh.waypoint.key}); label the Service or its namespace "
-                          "istio.io/use-waypoint")
+                    r.add(
+                        doc,
+                        f"spec.hosts[{i}]",
+                        f"{s.hostname} does not use this waypoint "
+                        f"({self.mesh.waypoint.key}); label the Service or its namespace "
+                        "istio.io/use-waypoint",
+                    )
                 elif s.key in self.vs_by_service:
                     other = self.vs_by_service[s.key]
-                    r.add(doc, f"spec.hosts[{i}]", f"{s.hostname} is already routed by "
-                          f"VirtualService {namespace_of(other)}/{name_of(other)}; "
-                          "merge the two (Istio does not merge them for the mesh either)")
+                    r.add(
+                        doc,
+                        f"spec.hosts[{i}]",
+                        f"{s.hostname} is already routed by "
+                        f"VirtualService {namespace_of(other)}/{name_of(other)}; "
+                        "merge the two (Istio does not merge them for the mesh either)",
+                    )
                 else:
                     self.vs_by_service[s.key] = doc
             for key in ("tls", "tcp"):
                 if spec.get(key):
-                    r.add(doc, f"spec.{key}", "TLS and TCP routes are not applied by the "
-                          "waypoint (HTTP only)")
+                    r.add(
+                        doc,
+                        f"spec.{key}",
+                        "TLS and TCP routes are not applied by the waypoint (HTTP only)",
+                    )
             if "exportTo" in spec:
                 r.add(doc, "spec.exportTo", "ignored: every document is visible mesh-wide")
         for doc in mesh.kind("HTTPRoute"):
             spec, ns = spec_of(doc), namespace_of(doc)
             if _str_list(spec.get("hostnames")):
-                r.add(doc, "spec.hostnames", "ignored for a Service parent (GAMMA): the route "
-                      "applies to all traffic to the Service")
+                r.add(
+                    doc,
+                    "spec.hostnames",
+                    "ignored for a Service parent (GAMMA): the route "
+                    "applies to all traffic to the Service",
+                )
             refs = spec.get("parentRefs")
-            for i, ref in enumerate(refs if isinstance(refs, list) else []):
+            for i, ref in enumerate(as_list(refs)):
                 ref = _map(ref)
                 kind, group = ref.get("kind", "Gateway"), ref.get("group", GATEWAY_API)
                 if kind != "Service" or group not in ("", "core"):
-                    r.add(doc, f"spec.parentRefs[{i}]", f"parent {kind} {show(ref.get('name'))}: "
-                          "a waypoint applies HTTPRoutes whose parentRefs name a Service "
-                          "(group \"\", kind Service)")
+                    r.add(
+                        doc,
+                        f"spec.parentRefs[{i}]",
+                        f"parent {kind} {show(ref.get('name'))}: "
+                        "a waypoint applies HTTPRoutes whose parentRefs name a Service "
+                        '(group "", kind Service)',
+                    )
                     continue
                 s = mesh.resolve(str(ref.get("name", "")), str(ref.get("namespace", ns)))
                 if s is None:
-                    r.add(doc, f"spec.parentRefs[{i}]", f"{show(ref.get('name'))} names no "
-                          "known Service")
+                    r.add(
+                        doc,
+                        f"spec.parentRefs[{i}]",
+                        f"{show(ref.get('name'))} names no known Service",
+                    )
                 elif s.key not in served:
-                    r.add(doc, f"spec.parentRefs[{i}]", f"{s.hostname} does not use this "
-                          f"waypoint ({self.mesh.waypoint.key})")
+                    r.add(
+                        doc,
+                        f"spec.parentRefs[{i}]",
+                        f"{s.hostname} does not use this waypoint ({self.mesh.waypoint.key})",
+                    )
                 else:
                     port = ref.get("port")
                     self.hr_by_service.setdefault(s.key, []).append(doc)
                     if port is not None and self.mesh.port_of(s, port) is None:
-                        r.add(doc, f"spec.parentRefs[{i}].port", f"{s.hostname} has no port "
-                              f"{show(port)}")
+                        r.add(
+                            doc,
+                            f"spec.parentRefs[{i}].port",
+                            f"{s.hostname} has no port {show(port)}",
+                        )
         for key, docs in self.hr_by_service.items():
             if key in self.vs_by_service:
                 vs = self.vs_by_service.pop(key)
-                r.add(vs, "spec.hosts", f"{key} also has HTTPRoute "
-                      f"{namespace_of(docs[0])}/{name_of(docs[0])}; the HTTPRoute is applied "
-                      "and this VirtualService is not (use one of the two)")
+                r.add(
+                    vs,
+                    "spec.hosts",
+                    f"{key} also has HTTPRoute "
+                    f"{namespace_of(docs[0])}/{name_of(docs[0])}; the HTTPRoute is applied "
+                    "and this VirtualService is not (use one of the two)",
+                )
 
     # -- destinations ---------------------------------------------------------
 
@@ -165,14 +203,16 @@ class Router:
         self.refs[name] = (s, port, subset)
         return name
 
-    def vs_destination(self, doc: Doc, dest: object, path: str, chain: ServicePort,
-                       chain_svc: Service) -> str:
+    def vs_destination(
+        self, doc: Doc, dest: object, path: str, chain: ServicePort, chain_svc: Service
+    ) -> str:
         d = _map(dest)
         host = d.get("host")
         s = self.mesh.resolve(host, namespace_of(doc)) if isinstance(host, str) else None
         if s is None:
-            self.report.add(doc, f"{path}.host", f"{show(host)} names no known Service: the "
-                            "route answers 503")
+            self.report.add(
+                doc, f"{path}.host", f"{show(host)} names no known Service: the route answers 503"
+            )
             raise Unroutable
         number = _map(d.get("port")).get("number")
         if number is None and s.key == chain_svc.key:
@@ -180,13 +220,21 @@ class Router:
         else:
             port = self.mesh.port_of(s, number if isinstance(number, int) else None)
         if port is None:
-            self.report.add(doc, f"{path}.port", f"{s.hostname} has no port {show(number)} (or "
-                            "several ports and none named): the route answers 503")
+            self.report.add(
+                doc,
+                f"{path}.port",
+                f"{s.hostname} has no port {show(number)} (or "
+                "several ports and none named): the route answers 503",
+            )
             raise Unroutable
         subset = d.get("subset") or ""
         if subset and subset not in self.rules.subsets(s):
-            self.report.add(doc, f"{path}.subset", f"no DestinationRule defines subset "
-                            f"{show(subset)} of {s.hostname}: the route answers 503")
+            self.report.add(
+                doc,
+                f"{path}.subset",
+                f"no DestinationRule defines subset "
+                f"{show(subset)} of {s.hostname}: the route answers 503",
+            )
             raise Unroutable
         return self._cluster(s, port, str(subset))
 
@@ -198,12 +246,17 @@ class Router:
         elif s.key in self.vs_by_service:
             routes = self.vs_routes(self.vs_by_service[s.key], s, port)
         else:
-            routes = [{
-                "name": "default",
-                "match": {"prefix": "/"},
-                "route": {"cluster": self._cluster(s, port, ""), "timeout": "0s",
-                          "retry_policy": default_retry()},
-            }]
+            routes = [
+                {
+                    "name": "default",
+                    "match": {"prefix": "/"},
+                    "route": {
+                        "cluster": self._cluster(s, port, ""),
+                        "timeout": "0s",
+                        "retry_policy": default_retry(),
+                    },
+                }
+            ]
         name = route_config_name(s, port.port)
         return {
             "name": name,
@@ -215,18 +268,46 @@ class Router:
 
     # -- VirtualService -------------------------------------------------------
 
-    _HTTP_FIELDS = ("name", "match", "route", "redirect", "directResponse", "delegate",
-                    "rewrite", "timeout", "retries", "fault", "mirror", "mirrorPercentage",
-                    "mirrorPercent", "mirrors", "corsPolicy", "headers")
-    _MATCH_FIELDS = ("name", "uri", "scheme", "method", "authority", "headers", "port",
-                     "sourceLabels", "gateways", "queryParams", "ignoreUriCase",
-                     "withoutHeaders", "sourceNamespace", "statPrefix")
+    _HTTP_FIELDS = (
+        "name",
+        "match",
+        "route",
+        "redirect",
+        "directResponse",
+        "delegate",
+        "rewrite",
+        "timeout",
+        "retries",
+        "fault",
+        "mirror",
+        "mirrorPercentage",
+        "mirrorPercent",
+        "mirrors",
+        "corsPolicy",
+        "headers",
+    )
+    _MATCH_FIELDS = (
+        "name",
+        "uri",
+        "scheme",
+        "method",
+        "authority",
+        "headers",
+        "port",
+        "sourceLabels",
+        "gateways",
+        "queryParams",
+        "ignoreUriCase",
+        "withoutHeaders",
+        "sourceNamespace",
+        "statPrefix",
+    )
 
     def vs_routes(self, doc: Doc, s: Service, port: ServicePort) -> list[dict[str, Any]]:
         r = self.report
         http = spec_of(doc).get("http")
         out: list[dict[str, Any]] = []
-        for i, h in enumerate(http if isinstance(http, list) else []):
+        for i, h in enumerate(as_list(http)):
             path = f"spec.http[{i}]"
             h = _map(h)
             for key in h:
@@ -234,29 +315,42 @@ class Router:
                     r.add(doc, f"{path}.{key}", "unknown field")
             for key in ("delegate", "corsPolicy", "mirrorPercent"):
                 if key in h:
-                    why = ("deprecated; use mirrorPercentage" if key == "mirrorPercent"
-                           else "not supported by tether's waypoint yet")
+                    why = (
+                        "deprecated; use mirrorPercentage"
+                        if key == "mirrorPercent"
+                        else "not supported by tether's waypoint yet"
+                    )
                     r.add(doc, f"{path}.{key}", why)
             action = self._vs_action(doc, h, path, s, port)
-            matches = h.get("match") if isinstance(h.get("match"), list) else [{}]
+            matches = as_list(h.get("match")) or [{}]
             for j, m in enumerate(matches):
                 match = self._vs_match(doc, _map(m), f"{path}.match[{j}]", port)
                 if match is None:
                     continue
-                out.append({"name": f"{namespace_of(doc)}.{name_of(doc)}.{i}.{j}",
-                            "match": match, **action})
+                out.append(
+                    {
+                        "name": f"{namespace_of(doc)}.{name_of(doc)}.{i}.{j}",
+                        "match": match,
+                        **action,
+                    }
+                )
         return out
 
-    def _vs_match(self, doc: Doc, m: Mapping[str, Any], path: str, port: ServicePort
-                  ) -> dict[str, Any] | None:
+    def _vs_match(
+        self, doc: Doc, m: Mapping[str, Any], path: str, port: ServicePort
+    ) -> dict[str, Any] | None:
         r = self.report
         for key in m:
             if key not in self._MATCH_FIELDS:
                 r.add(doc, f"{path}.{key}", "unknown field")
         for key in ("sourceLabels", "gateways", "sourceNamespace"):
             if key in m:
-                r.add(doc, f"{path}.{key}", "not applied by the waypoint: this match is "
-                      "dropped (an AuthorizationPolicy can restrict by source)")
+                r.add(
+                    doc,
+                    f"{path}.{key}",
+                    "not applied by the waypoint: this match is "
+                    "dropped (an AuthorizationPolicy can restrict by source)",
+                )
                 return None
         if "port" in m and m["port"] != port.port:
             return None
@@ -265,20 +359,30 @@ class Router:
         if uri is not None:
             sm = string_match(uri)
             if sm is None:
-                r.add(doc, f"{path}.uri", f"{show(uri)} is not one of exact, prefix, regex: "
-                      "this match is dropped")
+                r.add(
+                    doc,
+                    f"{path}.uri",
+                    f"{show(uri)} is not one of exact, prefix, regex: this match is dropped",
+                )
                 return None
             key = next(iter(sm))
-            out.update({"path": sm["exact"]} if key == "exact" else
-                       {"prefix": sm["prefix"]} if key == "prefix" else
-                       {"safe_regex": sm["safe_regex"]})
+            out.update(
+                {"path": sm["exact"]}
+                if key == "exact"
+                else {"prefix": sm["prefix"]}
+                if key == "prefix"
+                else {"safe_regex": sm["safe_regex"]}
+            )
         else:
             out["prefix"] = "/"
         if m.get("ignoreUriCase") is True:
             out["case_sensitive"] = False
         headers: list[dict[str, Any]] = []
-        for field, name_of_hdr in (("method", ":method"), ("authority", ":authority"),
-                                   ("scheme", ":scheme")):
+        for field, name_of_hdr in (
+            ("method", ":method"),
+            ("authority", ":authority"),
+            ("scheme", ":scheme"),
+        ):
             if field in m:
                 sm = string_match(m[field])
                 if sm is None:
@@ -293,8 +397,11 @@ class Router:
                 else:
                     sm = string_match(spec)
                     if sm is None:
-                        r.add(doc, f"{path}.{field}.{name}", "not a StringMatch: this match "
-                              "is dropped")
+                        r.add(
+                            doc,
+                            f"{path}.{field}.{name}",
+                            "not a StringMatch: this match is dropped",
+                        )
                         return None
                     hm["string_match"] = sm
                 if invert:
@@ -316,15 +423,15 @@ class Router:
             out["query_parameters"] = qps
         return out
 
-    def _vs_action(self, doc: Doc, h: Mapping[str, Any], path: str, s: Service,
-                   port: ServicePort) -> dict[str, Any]:
-        r = self.report
+    def _vs_action(
+        self, doc: Doc, h: Mapping[str, Any], path: str, s: Service, port: ServicePort
+    ) -> dict[str, Any]:
         extra: dict[str, Any] = {}
         hdrs = _map(h.get("headers"))
-        for side, add_key, rm_key in (("request", "request_headers_to_add",
-                                       "request_headers_to_remove"),
-                                      ("response", "response_headers_to_add",
-                                       "response_headers_to_remove")):
+        for side, add_key, rm_key in (
+            ("request", "request_headers_to_add", "request_headers_to_remove"),
+            ("response", "response_headers_to_add", "response_headers_to_remove"),
+        ):
             part = _map(hdrs.get(side))
             adds = _headers_to_add(_map(part.get("set")), _map(part.get("add")))
             if adds:
@@ -342,8 +449,10 @@ class Router:
                 resp["body"] = {"inline_string": body}
             return {"direct_response": resp, **extra}
         if "redirect" in h:
-            return {"redirect": self._vs_redirect(doc, _map(h["redirect"]), f"{path}.redirect"),
-                    **extra}
+            return {
+                "redirect": self._vs_redirect(doc, _map(h["redirect"]), f"{path}.redirect"),
+                **extra,
+            }
         try:
             action = self._vs_route_action(doc, h, path, s, port)
         except Unroutable:
@@ -360,14 +469,22 @@ class Router:
             out["port_redirect"] = red["port"]
         if isinstance(red.get("scheme"), str):
             out["scheme_redirect"] = red["scheme"]
-        codes = {301: "MOVED_PERMANENTLY", 302: "FOUND", 303: "SEE_OTHER",
-                 307: "TEMPORARY_REDIRECT", 308: "PERMANENT_REDIRECT"}
+        codes = {
+            301: "MOVED_PERMANENTLY",
+            302: "FOUND",
+            303: "SEE_OTHER",
+            307: "TEMPORARY_REDIRECT",
+            308: "PERMANENT_REDIRECT",
+        }
         code = red.get("redirectCode", 301)
         if code in codes:
             out["response_code"] = codes[code]
         else:
-            self.report.add(doc, f"{path}.redirectCode", f"{show(code)}: Envoy redirects with "
-                            "301, 302, 303, 307 or 308; 301 is used")
+            self.report.add(
+                doc,
+                f"{path}.redirectCode",
+                f"{show(code)}: Envoy redirects with 301, 302, 303, 307 or 308; 301 is used",
+            )
         for key in red:
             if key not in ("uri", "authority", "port", "scheme", "redirectCode"):
                 self.report.add(doc, f"{path}.{key}", "not supported by tether's waypoint")
@@ -381,8 +498,11 @@ class Router:
             d = duration(delay.get("fixedDelay"))
             pct = fraction(_map(delay.get("percentage")).get("value", 100))
             if d is None:
-                r.add(doc, f"{path}.delay", "only fixedDelay is supported (exponentialDelay "
-                      "is not): no delay injected")
+                r.add(
+                    doc,
+                    f"{path}.delay",
+                    "only fixedDelay is supported (exponentialDelay is not): no delay injected",
+                )
             else:
                 out["delay"] = {"fixed_delay": d, "percentage": pct}
             if "percent" in delay:
@@ -394,27 +514,36 @@ class Router:
             if isinstance(status, int) and 200 <= status < 600:
                 out["abort"] = {"http_status": status, "percentage": pct}
             else:
-                r.add(doc, f"{path}.abort", "only httpStatus (200-599) is supported "
-                      "(grpcStatus, http2Error are not): no abort injected")
+                r.add(
+                    doc,
+                    f"{path}.abort",
+                    "only httpStatus (200-599) is supported "
+                    "(grpcStatus, http2Error are not): no abort injected",
+                )
         return out
 
-    def _vs_route_action(self, doc: Doc, h: Mapping[str, Any], path: str, s: Service,
-                         port: ServicePort) -> dict[str, Any]:
+    def _vs_route_action(
+        self, doc: Doc, h: Mapping[str, Any], path: str, s: Service, port: ServicePort
+    ) -> dict[str, Any]:
         r = self.report
-        dests = h.get("route") if isinstance(h.get("route"), list) else []
+        dests = as_list(h.get("route"))
         if not dests:
             r.add(doc, f"{path}.route", "no destination: the route answers 503")
             raise Unroutable
         weighted: list[tuple[str, int]] = []
         for k, d in enumerate(dests):
             d = _map(d)
-            name = self.vs_destination(doc, d.get("destination"), f"{path}.route[{k}]"
-                                       ".destination", port, s)
+            name = self.vs_destination(
+                doc, d.get("destination"), f"{path}.route[{k}].destination", port, s
+            )
             w = d.get("weight", 0)
             weighted.append((name, w if isinstance(w, int) and w >= 0 else 0))
             if "headers" in d:
-                r.add(doc, f"{path}.route[{k}].headers", "per-destination headers are not "
-                      "supported yet; use http[].headers")
+                r.add(
+                    doc,
+                    f"{path}.route[{k}].headers",
+                    "per-destination headers are not supported yet; use http[].headers",
+                )
         action: dict[str, Any] = {}
         if len(weighted) == 1:
             action["cluster"] = weighted[0][0]
@@ -449,27 +578,45 @@ class Router:
             elif key == "authority" and isinstance(rw[key], str):
                 action["host_rewrite_literal"] = rw[key]
             elif key == "uriRegexRewrite" and isinstance(rw[key], Mapping):
-                action["regex_rewrite"] = {"pattern": {"regex": str(rw[key].get("match", ""))},
-                                           "substitution": str(rw[key].get("rewrite", ""))}
+                action["regex_rewrite"] = {
+                    "pattern": {"regex": str(rw[key].get("match", ""))},
+                    "substitution": str(rw[key].get("rewrite", "")),
+                }
             else:
                 r.add(doc, f"{path}.rewrite.{key}", "not supported")
         mirrors: list[dict[str, Any]] = []
         if "mirror" in h:
             pct = h.get("mirrorPercentage")
-            mirrors.append(self._mirror(doc, h["mirror"], _map(pct).get("value", 100)
-                                        if pct is not None else 100, f"{path}.mirror", s, port))
-        for k, m in enumerate(h.get("mirrors") if isinstance(h.get("mirrors"), list) else []):
+            mirrors.append(
+                self._mirror(
+                    doc,
+                    h["mirror"],
+                    _map(pct).get("value", 100) if pct is not None else 100,
+                    f"{path}.mirror",
+                    s,
+                    port,
+                )
+            )
+        for k, m in enumerate(as_list(h.get("mirrors"))):
             m = _map(m)
-            mirrors.append(self._mirror(doc, m.get("destination"),
-                                        _map(m.get("percentage")).get("value", 100),
-                                        f"{path}.mirrors[{k}]", s, port))
+            mirrors.append(
+                self._mirror(
+                    doc,
+                    m.get("destination"),
+                    _map(m.get("percentage")).get("value", 100),
+                    f"{path}.mirrors[{k}]",
+                    s,
+                    port,
+                )
+            )
         mirrors = [m for m in mirrors if m]
         if mirrors:
             action["request_mirror_policies"] = mirrors
         return action
 
-    def _mirror(self, doc: Doc, dest: object, pct: object, path: str, s: Service,
-                port: ServicePort) -> dict[str, Any]:
+    def _mirror(
+        self, doc: Doc, dest: object, pct: object, path: str, s: Service, port: ServicePort
+    ) -> dict[str, Any]:
         try:
             cluster = self.vs_destination(doc, dest, path, port, s)
         except Unroutable:
@@ -477,8 +624,7 @@ class Router:
         frac = fraction(pct)
         if frac is None:
             self.report.add(doc, path, f"mirror percentage {show(pct)} is not 0-100: 100 used")
-        return {"cluster": cluster, "runtime_fraction": {"default_value": frac or
-                                                          fraction(100)}}
+        return {"cluster": cluster, "runtime_fraction": {"default_value": frac or fraction(100)}}
 
     def _vs_retries(self, doc: Doc, ret: Mapping[str, Any], path: str) -> dict[str, Any] | None:
         attempts = ret.get("attempts", 2)
@@ -515,28 +661,37 @@ class Router:
 
     def httproute_routes(self, s: Service, port: ServicePort) -> list[dict[str, Any]]:
         entries: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
-        for doc in sorted(self.hr_by_service[s.key],
-                          key=lambda d: (namespace_of(d), name_of(d))):
+        for doc in sorted(self.hr_by_service[s.key], key=lambda d: (namespace_of(d), name_of(d))):
             if not self._parent_port_ok(doc, s, port):
                 continue
             rules = spec_of(doc).get("rules")
-            for i, rule in enumerate(rules if isinstance(rules, list) else []):
+            for i, rule in enumerate(as_list(rules)):
                 rule = _map(rule)
                 path = f"spec.rules[{i}]"
                 for key in rule:
-                    if key not in ("name", "matches", "filters", "backendRefs", "timeouts",
-                                   "retry", "sessionPersistence"):
+                    if key not in (
+                        "name",
+                        "matches",
+                        "filters",
+                        "backendRefs",
+                        "timeouts",
+                        "retry",
+                        "sessionPersistence",
+                    ):
                         self.report.add(doc, f"{path}.{key}", "unknown field")
                 if "sessionPersistence" in rule:
                     self.report.add(doc, f"{path}.sessionPersistence", "not supported")
                 action = self._hr_action(doc, rule, path, s, port)
-                matches = rule.get("matches") if isinstance(rule.get("matches"), list) else [{}]
+                matches = as_list(rule.get("matches")) or [{}]
                 for j, m in enumerate(matches):
                     match = self._hr_match(doc, _map(m), f"{path}.matches[{j}]")
                     if match is None:
                         continue
-                    route = {"name": f"{namespace_of(doc)}.{name_of(doc)}.{i}.{j}",
-                             "match": match, **action}
+                    route = {
+                        "name": f"{namespace_of(doc)}.{name_of(doc)}.{i}.{j}",
+                        "match": match,
+                        **action,
+                    }
                     entries.append((self._precedence(_map(m)), route))
         entries.sort(key=lambda e: e[0])
         return [e[1] for e in entries]
@@ -544,9 +699,14 @@ class Router:
     def _parent_port_ok(self, doc: Doc, s: Service, port: ServicePort) -> bool:
         for ref in spec_of(doc).get("parentRefs") or []:
             ref = _map(ref)
-            if ref.get("kind") == "Service" and self.mesh.resolve(
-                str(ref.get("name", "")), str(ref.get("namespace", namespace_of(doc)))
-            ) == s and ref.get("port") in (None, port.port):
+            if (
+                ref.get("kind") == "Service"
+                and self.mesh.resolve(
+                    str(ref.get("name", "")), str(ref.get("namespace", namespace_of(doc)))
+                )
+                == s
+                and ref.get("port") in (None, port.port)
+            ):
                 return True
         return False
 
@@ -558,8 +718,13 @@ class Router:
         kind = p.get("type", "PathPrefix")
         value = str(p.get("value", "/"))
         rank = {"Exact": 0, "PathPrefix": 1}.get(kind, 2)
-        return (rank, -len(value) if rank == 1 else 0, 0 if "method" in m else 1,
-                -len(m.get("headers") or []), -len(m.get("queryParams") or []))
+        return (
+            rank,
+            -len(value) if rank == 1 else 0,
+            0 if "method" in m else 1,
+            -len(m.get("headers") or []),
+            -len(m.get("queryParams") or []),
+        )
 
     def _hr_match(self, doc: Doc, m: Mapping[str, Any], path: str) -> dict[str, Any] | None:
         out: dict[str, Any] = {}
@@ -583,18 +748,20 @@ class Router:
         if "method" in m:
             headers.append({"name": ":method", "string_match": {"exact": str(m["method"])}})
         for field, target in (("headers", headers), ("queryParams", None)):
-            items = m.get(field) if isinstance(m.get(field), list) else []
+            items = as_list(m.get(field))
             qps: list[dict[str, Any]] = []
             for k, h in enumerate(items):
                 h = _map(h)
                 t, name, val = h.get("type", "Exact"), h.get("name"), h.get("value")
                 if t not in ("Exact", "RegularExpression") or not isinstance(name, str):
-                    self.report.add(doc, f"{path}.{field}[{k}]", "type Exact or "
-                                    "RegularExpression with a name: match dropped")
+                    self.report.add(
+                        doc,
+                        f"{path}.{field}[{k}]",
+                        "type Exact or RegularExpression with a name: match dropped",
+                    )
                     return None
                 sm = {"exact": str(val)} if t == "Exact" else {"safe_regex": {"regex": str(val)}}
-                (target if target is not None else qps).append(
-                    {"name": name, "string_match": sm})
+                (target if target is not None else qps).append({"name": name, "string_match": sm})
             if qps:
                 out["query_parameters"] = qps
         if headers:
@@ -608,41 +775,59 @@ class Router:
             raise Unroutable
         ns = ref.get("namespace", namespace_of(doc))
         if ns != namespace_of(doc):
-            self.report.add(doc, f"{path}.namespace", "a backend in another namespace needs a "
-                            "ReferenceGrant, which tether does not read: refused (500)")
+            self.report.add(
+                doc,
+                f"{path}.namespace",
+                "a backend in another namespace needs a "
+                "ReferenceGrant, which tether does not read: refused (500)",
+            )
             raise Unroutable
         s = self.mesh.resolve(str(ref.get("name", "")), str(ns))
         if s is None:
-            self.report.add(doc, f"{path}.name", f"{show(ref.get('name'))} names no known "
-                            "Service: the route answers 500")
+            self.report.add(
+                doc,
+                f"{path}.name",
+                f"{show(ref.get('name'))} names no known Service: the route answers 500",
+            )
             raise Unroutable
         port = self.mesh.port_of(s, ref.get("port") if isinstance(ref.get("port"), int) else None)
         if port is None:
-            self.report.add(doc, f"{path}.port", f"{s.hostname} has no port "
-                            f"{show(ref.get('port'))}: the route answers 500")
+            self.report.add(
+                doc,
+                f"{path}.port",
+                f"{s.hostname} has no port {show(ref.get('port'))}: the route answers 500",
+            )
             raise Unroutable
         if "filters" in ref:
             self.report.add(doc, f"{path}.filters", "per-backend filters are not supported")
         return self._cluster(s, port, "")
 
-    def _hr_action(self, doc: Doc, rule: Mapping[str, Any], path: str, s: Service,
-                   port: ServicePort) -> dict[str, Any]:
+    def _hr_action(
+        self, doc: Doc, rule: Mapping[str, Any], path: str, s: Service, port: ServicePort
+    ) -> dict[str, Any]:
         r = self.report
         extra: dict[str, Any] = {}
         action: dict[str, Any] = {}
         redirect: dict[str, Any] | None = None
-        filters = rule.get("filters") if isinstance(rule.get("filters"), list) else []
+        filters = as_list(rule.get("filters"))
         for k, f in enumerate(filters):
             f = _map(f)
             t, fpath = f.get("type"), f"{path}.filters[{k}]"
             if t in ("RequestHeaderModifier", "ResponseHeaderModifier"):
-                mod = _map(f.get("requestHeaderModifier" if t == "RequestHeaderModifier"
-                                 else "responseHeaderModifier"))
+                mod = _map(
+                    f.get(
+                        "requestHeaderModifier"
+                        if t == "RequestHeaderModifier"
+                        else "responseHeaderModifier"
+                    )
+                )
                 side = "request" if t == "RequestHeaderModifier" else "response"
-                set_ = {str(_map(x).get("name")): _map(x).get("value", "")
-                        for x in mod.get("set") or []}
-                add = {str(_map(x).get("name")): _map(x).get("value", "")
-                       for x in mod.get("add") or []}
+                set_ = {
+                    str(_map(x).get("name")): _map(x).get("value", "") for x in mod.get("set") or []
+                }
+                add = {
+                    str(_map(x).get("name")): _map(x).get("value", "") for x in mod.get("add") or []
+                }
                 adds = _headers_to_add(set_, add)
                 if adds:
                     extra[f"{side}_headers_to_add"] = adds
@@ -663,8 +848,13 @@ class Router:
                 elif rp.get("type") == "ReplacePrefixMatch":
                     redirect["prefix_rewrite"] = str(rp.get("replacePrefixMatch", "/"))
                 code = red.get("statusCode", 302)
-                codes = {301: "MOVED_PERMANENTLY", 302: "FOUND", 303: "SEE_OTHER",
-                         307: "TEMPORARY_REDIRECT", 308: "PERMANENT_REDIRECT"}
+                codes = {
+                    301: "MOVED_PERMANENTLY",
+                    302: "FOUND",
+                    303: "SEE_OTHER",
+                    307: "TEMPORARY_REDIRECT",
+                    308: "PERMANENT_REDIRECT",
+                }
                 redirect["response_code"] = codes.get(code, "FOUND")
             elif t == "URLRewrite":
                 rw = _map(f.get("urlRewrite"))
@@ -672,15 +862,18 @@ class Router:
                     action["host_rewrite_literal"] = rw["hostname"]
                 rp = _map(rw.get("path"))
                 if rp.get("type") == "ReplaceFullPath":
-                    action["regex_rewrite"] = {"pattern": {"regex": "^/.*$"},
-                                               "substitution": str(rp.get("replaceFullPath"))}
+                    action["regex_rewrite"] = {
+                        "pattern": {"regex": "^/.*$"},
+                        "substitution": str(rp.get("replaceFullPath")),
+                    }
                 elif rp.get("type") == "ReplacePrefixMatch":
                     action["prefix_rewrite"] = str(rp.get("replacePrefixMatch", "/"))
             elif t == "RequestMirror":
                 mir = _map(f.get("requestMirror"))
                 try:
-                    cluster = self._hr_backend(doc, _map(mir.get("backendRef")),
-                                               f"{fpath}.requestMirror.backendRef")
+                    cluster = self._hr_backend(
+                        doc, _map(mir.get("backendRef")), f"{fpath}.requestMirror.backendRef"
+                    )
                 except Unroutable:
                     continue
                 pct: object = 100
@@ -690,13 +883,16 @@ class Router:
                     fr = mir["fraction"]
                     pct = 100 * fr.get("numerator", 0) / (fr.get("denominator") or 100)
                 action.setdefault("request_mirror_policies", []).append(
-                    {"cluster": cluster, "runtime_fraction": {"default_value": fraction(pct)
-                                                              or fraction(100)}})
+                    {
+                        "cluster": cluster,
+                        "runtime_fraction": {"default_value": fraction(pct) or fraction(100)},
+                    }
+                )
             else:
                 r.add(doc, f"{fpath}.type", f"filter {show(t)} is not supported")
         if redirect is not None:
             return {"redirect": redirect, **extra}
-        backends = rule.get("backendRefs") if isinstance(rule.get("backendRefs"), list) else []
+        backends = as_list(rule.get("backendRefs"))
         if not backends:
             return {"direct_response": {"status": 500}, **extra}
         weighted: dict[str, int] = {}
@@ -726,17 +922,20 @@ class Router:
             attempts = ret.get("attempts", 2)
             if isinstance(attempts, int):
                 retry["num_retries"] = attempts
-            codes = [c for c in ret.get("codes") or [] if isinstance(c, int)]
-            if codes:
-                retry["retriable_status_codes"] = sorted(codes)
+            retry_codes = [c for c in as_list(ret.get("codes")) if isinstance(c, int)]
+            if retry_codes:
+                retry["retriable_status_codes"] = sorted(retry_codes)
             if duration(ret.get("backoff")):
                 retry["retry_back_off"] = {"base_interval": duration(ret.get("backoff"))}
         if duration(timeouts.get("backendRequest")):
             retry["per_try_timeout"] = duration(timeouts.get("backendRequest"))
         for key in timeouts:
             if key not in ("request", "backendRequest") or duration(timeouts[key]) is None:
-                r.add(doc, f"{path}.timeouts.{key}", "not a supported timeout (request, "
-                      "backendRequest with a duration)")
+                r.add(
+                    doc,
+                    f"{path}.timeouts.{key}",
+                    "not a supported timeout (request, backendRequest with a duration)",
+                )
         if retry["num_retries"]:
             action["retry_policy"] = retry
         return {"route": action, **extra}

@@ -61,8 +61,11 @@ def translate(
 
     for s in mesh.services:
         if not s.addresses:
-            report.add(f"Service {s.key}", "spec.clusterIP", "headless: no VIP to route "
-                       "through the waypoint")
+            report.add(
+                f"Service {s.key}",
+                "spec.clusterIP",
+                "headless: no VIP to route through the waypoint",
+            )
             continue
         for port in sorted(s.ports, key=lambda p: p.port):
             rc = router.route_config(s, port)
@@ -89,10 +92,14 @@ def translate(
     listeners[hbone.MAIN_INTERNAL] = {
         "name": hbone.MAIN_INTERNAL,
         "internal_listener": {},
-        "listener_filters": [{
-            "name": hbone.ORIGINAL_DST_FILTER,
-            "typed_config": typed("envoy.extensions.filters.listener.original_dst.v3.OriginalDst"),
-        }],
+        "listener_filters": [
+            {
+                "name": hbone.ORIGINAL_DST_FILTER,
+                "typed_config": typed(
+                    "envoy.extensions.filters.listener.original_dst.v3.OriginalDst"
+                ),
+            }
+        ],
         "filter_chains": chains,
     }
     clusters[hbone.MAIN_INTERNAL] = hbone.main_internal_cluster()
@@ -119,49 +126,61 @@ def _prefix(ip: str) -> dict[str, Any]:
 def _hcm(stat: str, route_name: str, filters: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "name": "envoy.filters.network.http_connection_manager",
-        "typed_config": typed(hbone.HCM, {
-            "stat_prefix": stat,
-            "codec_type": "AUTO",  # HTTP/1.1 and h2c apps alike
-            "normalize_path": True,  # Istio's default (BASE): authz sees one path form
-            "rds": {"route_config_name": route_name, "config_source": ads()},
-            "http_filters": [
-                *filters,
-                {"name": FAULT, "typed_config": typed(HTTP_FAULT)},
-                hbone.router(),
-            ],
-        }),
+        "typed_config": typed(
+            hbone.HCM,
+            {
+                "stat_prefix": stat,
+                "codec_type": "AUTO",  # HTTP/1.1 and h2c apps alike
+                "normalize_path": True,  # Istio's default (BASE): authz sees one path form
+                "rds": {"route_config_name": route_name, "config_source": ads()},
+                "http_filters": [
+                    *filters,
+                    {"name": FAULT, "typed_config": typed(HTTP_FAULT)},
+                    hbone.router(),
+                ],
+            },
+        ),
     }
 
 
-def _service_chain(s: Service, port: ServicePort, route_name: str, authz: Authz,
-                   providers: Providers) -> dict[str, Any]:
+def _service_chain(
+    s: Service, port: ServicePort, route_name: str, authz: Authz, providers: Providers
+) -> dict[str, Any]:
     return {
         "name": route_name,
         "filter_chain_match": {
             "prefix_ranges": [_prefix(a) for a in sorted(s.addresses)],
             "destination_port": port.port,
         },
-        "filters": [_hcm(route_name, route_name,
-                         [*jwt_filter(providers, s.key), *authz.filters(s.key)])],
+        "filters": [
+            _hcm(route_name, route_name, [*jwt_filter(providers, s.key), *authz.filters(s.key)])
+        ],
     }
 
 
-def _workload_chain(w: Workload, authz: Authz
-                    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+def _workload_chain(
+    w: Workload, authz: Authz
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """A pod addressed directly (istio.io/waypoint-for workload|all): any port;
     its cluster is the identity's originate listener, which learns the pod's
     ip:port from filter state set here."""
     name = f"inbound-pod|{w.namespace}/{w.name}"
     set_dst = {
         "name": "envoy.filters.http.set_filter_state",
-        "typed_config": typed("envoy.extensions.filters.http.set_filter_state.v3.Config", {
-            "on_request_headers": [{
-                "object_key": hbone.ORIGINAL_DST_LOCAL,
-                "format_string": {"text_format_source": {"inline_string":
-                                                         "%DOWNSTREAM_LOCAL_ADDRESS%"}},
-                "shared_with_upstream": "ONCE",
-            }]
-        }),
+        "typed_config": typed(
+            "envoy.extensions.filters.http.set_filter_state.v3.Config",
+            {
+                "on_request_headers": [
+                    {
+                        "object_key": hbone.ORIGINAL_DST_LOCAL,
+                        "format_string": {
+                            "text_format_source": {"inline_string": "%DOWNSTREAM_LOCAL_ADDRESS%"}
+                        },
+                        "shared_with_upstream": "ONCE",
+                    }
+                ]
+            },
+        ),
     }
     chain = {
         "name": name,
@@ -170,23 +189,56 @@ def _workload_chain(w: Workload, authz: Authz
     }
     rc = {
         "name": name,
-        "virtual_hosts": [{"name": name, "domains": ["*"], "routes": [{
-            "name": "default", "match": {"prefix": "/"},
-            "route": {"cluster": name, "timeout": "0s"},
-        }]}],
+        "virtual_hosts": [
+            {
+                "name": name,
+                "domains": ["*"],
+                "routes": [
+                    {
+                        "name": "default",
+                        "match": {"prefix": "/"},
+                        "route": {"cluster": name, "timeout": "0s"},
+                    }
+                ],
+            }
+        ],
         "validate_clusters": False,
     }
     cluster = {
         "name": name,
         "type": "STATIC",
         "connect_timeout": hbone.CONNECT_TIMEOUT,
-        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{
-            "endpoint": {"address": {"envoy_internal_address": {
-                "server_listener_name": hbone.originate_name(w.namespace, w.service_account)}}}
-        }]}]},
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {
+                            "endpoint": {
+                                "address": {
+                                    "envoy_internal_address": {
+                                        "server_listener_name": hbone.originate_name(
+                                            w.namespace, w.service_account
+                                        )
+                                    }
+                                }
+                            }
+                        }
+                    ]
+                }
+            ],
+        },
         "transport_socket": hbone.internal_upstream([]),
-        "typed_extension_protocol_options": {hbone.HTTP_OPTIONS: typed(hbone.HTTP_OPTIONS, {
-            "use_downstream_protocol_config": {"http_protocol_options": {},
-                                               "http2_protocol_options": {}}})},
+        "typed_extension_protocol_options": {
+            hbone.HTTP_OPTIONS: typed(
+                hbone.HTTP_OPTIONS,
+                {
+                    "use_downstream_protocol_config": {
+                        "http_protocol_options": {},
+                        "http2_protocol_options": {},
+                    }
+                },
+            )
+        },
     }
     return chain, rc, cluster
