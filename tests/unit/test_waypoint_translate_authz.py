@@ -8,6 +8,8 @@ from typing import Any
 import pytest
 from waypoint_scenario import TO_BLOG_API, TO_WAYPOINT, contains, doc, http_filters, run
 
+from waypoint.translate.authn import UNFETCHED_JWKS
+
 USER_CHAIN = "inbound-vip|9090|http|user-service.blog.svc.cluster.local"
 PEER = "io.istio.peer_principal"
 
@@ -403,7 +405,7 @@ def test_jwks_uri_comes_from_the_agent() -> None:
     assert jwt(res)["providers"]["blog/jwt/0"]["local_jwks"] == {"inline_string": JWKS}
     assert not report
     res, report = run([ra(rule)])
-    assert jwt(res)["providers"]["blog/jwt/0"]["local_jwks"] == {"inline_string": '{"keys":[]}'}
+    assert jwt(res)["providers"]["blog/jwt/0"]["local_jwks"] == {"inline_string": UNFETCHED_JWKS}
     assert [i.field for i in report] == ["spec.jwtRules[0].jwksUri"]
 
 

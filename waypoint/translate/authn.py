@@ -4,11 +4,13 @@ without a token passes (unauthenticated: AuthorizationPolicy decides).
 
 JWKS are never fetched here (the translation does no I/O): ``jwksUri`` is
 looked up in the ``jwks`` mapping the agent passes in (uri -> JWKS text).
-Until it has one, the provider gets an empty key set, so tokens of that
+Until it has one, the provider gets a key nobody holds (Envoy refuses an
+empty key set, which would reject the whole listener), so tokens of that
 issuer are refused, never accepted unchecked."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,7 +20,25 @@ from waypoint.translate.common import Report, show, typed
 from waypoint.translate.mesh import Mesh, name_of, namespace_of, spec_of
 
 JWT_AUTHN = "envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication"
-EMPTY_JWKS = '{"keys":[]}'
+# A P-256 public key whose private key was discarded when it was generated:
+# no token verifies against it.
+UNFETCHED_JWKS = (
+    '{"keys":[{"kty":"EC","crv":"P-256","alg":"ES256","kid":"tether-unfetched",'
+    '"x":"mQ38iThx9Ogo5EMmLsrctgSvWfMXWveKjuheOzkd7N0",'
+    '"y":"924i9sku_no1RcH9P23iOJg5NMQPwt_0kYKPK2rkHZk"}]}'
+)
+
+
+def _usable_jwks(text: str) -> bool:
+    """JSON with a non-empty ``keys`` list (Envoy refuses the listener otherwise)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return False
+    keys = value.get("keys") if isinstance(value, dict) else None
+    return isinstance(keys, list) and bool(keys)
+
+
 RULE_FIELDS = (
     "issuer",
     "audiences",
@@ -51,26 +71,39 @@ def _provider(
     aud = rule.get("audiences")
     if isinstance(aud, list) and aud:
         p["audiences"] = [a for a in aud if isinstance(a, str)]
+    text: str | None = None
     if isinstance(rule.get("jwks"), str):
-        p["local_jwks"] = {"inline_string": rule["jwks"]}
+        text = rule["jwks"]
+        if not _usable_jwks(rule["jwks"]):
+            report.add(
+                label, f"{path}.jwks", f"not a JWKS with keys: tokens of {issuer} are refused"
+            )
+            text = None
     elif isinstance(rule.get("jwksUri"), str):
-        text = jwks.get(rule["jwksUri"])
+        uri = rule["jwksUri"]
+        text = jwks.get(uri)
         if text is None:
             report.add(
                 label,
                 f"{path}.jwksUri",
-                f"{show(rule['jwksUri'])} not fetched yet: "
-                f"tokens of {issuer} are refused until the agent passes its JWKS",
+                f"{show(uri)} not fetched yet: tokens of {issuer} are refused until the agent "
+                "passes its JWKS",
             )
-        p["local_jwks"] = {"inline_string": text if text is not None else EMPTY_JWKS}
+        elif not _usable_jwks(text):
+            report.add(
+                label,
+                f"{path}.jwksUri",
+                f"{show(uri)} did not return a JWKS with keys: tokens of {issuer} are refused",
+            )
+            text = None
     else:
         report.add(
             label,
             f"{path}.jwks",
-            "neither jwks nor jwksUri: OpenID discovery is not "
-            f"supported; tokens of {issuer} are refused",
+            f"neither jwks nor jwksUri: OpenID discovery is not supported; tokens of {issuer} "
+            "are refused",
         )
-        p["local_jwks"] = {"inline_string": EMPTY_JWKS}
+    p["local_jwks"] = {"inline_string": text if text is not None else UNFETCHED_JWKS}
     if "timeout" in rule:
         report.add(label, f"{path}.timeout", "the agent fetches JWKS with its own timeout")
     if rule.get("forwardOriginalToken") is True:
