@@ -30,7 +30,7 @@ from waypoint_scenario import (
 
 from agent.model import Workload
 from agent.model.waypoint import Waypoint
-from waypoint.translate import CLUSTER, LISTENER, ROUTE, translate
+from waypoint.translate import CLUSTER, LISTENER, ROUTE, encode, translate
 from waypoint.translate.common import duration, message
 from waypoint.translate.mesh import HANDLED, NOT_APPLIED, OTHER_MESH_KINDS, group_of
 from waypoint.translate.protos import Cluster
@@ -439,11 +439,7 @@ def test_seed_blog_api_destination_rule() -> None:
 
 
 def _serialized(res: Any) -> dict[tuple[str, str], bytes]:
-    return {
-        (t, n): m.SerializeToString(deterministic=True)
-        for t, by in res.items()
-        for n, m in by.items()
-    }
+    return {(t, n): encode(m) for t, by in res.items() for n, m in by.items()}
 
 
 def _canary(weight_v1: int) -> dict[str, Any]:

@@ -64,6 +64,12 @@ def message(cls: type[Message], value: Mapping[str, Any]) -> Message:
     return msg
 
 
+def encode(msg: Message) -> bytes:
+    """The bytes of a resource, stable for equal content (map fields sorted):
+    what the xDS server hashes to send only resources that changed."""
+    return msg.SerializeToString(deterministic=True)
+
+
 def typed(type_name: str, value: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """An Any holding ``type_name`` (checked to be a known message)."""
     protos.check_type(type_name)

@@ -5,6 +5,7 @@ resolved to services, and which services and pods this waypoint serves."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -130,7 +131,7 @@ class Mesh:
     trust_domain: str
     docs: dict[str, list[Doc]]
 
-    @property
+    @functools.cached_property
     def services(self) -> list[Service]:
         """Services whose traffic goes through this waypoint, by key."""
         snap = self.view.snapshot
@@ -139,7 +140,7 @@ class Mesh:
             key=lambda s: s.key,
         )
 
-    @property
+    @functools.cached_property
     def workloads(self) -> list[Workload]:
         """Pods addressed directly whose traffic goes through this waypoint."""
         snap = self.view.snapshot
@@ -165,10 +166,14 @@ class Mesh:
             name, ns = parts[0], parts[1]
         else:
             return None
+        return self._by_key.get(f"{ns}/{name}")
+
+    @functools.cached_property
+    def _by_key(self) -> dict[str, Service]:
+        out: dict[str, Service] = {}
         for s in self.view.snapshot.services:
-            if s.name == name and s.namespace == ns:
-                return s
-        return None
+            out.setdefault(s.key, s)
+        return out
 
     def port_of(self, s: Service, number: int | None) -> ServicePort | None:
         """The service port ``number``, or its only port when none is named."""

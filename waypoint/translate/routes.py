@@ -198,7 +198,7 @@ class Router:
 
     # -- destinations ---------------------------------------------------------
 
-    def _cluster(self, s: Service, port: ServicePort, subset: str) -> str:
+    def cluster_for(self, s: Service, port: ServicePort, subset: str) -> str:
         name = cluster_name(s, port.port, subset)
         self.refs[name] = (s, port, subset)
         return name
@@ -236,7 +236,7 @@ class Router:
                 f"{show(subset)} of {s.hostname}: the route answers 503",
             )
             raise Unroutable
-        return self._cluster(s, port, str(subset))
+        return self.cluster_for(s, port, str(subset))
 
     # -- route configurations -------------------------------------------------
 
@@ -251,7 +251,7 @@ class Router:
                     "name": "default",
                     "match": {"prefix": "/"},
                     "route": {
-                        "cluster": self._cluster(s, port, ""),
+                        "cluster": self.cluster_for(s, port, ""),
                         "timeout": "0s",
                         "retry_policy": default_retry(),
                     },
@@ -800,7 +800,7 @@ class Router:
             raise Unroutable
         if "filters" in ref:
             self.report.add(doc, f"{path}.filters", "per-backend filters are not supported")
-        return self._cluster(s, port, "")
+        return self.cluster_for(s, port, "")
 
     def _hr_action(
         self, doc: Doc, rule: Mapping[str, Any], path: str, s: Service, port: ServicePort

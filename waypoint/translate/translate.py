@@ -71,9 +71,9 @@ def translate(
             rc = router.route_config(s, port)
             routes[rc["name"]] = rc
             chains.append(_service_chain(s, port, rc["name"], authz, providers))
-            router._cluster(s, port, "")
+            router.cluster_for(s, port, "")
             for subset in sorted(rules.subsets(s)):
-                router._cluster(s, port, subset)
+                router.cluster_for(s, port, subset)
 
     identities: set[tuple[str, str]] = set()
     for name, (s, port, subset) in sorted(router.refs.items()):
