@@ -199,6 +199,8 @@ def _check(doc: Doc, spec: Mapping[str, Any], r: Report) -> None:
     _unknown(
         doc, spec, "spec", ("host", "trafficPolicy", "subsets", "exportTo", "workloadSelector"), r
     )
+    if "exportTo" in spec:
+        r.add(doc, "spec.exportTo", "ignored: every document is visible mesh-wide")
     if "workloadSelector" in spec:
         r.add(doc, "spec.workloadSelector", "applies to sidecars only; ignored by waypoints")
     if "trafficPolicy" in spec:
