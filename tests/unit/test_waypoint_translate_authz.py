@@ -265,8 +265,16 @@ def test_service_target_reaches_only_that_service() -> None:
 
 def test_policy_for_another_waypoint_is_not_applied() -> None:
     other = [{"kind": "Gateway", "group": "gateway.networking.k8s.io", "name": "other"}]
-    res, _ = run([ap([{}], refs=other)])
+    res, report = run([ap([{}], refs=other)])
     assert rbac(res) == []
+    (issue,) = report.for_document("AuthorizationPolicy blog/p")
+    assert issue.field == "spec.targetRefs[0]" and "no waypoint blog/other" in issue.reason
+
+
+def test_policy_for_a_service_without_waypoint_is_reported() -> None:
+    _, report = run([ap([{}], refs=TO_BLOG_API)], namespaces={})
+    (issue,) = report.for_document("AuthorizationPolicy blog/p")
+    assert "uses no waypoint" in issue.reason
 
 
 def test_custom_is_reported_not_applied() -> None:

@@ -44,3 +44,45 @@ def scopes(mesh: Mesh, namespace: str, refs: list[Mapping[str, Any]]) -> set[str
             if key in served:
                 out.add(key)
     return out
+
+
+def orphans(mesh: Mesh, namespace: str, refs: list[Mapping[str, Any]]) -> list[tuple[str, str]]:
+    """(field, reason) for each targetRef that reaches no waypoint at all, so a
+    policy that can never take effect is never silent."""
+    snap = mesh.view.snapshot
+    out = []
+    for i, ref in enumerate(refs):
+        kind, group, name = ref.get("kind"), ref.get("group", ""), ref.get("name")
+        field = f"spec.targetRefs[{i}]"
+        if (ref.get("namespace") or namespace) != namespace:
+            out.append(
+                (
+                    f"{field}.namespace",
+                    "a targetRef must name an object in the policy's own namespace: ignored",
+                )
+            )
+        elif kind == "Gateway" and group == GATEWAY_API:
+            if snap.waypoint_named(namespace, str(name)) is None:
+                out.append((field, f"no waypoint {namespace}/{name} is known: no effect"))
+        elif kind == "Service" and group in ("", "core"):
+            svc = mesh.resolve(str(name), namespace)
+            if svc is None:
+                out.append((field, f"no Service {namespace}/{name}: no effect"))
+            elif snap.waypoint_of_service(svc) is None:
+                out.append(
+                    (
+                        field,
+                        f"Service {namespace}/{name} uses no waypoint, so this "
+                        "policy has no effect: label it (or its namespace) "
+                        "istio.io/use-waypoint",
+                    )
+                )
+        elif kind != "GatewayClass":
+            out.append(
+                (
+                    field,
+                    f"kind {kind} (group {group!r}): a waypoint policy targets a "
+                    "Gateway (gateway.networking.k8s.io) or a Service",
+                )
+            )
+    return out

@@ -14,7 +14,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from waypoint.translate.attach import GATEWAY, raw_target_refs, scopes
+from waypoint.translate.attach import GATEWAY, orphans, raw_target_refs, scopes
 from waypoint.translate.authz import JWT_PAYLOAD
 from waypoint.translate.common import Report, show, typed
 from waypoint.translate.mesh import Mesh, name_of, namespace_of, spec_of
@@ -151,6 +151,8 @@ def translate_authn(mesh: Mesh, jwks: Mapping[str, str], report: Report) -> Prov
                     "Service)",
                 )
             continue
+        for field, reason in orphans(mesh, ns, refs):
+            report.add(label, field, reason)
         reach = scopes(mesh, ns, refs)
         if not reach:
             continue

@@ -30,7 +30,7 @@ from agent.policy.model import (
     Source,
 )
 from agent.policy.parse import parse_authorization_policy
-from waypoint.translate.attach import GATEWAY, raw_target_refs, scopes
+from waypoint.translate.attach import GATEWAY, orphans, raw_target_refs, scopes
 from waypoint.translate.common import Doc, Report, inner_wildcard, istio_string, re2_escape, typed
 from waypoint.translate.hbone import PEER_PRINCIPAL_KEY
 from waypoint.translate.mesh import Mesh, namespace_of, spec_of
@@ -438,6 +438,8 @@ def translate_authz(mesh: Mesh, report: Report) -> Authz:
         if not refs:
             _report_selector_policy(doc, spec, ns, served_ns, mesh, report)
             continue
+        for field, reason in orphans(mesh, ns, refs):
+            report.add(label, field, reason)
         if not reach:
             continue  # another waypoint's or another service's
         try:
