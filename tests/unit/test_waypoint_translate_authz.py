@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from waypoint_scenario import TO_BLOG_API, TO_WAYPOINT, contains, doc, http_filters, run
+from waypoint_scenario import TO_BLOG_API, TO_WAYPOINT, contains, doc, http_filters, run, seeds
 
 from waypoint.translate.authn import UNFETCHED_JWKS
 
@@ -219,6 +219,44 @@ AP_TABLE: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
         {"when": [{"key": "destination.port", "values": ["8080"]}]},
         {"permissions": [{"destination_port": 8080}]},
     ),
+    (
+        "remoteIpBlocks",
+        {"from": [{"source": {"remoteIpBlocks": ["192.0.2.0/24"]}}]},
+        {"principals": [{"remote_ip": {"address_prefix": "192.0.2.0", "prefix_len": 24}}]},
+    ),
+    (
+        "notRequestPrincipals iss/sub",
+        {"from": [{"source": {"notRequestPrincipals": ["https://a/b/alice"]}}]},
+        {
+            "principals": [
+                {
+                    "not_id": {
+                        "and_ids": {
+                            "ids": [
+                                claim(["iss"], {"exact": "https://a/b"}),
+                                claim(["sub"], {"exact": "alice"}),
+                            ]
+                        }
+                    }
+                }
+            ]
+        },
+    ),
+    (
+        "when request.auth.principal",
+        {"when": [{"key": "request.auth.principal", "values": ["*/alice"]}]},
+        {"principals": [claim(["sub"], {"exact": "alice"})]},
+    ),
+    (
+        "when source.principal",
+        {"when": [{"key": "source.principal", "values": ["cluster.local/ns/a/sa/b"]}]},
+        {"principals": [peer({"exact": "spiffe://cluster.local/ns/a/sa/b"})]},
+    ),
+    (
+        "when nested claim",
+        {"when": [{"key": "request.auth.claims[realm][role]", "values": ["x"]}]},
+        {"principals": [claim(["realm", "role"], {"exact": "x"})]},
+    ),
     ("empty rule matches everything", {}, {"permissions": ANY, "principals": ANY}),
 ]
 
@@ -425,3 +463,36 @@ def test_jwt_filter_runs_before_rbac() -> None:
         "envoy.filters.http.fault",
         "envoy.filters.http.router",
     ]
+
+
+def test_seed_policies_apply_once_attached_with_target_refs() -> None:
+    """The seeds' L7 policies (written with selectors, which only the node
+    reads) translate without a report once given targetRefs instead."""
+    docs = [
+        d
+        for name in ("blog-api-authz", "jwt-authz", "allow-frontend")
+        for d in seeds("AuthorizationPolicy", name, "blog")
+    ]
+    if len(docs) != 3:
+        pytest.skip("seed fixtures not found")
+    attached = []
+    for d in docs:
+        spec = dict(d["spec"])
+        spec.pop("selector")
+        attached.append({**d, "spec": {**spec, "targetRefs": TO_BLOG_API}})
+    res, report = run(attached)
+    assert not report, report
+    (rules,) = rbac(res)
+    assert sorted(rules["policies"]) == [
+        "ns[blog]-policy[allow-frontend]-rule[0]",
+        "ns[blog]-policy[blog-api-authz]-rule[0]",
+        "ns[blog]-policy[blog-api-authz]-rule[1]",
+        "ns[blog]-policy[blog-api-authz]-rule[2]",
+        "ns[blog]-policy[jwt-authz]-rule[0]",
+        "ns[blog]-policy[jwt-authz]-rule[1]",
+    ]
+    rule2 = rules["policies"]["ns[blog]-policy[blog-api-authz]-rule[2]"]
+    assert contains(
+        rule2["principals"],
+        [{"header": {"name": "authorization", "string_match": {"prefix": "Bearer "}}}],
+    )
