@@ -187,11 +187,6 @@ AP_TABLE: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
         {"principals": [{"direct_remote_ip": {"address_prefix": "10.0.0.0", "prefix_len": 8}}]},
     ),
     (
-        "requestPrincipals iss/*",
-        {"from": [{"source": {"requestPrincipals": ["https://auth.example.com/*"]}}]},
-        {"principals": [claim(["iss"], {"exact": "https://auth.example.com"})]},
-    ),
-    (
         "when request.headers",
         {"when": [{"key": "request.headers[authorization]", "values": ["Bearer *"]}]},
         {
@@ -225,29 +220,6 @@ AP_TABLE: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
         {"principals": [{"remote_ip": {"address_prefix": "192.0.2.0", "prefix_len": 24}}]},
     ),
     (
-        "notRequestPrincipals iss/sub",
-        {"from": [{"source": {"notRequestPrincipals": ["https://a/b/alice"]}}]},
-        {
-            "principals": [
-                {
-                    "not_id": {
-                        "and_ids": {
-                            "ids": [
-                                claim(["iss"], {"exact": "https://a/b"}),
-                                claim(["sub"], {"exact": "alice"}),
-                            ]
-                        }
-                    }
-                }
-            ]
-        },
-    ),
-    (
-        "when request.auth.principal",
-        {"when": [{"key": "request.auth.principal", "values": ["*/alice"]}]},
-        {"principals": [claim(["sub"], {"exact": "alice"})]},
-    ),
-    (
         "when source.principal",
         {"when": [{"key": "source.principal", "values": ["cluster.local/ns/a/sa/b"]}]},
         {"principals": [peer({"exact": "spiffe://cluster.local/ns/a/sa/b"})]},
@@ -269,6 +241,90 @@ def test_authorization_policy_field(rule: dict[str, Any], want: dict[str, Any]) 
     got = only_policy(res)
     assert contains(got, want), got
     assert not report.for_document("AuthorizationPolicy blog/p"), report
+
+
+def jwt_str(claim_name: str, op: str, value: str) -> dict[str, Any]:
+    path = [{"key": "payload"}, {"key": claim_name}]
+    match = (
+        {"present_match": True} if op != "exact" and not value else {"string_match": {op: value}}
+    )
+    return {"metadata": {"filter": "envoy.filters.http.jwt_authn", "path": path, "value": match}}
+
+
+def both(*ids: dict[str, Any]) -> dict[str, Any]:
+    return {"and_ids": {"ids": list(ids)}}
+
+
+@pytest.mark.parametrize(
+    ("value", "want"),
+    [
+        (
+            "*",
+            {
+                "metadata": {
+                    "filter": "envoy.filters.http.jwt_authn",
+                    "path": [{"key": "payload"}, {"key": "iss"}],
+                    "value": {"present_match": True},
+                }
+            },
+        ),
+        # <iss>/<sub> == "https://a/b/alice": the "/" between them can be any of these
+        (
+            "https://a/b/alice",
+            {
+                "or_ids": {
+                    "ids": [
+                        both(
+                            jwt_str("iss", "exact", "https:"), jwt_str("sub", "exact", "/a/b/alice")
+                        ),
+                        both(
+                            jwt_str("iss", "exact", "https:/"), jwt_str("sub", "exact", "a/b/alice")
+                        ),
+                        both(
+                            jwt_str("iss", "exact", "https://a"), jwt_str("sub", "exact", "b/alice")
+                        ),
+                        both(
+                            jwt_str("iss", "exact", "https://a/b"), jwt_str("sub", "exact", "alice")
+                        ),
+                    ]
+                }
+            },
+        ),
+        # starts with "https://x/": the issuer https://x (any subject), or any longer issuer
+        (
+            "https://x/*",
+            {
+                "or_ids": {
+                    "ids": [
+                        jwt_str("iss", "prefix", "https://x/"),
+                        both(jwt_str("iss", "exact", "https:"), jwt_str("sub", "prefix", "/x/")),
+                        both(jwt_str("iss", "exact", "https:/"), jwt_str("sub", "prefix", "x/")),
+                        both(jwt_str("iss", "exact", "https://x"), jwt_str("sub", "prefix", "")),
+                    ]
+                }
+            },
+        ),
+        (
+            "*/alice",
+            {
+                "or_ids": {
+                    "ids": [
+                        jwt_str("sub", "suffix", "/alice"),
+                        both(jwt_str("iss", "suffix", ""), jwt_str("sub", "exact", "alice")),
+                    ]
+                }
+            },
+        ),
+    ],
+)
+def test_request_principals_match_istio_iss_slash_sub(value: str, want: dict[str, Any]) -> None:
+    for rule, field in (
+        ({"from": [{"source": {"requestPrincipals": [value]}}]}, "requestPrincipals"),
+        ({"when": [{"key": "request.auth.principal", "values": [value]}]}, "when"),
+    ):
+        res, report = run([ap([rule])])
+        assert only_policy(res)["principals"] == [want], field
+        assert not report
 
 
 def test_deny_before_allow_and_audit_logs() -> None:

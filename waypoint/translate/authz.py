@@ -141,22 +141,53 @@ def _claim_present(path: list[str]) -> dict[str, Any]:
     }
 
 
+def _jwt_str(claim: str, op: str, value: str) -> dict[str, Any]:
+    """A string claim (iss, sub) matched exactly, by prefix or by suffix; an
+    empty prefix or suffix only asks that the claim be there."""
+    path = [{"key": JWT_PAYLOAD}, {"key": claim}]
+    match: dict[str, Any] = (
+        {"present_match": True} if op != "exact" and not value else {"string_match": {op: value}}
+    )
+    return {"metadata": {"filter": JWT_FILTER, "path": path, "value": match}}
+
+
 def _request_principal(field: str, value: str) -> dict[str, Any]:
-    """Istio's ``iss/sub`` against jwt_authn's payload."""
+    """Istio's request principal is the string ``<iss>/<sub>``; jwt_authn gives
+    the two claims apart, so the match is spelled out over every place the
+    ``/`` between them can be (an issuer is usually a URL, full of ``/``)."""
+    _check(field, value)
     if value == "*":
         return _claim_present(["iss"])
-    if value.endswith("/*") and "*" not in value[:-2]:
-        return _claim(["iss"], {"exact": value[:-2]})
-    if value.startswith("*/") and "*" not in value[2:]:
-        return _claim(["sub"], {"exact": value[2:]})
-    if "*" in value or "/" not in value:
-        raise Untranslatable(
-            field,
-            f"{value!r}: request principals are matched as "
-            "'<iss>/<sub>', '<iss>/*', '*/<sub>' or '*'",
-        )
-    iss, _, sub = value.rpartition("/")
-    return _and_ids([_claim(["iss"], {"exact": iss}), _claim(["sub"], {"exact": sub})])
+    cuts = [i for i, ch in enumerate(value) if ch == "/"]
+    if value.endswith("*"):  # <iss>/<sub> starts with p
+        p = value[:-1]
+        options = [_jwt_str("iss", "prefix", p)]
+        options += [
+            _and_ids([_jwt_str("iss", "exact", p[:i]), _jwt_str("sub", "prefix", p[i + 1 :])])
+            for i in cuts
+            if i < len(p)
+        ]
+        return _or_ids(options)
+    if value.startswith("*"):  # <iss>/<sub> ends with x
+        x = value[1:]
+        options = [_jwt_str("sub", "suffix", x)]
+        options += [
+            _and_ids([_jwt_str("iss", "suffix", x[:j]), _jwt_str("sub", "exact", x[j + 1 :])])
+            for j, ch in enumerate(x)
+            if ch == "/" and j < len(x) - 1
+        ]
+        return _or_ids(options)
+    cuts = [j for j in cuts if 0 < j < len(value) - 1]
+    if not cuts:
+        raise Untranslatable(field, f"{value!r}: a request principal is '<iss>/<sub>'")
+    return _or_ids(
+        [
+            _and_ids(
+                [_jwt_str("iss", "exact", value[:i]), _jwt_str("sub", "exact", value[i + 1 :])]
+            )
+            for i in cuts
+        ]
+    )
 
 
 def _cidr(net: Any, kind: str) -> dict[str, Any]:
