@@ -118,8 +118,8 @@ AP_TABLE: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
         {"permissions": [{"not_rule": {"url_path": {"path": {"prefix": "/admin"}}}}]},
     ),
     (
-        "hosts",
-        {"to": [{"operation": {"hosts": ["blog.example.com"]}}]},
+        "hosts, with or without a port",
+        {"to": [{"operation": {"hosts": ["blog.example.com", "*.example.org"]}}]},
         {
             "permissions": [
                 {
@@ -129,8 +129,9 @@ AP_TABLE: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
                                 "header": {
                                     "name": ":authority",
                                     "string_match": {
-                                        "exact": "blog.example.com",
-                                        "ignore_case": True,
+                                        "safe_regex": {
+                                            "regex": "(?i)blog\\.example\\.com(:[0-9]+)?"
+                                        }
                                     },
                                 }
                             },
@@ -138,8 +139,7 @@ AP_TABLE: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
                                 "header": {
                                     "name": ":authority",
                                     "string_match": {
-                                        "prefix": "blog.example.com:",
-                                        "ignore_case": True,
+                                        "safe_regex": {"regex": "(?i).*\\.example\\.org(:[0-9]+)?"}
                                     },
                                 }
                             },

@@ -32,6 +32,7 @@ from waypoint_scenario import (
     WORKLOADS,
     as_dict,
     doc,
+    load_seeds,
     seeds,
     view_of,
 )
@@ -374,4 +375,12 @@ def everything() -> list[dict[str, Any]]:
 def test_envoy_accepts_every_translated_field(tmp_path: Path) -> None:
     wp = Waypoint("waypoint", "blog", ("10.1.0.9",), "n1", traffic_for="all")
     res, _ = translate(view_of(everything(), waypoints=(wp,)), wp)
+    validate(res, tmp_path)
+
+
+def test_envoy_accepts_the_translation_of_all_seeds(tmp_path: Path) -> None:
+    docs = load_seeds()
+    if not docs:
+        pytest.skip("seed fixtures not found")
+    res, _ = translate(view_of(docs), WAYPOINT)
     validate(res, tmp_path)

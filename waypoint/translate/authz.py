@@ -235,19 +235,19 @@ def _source(src: Source, path: str, policy_ns: str) -> list[dict[str, Any]]:
 
 
 def _host(field: str, value: str) -> dict[str, Any]:
+    """``:authority`` against an Istio host, case-insensitive, with or without
+    a port (``blog.example.com`` also matches ``blog.example.com:8080``)."""
     _check(field, value)
-    exact = {
-        "header": {"name": ":authority", "string_match": istio_string(value, ignore_case=True)}
-    }
-    if "*" in value:
-        return exact
-    with_port = {
-        "header": {
-            "name": ":authority",
-            "string_match": {"prefix": f"{value}:", "ignore_case": True},
-        }
-    }
-    return _or_rules([exact, with_port])
+    port = "(:[0-9]+)?"
+    if value == "*":
+        regex = ".+"
+    elif value.startswith("*"):
+        regex = f"(?i).*{re2_escape(value[1:])}{port}"
+    elif value.endswith("*"):
+        regex = f"(?i){re2_escape(value[:-1])}.*"
+    else:
+        regex = f"(?i){re2_escape(value)}{port}"
+    return {"header": {"name": ":authority", "string_match": {"safe_regex": {"regex": regex}}}}
 
 
 def _path(field: str, value: str) -> dict[str, Any]:
