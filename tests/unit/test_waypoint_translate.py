@@ -13,7 +13,6 @@ import pytest
 from google.protobuf import json_format
 from waypoint_scenario import (
     SERVICES,
-    WAYPOINT,
     WORKLOADS,
     as_dict,
     chain,
@@ -577,7 +576,3 @@ def test_seed_canary_golden() -> None:
     assert r_split["route"]["timeout"] == "0s"
     assert r_split["route"]["retry_policy"]["num_retries"] == 2
     assert set(res[CLUSTER]) >= {f"outbound|8080|v1|{BLOG_API}", f"outbound|8080|v2|{BLOG_API}"}
-
-
-def test_waypoint_fixture_is_consistent() -> None:
-    assert WAYPOINT.key == "blog/waypoint"
