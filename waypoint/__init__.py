@@ -1,1 +1,3 @@
-"""Waypoints: stock Envoy run and configured by the node agent over ADS."""
+"""The L7 waypoint: stock Envoy proxies the node agent runs and configures over
+ADS (`envoy`, `xds`, `sds`, `peer`), and the pure translation of the mesh
+state and users' documents into Envoy resources (`translate`)."""
