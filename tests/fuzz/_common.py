@@ -42,7 +42,9 @@ def signature(exc: BaseException, *, fine: bool = False) -> str:
     """`ExcType@function` of the innermost frame under agent/ (else of the
     target); with `fine`, `ExcType@file:line:function`, which tells apart two
     bugs in one function but changes when the code is edited."""
-    frames = traceback.extract_tb(exc.__traceback__)
+    # Without reading source lines: a RecursionError has a thousand frames.
+    walk = traceback.walk_tb(exc.__traceback__)
+    frames = traceback.StackSummary.extract(walk, lookup_lines=False)
     ours = [f for f in frames if "/agent/" in f.filename.replace(os.sep, "/")]
     if not ours:  # an assertion of the target (check() itself does not count)
         ours = [
