@@ -59,6 +59,7 @@ def _one(target: str, findings: Path, libfuzzer_args: list[str]) -> None:
 
 
 def _run(target: str, runs: int, extra: list[str]) -> tuple[int, float, list[str], bool]:
+    """Fuzz one target in a child process: (inputs, seconds, findings, stopped early)."""
     work = WORK / target
     corpus, findings = work / "corpus", work / "findings"
     corpus.mkdir(parents=True, exist_ok=True)
@@ -98,14 +99,20 @@ def main() -> int:
         return 0
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=1_000_000)
-    ap.add_argument("targets", nargs="*", choices=[*TARGETS, []])
+    ap.add_argument(
+        "--max-time", type=int, default=0, help="also stop each target after this many seconds"
+    )
+    ap.add_argument("targets", nargs="*", help=f"some of {', '.join(TARGETS)} (default: all)")
     ns = ap.parse_args()
+    if unknown := set(ns.targets) - set(TARGETS):
+        ap.error(f"unknown target(s) {sorted(unknown)}; known: {', '.join(TARGETS)}")
     targets = ns.targets or list(TARGETS)
     total = 0
     rows = []
     for t in targets:
         print(f"fuzz {t}: {ns.runs} inputs ...", flush=True)
-        n, secs, sigs, crashed = _run(t, ns.runs, [])
+        extra = [f"-max_total_time={ns.max_time}"] if ns.max_time else []
+        n, secs, sigs, crashed = _run(t, ns.runs, extra)
         total += len(sigs)
         rows.append((t, n, secs, sigs))
         state = "libFuzzer stopped early (see log)" if crashed else "done"
