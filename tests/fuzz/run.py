@@ -85,7 +85,16 @@ def _run(target: str, runs: int, extra: list[str]) -> tuple[int, float, list[str
     out = (work / "log").read_text(errors="replace")
     done = re.search(r"Done (\d+) runs in", out)
     execs = re.findall(r"stat::number_of_executed_units:\s*(\d+)", out)
-    n = int(done.group(1)) if done else int(execs[-1]) if execs else 0
+    progress = re.findall(r"^#(\d+)\s", out, re.MULTILINE)  # last status line, if cut short
+    n = (
+        int(done.group(1))
+        if done
+        else int(execs[-1])
+        if execs
+        else int(progress[-1])
+        if progress
+        else 0
+    )
     crashed = proc.returncode != 0 or not done
     sigs = sorted(p.stem for p in findings.glob("*.input"))
     sigs += sorted(p.name for p in findings.iterdir() if p.suffix not in (".input", ".txt"))
