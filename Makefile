@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.provisioned
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-unit test-bpf test-netns test-waypoint test-k8s test-kernels presubmit lint typecheck bench clean
+.PHONY: setup demo test test-unit test-bpf test-netns test-waypoint test-k8s test-kernels presubmit lint typecheck bench fuzz clean
 
 setup: $(STAMP)
 
@@ -56,6 +56,18 @@ typecheck: setup
 
 presubmit: lint typecheck
 	$(PY) -m pytest -q tests/unit tests/bpf/test_compile_matrix.py
+
+# atheris (libFuzzer) over the parsers that face the network or the operator
+# (tests/fuzz/): FUZZ_RUNS inputs per target, one target after another, niced;
+# prints inputs, time and findings per target, fails on any finding
+# (FUZZ_MAX_TIME=s caps each target's time, FUZZ_TARGETS picks some).  Work
+# corpora and findings go to build/fuzz/<target>/.  `make test` runs a short
+# in-process smoke of the same targets (tests/unit/test_fuzz_smoke.py).
+FUZZ_RUNS ?= 1000000
+FUZZ_MAX_TIME ?= 0
+FUZZ_TARGETS ?=
+fuzz: setup
+	nice -n 10 $(PY) -m tests.fuzz.run --runs $(FUZZ_RUNS) --max-time $(FUZZ_MAX_TIME) $(FUZZ_TARGETS)
 
 bench: setup
 	$(VENV)/bin/tether bench datapath

@@ -109,7 +109,9 @@ def read_yaml(path: Path, *, many: bool = False) -> Any:
         with path.open("rb") as f:
             raw = f.read(MAX_FILE_BYTES + 1)
     except OSError as e:
-        raise ConfigError(f"cannot read {path}: {e.strerror}") from e
+        raise ConfigError(f"cannot read {short(path, 200)}: {e.strerror}") from e
+    except ValueError:  # an embedded NUL byte
+        raise ConfigError(f"{short(path, 200)!r} is not a file name") from None
     if len(raw) > MAX_FILE_BYTES:
         raise ConfigError(f"{path} is larger than {MAX_FILE_BYTES} bytes")
     try:
@@ -130,6 +132,8 @@ def read_yaml(path: Path, *, many: bool = False) -> Any:
         raise ConfigError(f"{path} is not valid YAML: {short(e)}") from None
     except RecursionError:
         raise ConfigError(f"{path}: YAML nested too deeply") from None
+    except Exception as e:  # e.g. ValueError from a timestamp like 2001-13-01
+        raise ConfigError(f"{path}: {type(e).__name__}: {short(e)}") from None
     finally:
         loader.dispose()
 
@@ -142,10 +146,32 @@ def _str_list(v: Any, where: str) -> tuple[str, ...]:
     return tuple(str(x) for x in v)
 
 
+def _opt_str(v: Any, where: str) -> str | None:
+    if v is None or isinstance(v, str):
+        return v
+    raise ConfigError(f"{where}: expected a string (a path or an address)")
+
+
+def _list(v: Any, where: str) -> list[Any]:
+    if v is None:
+        return []
+    if not isinstance(v, list):
+        raise ConfigError(f"{where}: expected a list")
+    return v
+
+
+def _port(v: Any, where: str) -> int:
+    """A port number: an int or a string of at most 5 ASCII digits, 1-65535."""
+    text = str(v) if isinstance(v, int | str) and not isinstance(v, bool) else ""
+    if not (text.isascii() and text.isdigit() and len(text) <= 5 and 0 < int(text) < 65536):
+        raise ConfigError(f"{where}: {short(v, 40)!r} is not a port number (1-65535)")
+    return int(text)
+
+
 def _ports(v: Any, where: str) -> tuple[int, ...]:
     out = []
     for x in _str_list(v, where):
-        if not x.isdigit() or not 0 < int(x) < 65536:
+        if not (x.isascii() and x.isdigit() and len(x) <= 5) or not 0 < int(x) < 65536:
             raise ConfigError(f"{where}: {short(x, 40)!r} is not a port number (1-65535)")
         out.append(int(x))
     return tuple(out)
@@ -194,8 +220,8 @@ def _workload(d: Any, i: int, node: str) -> Workload:
         node=str(d.get("node", node)),
         addresses=addrs,
         labels=_labels(d.get("labels"), f"{where}.labels"),
-        netns=d.get("netns"),
-        cgroup=d.get("cgroup"),
+        netns=_opt_str(d.get("netns"), f"{where}.netns"),
+        cgroup=_opt_str(d.get("cgroup"), f"{where}.cgroup"),
         exclude_outbound_ports=_ports(
             d.get("excludeOutboundPorts"), f"{where}.excludeOutboundPorts"
         ),
@@ -208,7 +234,7 @@ def _service(d: Any, i: int) -> Service:
     where = f"services[{i}]"
     addrs = _named_with_addresses(d, where)
     ports = []
-    for j, p in enumerate(d.get("ports") or []):
+    for j, p in enumerate(_list(d.get("ports"), f"{where}.ports")):
         pw = f"{where}.ports[{j}]"
         if not isinstance(p, dict) or "port" not in p:
             raise ConfigError(f"{pw}: expected a mapping with port (and targetPort)")
@@ -264,8 +290,8 @@ def _waypoint(d: Any, i: int, node: str) -> Waypoint:
         node=d.get("node") or node,
         service_account=d.get("serviceAccount") or "",
         traffic_for=traffic_for,
-        netns=d.get("netns"),
-        cgroup=d.get("cgroup"),
+        netns=_opt_str(d.get("netns"), f"{where}.netns"),
+        cgroup=_opt_str(d.get("cgroup"), f"{where}.cgroup"),
     )
 
 
@@ -340,21 +366,18 @@ def _agent_settings(a: Any) -> AgentSettings:
             f"agent: unknown field(s) {short(sorted(map(str, unknown)), 120)}; "
             f"known: {sorted(_AGENT_FIELDS)}"
         )
-    try:
-        return AgentSettings(
-            pin_dir=str(a.get("pinDir", AgentSettings.pin_dir)),
-            state_dir=str(a.get("stateDir", AgentSettings.state_dir)),
-            cgroup=a.get("cgroup"),
-            kubelet_cgroups=_str_list(a.get("kubeletCgroups"), "agent.kubeletCgroups"),
-            pod_cgroup_root=a.get("podCgroupRoot"),
-            sk_msg=bool(a.get("skMsg", False)),
-            admin_port=int(a.get("adminPort", 15000)),
-            ready_port=int(a.get("readyPort", 15021)),
-            metrics_port=int(a.get("metricsPort", 15020)),
-            require_waypoint=_bool(a.get("requireWaypoint", True), "agent.requireWaypoint"),
-        )
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"agent: a port is not a number: {short(e, 80)}") from None
+    return AgentSettings(
+        pin_dir=str(a.get("pinDir", AgentSettings.pin_dir)),
+        state_dir=str(a.get("stateDir", AgentSettings.state_dir)),
+        cgroup=_opt_str(a.get("cgroup"), "agent.cgroup"),
+        kubelet_cgroups=_str_list(a.get("kubeletCgroups"), "agent.kubeletCgroups"),
+        pod_cgroup_root=_opt_str(a.get("podCgroupRoot"), "agent.podCgroupRoot"),
+        sk_msg=bool(a.get("skMsg", False)),
+        admin_port=_port(a.get("adminPort", 15000), "agent.adminPort"),
+        ready_port=_port(a.get("readyPort", 15021), "agent.readyPort"),
+        metrics_port=_port(a.get("metricsPort", 15020), "agent.metricsPort"),
+        require_waypoint=_bool(a.get("requireWaypoint", True), "agent.requireWaypoint"),
+    )
 
 
 def _identity_settings(ident: Any) -> IdentitySettings:
@@ -363,17 +386,20 @@ def _identity_settings(ident: Any) -> IdentitySettings:
             "identity: expected a mapping (trustDomain, caDir | caAddress, "
             "caRootFile, tokenFile, certTTL)"
         )
+    raw_ttl = ident.get("certTTL")
     try:
-        ttl = float(ident["certTTL"]) if ident.get("certTTL") is not None else None
-    except (TypeError, ValueError):
-        raise ConfigError("identity.certTTL: expected seconds (a number)") from None
+        ttl = float(raw_ttl) if raw_ttl is not None and not isinstance(raw_ttl, bool) else None
+    except (TypeError, ValueError, OverflowError):
+        ttl = -1.0
+    if raw_ttl is not None and (ttl is None or not 1 <= ttl <= 10 * 365 * 86400):
+        raise ConfigError("identity.certTTL: expected seconds, a number from 1 to 315360000")
     identity = IdentitySettings(
         trust_domain=str(ident.get("trustDomain", "cluster.local")),
-        ca_dir=ident.get("caDir"),
+        ca_dir=_opt_str(ident.get("caDir"), "identity.caDir"),
         cert_ttl=ttl,
-        ca_address=ident.get("caAddress"),
-        ca_root_file=ident.get("caRootFile"),
-        token_file=ident.get("tokenFile"),
+        ca_address=_opt_str(ident.get("caAddress"), "identity.caAddress"),
+        ca_root_file=_opt_str(ident.get("caRootFile"), "identity.caRootFile"),
+        token_file=_opt_str(ident.get("tokenFile"), "identity.tokenFile"),
         ca_plaintext=bool(ident.get("caPlaintext", False)),
     )
     if identity.ca_address and identity.ca_dir:
@@ -393,13 +419,13 @@ def parse(doc: Any, base: Path | None = None) -> LocalFile:
         _identity_settings(doc.get("identity") or {}),
     )
     namespaces: dict[str, dict[str, str]] = {}
+    for key in ("workloads", "services", "namespaces", "waypoints"):
+        if not isinstance(doc.get(key) or [], list):
+            raise ConfigError(f"{key}: expected a list")
     for i, ns in enumerate(doc.get("namespaces") or []):
         if not isinstance(ns, dict) or not isinstance(ns.get("name"), str):
             raise ConfigError(f"namespaces[{i}]: expected a mapping with a name")
         namespaces[ns["name"]] = _labels(ns.get("labels"), f"namespaces[{i}].labels")
-    for key in ("workloads", "services", "namespaces", "waypoints"):
-        if not isinstance(doc.get(key) or [], list):
-            raise ConfigError(f"{key}: expected a list")
     workloads = tuple(_workload(w, i, node) for i, w in enumerate(doc.get("workloads") or []))
     services = tuple(_service(s, i) for i, s in enumerate(doc.get("services") or []))
     waypoints = _waypoints(doc.get("waypoints"), node)
