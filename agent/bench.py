@@ -1,6 +1,10 @@
 """`tether bench datapath`: same-node pod-to-pod throughput and request/response
 latency, direct vs captured (relayed by the agent) vs captured with sk_msg.
 
+(Over 600 lines: three benchmarks, datapath, tunnel and h2, that share the
+peers, the process accounting and the report format; never imported by the
+agent itself.)
+
 Real C peers do the measuring (iperf3 for single-stream throughput, sockperf
 ping-pong with 1 KiB messages for round-trip latency), so the only Python in
 the path is the agent under test.  Every number is also given as a ratio to

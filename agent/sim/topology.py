@@ -1,5 +1,8 @@
 """Simulated Kubernetes nodes and pods: one netns and one cgroup v2 dir per node and per pod.
 
+(Over 600 lines on purpose: building and tearing down the testbed is one
+lifecycle, and every kernel-global name it makes must be undone here.)
+
 Layout (i = node index from 1, j = pod index on its node from 2)::
 
     netns <prefix>-fabric       br0 (L2 only), one veth n<i> per node

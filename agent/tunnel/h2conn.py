@@ -1,6 +1,10 @@
 """HTTP/2 connections carrying HBONE CONNECT streams, on asyncio transports,
 with the `h2` library as the protocol engine.
 
+(Over 600 lines on purpose: the corrections to h2's state machine, GOAWAY
+drains, the rapid-reset budget and the flow-controlled stream transport all
+act on one connection's state; apart they would share it through privates.)
+
 The hot path is DATA frames.  Costs measured against h2 and kept low here:
 - frames as large as the peer allows (we advertise 1 MiB, as ztunnel does)
   so per-frame work is paid per MiB, not per 16 KiB;

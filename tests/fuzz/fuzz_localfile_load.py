@@ -1,4 +1,4 @@
-"""Fuzz target: agent.config.load(path) on any file content.
+"""Fuzz target: agent.sources.localfile.load(path) on any file content.
 
 The bytes of the input are the local file.  load() must return a well-formed
 LocalConfig or raise ConfigError, whatever the bytes: not UTF-8, YAML that
