@@ -70,34 +70,28 @@ class InboundHbone:
             release()
             if not isinstance(e, ssl.SSLError | OSError | TimeoutError | ConnectionError):
                 raise
-            c = t.conns.add(
-                self.pod.key,
-                "inbound",
-                peer,
-                local,
-                "hbone",
-                reporter="destination",
-                dst_workload=self.pod.key,
-                dst_identity=self.identity.uri,
-            )
-            t.conns.refuse(c, f"TLS handshake failed: {err(e)}", "TLS_FAILURE")
+            self._refuse_tls(peer, local, f"TLS handshake failed: {err(e)}")
             sock.close()
             return
         assert conn.transport is not None
         try:
             conn.peer["identity"] = self._peer_identity(conn)
         except (ssl.SSLError, ValueError) as e:
-            c = t.conns.add(
-                self.pod.key,
-                "inbound",
-                peer,
-                local,
-                "hbone",
-                reporter="destination",
-                dst_workload=self.pod.key,
-            )
-            t.conns.refuse(c, f"client certificate refused: {err(e)}", "TLS_FAILURE")
+            self._refuse_tls(peer, local, f"client certificate refused: {err(e)}")
             conn.close()
+
+    def _refuse_tls(self, peer: tuple[str, int], local: tuple[str, int], why: str) -> None:
+        c = self.t.conns.add(
+            self.pod.key,
+            "inbound",
+            peer,
+            local,
+            "hbone",
+            reporter="destination",
+            dst_workload=self.pod.key,
+            dst_identity=self.identity.uri,
+        )
+        self.t.conns.refuse(c, why, "TLS_FAILURE")
 
     def _peer_identity(self, conn: H2Conn) -> SpiffeId:
         """The client's SPIFFE ID, which must be in our trust domain."""

@@ -57,46 +57,26 @@ async def outbound(t: Tunnel, pod: PodRef, ports: Ports, app: socket.socket) -> 
         "dst_workload": req.dst_workload.key if req.dst_workload else None,
         "dst_service": req.dst_service.hostname if req.dst_service else None,
     }
-    if req.route is Route.LOCAL:
-        c = t.conns.add(
-            pod.key,
-            "outbound",
-            src,
-            dst,
-            "local",
-            dst_identity=req.dst_identity.uri if req.dst_identity else None,
-            security="mutual_tls",
-            **common,
-        )
-        await _same_node(t, pod, app, src, req, c)
-    elif req.route is Route.HBONE:
-        c = t.conns.add(
-            pod.key,
-            "outbound",
-            src,
-            dst,
-            "hbone",
-            dst_identity=req.dst_identity.uri if req.dst_identity else None,
-            security="mutual_tls",
-            **common,
-        )
-        await _hbone(t, pod, ports, app, src, req, c)
-    elif req.route is Route.WAYPOINT:
-        c = t.conns.add(
-            pod.key,
-            "outbound",
-            src,
-            dst,
-            "waypoint",
-            dst_identity=req.dst_identity.uri if req.dst_identity else None,
-            security="mutual_tls",
-            **common,
-        )
-        await _hbone(t, pod, ports, app, src, req, c)
-    elif req.route is Route.REFUSE:
+    if req.route is Route.REFUSE:
         c = t.conns.add(pod.key, "outbound", src, dst, "refused", **common)
         refuse(app)
         t.conns.refuse(c, req.reason, "NR")
+        return
+    if req.route in (Route.LOCAL, Route.HBONE, Route.WAYPOINT):
+        c = t.conns.add(
+            pod.key,
+            "outbound",
+            src,
+            dst,
+            req.route.value,
+            dst_identity=req.dst_identity.uri if req.dst_identity else None,
+            security="mutual_tls",
+            **common,
+        )
+        if req.route is Route.LOCAL:
+            await _same_node(t, pod, app, src, req, c)
+        else:
+            await _hbone(t, pod, ports, app, src, req, c)
     else:
         c = t.conns.add(pod.key, "outbound", src, dst, "passthrough", **common)
         await _passthrough(t, pod, app, req, c)
