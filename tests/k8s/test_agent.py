@@ -153,7 +153,9 @@ class KubeNode:
             stderr=log,
             env={**os.environ, "TETHER_LOG": "INFO"},
         )
-        self.wait(lambda: self.status()["ready"], "agent ready")
+        # startup compiles the programs (BCC): slow on a loaded machine, so a
+        # generous bound, as the netns harness uses
+        self.wait(lambda: self.status()["ready"], "agent ready", timeout=90)
         return self.agent
 
     def stop_agent(self, kill: bool = False) -> None:
