@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import os
+import resource
 import signal
 import ssl
 from pathlib import Path
@@ -44,6 +45,21 @@ log = logging.getLogger(__name__)
 DRAIN_TIMEOUT = float(os.environ.get("TETHER_DRAIN_TIMEOUT", "300"))
 NETNS_CHECK_INTERVAL = 2.0
 STOP_DRAIN_TIMEOUT = 5.0  # plain shutdown: HBONE streams get this long after GOAWAY
+
+
+def raise_fd_limit() -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard limit, as Envoy and Go
+    servers do: every relayed connection holds two or three descriptors, and
+    the usual soft limit (1024) would cap a node at a few hundred
+    connections.  Returns the (soft, hard) now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as e:
+            log.warning("cannot raise the open-files limit from %d to %d: %s", soft, hard, e)
+    return soft, hard
 
 
 def _agent_cgroup() -> str:
@@ -366,6 +382,8 @@ def main_run(config_path: str, skmsg: bool | None, kube: dict[str, Any] | None =
         level=os.environ.get("TETHER_LOG", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    soft, hard = raise_fd_limit()
+    log.info("open files limit %d (hard %d)", soft, hard)
     try:
         agent = Agent(config_path, skmsg, kube)
     except localfile.ConfigError as e:
