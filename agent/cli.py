@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import sys
-import urllib.request
 from collections.abc import Sequence
 
 
@@ -25,6 +24,8 @@ def _cmd_run(a: argparse.Namespace) -> int:
 def _cmd_status(a: argparse.Namespace) -> int:
     url = f"http://127.0.0.1:{a.admin_port}/config_dump"
     try:
+        import urllib.request  # here: the agent's own run never needs it
+
         with urllib.request.urlopen(url, timeout=5) as r:
             data = json.load(r)
     except OSError as e:
