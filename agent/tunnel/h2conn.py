@@ -28,7 +28,7 @@ import logging
 import os
 import weakref
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import h2.config
 import h2.connection
@@ -322,8 +322,7 @@ class H2Conn(asyncio.Protocol):
     # -- asyncio protocol ----------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)
         self.h2.initiate_connection()
         # Through update_settings, not by replacing local_settings: h2 applies
         # our larger frame size to inbound parsing only when the peer ACKs.
