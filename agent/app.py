@@ -21,7 +21,7 @@ import ssl
 from pathlib import Path
 from typing import Any
 
-from agent import cgroupfs, handoff
+from agent import cgroupfs, eventloop, handoff
 from agent.admin import HttpServer, Response
 from agent.datapath.datapath import Datapath, DatapathConfig
 from agent.datapath.errors import DatapathError
@@ -390,7 +390,7 @@ def main_run(config_path: str, skmsg: bool | None, kube: dict[str, Any] | None =
         log.error("%s", e)
         return 2
     try:
-        asyncio.run(agent.run())
+        eventloop.run(agent.run())
     except DatapathError as e:
         log.error("%s", e)
         return 1

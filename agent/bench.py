@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import tempfile
 import time
@@ -619,10 +620,31 @@ def _agents(*nodes: AgentNode) -> _Procs:
     return _Procs({an.node.name: an.agent.pid for an in nodes if an.agent is not None})
 
 
-def run_tunnel(seconds: float) -> dict[str, Any]:
+@contextlib.contextmanager
+def _env(values: dict[str, str]) -> Iterator[None]:
+    """Environment for the agents started inside (they inherit it)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def run_tunnel(
+    seconds: float, cross_only: bool = False, variants: dict[str, dict[str, str]] | None = None
+) -> dict[str, Any]:
+    """One run.  ``variants``: more cross-node tether rows, each with both agents
+    restarted under extra environment (e.g. TETHER_LOOP, or PYTHONPATH naming
+    another tree of the agent: an A/B of two versions in one run)."""
     results: dict[str, dict[str, Any]] = {}
     config: dict[str, Any] = {}
     t0 = time.monotonic()
+    load0 = os.getloadavg()
     with Testbed() as tb, tempfile.TemporaryDirectory(prefix=f"tether-{tb.prefix}-tls-") as tmp:
         cluster = Cluster(tb)
         try:
@@ -641,7 +663,10 @@ def run_tunnel(seconds: float) -> dict[str, Any]:
 
             # No agent runs yet: the baseline and the C relay see an idle machine.
             results["direct, cross-node (no mesh)"] = _measure_path(tb, c, d, d.ip4, seconds, None)
-            results["direct, same-node (no mesh)"] = _measure_path(tb, c, e, e.ip4, seconds, None)
+            if not cross_only:
+                results["direct, same-node (no mesh)"] = _measure_path(
+                    tb, c, e, e.ip4, seconds, None
+                )
             pids, confs = _start_stunnel(tb, Path(tmp), n1.node, n2.node, d)
             stun = _Procs(pids)
             results["stunnel pair, cross-node"] = _measure_path(
@@ -657,15 +682,30 @@ def run_tunnel(seconds: float) -> dict[str, Any]:
             results["tether cross-node (HBONE)"] = _measure_path(
                 tb, a, b, b.ip4, seconds, _agents(n1, n2), diagnose=logs
             )
-            results["tether same-node"] = _measure_path(
-                tb, a, s, s.ip4, seconds, _agents(n1), diagnose=logs
-            )
-            n1.stop_agent()
-            n1.sk_msg = True
-            n1.start_agent()
-            results["tether same-node + sk_msg"] = _measure_path(
-                tb, a, s, s.ip4, seconds, _agents(n1), diagnose=logs
-            )
+            for name, env in (variants or {}).items():
+                n1.stop_agent()
+                n2.stop_agent()
+                with _env(env):
+                    n1.start_agent()
+                    n2.start_agent()
+                results[f"tether cross-node [{name}]"] = _measure_path(
+                    tb, a, b, b.ip4, seconds, _agents(n1, n2), diagnose=logs
+                )
+            if variants:
+                n1.stop_agent()
+                n2.stop_agent()
+                n1.start_agent()
+                n2.start_agent()
+            if not cross_only:
+                results["tether same-node"] = _measure_path(
+                    tb, a, s, s.ip4, seconds, _agents(n1), diagnose=logs
+                )
+                n1.stop_agent()
+                n1.sk_msg = True
+                n1.start_agent()
+                results["tether same-node + sk_msg"] = _measure_path(
+                    tb, a, s, s.ip4, seconds, _agents(n1), diagnose=logs
+                )
         finally:
             cluster.close()
     base = results["direct, cross-node (no mesh)"]
@@ -679,8 +719,15 @@ def run_tunnel(seconds: float) -> dict[str, Any]:
         ):
             if row.get(key) and base.get(key):
                 row[ratio] = round(row[key] / base[key], 3 if key == "throughput_gbit_s" else 2)
-        # The baseline spends no relay CPU or memory: these compare to the stunnel pair.
+        # The baseline spends no relay CPU or memory: these compare to the stunnel pair,
+        # and so do the targets (throughput, conn/s, latency added over direct).
+        if row.get("p50_us") is not None and base.get("p50_us") is not None:
+            row["p50_added_us"] = round(row["p50_us"] - base["p50_us"], 1)
         for key, ratio in (
+            ("throughput_gbit_s", "throughput_x_stunnel"),
+            ("conn_per_s", "conn_x_stunnel"),
+            ("p50_added_us", "p50_added_x_stunnel"),
+            ("p99_us", "p99_x_stunnel"),
             ("cpu_s_per_gb", "cpu_x_stunnel"),
             ("rss_mib_total", "rss_x_stunnel"),
             ("vcpu_at_1k_rps", "vcpu_x_stunnel"),
@@ -690,6 +737,8 @@ def run_tunnel(seconds: float) -> dict[str, Any]:
     return {
         "seconds": seconds,
         "wall_s": round(time.monotonic() - t0, 1),
+        "loadavg": [round(x, 2) for x in (*load0, *os.getloadavg())],
+        "variants": variants or {},
         "tools": {
             "throughput": "iperf3 -J, 1 stream",
             "latency": "sockperf pp --tcp -m 1024 --full-rtt",
@@ -909,6 +958,287 @@ def run_h2() -> dict[str, Any]:
     }
 
 
+# -- tether bench profile ------------------------------------------------------------
+#
+# Where the tunnel's CPU goes: iperf3 through the cross-node HBONE path while
+# py-spy samples both agents (native frames included), every sample assigned
+# to one bucket by its innermost recognised frame.
+
+PROFILE_RATE = 250  # samples/s per agent
+_SYSCALLS = frozenset(
+    ("send", "recv", "sendmsg", "recvmsg", "sendto", "recvfrom", "write", "read", "writev")
+)
+_PY_BUCKETS = (  # by the frame's file, as py-spy prints it (relative to sys.path)
+    ("h2/hyperframe/hpack framing", ("h2/", "hyperframe/", "hpack/")),
+    ("asyncio TLS glue (sslproto)", ("asyncio/sslproto.py",)),
+    ("event loop (asyncio, selectors)", ("asyncio/", "selectors.py")),
+    ("tether relay (agent/tunnel)", ("agent/tunnel/",)),
+)
+
+
+def _bucket(stack: str) -> str | None:
+    """The bucket of one sampled stack (None: idle, a thread waiting).  The
+    innermost frame that says something decides: native frames by library
+    (an unnamed libc address under Python code is memcpy/memmove of bytes
+    slicing and joining: the named libc calls are syscalls), Python frames
+    by file; interpreter frames are skipped over."""
+    if "acquire_lock" in stack or stack.endswith(
+        ("epoll_wait (libc.so.6)", "epoll_pwait (libc.so.6)")
+    ):
+        return None
+    py = [f for f in stack.split(";") if ".py:" in f]
+    if py and py[-1].startswith("_worker (concurrent/futures/thread.py"):
+        return None  # an idle executor thread waiting for work
+    for frame in reversed(stack.split(";")):
+        name, _, where = frame.partition(" (")
+        if "libcrypto" in where:
+            return "TLS crypto (libcrypto)"
+        if "libssl" in where or "_ssl." in where or where.startswith("ssl.py"):
+            return "TLS records (libssl, _ssl, ssl.py)"
+        if where.startswith("libc.so"):
+            if name in _SYSCALLS or name.startswith("__libc_"):
+                return "syscalls (send/recv)"
+            if name.startswith("0x") or "mem" in name:
+                return "copies (libc memcpy/memmove)"
+            continue
+        for bucket, keys in _PY_BUCKETS:
+            if where.startswith(keys):
+                return bucket
+        if "uvloop" in where or where.startswith("loop.cpython"):
+            return "event loop (uvloop: libuv and its TLS glue)"
+    return "other (interpreter, GC, ...)"
+
+
+def _collapsed_buckets(path: Path) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for line in path.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not stack or not n.isdigit():
+            continue
+        b = _bucket(stack)
+        if b is not None:
+            counts[b] = counts.get(b, 0) + int(n)
+    return counts
+
+
+def run_profile(seconds: float, out_dir: str, workload: str = "throughput") -> dict[str, Any]:
+    """``workload``: throughput (iperf3, one stream) or connections (the
+    connect-per-request client of `bench tunnel`); CPU is per GB or per 1,000
+    connections."""
+    pyspy = shutil.which("py-spy") or str(Path(PY).parent / "py-spy")
+    if not Path(pyspy).exists():
+        raise RuntimeError("py-spy not installed (pip install py-spy)")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"seconds": seconds, "workload": workload, "agents": {}}
+    with Testbed() as tb:
+        cluster = Cluster(tb)
+        try:
+            n1 = AgentNode(tb, "node1", cluster=cluster)
+            n2 = AgentNode(tb, "node2", cluster=cluster)
+            a = n1.add_pod("a", "mesh", "client")
+            b = n2.add_pod("b", "mesh", "server")
+            n1.enroll_namespace("mesh")
+            n1.start_agent()
+            n2.start_agent()
+            agents = {"sender (node1)": n1, "receiver (node2)": n2}
+            procs = _agents(n1, n2)
+            spies: dict[str, tuple[subprocess.Popen[Any], Path]] = {}
+            for role, an in agents.items():
+                assert an.agent is not None
+                tag = an.node.name
+                raw = out / f"{tag}.txt"
+                spies[role] = (
+                    subprocess.Popen(
+                        [
+                            pyspy,
+                            "record",
+                            "--native",
+                            "--format",
+                            "raw",
+                            "-r",
+                            str(PROFILE_RATE),
+                            "-d",
+                            str(int(seconds) + 2),
+                            "-o",
+                            str(raw),
+                            "--pid",
+                            str(an.agent.pid),
+                        ],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    ),
+                    raw,
+                )
+            time.sleep(1.0)
+            cpu0 = {r: _proc_cpu(an.agent.pid) for r, an in agents.items() if an.agent}
+            if workload == "connections":
+                cps = _t_cps(tb, a, b, b.ip4, CPS_PORT, seconds)
+                ip = {"bytes": cps["ok"] * 1e6, "bits_per_second": 0.0}  # "GB" = 1,000 conns
+                report["conn_per_s"] = round(cps["conn_per_s"])
+            else:
+                ip = _t_iperf(tb, a, b, b.ip4, IPERF_PORT, seconds)
+            cpu = {r: _proc_cpu(an.agent.pid) - cpu0[r] for r, an in agents.items() if an.agent}
+            for p, _ in spies.values():
+                p.wait(seconds + 30)
+            del procs
+        finally:
+            cluster.close()
+    gb = ip["bytes"] / 1e9
+    report["throughput_gbit_s"] = round(ip["bits_per_second"] / 1e9, 2)
+    for role, (_, raw) in spies.items():
+        counts = _collapsed_buckets(raw)
+        total = sum(counts.values()) or 1
+        cpu_gb = cpu[role] / gb
+        report["agents"][role] = {
+            "cpu_s_per_gb": round(cpu_gb, 3),
+            "samples": total,
+            "raw": str(raw),
+            "buckets": {
+                k: {"pct": round(100 * v / total, 1), "cpu_s_per_gb": round(cpu_gb * v / total, 3)}
+                for k, v in sorted(counts.items(), key=lambda kv: -kv[1])
+            },
+        }
+    return report
+
+
+def _print_profile(report: dict[str, Any]) -> None:
+    if report.get("workload") == "connections":
+        print(
+            f"tether bench profile --workload connections: {report['conn_per_s']} new "
+            f"connections/s cross-node over HBONE; figures are CPU s per 1,000 connections "
+            f"(shown as s/GB)\n"
+        )
+    else:
+        print(
+            f"tether bench profile: iperf3 single stream cross-node over HBONE, "
+            f"{report['seconds']:g} s, {report['throughput_gbit_s']} Gbit/s; py-spy --native "
+            f"{PROFILE_RATE}/s per agent, each sample in the bucket of its innermost known frame\n"
+        )
+    for role, r in report["agents"].items():
+        print(f"{role}: {r['cpu_s_per_gb']} CPU s/GB ({r['samples']} samples, {r['raw']})")
+        for k, v in r["buckets"].items():
+            print(f"  {k:42} {v['pct']:>5} %  {v['cpu_s_per_gb']:>6} s/GB")
+
+
+# -- tether bench memory -------------------------------------------------------------
+#
+# The agent's resident memory at rest with 10 enrolled pods, and what 1,000 open
+# connections (cross-node HBONE streams, held open by a stdlib client) add to it.
+
+MEM_PODS = 10
+MEM_CONNS = 1000
+MEM_PORT = 7100
+_HOLD_SCRIPT = r"""
+import resource, socket, sys
+resource.setrlimit(resource.RLIMIT_NOFILE, (8192, 8192))
+mode, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+if mode == "serve":
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((host, port))
+    s.listen(4096)
+    print("ready", flush=True)
+    held = []
+    while True:
+        c, _ = s.accept()
+        if c.recv(1):
+            c.sendall(b"y")
+        held.append(c)
+n = int(sys.argv[4])
+held = []
+for _ in range(n):
+    c = socket.create_connection((host, port), timeout=10)
+    c.sendall(b"x")
+    if c.recv(1) != b"y":
+        raise SystemExit("no reply")
+    held.append(c)
+print("open", flush=True)
+sys.stdin.read()
+"""
+
+
+def _settle_rss(pid: int, wait: float = 3.0) -> float:
+    time.sleep(wait)
+    return _proc_rss_mib(pid)
+
+
+def run_memory(pods: int = MEM_PODS, conns: int = MEM_CONNS) -> dict[str, Any]:
+    report: dict[str, Any] = {"pods": pods, "connections": conns}
+    with Testbed() as tb:
+        cluster = Cluster(tb)
+        try:
+            n1 = AgentNode(tb, "node1", cluster=cluster)
+            n2 = AgentNode(tb, "node2", cluster=cluster)
+            client = n1.add_pod("a", "mesh", "client")
+            for i in range(1, pods):
+                n1.add_pod(f"p{i}", "mesh", "idle")
+            server = n2.add_pod("b", "mesh", "server")
+            n1.enroll_namespace("mesh")
+            n1.start_agent()
+            n2.start_agent()
+            assert n1.agent is not None and n2.agent is not None
+            m = re.search(r"agent ready: (\d+) pods enrolled", n1.log_tail(400))
+            report["enrolled_node1"] = int(m.group(1)) if m else None
+            report["rss_rest_mib"] = _settle_rss(n1.agent.pid)
+            report["rss_rest_server_node_mib"] = _proc_rss_mib(n2.agent.pid)
+            srv = tb.spawn(
+                server,
+                [PY, "-c", _HOLD_SCRIPT, "serve", "0.0.0.0", str(MEM_PORT)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+            )
+            try:
+                assert srv.stdout is not None
+                if b"ready" not in srv.stdout.readline():
+                    raise RuntimeError("holding server did not start")
+                cli = tb.spawn(
+                    client,
+                    [PY, "-c", _HOLD_SCRIPT, "connect", server.ip4, str(MEM_PORT), str(conns)],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                )
+                assert cli.stdout is not None and cli.stdin is not None
+                t = time.monotonic()
+                line = cli.stdout.readline()
+                if b"open" not in line:
+                    raise RuntimeError(
+                        f"holding client: {cli.stderr.read().decode()[-500:] if cli.stderr else ''}"
+                    )
+                report["open_s"] = round(time.monotonic() - t, 2)
+                report["rss_open_mib"] = _settle_rss(n1.agent.pid, 2.0)
+                report["rss_open_server_node_mib"] = _proc_rss_mib(n2.agent.pid)
+                cli.stdin.close()
+                cli.wait(30)
+            finally:
+                _kill(srv)
+        finally:
+            cluster.close()
+    per = 1000 / conns
+    report["client_agent_mib_per_1k"] = round(
+        (report["rss_open_mib"] - report["rss_rest_mib"]) * per, 1
+    )
+    report["server_agent_mib_per_1k"] = round(
+        (report["rss_open_server_node_mib"] - report["rss_rest_server_node_mib"]) * per, 1
+    )
+    return report
+
+
+def _format_memory(r: dict[str, Any]) -> str:
+    return (
+        f"tether bench memory: agent RSS, node1 with {r['pods']} pods in the mesh "
+        f"({r['enrolled_node1']} enrolled)\n"
+        f"  at rest: node1 {r['rss_rest_mib']} MiB, node2 (1 pod) "
+        f"{r['rss_rest_server_node_mib']} MiB\n"
+        f"  with {r['connections']} open cross-node HBONE connections (opened in "
+        f"{r['open_s']} s): node1 {r['rss_open_mib']} MiB, node2 "
+        f"{r['rss_open_server_node_mib']} MiB\n"
+        f"  per 1,000 open connections: client side +{r['client_agent_mib_per_1k']} MiB, "
+        f"server side +{r['server_agent_mib_per_1k']} MiB"
+    )
+
+
 # -- command line -------------------------------------------------------------------
 
 
@@ -928,31 +1258,38 @@ def _print_datapath(report: dict[str, Any], seconds: float) -> None:
 
 
 def _print_tunnel(report: dict[str, Any]) -> None:
+    runs = report.get("runs", 1)
     print(
-        f"tether bench tunnel: two simulated nodes, {report['seconds']:g} s per measurement "
-        f"({report['wall_s']} s in all)"
+        f"tether bench tunnel: two simulated nodes, {report['seconds']:g} s per measurement, "
+        f"{runs} run(s){', medians' if runs > 1 else ''} ({report['wall_s']} s in all)"
     )
+    loads = report.get("loadavg_runs") or [report.get("loadavg")]
+    print("  load average (1/5/15 min) at start and end of each run: " + "; ".join(map(str, loads)))
     for what, tool in report["tools"].items():
         print(f"  {what}: {tool}")
+    for name, env in report.get("variants", {}).items():
+        print(f"  variant [{name}]: agents started with {env}")
     print(
-        "  x = ratio to direct; CPU and RSS are of the relaying processes (both agents, or "
-        "both stunnels), x st = ratio to the stunnel pair\n"
+        "  x = ratio to direct; x st = ratio to the stunnel pair (same run); CPU and RSS are "
+        "of the relaying processes (both agents, or both stunnels); +p50 = p50 added over "
+        "direct\n"
     )
 
     def v(r: dict[str, Any], k: str) -> str:
         x = r.get(k)
-        return "-" if x is None else str(x)
+        return "-" if x is None else f"{x:g}" if isinstance(x, float) else str(x)
 
     print(
-        f"{'path':28} {'Gbit/s':>7} {'x':>6} {'p50 us':>7} {'x':>5} {'p99 us':>7} {'x':>5} "
-        f"{'conn/s':>7} {'x':>5} {'CPU s/GB':>8} {'x st':>5} {'vCPU@1k':>7} {'x st':>5} "
-        f"{'RSS MiB':>8} {'x st':>5}"
+        f"{'path':34} {'Gbit/s':>7} {'x st':>5} {'p50 us':>7} {'+p50':>6} {'x st':>5} "
+        f"{'p99 us':>7} {'x st':>5} {'conn/s':>7} {'x st':>5} {'CPU s/GB':>8} {'x st':>5} "
+        f"{'vCPU@1k':>7} {'x st':>5} {'RSS MiB':>8} {'x st':>5}"
     )
     for name, r in report["results"].items():
         print(
-            f"{name:28} {v(r, 'throughput_gbit_s'):>7} {v(r, 'throughput_ratio'):>6} "
-            f"{v(r, 'p50_us'):>7} {v(r, 'p50_ratio'):>5} {v(r, 'p99_us'):>7} "
-            f"{v(r, 'p99_ratio'):>5} {v(r, 'conn_per_s'):>7} {v(r, 'conn_ratio'):>5} "
+            f"{name:34} {v(r, 'throughput_gbit_s'):>7} {v(r, 'throughput_x_stunnel'):>5} "
+            f"{v(r, 'p50_us'):>7} {v(r, 'p50_added_us'):>6} {v(r, 'p50_added_x_stunnel'):>5} "
+            f"{v(r, 'p99_us'):>7} {v(r, 'p99_x_stunnel'):>5} "
+            f"{v(r, 'conn_per_s'):>7} {v(r, 'conn_x_stunnel'):>5} "
             f"{v(r, 'cpu_s_per_gb'):>8} {v(r, 'cpu_x_stunnel'):>5} "
             f"{v(r, 'vcpu_at_1k_rps'):>7} {v(r, 'vcpu_x_stunnel'):>5} "
             f"{v(r, 'rss_mib_total'):>8} {v(r, 'rss_x_stunnel'):>5}"
@@ -962,6 +1299,15 @@ def _print_tunnel(report: dict[str, Any]) -> None:
             print(f"  RSS {name}: " + ", ".join(f"{k} {m} MiB" for k, m in r["rss_mib"].items()))
         for tool, err in r.get("errors", {}).items():
             print(f"  ERROR {name} / {tool}: {err}")
+    for name, r in report["results"].items():
+        if not name.startswith("tether cross-node"):
+            continue
+        marks = []
+        for key, op, bound in TARGETS:
+            x = r.get(key)
+            ok = x is not None and (x >= bound if op == ">=" else x <= bound)
+            marks.append(f"{key} {v(r, key)} (target {op} {bound:g}: {'met' if ok else 'MISSED'})")
+        print(f"  targets, {name}: " + "; ".join(marks))
 
 
 def _print_h2(report: dict[str, Any]) -> None:
@@ -995,11 +1341,80 @@ def _print_h2(report: dict[str, Any]) -> None:
     )
 
 
-def main(what: str, seconds: float = 3.0, json_out: bool = False) -> int:
+def median_runs(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """One report from several runs: each number the median over the runs that have
+    it (ratios are taken within each run first, then their median)."""
+    out = dict(reports[-1])
+    out["runs"] = len(reports)
+    out["per_run"] = [r["results"] for r in reports]
+    out["wall_s"] = round(sum(r["wall_s"] for r in reports), 1)
+    out["loadavg_runs"] = [r["loadavg"] for r in reports]
+    results: dict[str, dict[str, Any]] = {}
+    for name in reports[0]["results"]:
+        rows = [r["results"][name] for r in reports if name in r["results"]]
+        row: dict[str, Any] = {}
+        for key in {k for r in rows for k in r}:
+            vals = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+            if vals:
+                row[key] = round(statistics.median(vals), 3)
+            elif key == "rss_mib":
+                row[key] = {
+                    k: statistics.median(r[key][k] for r in rows if k in r.get(key, {}))
+                    for k in rows[-1].get(key, {})
+                }
+            elif key == "errors":
+                row[key] = {k: v for r in rows for k, v in r.get("errors", {}).items()}
+        results[name] = row
+    out["results"] = results
+    return out
+
+
+# target: (ratio key, comparison, bound)
+TARGETS = (
+    ("throughput_x_stunnel", ">=", 1.0),
+    ("cpu_x_stunnel", "<=", 1.0),
+    ("conn_x_stunnel", ">=", 5.0),
+    ("vcpu_x_stunnel", "<=", 1.3),
+    ("p50_added_x_stunnel", "<=", 1.0),
+)
+
+
+def main(
+    what: str,
+    seconds: float = 3.0,
+    json_out: bool = False,
+    out_dir: str = "profile",
+    runs: int = 1,
+    cross_only: bool = False,
+    variants: dict[str, dict[str, str]] | None = None,
+    workload: str = "throughput",
+) -> int:
+    if what == "memory":
+        mreport = run_memory()
+        print(json.dumps(mreport, indent=1) if json_out else _format_memory(mreport))
+        return 0
+    if what == "tunnel":
+        reports = []
+        for i in range(runs):
+            reports.append(run_tunnel(seconds, cross_only=cross_only, variants=variants))
+            if runs > 1 and not json_out:
+                last = reports[-1]
+                print(f"run {i + 1}/{runs}: {last['wall_s']} s, load {last['loadavg']}")
+        report = median_runs(reports) if runs > 1 else reports[0]
+        if json_out:
+            print(json.dumps(report, indent=1))
+        else:
+            _print_tunnel(report)
+        return 0
+    if what == "profile":
+        report = run_profile(seconds, out_dir, workload)
+        if json_out:
+            print(json.dumps(report, indent=1))
+        else:
+            _print_profile(report)
+        return 0
     if what == "datapath":
         report = run(seconds)
-    elif what == "tunnel":
-        report = run_tunnel(seconds)
     elif what == "h2":
         report = run_h2()
     else:
@@ -1008,8 +1423,6 @@ def main(what: str, seconds: float = 3.0, json_out: bool = False) -> int:
         print(json.dumps(report, indent=1))
     elif what == "datapath":
         _print_datapath(report, seconds)
-    elif what == "tunnel":
-        _print_tunnel(report)
     else:
         _print_h2(report)
     return 0

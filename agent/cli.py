@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import sys
-import urllib.request
 from collections.abc import Sequence
 
 
@@ -25,6 +24,8 @@ def _cmd_run(a: argparse.Namespace) -> int:
 def _cmd_status(a: argparse.Namespace) -> int:
     url = f"http://127.0.0.1:{a.admin_port}/config_dump"
     try:
+        import urllib.request  # here: the agent's own run never needs it
+
         with urllib.request.urlopen(url, timeout=5) as r:
             data = json.load(r)
     except OSError as e:
@@ -94,7 +95,20 @@ def _cmd_demo(a: argparse.Namespace) -> int:
 def _cmd_bench(a: argparse.Namespace) -> int:
     from agent.bench import main as bench_main
 
-    return bench_main(a.what, seconds=a.seconds, json_out=a.json)
+    variants = {}
+    for spec in a.variant:
+        name, _, env = spec.partition(":")
+        variants[name] = dict(kv.split("=", 1) for kv in env.split(",") if kv)
+    return bench_main(
+        a.what,
+        seconds=a.seconds,
+        json_out=a.json,
+        out_dir=a.out,
+        runs=a.runs,
+        cross_only=a.cross_only,
+        variants=variants,
+        workload=a.workload,
+    )
 
 
 def _cmd_ca(a: argparse.Namespace) -> int:
@@ -179,9 +193,22 @@ def parser() -> argparse.ArgumentParser:
     d.set_defaults(fn=_cmd_demo)
 
     b = sub.add_parser("bench", help="benchmarks (numbers as ratios to a same-run baseline)")
-    b.add_argument("what", choices=["datapath", "tunnel", "h2"])
+    b.add_argument("what", choices=["datapath", "tunnel", "h2", "profile", "memory"])
     b.add_argument("--seconds", type=float, default=3.0)
     b.add_argument("--json", action="store_true")
+    b.add_argument("--out", default="profile", help="profile: where py-spy's stacks go")
+    b.add_argument("--runs", type=int, default=1, help="tunnel: runs, medians reported")
+    b.add_argument(
+        "--workload", choices=["throughput", "connections"], default="throughput", help="profile"
+    )
+    b.add_argument("--cross-only", action="store_true", help="tunnel: skip the same-node rows")
+    b.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME:K=V[,K=V]",
+        help="tunnel: one more cross-node row, agents restarted with this environment",
+    )
     b.set_defaults(fn=_cmd_bench)
 
     ca = sub.add_parser("ca", help="serve istio.v1.auth.IstioCertificateService (the mesh CA)")

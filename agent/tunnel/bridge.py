@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from typing import cast
 
 from agent.tunnel.h2conn import HIGH_WATER, H2Stream
 from agent.tunnel.relay import reset_transport
@@ -14,9 +15,9 @@ class _SocketSide(asyncio.Protocol):
         self.bridge = bridge
         self.transport: asyncio.Transport | None = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+    def connection_made(self, base: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses (same interface)
+        self.transport = transport = cast(asyncio.Transport, base)
         self.bridge._socket_ready(transport)
 
     def data_received(self, data: bytes) -> None:

@@ -79,13 +79,34 @@ class Tunnel:
         return w.key if w else None
 
 
+AUTHZ_CACHE_MAX = 4096
+# Decisions of one StateView: a pure function of (view, source IP, source
+# identity, destination, the pod's workload record), so a repeat connection
+# skips parsing and evaluation.  A new view (any policy or workload change:
+# a new generation) starts an empty cache.
+_authz_view: StateView | None = None
+_authz: dict[tuple[str, SpiffeId | None, tuple[str, int], str], tuple[Workload, Decision]] = {}
+
+
 def authorize(
     view: StateView, pod: PodRef, src_ip: str, ident: SpiffeId | None, dst: tuple[str, int]
 ) -> Decision:
     """L4 authorization at the destination pod (ztunnel's inbound check)."""
+    global _authz_view
     if pod.workload is None:
         return Decision(True, None, "no workload record: no policy applies")
-    return view.policies.evaluate(Conn.make(src_ip, ident, dst[0], dst[1], pod.workload))
+    if view is not _authz_view:
+        _authz.clear()
+        _authz_view = view
+    key = (src_ip, ident, dst, pod.key)
+    hit = _authz.get(key)
+    if hit is not None and hit[0] is pod.workload:
+        return hit[1]
+    decision = view.policies.evaluate(Conn.make(src_ip, ident, dst[0], dst[1], pod.workload))
+    if len(_authz) >= AUTHZ_CACHE_MAX:
+        _authz.clear()
+    _authz[key] = (pod.workload, decision)
+    return decision
 
 
 def waypoint_bypass(t: Tunnel, pod: PodRef, ident: SpiffeId | None) -> str | None:

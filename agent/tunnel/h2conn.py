@@ -30,17 +30,20 @@ import collections
 import contextlib
 import logging
 import os
+import struct
 import weakref
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import h2.config
 import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
+import h2.frame_buffer
 import h2.settings
 import h2.stream
+import hyperframe.exceptions
 import hyperframe.frame
 
 from agent.tunnel import limits
@@ -70,6 +73,103 @@ DRAIN_PING_WAIT = 1.0  # between a drain's two GOAWAYs, at most (without a PING 
 CLOSE_WAIT = 2.0  # for close_notify to go out when draining every connection
 
 
+FRAME_HEADER = struct.Struct(">HBBBL")  # hyperframe's layout: 24-bit length, type, flags, id
+JOIN_BELOW = 16 * 1024  # DATA payloads smaller than this go out in one piece with their header
+
+
+class _FrameBuffer(h2.frame_buffer.FrameBuffer):
+    """h2's frame buffer without copying DATA payloads.  h2 appends every
+    received piece to one bytearray (a copy, and a move of what is left
+    whenever it grows), slices each frame's body out of it (a copy) and
+    hyperframe copies the body again (`.tobytes()`).  Here received pieces
+    are kept as they came (immutable bytes), and a DATA frame's payload is a
+    read-only view of the piece holding it: no copy at all unless the frame
+    spans pieces (then one join).  Other frames, padded DATA included, are
+    parsed by hyperframe as before; the preamble check, frame size limit
+    and header-block handling are h2's."""
+
+    def __init__(self, server: bool = False) -> None:
+        super().__init__(server=server)
+        self._chunks: collections.deque[memoryview] = collections.deque()
+        self._size = 0
+
+    def add_data(self, data: bytes) -> None:  # type: ignore[override]
+        view = memoryview(data if isinstance(data, bytes) else bytes(data))
+        if self._preamble_len:
+            n = min(self._preamble_len, len(view))
+            if self._preamble[:n] != view[:n]:
+                raise h2.exceptions.ProtocolError("Invalid HTTP/2 preamble.")
+            view = view[n:]
+            self._preamble_len -= n
+            self._preamble = self._preamble[n:]
+        if len(view):
+            self._chunks.append(view)
+            self._size += len(view)
+
+    def _peek(self, n: int) -> memoryview:
+        first = self._chunks[0]
+        if len(first) >= n:
+            return first[:n]
+        out = bytearray()
+        for c in self._chunks:
+            out += c[: n - len(out)]
+            if len(out) >= n:
+                break
+        return memoryview(bytes(out))
+
+    def _take(self, n: int) -> memoryview:
+        if not n:
+            return memoryview(b"")
+        self._size -= n
+        first = self._chunks[0]
+        if len(first) >= n:
+            if len(first) == n:
+                self._chunks.popleft()
+            else:
+                self._chunks[0] = first[n:]
+            return first[:n]
+        parts = []
+        while n:
+            c = self._chunks[0]
+            if len(c) <= n:
+                parts.append(c)
+                self._chunks.popleft()
+                n -= len(c)
+            else:
+                parts.append(c[:n])
+                self._chunks[0] = c[n:]
+                n = 0
+        return memoryview(b"".join(parts))
+
+    def __next__(self) -> hyperframe.frame.Frame:
+        if self._size < 9:
+            raise StopIteration
+        try:
+            f, length = hyperframe.frame.Frame.parse_frame_header(self._peek(9))
+        except (
+            hyperframe.exceptions.InvalidDataError,
+            hyperframe.exceptions.InvalidFrameError,
+        ) as e:
+            raise h2.exceptions.ProtocolError(f"Received frame with invalid header: {e!s}") from e
+        if self._size < length + 9:
+            raise StopIteration
+        self._validate_frame_length(length)
+        self._take(9)
+        body = self._take(length)
+        if type(f) is hyperframe.frame.DataFrame and "PADDED" not in f.flags:
+            f.data = body  # type: ignore[assignment]  # read-only view, no copy
+            f.body_len = length
+        else:
+            try:
+                f.parse_body(body)
+            except hyperframe.exceptions.InvalidDataError as e:
+                raise h2.exceptions.ProtocolError("Received frame with non-compliant data") from e
+            except hyperframe.exceptions.InvalidFrameError as e:
+                raise h2.exceptions.FrameDataMissingError("Frame data missing or invalid") from e
+        new = self._update_header_buffer(f)
+        return new if new is not None else self.__next__()
+
+
 class _H2Connection(h2.connection.H2Connection):
     """h2's connection with two RFC 9113 corrections, both turning a
     connection error into a stream error so that one bad request never tears
@@ -94,6 +194,57 @@ class _H2Connection(h2.connection.H2Connection):
     # id we announced are refused here.  Everything else in h2 is unchanged.
     goaway_sent: int | None = None  # the last_stream_id of our latest GOAWAY
     refused = 0  # streams refused by the concurrency limit or a GOAWAY (reset budget)
+
+    # Fewer copies per DATA byte.  h2 serializes every frame (payload joined
+    # with its padding, then with its header), appends that to a bytearray
+    # and hands out a bytes copy of it: four copies of each payload before
+    # TLS reads it.  Here a DATA frame goes out as its 9-byte header and the
+    # payload object itself, in order with everything else h2 queued, and
+    # the transport takes the pieces in one writelines().
+    def __init__(self, config: h2.config.H2Configuration) -> None:
+        super().__init__(config=config)
+        self._out: list[bytes] = []
+        self.incoming_buffer = _FrameBuffer(server=not config.client_side)
+
+    def _prepare_for_sending(self, frames: list[hyperframe.frame.Frame]) -> None:
+        if not frames:
+            return
+        out = self._out
+        if self._data_to_send:
+            out.append(bytes(self._data_to_send))
+            self._data_to_send = bytearray()
+        for f in frames:
+            if (
+                type(f) is hyperframe.frame.DataFrame
+                and not f.pad_length
+                and len(f.data) >= JOIN_BELOW
+                and "PADDED" not in f.flags
+            ):
+                n = len(f.data)
+                end = 0x01 if "END_STREAM" in f.flags else 0
+                out.append(FRAME_HEADER.pack((n >> 8) & 0xFFFF, n & 0xFF, 0x0, end, f.stream_id))
+                out.append(f.data)
+            else:
+                out.append(f.serialize())
+
+    def chunks_to_send(self) -> list[bytes]:
+        """Everything queued, in order, as pieces (no joining copy)."""
+        out, self._out = self._out, []
+        if self._data_to_send:
+            out.append(bytes(self._data_to_send))
+            self._data_to_send = bytearray()
+        return out
+
+    def data_to_send(self, amount: int | None = None) -> bytes:
+        data = b"".join(self.chunks_to_send())
+        if amount is None or amount >= len(data):
+            return data
+        self._out = [data[amount:]]
+        return data[:amount]
+
+    def clear_outbound_data_buffer(self) -> None:
+        self._out = []
+        self._data_to_send = bytearray()
 
     def _receive_goaway_frame(self, frame: Any) -> Any:
         ev = h2.events.ConnectionTerminated()
@@ -321,13 +472,14 @@ class H2Conn(asyncio.Protocol):
         self.on_goaway: list[Callable[[], None]] = []  # the pool forgets us at once
         self._ping: tuple[bytes, asyncio.Future[None]] | None = None
         self._closing = False
+        self._batching = False  # inside data_received: acks wait for its flush
         _live.add(self)
 
     # -- asyncio protocol ----------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses (same interface)
+        self.transport = cast(asyncio.Transport, transport)
         self.h2.initiate_connection()
         # Through update_settings, not by replacing local_settings: h2 applies
         # our larger frame size to inbound parsing only when the peer ACKs.
@@ -355,8 +507,14 @@ class H2Conn(asyncio.Protocol):
             self._flush()
             self.close()
             return
-        for ev in events:
-            self._event(ev)
+        # WINDOW_UPDATEs for the batch's DATA go out in the one flush below,
+        # not one transport write (TLS record, syscall) per DATA frame
+        self._batching = True
+        try:
+            for ev in events:
+                self._event(ev)
+        finally:
+            self._batching = False
         for _ in range(self.h2.refused - refused):
             self._spend_reset()
         self._start_handlers()
@@ -556,9 +714,12 @@ class H2Conn(asyncio.Protocol):
     # -- sending ----------------------------------------------------------------
 
     def _flush(self) -> None:
-        out = self.h2.data_to_send()
+        out = self.h2.chunks_to_send()
         if out and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(out)
+            if len(out) == 1:
+                self.transport.write(out[0])
+            else:
+                self.transport.writelines(_coalesce(out))
 
     def flush_stream(self, s: H2Stream) -> None:
         self._send_pending(s)
@@ -610,7 +771,8 @@ class H2Conn(asyncio.Protocol):
             return
         with contextlib.suppress(h2.exceptions.StreamClosedError, KeyError):
             self.h2.acknowledge_received_data(n, stream_id)
-        self._flush()
+        if not self._batching:
+            self._flush()
 
     def reset_stream(self, stream_id: int, code: int) -> None:
         with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
@@ -698,6 +860,27 @@ class H2Conn(asyncio.Protocol):
         self._flush()
         if self.transport is not None:
             self.transport.close()
+
+
+def _coalesce(pieces: list[bytes]) -> list[bytes]:
+    """Runs of small pieces (control frames, DATA headers, small DATA) joined
+    into one: the TLS transport makes a record of every piece it is given, and
+    a peer reading one record should see the whole batch of control frames
+    (our SETTINGS, say) at once.  Large payloads stay separate objects (not
+    copied); their 9-byte header joins the small run before them."""
+    out: list[bytes] = []
+    small: list[bytes] = []
+    for p in pieces:
+        if len(p) < JOIN_BELOW:
+            small.append(p)
+            continue
+        if small:
+            out.append(b"".join(small))
+            small = []
+        out.append(p)
+    if small:
+        out.append(b"".join(small))
+    return out
 
 
 _live: weakref.WeakSet[H2Conn] = weakref.WeakSet()

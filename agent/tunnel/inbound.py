@@ -53,13 +53,15 @@ class InboundHbone:
         release = functools.partial(t.limits.release, self.pod.key, peer[0])
         try:
             ctx = await server_context(self.identity)
-            _, conn = await loop.connect_accepted_socket(
-                lambda: H2Conn(
-                    client=False,
-                    on_request=self._on_connect,
-                    peer=state,
-                    idle_timeout=limits.IDLE_TIMEOUT,
-                ),
+            conn = H2Conn(
+                client=False,
+                on_request=self._on_connect,
+                peer=state,
+                idle_timeout=limits.IDLE_TIMEOUT,
+            )
+            # not the returned protocol: uvloop returns its SSLProtocol there
+            await loop.connect_accepted_socket(
+                lambda: conn,
                 sock,
                 ssl=ctx,
                 ssl_handshake_timeout=limits.HANDSHAKE_TIMEOUT,

@@ -14,7 +14,7 @@ import contextlib
 import socket
 import struct
 import time
-from typing import Any
+from typing import Any, cast
 
 
 def tcp_socket(family: int) -> socket.socket:
@@ -58,9 +58,9 @@ class _Half(asyncio.Protocol):
         self.eof = False
         self.closed = False
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+    def connection_made(self, base: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses (same interface)
+        self.transport = transport = cast(asyncio.Transport, base)
         # The peer may have read bytes before this end existed.
         if self.peer is not None and self.peer.pending:
             for chunk in self.peer.pending:
