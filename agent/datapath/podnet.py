@@ -27,10 +27,11 @@ import contextlib
 import errno
 import os
 import socket
-import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
+
+from pyroute2 import IPRoute
 
 from agent import netns
 
@@ -71,143 +72,66 @@ def installed(path: str) -> bool:
     return _off_loop(lambda: _installed(path))
 
 
-# rtnetlink, the four messages this module needs (linux/netlink.h,
-# linux/rtnetlink.h, linux/fib_rules.h).  Not pyroute2: importing it costs the
-# agent ~11 MiB resident (its package imports ndb, ipdb, sqlite3, ...) for
-# two rules and two routes per pod.
-NLMSG_ERROR = 2
-NLMSG_DONE = 3
-NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE, NLM_F_DUMP = 0x1, 0x4, 0x200, 0x400, 0x300
-RTM_NEWROUTE, RTM_DELROUTE, RTM_NEWRULE, RTM_DELRULE, RTM_GETRULE = 24, 25, 32, 33, 34
-FRA_PRIORITY, FRA_FWMARK, FRA_TABLE = 6, 10, 15
-RTA_OIF, RTA_TABLE = 4, 15
-FR_ACT_TO_TBL = 1
-RTPROT_BOOT, RT_SCOPE_HOST, RT_SCOPE_NOWHERE, RTN_LOCAL = 3, 254, 255, 2
-_NLMSGHDR = struct.Struct("=IHHII")
-_RTMSG = struct.Struct("=BBBBBBBBI")  # rtmsg and fib_rule_hdr share this layout
-
-
-def _attr_u32(kind: int, value: int) -> bytes:
-    return struct.pack("=HHI", 8, kind, value)
-
-
-class _Rtnl:
-    """A NETLINK_ROUTE socket in the calling thread's netns."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
-        self.sock.bind((0, 0))
-        self.seq = 0
-
-    def __enter__(self) -> _Rtnl:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.sock.close()
-
-    def _send(self, kind: int, flags: int, body: bytes) -> int:
-        self.seq += 1
-        self.sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(body), kind, flags, self.seq, 0) + body)
-        return self.seq
-
-    def _messages(self, seq: int) -> Iterator[tuple[int, bytes]]:
-        while True:
-            buf = self.sock.recv(65536)
-            off = 0
-            while off + _NLMSGHDR.size <= len(buf):
-                length, kind, _, mseq, _ = _NLMSGHDR.unpack_from(buf, off)
-                if length < _NLMSGHDR.size:
-                    return
-                payload = buf[off + _NLMSGHDR.size : off + length]
-                off += (length + 3) & ~3
-                if mseq != seq:
-                    continue
-                if kind == NLMSG_DONE:
-                    return
-                if kind == NLMSG_ERROR:
-                    code = -struct.unpack_from("=i", payload)[0]
-                    if code:
-                        raise OSError(code, f"rtnetlink: {os.strerror(code)}")
-                    return
-                yield kind, payload
-
-    def request(self, kind: int, flags: int, body: bytes) -> None:
-        """One request, answered with an ack; OSError(errno) when refused."""
-        for _ in self._messages(self._send(kind, NLM_F_REQUEST | NLM_F_ACK | flags, body)):
-            pass
-
-    def dump(self, kind: int, body: bytes) -> Iterator[bytes]:
-        for _, payload in self._messages(self._send(kind, NLM_F_REQUEST | NLM_F_DUMP, body)):
-            yield payload
-
-
-def _attrs(payload: bytes, offset: int) -> dict[int, bytes]:
-    out: dict[int, bytes] = {}
-    while offset + 4 <= len(payload):
-        alen, akind = struct.unpack_from("=HH", payload, offset)
-        if alen < 4:
-            break
-        out[akind & 0x3FFF] = payload[offset + 4 : offset + alen]
-        offset += (alen + 3) & ~3
-    return out
-
-
-def _rule(family: int) -> bytes:
-    return _RTMSG.pack(family, 0, 0, 0, DELIVERY_TABLE, 0, 0, FR_ACT_TO_TBL, 0) + b"".join(
-        (
-            _attr_u32(FRA_FWMARK, DELIVERY_MARK),
-            _attr_u32(FRA_TABLE, DELIVERY_TABLE),
-            _attr_u32(FRA_PRIORITY, RULE_PRIORITY),
-        )
-    )
-
-
-def _local_route(family: int, scope: int, oif: int | None) -> bytes:
-    body = _RTMSG.pack(family, 0, 0, 0, DELIVERY_TABLE, RTPROT_BOOT, scope, RTN_LOCAL, 0)
-    body += _attr_u32(RTA_TABLE, DELIVERY_TABLE)
-    if oif is not None:
-        body += _attr_u32(RTA_OIF, oif)
-    return body
-
-
 def _prepare(path: str) -> None:
     with netns.entered(path):
         for knob in SYSCTLS:
             Path(knob).write_text("1\n")
-        lo = socket.if_nametoindex("lo")
-        with _Rtnl() as nl:
-            for family in (socket.AF_INET, socket.AF_INET6):
-                _ignore_exists(nl, RTM_NEWRULE, _rule(family))
-                # `ip route add local default dev lo table 133`: scope host, as
-                # ip sets it (IPv4 refuses a local route of universe scope).
-                _ignore_exists(nl, RTM_NEWROUTE, _local_route(family, RT_SCOPE_HOST, lo))
+        with IPRoute() as ipr:
+            lo = ipr.link_lookup(ifname="lo")[0]
+            for family, dst in ((socket.AF_INET, "0.0.0.0/0"), (socket.AF_INET6, "::/0")):
+                _ignore_exists(
+                    lambda f=family: ipr.rule(
+                        "add",
+                        family=f,
+                        fwmark=DELIVERY_MARK,
+                        table=DELIVERY_TABLE,
+                        priority=RULE_PRIORITY,
+                    )
+                )
+                # scope host, as `ip route add local` sets it: IPv4 refuses a
+                # local route of universe scope with EINVAL.
+                _ignore_exists(
+                    lambda f=family, d=dst: ipr.route(
+                        "add",
+                        family=f,
+                        dst=d,
+                        type="local",
+                        oif=lo,
+                        table=DELIVERY_TABLE,
+                        scope=254,
+                    )
+                )
 
 
 def _unprepare(path: str) -> None:
-    with netns.entered(path), _Rtnl() as nl:
-        for family in (socket.AF_INET, socket.AF_INET6):
-            with contextlib.suppress(OSError):
-                nl.request(RTM_DELRULE, 0, _rule(family))
-            with contextlib.suppress(OSError):
-                nl.request(RTM_DELROUTE, 0, _local_route(family, RT_SCOPE_NOWHERE, None))
+    with netns.entered(path), IPRoute() as ipr:
+        for family, dst in ((socket.AF_INET, "0.0.0.0/0"), (socket.AF_INET6, "::/0")):
+            with contextlib.suppress(Exception):
+                ipr.rule(
+                    "del",
+                    family=family,
+                    fwmark=DELIVERY_MARK,
+                    table=DELIVERY_TABLE,
+                    priority=RULE_PRIORITY,
+                )
+            with contextlib.suppress(Exception):
+                ipr.route("del", family=family, dst=dst, type="local", table=DELIVERY_TABLE)
         for knob in SYSCTLS:
             with contextlib.suppress(OSError):
                 Path(knob).write_text("0\n")
 
 
 def _installed(path: str) -> bool:
-    with netns.entered(path), _Rtnl() as nl:
-        hdr = _RTMSG.pack(socket.AF_INET, 0, 0, 0, 0, 0, 0, 0, 0)
-        for payload in nl.dump(RTM_GETRULE, hdr):
-            mark = _attrs(payload, _RTMSG.size).get(FRA_FWMARK)
-            if mark is not None and struct.unpack("=I", mark[:4])[0] == DELIVERY_MARK:
+    with netns.entered(path), IPRoute() as ipr:
+        for r in ipr.get_rules(family=socket.AF_INET):
+            if r.get("fwmark") == DELIVERY_MARK or r.get_attr("FRA_FWMARK") == DELIVERY_MARK:
                 return True
     return False
 
 
-def _ignore_exists(nl: _Rtnl, kind: int, body: bytes) -> None:
+def _ignore_exists(fn: object) -> None:
     try:
-        nl.request(kind, NLM_F_CREATE | NLM_F_EXCL, body)
-    except OSError as e:
-        if e.errno != errno.EEXIST:
+        fn()  # type: ignore[operator]
+    except Exception as e:  # pyroute2 raises NetlinkError(code, ...)
+        if getattr(e, "code", None) != errno.EEXIST:
             raise
