@@ -473,9 +473,11 @@ def http_requests(
     path: str = "/",
     headers: Sequence[str] = (),
     timeout: float = DEFAULT_TIMEOUT_S,
+    duration: float = 0.0,
 ) -> dict[str, Any]:
-    """``count`` requests, reusing a connection while the server keeps it;
-    counts by status and by body; ``ok`` when every request got an answer."""
+    """``count`` requests (or as many as fit in ``duration`` seconds), reusing
+    a connection while the server keeps it; counts by status and by body;
+    ``ok`` when every request got an answer."""
     import http.client
 
     hdrs = {}
@@ -486,7 +488,10 @@ def http_requests(
     bodies: dict[str, int] = {}
     errors: list[str] = []
     conn: http.client.HTTPConnection | None = None
-    for _ in range(count):
+    end = time.monotonic() + duration
+    done = 0
+    while (time.monotonic() < end) if duration > 0 else (done < count):
+        done += 1
         try:
             if conn is None:
                 conn = http.client.HTTPConnection(host, port, timeout=timeout)
@@ -507,7 +512,7 @@ def http_requests(
         conn.close()
     return {
         "ok": not errors,
-        "count": count,
+        "count": done,
         "status": status,
         "bodies": bodies,
         "errors": len(errors),
@@ -540,6 +545,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--method", default="GET")
     c.add_argument("--path", default="/")
     c.add_argument("--header", action="append", default=[], metavar="NAME:VALUE")
+    c.add_argument("--duration", type=float, default=0.0, help="run this long instead (s)")
     for name, help_ in (
         ("connect", "checked echo exchange"),
         ("rr", "request/response latency"),
@@ -603,7 +609,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.cmd == "http":
         result = http_requests(
-            args.host, args.port, args.count, args.method, args.path, args.header, args.timeout
+            args.host,
+            args.port,
+            args.count,
+            args.method,
+            args.path,
+            args.header,
+            args.timeout,
+            args.duration,
         )
         print(json.dumps(result), flush=True)
         return 0 if result["ok"] else 1

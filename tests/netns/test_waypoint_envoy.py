@@ -89,22 +89,45 @@ SUBSETS = doc(
     },
     "networking.istio.io/v1",
 )
-SPLIT = doc(
+
+
+def split(weights: dict[str, int]) -> dict[str, Any]:
+    """echo's VirtualService: ``canary: true`` to v2, the rest by ``weights``."""
+    return doc(
+        "VirtualService",
+        "echo-split",
+        {
+            "hosts": ["echo"],
+            "http": [
+                {
+                    "match": [{"headers": {"canary": {"exact": "true"}}}],
+                    "route": [{"destination": {"host": "echo", "subset": "v2"}}],
+                },
+                {
+                    "route": [
+                        {"destination": {"host": "echo", "subset": subset}, "weight": w}
+                        for subset, w in weights.items()
+                    ]
+                },
+            ],
+        },
+        "networking.istio.io/v1",
+    )
+
+
+SPLIT = split({"v1": 90, "v2": 10})
+FLAKY_VIP = "10.96.88.9"
+FLAKY_FAILS = 3  # Istio's default policy retries twice: only the VirtualService's 3 get through
+RETRIES = doc(
     "VirtualService",
-    "echo-split",
+    "flaky-retries",
     {
-        "hosts": ["echo"],
+        "hosts": ["flaky"],
         "http": [
             {
-                "match": [{"headers": {"canary": {"exact": "true"}}}],
-                "route": [{"destination": {"host": "echo", "subset": "v2"}}],
-            },
-            {
-                "route": [
-                    {"destination": {"host": "echo", "subset": "v1"}, "weight": 90},
-                    {"destination": {"host": "echo", "subset": "v2"}, "weight": 10},
-                ]
-            },
+                "route": [{"destination": {"host": "flaky"}}],
+                "retries": {"attempts": FLAKY_FAILS, "retryOn": "5xx"},
+            }
         ],
     },
     "networking.istio.io/v1",
@@ -121,10 +144,10 @@ class Mesh:
     v1: Pod
     v2: Pod
 
-    def http(self, *args: str, count: int = 1) -> dict[str, Any]:
+    def http(self, *args: str, count: int = 1, vip: str = VIP) -> dict[str, Any]:
         return self.n1.peer(
             self.client,
-            ["http", VIP, "80", "--count", str(count), "--timeout", "10", *args],
+            ["http", vip, "80", "--count", str(count), "--timeout", "10", *args],
             timeout=120,
         )
 
@@ -197,6 +220,7 @@ def mesh() -> Iterator[Mesh]:
         )
         v1 = n2.add_pod("echo-v1", NS, "echo", labels={"app": "echo", "version": "v1"})
         v2 = n2.add_pod("echo-v2", NS, "echo", labels={"app": "echo", "version": "v2"})
+        flaky = n2.add_pod("flaky-0", NS, "flaky", labels={"app": "flaky"})
         n1.enroll_namespace(NS)
         cluster.services.append(
             {
@@ -205,6 +229,16 @@ def mesh() -> Iterator[Mesh]:
                 "addresses": [VIP],
                 "ports": [{"port": 80, "targetPort": 8080, "name": "http"}],
                 "selector": {"app": "echo"},
+                "labels": {"istio.io/use-waypoint": "wp"},
+            }
+        )
+        cluster.services.append(
+            {
+                "name": "flaky",
+                "namespace": NS,
+                "addresses": [FLAKY_VIP],
+                "ports": [{"port": 80, "targetPort": 8080, "name": "http"}],
+                "selector": {"app": "flaky"},
                 "labels": {"istio.io/use-waypoint": "wp"},
             }
         )
@@ -219,9 +253,10 @@ def mesh() -> Iterator[Mesh]:
                 "cgroup": str(wp_pod.cgroup_path),
             }
         )
-        cluster.policies.extend([DENY_ADMIN_DELETE, SUBSETS, SPLIT])
+        cluster.policies.extend([DENY_ADMIN_DELETE, SUBSETS, SPLIT, RETRIES])
         n2.serve_http(v1, 8080)
         n2.serve_http(v2, 8080)
+        n2.serve_http(flaky, 8080, None, "--fail-first", str(FLAKY_FAILS))
         n2.start_agent()
         n1.start_agent()
         m = Mesh(cluster, n1, n2, client, wp_pod, v1, v2)
@@ -261,7 +296,9 @@ def test_request_to_the_vip_is_served_through_the_envoy_waypoint(mesh: Mesh) -> 
         lambda c: c["direction"] == "inbound" and c["src_identity"] == WP_ID.uri,
     )
     assert inn["path"] == "hbone" and inn["error"] is None, inn
-    assert inn["dst"] in (f"{m.v1.ip4}:8080", f"{m.v2.ip4}:8080"), inn
+    # the endpoints are both addresses of each pod
+    backends = {f"{p.ip4}:8080" for p in (m.v1, m.v2)} | {f"[{p.ip6}]:8080" for p in (m.v1, m.v2)}
+    assert inn["dst"] in backends, inn
 
 
 def test_l7_authorization_policy_on_the_waypoint(mesh: Mesh) -> None:
@@ -312,3 +349,38 @@ def test_killed_envoy_is_restarted_and_reconfigured(mesh: Mesh) -> None:
     assert r["status"] == {"200": 5}, r
     denied = m.http("--method", "DELETE", "--path", "/admin")
     assert denied["status"] == {"403": 1}, denied
+
+
+def test_virtual_service_retries_hide_a_flaky_backend(mesh: Mesh) -> None:
+    m = mesh
+    stat = f"cluster.outbound|80||flaky.{NS}.svc.cluster.local.upstream_rq_retry"
+    before = m.envoy_stats().get(stat, 0)
+    r = m.http(vip=FLAKY_VIP)
+    assert r["status"] == {"200": 1} and r["bodies"] == {"flaky-0": 1}, r
+    assert m.envoy_stats()[stat] - before == FLAKY_FAILS
+
+
+def test_route_change_under_load_fails_no_request(mesh: Mesh) -> None:
+    m = mesh
+    load = m.n1.spawn_peer(m.client, ["http", VIP, "80", "--duration", "15", "--timeout", "10"])
+    try:
+        time.sleep(0.5)  # not a wait for a state: the load is already running
+        try:
+            m.cluster.policies[m.cluster.policies.index(SPLIT)] = split({"v2": 100})
+            wait_pushed(m, m.push())
+            all_v2 = m.http(count=10)
+            assert all_v2["bodies"] == {"echo-v2": 10}, all_v2
+        finally:
+            m.cluster.policies[m.cluster.policies.index(split({"v2": 100}))] = SPLIT
+            wait_pushed(m, m.push())
+        assert load.poll() is None, "the load ended before both route changes were ACKed"
+        out, err = load.communicate(timeout=60)
+    finally:
+        if load.poll() is None:
+            load.kill()
+            load.wait(5)
+    r = json.loads(out.decode().strip().splitlines()[-1])
+    print(f"under load: {r}")
+    assert r["ok"] and r["errors"] == 0, (r, err.decode()[-500:])
+    assert set(r["status"]) == {"200"} and r["count"] > 20, r
+    assert set(r["bodies"]) == {"echo-v1", "echo-v2"}, r
