@@ -52,6 +52,7 @@ VIP = "10.96.88.8"
 HOST = f"echo.{NS}.svc.cluster.local"
 WAIT = 60.0  # a loaded 2-core machine: Envoy start, certificates, xDS
 SPLIT_REQUESTS = 200
+CERT_TTL = 30.0  # certificates renew at half life: the waypoint's rotates during the module
 
 
 def ref(kind: str = "Gateway", name: str = "wp") -> list[dict[str, str]]:
@@ -117,6 +118,7 @@ def split(weights: dict[str, int]) -> dict[str, Any]:
 
 SPLIT = split({"v1": 90, "v2": 10})
 FLAKY_VIP = "10.96.88.9"
+SECRET = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 FLAKY_FAILS = 3  # Istio's default policy retries twice: only the VirtualService's 3 get through
 RETRIES = doc(
     "VirtualService",
@@ -207,7 +209,7 @@ def wait_pushed(m: Mesh, generation: int) -> None:
 
 @pytest.fixture(scope="module")
 def mesh() -> Iterator[Mesh]:
-    with cluster_nodes("node1", "node2") as (cluster, (n1, n2)):
+    with cluster_nodes("node1", "node2", cert_ttl=CERT_TTL) as (cluster, (n1, n2)):
         client = n1.add_pod("client", NS, "sa-client", labels={"app": "client"})
         wp_pod = n1.add_pod(
             "wp-0",
@@ -358,6 +360,22 @@ def test_virtual_service_retries_hide_a_flaky_backend(mesh: Mesh) -> None:
     r = m.http(vip=FLAKY_VIP)
     assert r["status"] == {"200": 1} and r["bodies"] == {"flaky-0": 1}, r
     assert m.envoy_stats()[stat] - before == FLAKY_FAILS
+
+
+def test_waypoint_certificate_renewal_is_pushed_as_a_new_secret(mesh: Mesh) -> None:
+    m = mesh
+    p = m.proxy()
+    serial, secret = p["certificate_serial"], p["xds"]["types"][SECRET]["version"]
+
+    def renewed() -> bool:
+        q = m.proxy()
+        st = q["xds"]["types"][SECRET]
+        new = q["certificate_serial"] != serial and st["version"] != secret
+        return bool(new and st["acked"] == st["version"])
+
+    until("the renewed certificate ACKed by Envoy", renewed, timeout=CERT_TTL + 20)
+    r = m.http(count=5)
+    assert r["status"] == {"200": 5}, r
 
 
 def test_route_change_under_load_fails_no_request(mesh: Mesh) -> None:
