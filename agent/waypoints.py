@@ -21,10 +21,12 @@ reports the error and the agent carries on.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import logging
 import os
+import signal
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -91,6 +93,11 @@ class WaypointProxy:
         self._changed = asyncio.Event()
         self._changed.set()
         self._tasks: list[asyncio.Task[None]] = []
+        # Envoy's and the server's start/stop/probe, one at a time: a stop at
+        # shutdown runs after a start in flight, never beside it (no orphan)
+        self._ops = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix=f"waypoint-{wp.namespace}.{wp.name}"
+        )
         self._closing = False
 
     # -- lifecycle -----------------------------------------------------------
@@ -117,11 +124,45 @@ class WaypointProxy:
                 await t
         loop = asyncio.get_running_loop()
         if self.envoy is not None:
-            await loop.run_in_executor(None, self.envoy.stop)
+            await loop.run_in_executor(self._ops, self._stop_envoy)
         if self.server is not None:
-            await loop.run_in_executor(None, self.server.stop)
+            await loop.run_in_executor(self._ops, self.server.stop)
         if self.cache is not None:
             self.cache.clear(self.node)
+        self._ops.shutdown(wait=False)
+
+    @property
+    def _pidfile(self) -> Path:
+        return Path(self.envoy.workdir) / "envoy.pid"
+
+    def _start_envoy(self) -> None:
+        """(the ops thread) Start Envoy, first killing one a previous agent left."""
+        self._kill_stale()
+        self.envoy.start(START_TIMEOUT)
+        self._pidfile.write_text(f"{self.envoy.pid}\n")
+
+    def _stop_envoy(self) -> None:
+        self.envoy.stop()
+        with contextlib.suppress(OSError):
+            self._pidfile.unlink()
+
+    def _kill_stale(self) -> None:
+        """An agent killed without its shutdown leaves its Envoy running (it has
+        its own session), holding the pod's ports: the pidfile names it, its
+        command line (our bootstrap path) confirms it."""
+        try:
+            pid = int(self._pidfile.read_text())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            return
+        if os.fsencode(self.envoy.config_path) not in cmdline:
+            return  # the pid was reused by something else
+        log.warning("waypoint %s: killing Envoy pid %d left by a previous agent", self.wp.key, pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def _fail(self, msg: str) -> None:
         if self.status_.error != msg:
@@ -155,7 +196,7 @@ class WaypointProxy:
             self.server = xds.XdsServer(
                 self.cache, path, [self.node], peer_check=peer_in_netns(self.wp.netns)
             )
-            await loop.run_in_executor(None, self.server.start)
+            await loop.run_in_executor(self._ops, self.server.start)
         except (OSError, ValueError, RuntimeError) as e:
             self._fail(f"xDS server on {path}: {e}")
             self.server = None
@@ -188,7 +229,7 @@ class WaypointProxy:
             first = False
             started = time.monotonic()
             try:
-                await loop.run_in_executor(None, envoy.start, START_TIMEOUT)
+                await loop.run_in_executor(self._ops, self._start_envoy)
             except Exception as e:
                 self.status_.ready = False
                 self._fail(f"Envoy did not start: {e}")
@@ -204,7 +245,7 @@ class WaypointProxy:
                     delay = RESTART_INITIAL
                 if now - last_check > READY_CHECK_INTERVAL:
                     last_check = now
-                    self.status_.ready = await loop.run_in_executor(None, self._ready)
+                    self.status_.ready = await loop.run_in_executor(self._ops, self._ready)
             if self._closing:
                 return
             envoy._reap()

@@ -402,3 +402,16 @@ def test_route_change_under_load_fails_no_request(mesh: Mesh) -> None:
     assert r["ok"] and r["errors"] == 0, (r, err.decode()[-500:])
     assert set(r["status"]) == {"200"} and r["count"] > 20, r
     assert set(r["bodies"]) == {"echo-v1", "echo-v2"}, r
+
+
+def test_envoy_left_by_a_killed_agent_is_replaced(mesh: Mesh) -> None:
+    m = mesh
+    old = m.proxy()["envoy"]["pid"]
+    m.n1.stop_agent(sig_kill=True)
+    assert os.path.exists(f"/proc/{old}"), "Envoy outlives its agent (its own session)"
+    m.n1.start_agent()
+    until("a new Envoy ready", lambda: (p := m.proxy())["ready"] and p["envoy"]["pid"] != old)
+    until("the old Envoy gone", lambda: not os.path.exists(f"/proc/{old}"))
+    assert f"killing Envoy pid {old} left by a previous agent" in m.n1.log_tail(400)
+    r = until("requests through the new Envoy", lambda: (x := m.http(count=5))["ok"] and x)
+    assert r["status"] == {"200": 5}, r
