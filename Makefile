@@ -31,9 +31,10 @@ test-bpf: setup
 test-netns: setup
 	$(PY) -m pytest -q tests/netns
 
-# A real Envoy (the waypoint extra) configured over ADS; the netns test needs root.
+# A real Envoy (the waypoint extra) configured over ADS; the netns tests need root
+# (tests/netns/test_waypoint_envoy.py: the agent running Envoy end to end).
 test-waypoint: setup
-	$(PY) -m pytest -q tests/waypoint
+	$(PY) -m pytest -q tests/waypoint tests/netns/test_waypoint_envoy.py
 
 test-k8s: setup
 	$(PY) -m pytest -q tests/k8s

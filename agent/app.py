@@ -39,6 +39,7 @@ from agent.tunnel.context import Tunnel
 from agent.tunnel.h2conn import drain_all
 from agent.tunnel.hbone import HboneClient
 from agent.tunnel.watcher import revalidate
+from agent.waypoints import Waypoints
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,7 @@ class Agent:
         self.certs: CertificateManager | None = None
         self.pods: Pods | None = None
         self.tunnel: Tunnel | None = None
+        self.waypoints: Waypoints | None = None
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
         self._applying = asyncio.Lock()
@@ -151,6 +153,8 @@ class Agent:
         # what a predecessor handed over is adopted by the first reconcile
         inherited, self._inherited = self._inherited, None
         self.pods.reconcile(view, inherited)
+        if self.waypoints is not None:
+            self.waypoints.reconcile(view)
 
     # -- run ----------------------------------------------------------------
 
@@ -172,6 +176,10 @@ class Agent:
             require_waypoint=self.settings.agent.require_waypoint,
         )
         self.pods = Pods(self.datapath, self.tunnel, self.certs, kube=self.kube is not None)
+        self.waypoints = Waypoints(
+            self.settings.agent.state_dir, self.settings.identity.trust_domain, self.certs
+        )
+        self.pods.keep_identities = self.waypoints.identities
         first = self.first_snapshot
         if self.kube is not None:
             first = await self._start_kube(loop) or first
@@ -212,6 +220,7 @@ class Agent:
                 log.info("handed over and drained; idle until terminated")
                 await self._stop.wait()
         await drain_all(STOP_DRAIN_TIMEOUT)  # GOAWAYs, then close_notify on every connection
+        await self.waypoints.close()
         self.pods.close()
         if hbone is not None:
             hbone.close()
@@ -328,6 +337,7 @@ class Agent:
             "policies": view.policies.describe(),
             "waypoints": view.describe()["waypoints"],
             "waypoint_uses": view.snapshot.waypoint_uses(),
+            "waypoint_proxies": self.waypoints.describe() if self.waypoints else [],
             "certificates": self.certs.describe() if self.certs else [],
             "hbone_pool": self.tunnel.hbone.describe() if self.tunnel and self.tunnel.hbone else [],
             "connections": {

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from agent.datapath.datapath import Datapath, PodSpec, check_pod
 from agent.datapath.errors import DatapathError, PodError
 from agent.datapath.structs import Listen
 from agent.identity.manager import CertificateManager
+from agent.identity.spiffe import SpiffeId
 from agent.model import Workload
 from agent.state.state import StateView
 from agent.tunnel.context import PodRef, Ports, Tunnel
@@ -54,6 +55,9 @@ class Pods:
         self.report = report
         self.proxies: dict[str, PodProxy] = tunnel.local
         self.errors: dict[str, str] = {}
+        # identities other parts of the agent hold certificates for (the local
+        # waypoints'): kept when the pods' set is retained
+        self.keep_identities: Callable[[StateView], Iterable[SpiffeId]] | None = None
 
     def reconcile(
         self, view: StateView, inherited: dict[str, dict[str, Any]] | None = None
@@ -65,7 +69,8 @@ class Pods:
             self._unenroll(key)
             self.errors.pop(key, None)
         if self.certs is not None:
-            self.certs.retain(view.identity_of(w) for w in want.values())
+            keep = list(self.keep_identities(view)) if self.keep_identities is not None else []
+            self.certs.retain([*(view.identity_of(w) for w in want.values()), *keep])
         for key, w in want.items():
             if key in self.proxies:
                 continue

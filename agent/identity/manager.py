@@ -152,6 +152,10 @@ class CertificateManager:
         self._sleep = sleep
         self._tls_tmp_dir = tls_tmp_dir
         self._entries: dict[SpiffeId, _Entry] = {}
+        # called on the loop with (identity, svid) after every issuance and
+        # renewal: holders of a certificate outside this process (a waypoint
+        # Envoy's SDS secret) push the new one
+        self.on_issued: list[Callable[[SpiffeId, Svid], None]] = []
 
     # -- lifecycle of identities -------------------------------------------
 
@@ -241,6 +245,11 @@ class CertificateManager:
             svid.not_after.isoformat(),
             refresh.isoformat(),
         )
+        for hook in list(self.on_issued):
+            try:
+                hook(entry.identity, svid)
+            except Exception:
+                log.exception("on_issued hook failed for %s", entry.identity)
         return max((refresh - now).total_seconds(), MIN_REFRESH)
 
     def _failed(self, entry: _Entry, exc: BaseException) -> float:

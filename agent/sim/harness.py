@@ -161,6 +161,32 @@ class AgentNode:
         self._servers.append(p)
         return p
 
+    def serve_http(
+        self, pod: Pod, port: int = 8080, name: str | None = None, *args: str
+    ) -> subprocess.Popen[Any]:
+        """An HTTP server in the pod answering ``name`` (default: the pod's name)."""
+        p = self.tb.spawn(
+            pod,
+            [
+                PY,
+                "-m",
+                "agent.sim.peer",
+                "http-serve",
+                "--port",
+                str(port),
+                "--name",
+                name or pod.name,
+                *args,
+            ],
+            stdout=subprocess.PIPE,
+        )
+        assert p.stdout is not None
+        line = p.stdout.readline()
+        if b"ready" not in line:
+            raise RuntimeError(f"HTTP server in {pod.name} did not start: {line!r}")
+        self._servers.append(p)
+        return p
+
     def start_agent(self, *extra_args: str) -> subprocess.Popen[Any]:
         self.write_config()
         with self.log_path.open("a") as log:

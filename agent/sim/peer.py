@@ -8,6 +8,11 @@ that is how tests prove a mesh preserved (or rewrote) the client's identity.
     connect HOST PORT [--bytes N] [--hold S]      one checked echo exchange, JSON result
     rr      HOST PORT [--size B] [--count N]      request/response latency, JSON p50/p99/mean
     stream  HOST PORT [--seconds S]               one-way throughput (use with serve --sink)
+    http-serve --port P --name N [--fail-first K] HTTP/1.1 server answering its name (503
+                                                  to its first K requests); prints "ready"
+    http    HOST PORT [--count N] [--method M] [--path P] [--header K:V ...]
+                                                  N requests on keep-alive connections,
+                                                  JSON counts by status and by body
 
 Every wait is bounded: a stall of ``--timeout`` seconds without progress fails.
 """
@@ -394,6 +399,127 @@ def stream(
     return result
 
 
+# -- HTTP -------------------------------------------------------------------
+
+
+def http_serve(
+    port: int,
+    name: str,
+    fail_first: int = 0,
+    stop: threading.Event | None = None,
+    on_ready: Any = None,
+) -> None:
+    """An HTTP/1.1 server answering every request with ``name`` (and header
+    ``x-served-by``), except the first ``fail_first`` requests: 503."""
+    import http.server
+
+    lock = threading.Lock()
+    seen = [0]
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _answer(self) -> None:
+            n = int(self.headers.get("content-length") or 0)
+            if n:
+                self.rfile.read(n)
+            with lock:
+                seen[0] += 1
+                failing = seen[0] <= fail_first
+            body = f"{name}\n".encode()
+            self.send_response(503 if failing else 200)
+            self.send_header("content-type", "text/plain")
+            self.send_header("content-length", str(len(body)))
+            self.send_header("x-served-by", name)
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _answer
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    class Server(http.server.ThreadingHTTPServer):
+        daemon_threads = True
+        allow_reuse_address = True
+        address_family = socket.AF_INET6  # dual-stack: a pod's IPv4 and IPv6 addresses
+
+        def server_bind(self) -> None:
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            super().server_bind()
+
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            # a proxy resetting an idle keep-alive connection is no news
+            if not isinstance(sys.exc_info()[1], ConnectionError):
+                super().handle_error(request, client_address)
+
+    srv = Server(("::", port), Handler)
+    stop = stop or threading.Event()
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True).start()
+    if on_ready is not None:
+        on_ready()
+    try:
+        stop.wait()
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def http_requests(
+    host: str,
+    port: int,
+    count: int = 1,
+    method: str = "GET",
+    path: str = "/",
+    headers: Sequence[str] = (),
+    timeout: float = DEFAULT_TIMEOUT_S,
+    duration: float = 0.0,
+) -> dict[str, Any]:
+    """``count`` requests (or as many as fit in ``duration`` seconds), reusing
+    a connection while the server keeps it; counts by status and by body;
+    ``ok`` when every request got an answer."""
+    import http.client
+
+    hdrs = {}
+    for h in headers:
+        k, _, v = h.partition(":")
+        hdrs[k.strip()] = v.strip()
+    status: dict[str, int] = {}
+    bodies: dict[str, int] = {}
+    errors: list[str] = []
+    conn: http.client.HTTPConnection | None = None
+    end = time.monotonic() + duration
+    done = 0
+    while (time.monotonic() < end) if duration > 0 else (done < count):
+        done += 1
+        try:
+            if conn is None:
+                conn = http.client.HTTPConnection(host, port, timeout=timeout)
+            conn.request(method, path, headers=hdrs)
+            resp = conn.getresponse()
+            body = resp.read().decode(errors="replace").strip()
+            status[str(resp.status)] = status.get(str(resp.status), 0) + 1
+            bodies[body[:80]] = bodies.get(body[:80], 0) + 1
+            if resp.will_close:
+                conn.close()
+                conn = None
+        except (OSError, http.client.HTTPException) as e:
+            errors.append(f"{type(e).__name__}: {e}")
+            if conn is not None:
+                conn.close()
+            conn = None
+    if conn is not None:
+        conn.close()
+    return {
+        "ok": not errors,
+        "count": done,
+        "status": status,
+        "bodies": bodies,
+        "errors": len(errors),
+        "error": errors[0] if errors else None,
+    }
+
+
 # -- command line -----------------------------------------------------------
 
 
@@ -407,6 +533,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--sink", action="store_true", help="discard input instead of echoing")
     s.add_argument("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT_S)
+    h = sub.add_parser("http-serve", help="HTTP server answering its name")
+    h.add_argument("--port", type=int, default=DEFAULT_PORT)
+    h.add_argument("--name", required=True)
+    h.add_argument("--fail-first", type=int, default=0, help="answer 503 to this many first")
+    c = sub.add_parser("http", help="HTTP requests, counted by status and body")
+    c.add_argument("host")
+    c.add_argument("port", type=int)
+    c.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S)
+    c.add_argument("--count", type=int, default=1)
+    c.add_argument("--method", default="GET")
+    c.add_argument("--path", default="/")
+    c.add_argument("--header", action="append", default=[], metavar="NAME:VALUE")
+    c.add_argument("--duration", type=float, default=0.0, help="run this long instead (s)")
     for name, help_ in (
         ("connect", "checked echo exchange"),
         ("rr", "request/response latency"),
@@ -452,6 +591,35 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"peer serve: {e}", file=sys.stderr)
             return 1
         return 0
+    if args.cmd == "http-serve":
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda _s, _f: stop.set())
+        signal.signal(signal.SIGINT, lambda _s, _f: stop.set())
+        try:
+            http_serve(
+                args.port,
+                args.name,
+                args.fail_first,
+                stop=stop,
+                on_ready=lambda: print("ready", flush=True),
+            )
+        except OSError as e:
+            print(f"peer http-serve: {e}", file=sys.stderr)
+            return 1
+        return 0
+    if args.cmd == "http":
+        result = http_requests(
+            args.host,
+            args.port,
+            args.count,
+            args.method,
+            args.path,
+            args.header,
+            args.timeout,
+            args.duration,
+        )
+        print(json.dumps(result), flush=True)
+        return 0 if result["ok"] else 1
     if args.cmd == "connect":
         if args.bytes < 0 or args.hold < 0:
             print("--bytes and --hold must be >= 0", file=sys.stderr)

@@ -1,0 +1,417 @@
+"""netns tier: a real Envoy waypoint, run and configured by the agent, serving
+traffic end to end.
+
+Two simulated nodes.  Node 1: the client pod and the waypoint's pod (not
+captured, labelled as Istio labels waypoint pods); its agent runs Envoy in
+that pod's netns (agent/waypoints.py), serves it xDS on a unix socket and
+gives it the waypoint's SVID over SDS.  Node 2: two HTTP backends of Service
+``echo`` (labels version v1 and v2), which uses the waypoint.  The client's
+agent sends VIP traffic over HBONE to the waypoint; Envoy applies L7 policy
+and routing and originates HBONE to the backends as the waypoint's identity.
+
+Gated like tests/waypoint: without Envoy the module skips, under CI it fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from tests.waypoint.gate import HINT, require_waypoint_extra
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="netns tier needs root")
+
+require_waypoint_extra()
+
+from agent import netns  # noqa: E402
+from agent.identity.spiffe import SpiffeId  # noqa: E402
+from agent.sim.harness import AgentNode, Cluster, cluster_nodes  # noqa: E402
+from agent.sim.topology import Pod  # noqa: E402
+from waypoint.envoy import EnvoyNotInstalled, envoy_binary  # noqa: E402
+
+try:
+    envoy_binary()
+except EnvoyNotInstalled as e:
+    if os.environ.get("CI"):
+        raise RuntimeError(f"waypoint tier cannot run under CI: {e}") from e
+    pytest.skip(f"needs Envoy: {e} ({HINT})", allow_module_level=True)
+
+TD = "cluster.local"
+NS = "shop"
+WP_ID = SpiffeId(TD, NS, "wp")
+CLIENT_ID = SpiffeId(TD, NS, "sa-client")
+VIP = "10.96.88.8"
+HOST = f"echo.{NS}.svc.cluster.local"
+WAIT = 60.0  # a loaded 2-core machine: Envoy start, certificates, xDS
+SPLIT_REQUESTS = 200
+CERT_TTL = 30.0  # certificates renew at half life: the waypoint's rotates during the module
+
+
+def ref(kind: str = "Gateway", name: str = "wp") -> list[dict[str, str]]:
+    return [{"kind": kind, "group": "gateway.networking.k8s.io", "name": name}]
+
+
+def doc(kind: str, name: str, spec: dict[str, Any], api: str) -> dict[str, Any]:
+    return {
+        "apiVersion": api,
+        "kind": kind,
+        "metadata": {"name": name, "namespace": NS},
+        "spec": spec,
+    }
+
+
+DENY_ADMIN_DELETE = doc(
+    "AuthorizationPolicy",
+    "deny-admin-delete",
+    {
+        "targetRefs": ref(),
+        "action": "DENY",
+        "rules": [{"to": [{"operation": {"methods": ["DELETE"], "paths": ["/admin*"]}}]}],
+    },
+    "security.istio.io/v1",
+)
+SUBSETS = doc(
+    "DestinationRule",
+    "echo",
+    {
+        "host": "echo",
+        "subsets": [
+            {"name": "v1", "labels": {"version": "v1"}},
+            {"name": "v2", "labels": {"version": "v2"}},
+        ],
+    },
+    "networking.istio.io/v1",
+)
+
+
+def split(weights: dict[str, int]) -> dict[str, Any]:
+    """echo's VirtualService: ``canary: true`` to v2, the rest by ``weights``."""
+    return doc(
+        "VirtualService",
+        "echo-split",
+        {
+            "hosts": ["echo"],
+            "http": [
+                {
+                    "match": [{"headers": {"canary": {"exact": "true"}}}],
+                    "route": [{"destination": {"host": "echo", "subset": "v2"}}],
+                },
+                {
+                    "route": [
+                        {"destination": {"host": "echo", "subset": subset}, "weight": w}
+                        for subset, w in weights.items()
+                    ]
+                },
+            ],
+        },
+        "networking.istio.io/v1",
+    )
+
+
+SPLIT = split({"v1": 90, "v2": 10})
+FLAKY_VIP = "10.96.88.9"
+SECRET = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+FLAKY_FAILS = 3  # Istio's default policy retries twice: only the VirtualService's 3 get through
+RETRIES = doc(
+    "VirtualService",
+    "flaky-retries",
+    {
+        "hosts": ["flaky"],
+        "http": [
+            {
+                "route": [{"destination": {"host": "flaky"}}],
+                "retries": {"attempts": FLAKY_FAILS, "retryOn": "5xx"},
+            }
+        ],
+    },
+    "networking.istio.io/v1",
+)
+
+
+@dataclass
+class Mesh:
+    cluster: Cluster
+    n1: AgentNode
+    n2: AgentNode
+    client: Pod
+    wp_pod: Pod
+    v1: Pod
+    v2: Pod
+
+    def http(self, *args: str, count: int = 1, vip: str = VIP) -> dict[str, Any]:
+        return self.n1.peer(
+            self.client,
+            ["http", vip, "80", "--count", str(count), "--timeout", "10", *args],
+            timeout=120,
+        )
+
+    def proxy(self) -> dict[str, Any]:
+        (p,) = self.n1.status()["waypoint_proxies"]
+        return dict(p)
+
+    def envoy_stats(self) -> dict[str, int]:
+        with (
+            netns.entered(self.wp_pod.netns_path),
+            urllib.request.urlopen("http://127.0.0.1:15000/stats?usedonly", timeout=5) as r,
+        ):
+            text = r.read().decode()
+        out: dict[str, int] = {}
+        for line in text.splitlines():
+            name, _, value = line.rpartition(": ")
+            if value.strip().isdigit():
+                out[name] = int(value)
+        return out
+
+    def push(self) -> int:
+        """Rewrite the configs; returns node 1's next generation to wait for."""
+        gen = int(self.n1.status()["state"]["generation"])
+        self.cluster.write_configs()
+        return gen + 1
+
+
+def until(what: str, check: Callable[[], Any], timeout: float = WAIT) -> Any:
+    """Poll ``check`` until it returns something truthy (bounded)."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        try:
+            last = check()
+        except Exception as e:  # the admin port between restarts, a request in flight
+            last = e
+        else:
+            if last:
+                return last
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout:g}s; last: {last!r}")
+        time.sleep(0.2)
+
+
+def wait_pushed(m: Mesh, generation: int) -> None:
+    """Node 1's agent translated ``generation`` (or later) and Envoy ACKed it all."""
+
+    def done() -> bool:
+        p = m.proxy()
+        if (p["pushed_generation"] or 0) < generation or not p["ready"]:
+            return False
+        types = p["xds"]["types"]
+        return all(t["acked"] == t["version"] for t in types.values() if t.get("sent"))
+
+    until(f"generation {generation} pushed and ACKed", done)
+
+
+@pytest.fixture(scope="module")
+def mesh() -> Iterator[Mesh]:
+    with cluster_nodes("node1", "node2", cert_ttl=CERT_TTL) as (cluster, (n1, n2)):
+        client = n1.add_pod("client", NS, "sa-client", labels={"app": "client"})
+        wp_pod = n1.add_pod(
+            "wp-0",
+            NS,
+            "wp",
+            labels={
+                "istio.io/dataplane-mode": "none",
+                "gateway.networking.k8s.io/gateway-name": "wp",
+            },
+        )
+        v1 = n2.add_pod("echo-v1", NS, "echo", labels={"app": "echo", "version": "v1"})
+        v2 = n2.add_pod("echo-v2", NS, "echo", labels={"app": "echo", "version": "v2"})
+        flaky = n2.add_pod("flaky-0", NS, "flaky", labels={"app": "flaky"})
+        n1.enroll_namespace(NS)
+        cluster.services.append(
+            {
+                "name": "echo",
+                "namespace": NS,
+                "addresses": [VIP],
+                "ports": [{"port": 80, "targetPort": 8080, "name": "http"}],
+                "selector": {"app": "echo"},
+                "labels": {"istio.io/use-waypoint": "wp"},
+            }
+        )
+        cluster.services.append(
+            {
+                "name": "flaky",
+                "namespace": NS,
+                "addresses": [FLAKY_VIP],
+                "ports": [{"port": 80, "targetPort": 8080, "name": "http"}],
+                "selector": {"app": "flaky"},
+                "labels": {"istio.io/use-waypoint": "wp"},
+            }
+        )
+        cluster.waypoints.append(
+            {
+                "name": "wp",
+                "namespace": NS,
+                "addresses": [wp_pod.ip4],
+                "node": "node1",
+                "serviceAccount": "wp",
+                "netns": str(wp_pod.netns_path),
+                "cgroup": str(wp_pod.cgroup_path),
+            }
+        )
+        cluster.policies.extend([DENY_ADMIN_DELETE, SUBSETS, SPLIT, RETRIES])
+        n2.serve_http(v1, 8080)
+        n2.serve_http(v2, 8080)
+        n2.serve_http(flaky, 8080, None, "--fail-first", str(FLAKY_FAILS))
+        n2.start_agent()
+        n1.start_agent()
+        m = Mesh(cluster, n1, n2, client, wp_pod, v1, v2)
+        try:
+            wait_pushed(m, 1)
+        except AssertionError:
+            print(json.dumps(m.proxy(), indent=1), n1.log_tail(60))
+            raise
+        yield m
+
+
+def _record(node: AgentNode, pred: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+    found: list[dict[str, Any]] = until(
+        "connection record", lambda: [c for c in node.connections() if pred(c)], timeout=10
+    )
+    return found[-1]
+
+
+def test_request_to_the_vip_is_served_through_the_envoy_waypoint(mesh: Mesh) -> None:
+    m = mesh
+    p = m.proxy()
+    assert p["error"] is None and p["envoy"]["running"], p
+    assert p["identity"] == WP_ID.uri and p["translation_report"] == [], p
+    chain = f"http.inbound-vip|80|http|{HOST}.downstream_rq_total"
+    before = m.envoy_stats().get(chain, 0)
+    r = m.http()
+    assert r["ok"] and r["status"] == {"200": 1}, (r, m.n1.log_tail())
+    assert set(r["bodies"]) <= {"echo-v1", "echo-v2"}, r
+    # Envoy took it on the VIP:80 chain: the HBONE CONNECT's authority was VIP:80
+    assert m.envoy_stats()[chain] == before + 1
+    out = _record(m.n1, lambda c: c["direction"] == "outbound" and c["dst"] == f"{VIP}:80")
+    assert out["path"] == "waypoint" and out["dst_identity"] == WP_ID.uri, out
+    assert out["src_identity"] == CLIENT_ID.uri and out["dst_service"] == HOST, out
+    # node 2's agent took the waypoint's CONNECT (as the waypoint's identity) and delivered
+    inn = _record(
+        m.n2,
+        lambda c: c["direction"] == "inbound" and c["src_identity"] == WP_ID.uri,
+    )
+    assert inn["path"] == "hbone" and inn["error"] is None, inn
+    # the endpoints are both addresses of each pod
+    backends = {f"{p.ip4}:8080" for p in (m.v1, m.v2)} | {f"[{p.ip6}]:8080" for p in (m.v1, m.v2)}
+    assert inn["dst"] in backends, inn
+
+
+def test_l7_authorization_policy_on_the_waypoint(mesh: Mesh) -> None:
+    m = mesh
+    denied = m.http("--method", "DELETE", "--path", "/admin/users", count=3)
+    assert denied["status"] == {"403": 3}, denied
+    assert m.http("--method", "DELETE", "--path", "/items/1")["status"] == {"200": 1}
+    allowed = m.http("--path", "/", count=3)
+    assert allowed["status"] == {"200": 3}, allowed
+
+
+def test_weighted_split_and_header_match(mesh: Mesh) -> None:
+    m = mesh
+    r = m.http(count=SPLIT_REQUESTS)
+    assert r["ok"] and r["status"] == {"200": SPLIT_REQUESTS}, r
+    v2 = r["bodies"].get("echo-v2", 0)
+    v1 = r["bodies"].get("echo-v1", 0)
+    print(f"split over {SPLIT_REQUESTS}: v1={v1} v2={v2}")
+    assert v1 + v2 == SPLIT_REQUESTS, r
+    # 10 % of 200 is 20, binomial sd ~4.2: [6, 40] is beyond 3 sd on both sides
+    assert 6 <= v2 <= 40, r
+    canary = m.http("--header", "canary: true", count=20)
+    assert canary["bodies"] == {"echo-v2": 20}, canary
+
+
+def test_direct_connection_to_a_backend_is_refused(mesh: Mesh) -> None:
+    m = mesh
+    r = m.n1.peer(m.client, ["http", m.v1.ip4, "8080", "--timeout", "10"])
+    assert not r["ok"] or "200" not in r["status"], r
+    out = _record(m.n1, lambda c: c["direction"] == "outbound" and c["dst"] == f"{m.v1.ip4}:8080")
+    assert out["response_flag"] == "DENY" and "CONNECT answered 401" in out["error"], out
+
+
+def test_killed_envoy_is_restarted_and_reconfigured(mesh: Mesh) -> None:
+    m = mesh
+    p = m.proxy()
+    pid, restarts = p["envoy"]["pid"], p["envoy"]["restarts"]
+    os.kill(pid, signal.SIGKILL)
+
+    def back() -> bool:
+        q = m.proxy()
+        e = q["envoy"]
+        return bool(e["running"] and e["pid"] != pid and e["restarts"] > restarts and q["ready"])
+
+    until("Envoy restarted", back)
+    assert "exited with -9" in (m.proxy()["last_exit"] or "")
+    r = until("requests through the restarted Envoy", lambda: (x := m.http(count=5))["ok"] and x)
+    assert r["status"] == {"200": 5}, r
+    denied = m.http("--method", "DELETE", "--path", "/admin")
+    assert denied["status"] == {"403": 1}, denied
+
+
+def test_virtual_service_retries_hide_a_flaky_backend(mesh: Mesh) -> None:
+    m = mesh
+    stat = f"cluster.outbound|80||flaky.{NS}.svc.cluster.local.upstream_rq_retry"
+    before = m.envoy_stats().get(stat, 0)
+    r = m.http(vip=FLAKY_VIP)
+    assert r["status"] == {"200": 1} and r["bodies"] == {"flaky-0": 1}, r
+    assert m.envoy_stats()[stat] - before == FLAKY_FAILS
+
+
+def test_waypoint_certificate_renewal_is_pushed_as_a_new_secret(mesh: Mesh) -> None:
+    m = mesh
+    p = m.proxy()
+    serial, secret = p["certificate_serial"], p["xds"]["types"][SECRET]["version"]
+
+    def renewed() -> bool:
+        q = m.proxy()
+        st = q["xds"]["types"][SECRET]
+        new = q["certificate_serial"] != serial and st["version"] != secret
+        return bool(new and st["acked"] == st["version"])
+
+    until("the renewed certificate ACKed by Envoy", renewed, timeout=CERT_TTL + 20)
+    r = m.http(count=5)
+    assert r["status"] == {"200": 5}, r
+
+
+def test_route_change_under_load_fails_no_request(mesh: Mesh) -> None:
+    m = mesh
+    load = m.n1.spawn_peer(m.client, ["http", VIP, "80", "--duration", "15", "--timeout", "10"])
+    try:
+        time.sleep(0.5)  # not a wait for a state: the load is already running
+        try:
+            m.cluster.policies[m.cluster.policies.index(SPLIT)] = split({"v2": 100})
+            wait_pushed(m, m.push())
+            all_v2 = m.http(count=10)
+            assert all_v2["bodies"] == {"echo-v2": 10}, all_v2
+        finally:
+            m.cluster.policies[m.cluster.policies.index(split({"v2": 100}))] = SPLIT
+            wait_pushed(m, m.push())
+        assert load.poll() is None, "the load ended before both route changes were ACKed"
+        out, err = load.communicate(timeout=60)
+    finally:
+        if load.poll() is None:
+            load.kill()
+            load.wait(5)
+    r = json.loads(out.decode().strip().splitlines()[-1])
+    print(f"under load: {r}")
+    assert r["ok"] and r["errors"] == 0, (r, err.decode()[-500:])
+    assert set(r["status"]) == {"200"} and r["count"] > 20, r
+    assert set(r["bodies"]) == {"echo-v1", "echo-v2"}, r
+
+
+def test_envoy_left_by_a_killed_agent_is_replaced(mesh: Mesh) -> None:
+    m = mesh
+    old = m.proxy()["envoy"]["pid"]
+    m.n1.stop_agent(sig_kill=True)
+    assert os.path.exists(f"/proc/{old}"), "Envoy outlives its agent (its own session)"
+    m.n1.start_agent()
+    until("a new Envoy ready", lambda: (p := m.proxy())["ready"] and p["envoy"]["pid"] != old)
+    until("the old Envoy gone", lambda: not os.path.exists(f"/proc/{old}"))
+    assert f"killing Envoy pid {old} left by a previous agent" in m.n1.log_tail(400)
+    r = until("requests through the new Envoy", lambda: (x := m.http(count=5))["ok"] and x)
+    assert r["status"] == {"200": 5}, r
