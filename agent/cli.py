@@ -219,7 +219,9 @@ def parser() -> argparse.ArgumentParser:
     )
     ca.add_argument("--trust-domain", default="cluster.local")
     ca.add_argument(
-        "--auth-file", help="YAML: bearer tokens -> node, and which identities run on which node"
+        "--auth-file",
+        help="YAML: bearer tokens -> a node agent (impersonates its pods) or one workload "
+        "identity, and which identities run on which node",
     )
     ca.add_argument(
         "--kube",

@@ -144,8 +144,24 @@ class StaticAuthenticator:
         """
         import yaml
 
+        class _NoDuplicates(yaml.SafeLoader):
+            """A token given twice must not silently keep only the last entry
+            (which identity it grants would depend on the order)."""
+
+            def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+                seen: set[object] = set()
+                for key_node, _ in node.value:
+                    key = self.construct_object(key_node, deep=deep)
+                    if key in seen:
+                        raise AuthFileError(
+                            f"auth file {path}: a key appears twice (line "
+                            f"{key_node.start_mark.line + 1}): give each token once"
+                        )
+                    seen.add(key)
+                return super().construct_mapping(node, deep=deep)
+
         try:
-            doc = yaml.safe_load(Path(path).read_text()) or {}
+            doc = yaml.load(Path(path).read_text(), Loader=_NoDuplicates) or {}
         except yaml.YAMLError as exc:
             raise AuthFileError(f"auth file {path}: not YAML: {exc}") from exc
         if not isinstance(doc, dict):
