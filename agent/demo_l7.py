@@ -394,7 +394,9 @@ def run(sk_msg: bool) -> dict[str, Any]:
         "envoy_http_counters": {
             k: v
             for k, v in sorted(stats.items())
-            if k.startswith("http.") and ".downstream_rq_" in k
+            if k.startswith("http.")
+            and not k.startswith("http.admin.")  # Envoy's admin listener, not traffic
+            and ".downstream_rq_" in k
         },
         "seconds": {
             "setup_until_envoy_ready": round(t_ready - t0, 1),
