@@ -18,8 +18,9 @@
 # both images) + [tether] the project in /opt/tether (venv,
 # --system-site-packages) or [app] /app/echo.py.
 # The base rootfs is cached by the hash of packages.txt (and SUITE, MIRROR);
-# the images by the hash of the project's tracked files (git ls-files, the
-# working-tree content) and of this directory.
+# the images by the hash of what pip installs (the tracked files of
+# pyproject.toml, README.md, agent/, bpf/; working-tree content) and of
+# build.sh, echo.py and packages.txt.
 #
 # Needs root, debootstrap, umoci (UMOCI=..., or tests/node/build.sh builds
 # one), network access to the Debian mirror and PyPI.
@@ -37,10 +38,12 @@ log() { echo "image/build.sh: $*" >&2; }
 packages() { sed -e 's/#.*//' -e 's/[[:space:]]//g' "$PKGS_FILE" | grep -v '^$'; }
 
 BASE_KEY=$( { echo "$SUITE $MIRROR minbase"; packages; } | sha256sum | cut -c1-16)
+# What `pip install` reads: the tracked files of these (working-tree content).
+PROJECT_FILES=(pyproject.toml README.md agent bpf)
+project_files() { (cd "$ROOT" && git ls-files -z -- "${PROJECT_FILES[@]}"); }
 SRC_KEY=$( {
-    cd "$ROOT"
-    git ls-files -z -- . ':!tests' ':!vagrant' ':!.ci' | sort -z | xargs -0 sha256sum
-    cat "$HERE"/*
+    project_files | sort -z | (cd "$ROOT" && xargs -0 sha256sum)
+    cat "$HERE/build.sh" "$HERE/echo.py" "$HERE/packages.txt"
     echo "$BASE_KEY $TAG"
 } | sha256sum | cut -c1-16)
 OUT=${1:-$CACHE_ROOT/image/$SRC_KEY}
@@ -66,10 +69,20 @@ T0=$SECONDS
 
 WORK=$(mktemp -d "$CACHE_ROOT/image/work.XXXXXX")
 MOUNTS=()
+# rm -rf that never crosses into a mount (a chroot's /proc or /dev left
+# mounted by an interrupted debootstrap or build).
+safe_rm() {
+    local d=$1 m
+    [[ -e $d ]] || return 0
+    for m in $(awk -v p="$(realpath "$d")/" 'index($5, p) == 1 {print $5}' /proc/self/mountinfo | sort -r); do
+        umount -l "$m" 2>/dev/null || true
+    done
+    rm -rf --one-file-system "$d"
+}
 cleanup() {
     local m
     for ((i = ${#MOUNTS[@]} - 1; i >= 0; i--)); do umount -l "${MOUNTS[i]}" 2>/dev/null || true; done
-    rm -rf "$WORK"
+    safe_rm "$WORK"
 }
 trap cleanup EXIT
 
@@ -77,7 +90,7 @@ trap cleanup EXIT
 BASE=$CACHE_ROOT/image/base-$BASE_KEY
 if [[ ! -f $BASE/.built ]]; then
     t=$SECONDS
-    rm -rf "$BASE"
+    safe_rm "$BASE"
     mkdir -p "$BASE"
     log "debootstrap $SUITE ($(packages | tr '\n' ' ')) -> $BASE/rootfs"
     debootstrap --variant=minbase --include="$(packages | paste -sd, -)" \
@@ -129,7 +142,7 @@ t=$SECONDS
 "$UMOCI" unpack --image "$OCI:base" "$WORK/t"
 R=$WORK/t/rootfs
 mkdir -p "$R/src"
-(cd "$ROOT" && git ls-files -z -- . ':!tests' ':!vagrant' ':!.ci' | tar --null -T - -cf -) | tar -C "$R/src" -xf -
+project_files | (cd "$ROOT" && tar --null -T - -cf -) | tar -C "$R/src" -xf -
 chroot_mounts "$R"
 # The host's CA bundle only for the download (a TLS-inspecting proxy), not kept.
 cp /etc/ssl/certs/ca-certificates.crt "$R/tmp/host-ca.crt"
@@ -151,7 +164,7 @@ cp "$R/opt/tether/requirements.lock" "$WORK/tether.requirements.lock"
     --config.env PYTHONUNBUFFERED=1 \
     --config.entrypoint tether --config.cmd --help \
     --config.workingdir / --author tether
-rm -rf "$WORK/t"
+safe_rm "$WORK/t"
 log "tether layer in $((SECONDS - t))s"
 
 oci_tar() {  # oci_tar <out.tar> <tag>: a layout holding only that tag

@@ -42,8 +42,9 @@ def _run_build(script: Path, what: str) -> Path:
         _unavailable(f"{what} not built and TETHER_NODE_BUILD=0; run {script}")
     log = Path(tempfile.gettempdir()) / f"tether-node-{script.parent.name}-build.log"
     with open(log, "w") as f:
-        r = subprocess.run([str(script)], stdout=subprocess.PIPE, stderr=f, text=True,
-                           timeout=3 * 3600)
+        r = subprocess.run(
+            [str(script)], stdout=subprocess.PIPE, stderr=f, text=True, timeout=3 * 3600
+        )
     if r.returncode != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
         _unavailable(f"{script} failed (exit {r.returncode}); log {log}:\n{tail}")
@@ -53,15 +54,22 @@ def _run_build(script: Path, what: str) -> Path:
 @pytest.fixture(scope="module")
 def node() -> Iterator[Node]:
     if os.environ.get("TETHER_NODE") != "1":
-        pytest.skip("node tier is opt-in: set TETHER_NODE=1 (make test-node); it builds a "
-                    "kubelet/containerd/runc node from Go modules and changes host state")
+        pytest.skip(
+            "node tier is opt-in: set TETHER_NODE=1 (make test-node); it builds a "
+            "kubelet/containerd/runc node from Go modules and changes host state"
+        )
     if os.geteuid() != 0:
         _unavailable("needs root")
-    if not Path("/sys/fs/cgroup/unified").is_dir() and not Path("/sys/fs/cgroup/cgroup.controllers").exists():
+    if (
+        not Path("/sys/fs/cgroup/unified").is_dir()
+        and not Path("/sys/fs/cgroup/cgroup.controllers").exists()
+    ):
         _unavailable("no cgroup v2 hierarchy")
     for tool in ("ip", "debootstrap", "gcc"):
         if shutil.which(tool) is None:
-            _unavailable(f"{tool} missing (apt-get install iproute2 debootstrap gcc libseccomp-dev)")
+            _unavailable(
+                f"{tool} missing (apt-get install iproute2 debootstrap gcc libseccomp-dev)"
+            )
     try:
         import kubernetes  # noqa: F401
     except ImportError:

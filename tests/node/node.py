@@ -77,9 +77,7 @@ PAUSE_IMAGE = "localhost/pause:1"
 
 
 def sh(*cmd: str | Path, check: bool = True, timeout: float = 120, **kw: Any) -> str:
-    r = subprocess.run(
-        [str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, **kw
-    )
+    r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, **kw)
     if check and r.returncode != 0:
         raise RuntimeError(f"{' '.join(map(str, cmd))}: exit {r.returncode}\n{r.stdout}{r.stderr}")
     return r.stdout
@@ -101,8 +99,16 @@ def pause_image(bin_dir: Path) -> Path:
         sh(umoci, "unpack", "--image", f"{lay}:1", bundle)
         shutil.copy2(bin_dir / "pause", f"{bundle}/rootfs/pause")
         sh(umoci, "repack", "--image", f"{lay}:1", bundle)
-        sh(umoci, "config", "--image", f"{lay}:1", "--config.entrypoint", "/pause",
-           "--config.user", "65535:65535")
+        sh(
+            umoci,
+            "config",
+            "--image",
+            f"{lay}:1",
+            "--config.entrypoint",
+            "/pause",
+            "--config.user",
+            "65535:65535",
+        )
         sh("tar", "-C", lay, "-cf", f"{out}.tmp", ".")
         os.replace(f"{out}.tmp", out)
     return out
@@ -121,7 +127,12 @@ def _sysctl(name: str) -> str:
 def _iptables_chains() -> dict[str, list[str]]:
     """Chains per table, IPv4 and IPv6 (empty when no iptables binary)."""
     out: dict[str, list[str]] = {}
-    for tool in ("iptables-save", "ip6tables-save", "iptables-legacy-save", "ip6tables-legacy-save"):
+    for tool in (
+        "iptables-save",
+        "ip6tables-save",
+        "iptables-legacy-save",
+        "ip6tables-legacy-save",
+    ):
         if shutil.which(tool) is None:
             continue
         r = subprocess.run([tool], capture_output=True, text=True)
@@ -153,22 +164,42 @@ def _mounts() -> list[str]:
     return pts
 
 
-def host_snapshot() -> dict[str, Any]:
-    """What the node tier may change on the host (compared before/after)."""
+def _node_links() -> list[str]:
+    """The node's bridge and the CNI veths on it (other tests on this machine
+    make links of their own: those are not compared)."""
     links = json.loads(sh("ip", "-j", "link", "show"))
+    return sorted(
+        str(link["ifname"])
+        for link in links
+        if link["ifname"] == NODE_BRIDGE or link.get("master") == NODE_BRIDGE
+    )
+
+
+OUR_MOUNT_PREFIXES = (
+    str(STATE),
+    str(RUN),
+    "/var/lib/kubelet",
+    "/run/containerd",
+    "/run/netns/cni-",
+    "/sys/fs/bpf/tether",
+)
+
+
+def host_snapshot() -> dict[str, Any]:
+    """What the node tier may change on the host (compared before/after).
+    Limited to what is the tier's own, so parallel tests elsewhere on the
+    machine do not show up."""
     return {
         "sysctls": {s: _sysctl(s) for s in SYSCTLS},
-        "links": sorted(str(link["ifname"]) for link in links),
-        "netns": sorted(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else [],
-        "mounts": sorted(
-            m
-            for m in _mounts()
-            if m.startswith(("/var/lib", "/run", "/sys/fs/bpf", "/var/run"))
-        ),
+        "links": _node_links(),
+        "netns": sorted(n for n in os.listdir("/run/netns") if n.startswith("cni-"))
+        if os.path.isdir("/run/netns")
+        else [],
+        "mounts": sorted(m for m in _mounts() if m.startswith(OUR_MOUNT_PREFIXES)),
         "cgroups": _kubepods_cgroups(),
         "iptables": _iptables_chains(),
         "paths": sorted(p for p in (*FIXED_PATHS, str(STATE), str(RUN)) if os.path.lexists(p)),
-        "bpf_pins": sorted(str(p) for p in Path("/sys/fs/bpf").glob("tether*")),
+        "bpf_pins": sorted(str(p) for p in Path("/sys/fs/bpf").glob("tether")),
         "processes": sorted(_our_pids()),
     }
 
@@ -192,20 +223,26 @@ def diff_snapshots(before: dict[str, Any], after: dict[str, Any]) -> dict[str, A
     return diff
 
 
-def _our_pids(bin_dir: Path | None = None) -> list[int]:
-    """Processes running a binary of the node tier (kubelet, containerd, shims, etcd...)."""
-    roots = [str(Path(os.environ.get("TETHER_CACHE", "/var/cache/tether")) / "node")]
-    if bin_dir is not None:
-        roots.append(str(bin_dir))
+def _our_pids() -> list[int]:
+    """Processes of the node tier: a binary of tests/node/build.sh's cache
+    (kubelet, containerd, shims, controllers), or anything whose command line
+    names the node's state directory (its etcd and kube-apiserver, which are
+    tests/k8s binaries also used by other tests). Not the pods' processes:
+    those are found through their cgroups."""
+    root = str(Path(os.environ.get("TETHER_CACHE", "/var/cache/tether")) / "node") + "/"
+    mine = os.getpid()
     pids = []
     for p in Path("/proc").iterdir():
-        if not p.name.isdigit():
+        if not p.name.isdigit() or int(p.name) == mine:
             continue
         try:
             exe = os.readlink(p / "exe")
+            cmdline = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if exe.startswith(tuple(roots)):
+        if exe.startswith(root) or (
+            f"{STATE}/" in cmdline and not exe.endswith(("python3", "python"))
+        ):
             pids.append(int(p.name))
     return pids
 
@@ -213,7 +250,7 @@ def _our_pids(bin_dir: Path | None = None) -> list[int]:
 # --------------------------------------------------------------------------- teardown
 
 
-def _kill_pids(pids: list[int], timeout: float = 10) -> None:
+def _kill_pids(pids: list[int], timeout: float = 10) -> None:  # by id
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
@@ -269,16 +306,11 @@ def clean_host(before: dict[str, Any] | None) -> None:
             _rm_cgroup_tree(Path(cg))
     # 2. mounts: the kubelet's root dir (bind-mounted onto itself), volumes,
     #    containerd's rootfs/shm/netns mounts.
-    prefixes = (str(STATE), str(RUN), "/var/lib/kubelet", "/run/containerd", "/run/netns/cni-")
-    _umount_under(prefixes)
+    _umount_under(OUR_MOUNT_PREFIXES[:-1])
     # 3. network: CNI veths go with their netns; the bridge is ours.
+    for name in _node_links():  # veths first, then the bridge
+        subprocess.run(["ip", "link", "del", name], capture_output=True)
     subprocess.run(["ip", "link", "del", NODE_BRIDGE], capture_output=True)
-    if before is not None:
-        links = json.loads(sh("ip", "-j", "link", "show"))
-        for link in links:
-            name = str(link["ifname"])
-            if name.startswith("veth") and name not in before["links"]:
-                subprocess.run(["ip", "link", "del", name], capture_output=True)
     # 4. sysctls back to what they were
     if before is not None:
         for name, value in before["sysctls"].items():
@@ -289,12 +321,20 @@ def clean_host(before: dict[str, Any] | None) -> None:
     for tool in ("iptables", "ip6tables"):
         if shutil.which(tool) is None:
             continue
-        for table, chain in (("filter", "KUBE-FIREWALL"), ("mangle", "KUBE-KUBELET-CANARY"),
-                             ("nat", "KUBE-KUBELET-CANARY"), ("filter", "KUBE-KUBELET-CANARY"),
-                             ("mangle", "KUBE-IPTABLES-HINT")):
+        for table, chain in (
+            ("filter", "KUBE-FIREWALL"),
+            ("mangle", "KUBE-KUBELET-CANARY"),
+            ("nat", "KUBE-KUBELET-CANARY"),
+            ("filter", "KUBE-KUBELET-CANARY"),
+            ("mangle", "KUBE-IPTABLES-HINT"),
+        ):
             for parent in ("INPUT", "OUTPUT"):
-                while subprocess.run([tool, "-t", table, "-D", parent, "-j", chain],
-                                     capture_output=True).returncode == 0:
+                while (
+                    subprocess.run(
+                        [tool, "-t", table, "-D", parent, "-j", chain], capture_output=True
+                    ).returncode
+                    == 0
+                ):
                     pass
             subprocess.run([tool, "-t", table, "-F", chain], capture_output=True)
             subprocess.run([tool, "-t", table, "-X", chain], capture_output=True)
@@ -351,8 +391,12 @@ def _kubelet_pki(d: Path) -> None:
     )
     write("kubelet-ca", ca, ca_key)
     for stem, cn, usage, sans in (
-        ("kubelet", NODE_NAME, ExtendedKeyUsageOID.SERVER_AUTH,
-         [x509.IPAddress(ipaddress.ip_address(NODE_IP)), x509.DNSName(NODE_NAME)]),
+        (
+            "kubelet",
+            NODE_NAME,
+            ExtendedKeyUsageOID.SERVER_AUTH,
+            [x509.IPAddress(ipaddress.ip_address(NODE_IP)), x509.DNSName(NODE_NAME)],
+        ),
         ("apiserver-kubelet-client", "kube-apiserver", ExtendedKeyUsageOID.CLIENT_AUTH, []),
     ):
         key = ec.generate_private_key(ec.SECP256R1())
@@ -434,12 +478,16 @@ class Node:
     def sock(self) -> Path:
         return RUN / "containerd" / "containerd.sock"
 
-    def kubectl(self, *args: str, check: bool = True, timeout: float = 120, input: str | None = None) -> str:
+    def kubectl(
+        self, *args: str, check: bool = True, timeout: float = 120, input: str | None = None
+    ) -> str:
         assert self.cluster is not None
         cmd = [str(self.bin / "kubectl"), f"--kubeconfig={self.cluster.admin_kubeconfig()}", *args]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, input=input)
         if check and r.returncode != 0:
-            raise RuntimeError(f"kubectl {' '.join(args)}: exit {r.returncode}\n{r.stdout}{r.stderr}")
+            raise RuntimeError(
+                f"kubectl {' '.join(args)}: exit {r.returncode}\n{r.stdout}{r.stderr}"
+            )
         return r.stdout
 
     def kubectl_json(self, *args: str) -> Any:
@@ -482,8 +530,12 @@ class Node:
         self.logs.mkdir(parents=True, exist_ok=True)
         with open(self.logs / f"{name}.log", "ab") as out:
             self.procs[name] = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True, env={**os.environ, **(env or {})},
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={**os.environ, **(env or {})},
             )
 
     def log_tail(self, name: str, n: int = 40) -> str:
@@ -496,12 +548,14 @@ class Node:
             try:
                 if ok():
                     return
-            except Exception:  # noqa: BLE001
+            except Exception:
                 pass
             if proc and self.procs[proc].poll() is not None:
                 raise RuntimeError(f"{what}: {proc} exited\n{self.log_tail(proc)}")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{what} after {timeout}s\n{self.log_tail(proc) if proc else ''}")
+                raise TimeoutError(
+                    f"{what} after {timeout}s\n{self.log_tail(proc) if proc else ''}"
+                )
             time.sleep(0.3)
 
     def _start(self) -> None:
@@ -518,7 +572,9 @@ class Node:
             self.ctr("images", "import", "--base-name", base, str(self.image_dir / f))
         self.ctr("images", "import", "--base-name", "localhost/pause", str(pause_image(self.bin)))
         self.timings["image_import_s"] = round(time.monotonic() - t, 1)
-        self.cluster = NodeCluster(self.k8s_bin, workdir=STATE / "cp", authorization_mode="Node,RBAC")
+        self.cluster = NodeCluster(
+            self.k8s_bin, workdir=STATE / "cp", authorization_mode="Node,RBAC"
+        )
         self.cluster.start()
         self._controllers()
         self._kubelet()
@@ -526,22 +582,29 @@ class Node:
     def _containerd(self) -> None:
         cni_conf = STATE / "cni" / "net.d"
         cni_conf.mkdir(parents=True, exist_ok=True)
-        (cni_conf / "10-tether-node.conflist").write_text(json.dumps({
-            "cniVersion": "1.0.0",
-            "name": "tether-node",
-            "plugins": [{
-                "type": "bridge",
-                "bridge": NODE_BRIDGE,
-                "isGateway": True,
-                "ipMasq": False,  # no iptables: pods talk to each other and the node only
-                "hairpinMode": True,
-                "ipam": {
-                    "type": "host-local",
-                    "ranges": [[{"subnet": POD_CIDR, "gateway": NODE_IP}]],
-                    "dataDir": str(STATE / "cni" / "ipam"),
+        (cni_conf / "10-tether-node.conflist").write_text(
+            json.dumps(
+                {
+                    "cniVersion": "1.0.0",
+                    "name": "tether-node",
+                    "plugins": [
+                        {
+                            "type": "bridge",
+                            "bridge": NODE_BRIDGE,
+                            "isGateway": True,
+                            "ipMasq": False,  # no iptables: pod to pod and pod to node only
+                            "hairpinMode": True,
+                            "ipam": {
+                                "type": "host-local",
+                                "ranges": [[{"subnet": POD_CIDR, "gateway": NODE_IP}]],
+                                "dataDir": str(STATE / "cni" / "ipam"),
+                            },
+                        }
+                    ],
                 },
-            }],
-        }, indent=1))
+                indent=1,
+            )
+        )
         cfg = STATE / "containerd.toml"
         cfg.write_text(f"""
 version = 3
@@ -561,40 +624,57 @@ state = "{RUN}/containerd"
   netns_mounts_under_state_dir = true
   enable_selinux = false
 [plugins."io.containerd.cri.v1.runtime".cni]
-  bin_dirs = ["{self.bin / 'cni'}"]
+  bin_dirs = ["{self.bin / "cni"}"]
   conf_dir = "{cni_conf}"
 [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
   runtime_type = "io.containerd.runc.v2"
 [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc.options]
   SystemdCgroup = false
-  BinaryName = "{self.bin / 'runc'}"
+  BinaryName = "{self.bin / "runc"}"
 [plugins."io.containerd.grpc.v1.cri"]
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
 """)
         path = f"{self.bin}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"
-        self._spawn("containerd", [str(self.bin / "containerd"), "--config", str(cfg)], {"PATH": path})
+        self._spawn(
+            "containerd", [str(self.bin / "containerd"), "--config", str(cfg)], {"PATH": path}
+        )
         self._wait(lambda: self.ctr("version") is not None, "containerd", "containerd", 60)
 
     def _controllers(self) -> None:
         assert self.cluster is not None and self.cluster.workdir is not None
         kc = str(self.cluster.admin_kubeconfig())
         pki = self.cluster.workdir / "pki"
-        self._spawn("kube-controller-manager", [
-            str(self.bin / "kube-controller-manager"),
-            f"--kubeconfig={kc}", f"--authentication-kubeconfig={kc}", f"--authorization-kubeconfig={kc}",
-            "--leader-elect=false", "--bind-address=127.0.0.1", "--secure-port=0",
-            f"--root-ca-file={pki / 'ca.crt'}",
-            f"--service-account-private-key-file={pki / 'sa.key'}",
-            "--use-service-account-credentials=false",
-            "--controllers=*,-nodeipam,-cloud-node-lifecycle,-service-lb-controller,-node-route-controller",
-            "--v=1",
-        ])
-        self._spawn("kube-scheduler", [
-            str(self.bin / "kube-scheduler"),
-            f"--kubeconfig={kc}", f"--authentication-kubeconfig={kc}", f"--authorization-kubeconfig={kc}",
-            "--leader-elect=false", "--bind-address=127.0.0.1", "--secure-port=0", "--v=1",
-        ])
+        self._spawn(
+            "kube-controller-manager",
+            [
+                str(self.bin / "kube-controller-manager"),
+                f"--kubeconfig={kc}",
+                f"--authentication-kubeconfig={kc}",
+                f"--authorization-kubeconfig={kc}",
+                "--leader-elect=false",
+                "--bind-address=127.0.0.1",
+                "--secure-port=0",
+                f"--root-ca-file={pki / 'ca.crt'}",
+                f"--service-account-private-key-file={pki / 'sa.key'}",
+                "--use-service-account-credentials=false",
+                "--controllers=*,-nodeipam,-cloud-node-lifecycle,-service-lb-controller,-node-route-controller",
+                "--v=1",
+            ],
+        )
+        self._spawn(
+            "kube-scheduler",
+            [
+                str(self.bin / "kube-scheduler"),
+                f"--kubeconfig={kc}",
+                f"--authentication-kubeconfig={kc}",
+                f"--authorization-kubeconfig={kc}",
+                "--leader-elect=false",
+                "--bind-address=127.0.0.1",
+                "--secure-port=0",
+                "--v=1",
+            ],
+        )
 
     def _kubelet(self) -> None:
         assert self.cluster is not None and self.cluster.workdir is not None
@@ -602,38 +682,47 @@ state = "{RUN}/containerd"
         root = STATE / "kubelet"
         root.mkdir(parents=True, exist_ok=True)
         cfg = STATE / "kubelet.yaml"
-        cfg.write_text(json.dumps({
-            "apiVersion": "kubelet.config.k8s.io/v1beta1",
-            "kind": "KubeletConfiguration",
-            "address": NODE_IP,
-            "port": 10250,
-            "readOnlyPort": 0,
-            "healthzBindAddress": "127.0.0.1",
-            "healthzPort": 10248,
-            "cgroupDriver": "cgroupfs",
-            "failCgroupV1": False,
-            "failSwapOn": False,
-            "containerRuntimeEndpoint": f"unix://{self.sock}",
-            "tlsCertFile": str(pki / "kubelet.crt"),
-            "tlsPrivateKeyFile": str(pki / "kubelet.key"),
-            "authentication": {
-                "anonymous": {"enabled": False},
-                "webhook": {"enabled": False},
-                "x509": {"clientCAFile": str(pki / "kubelet-ca.crt")},
-            },
-            "authorization": {"mode": "AlwaysAllow"},
-            "clusterDomain": "cluster.local",
-            "resolvConf": "/etc/resolv.conf",
-            "podLogsDir": str(STATE / "pod-logs"),
-            "evictionHard": {"memory.available": "50Mi", "nodefs.available": "1%",
-                             "imagefs.available": "1%", "nodefs.inodesFree": "1%"},
-            "imageGCHighThresholdPercent": 100,
-            "serializeImagePulls": False,
-            "syncFrequency": "10s",
-            "fileCheckFrequency": "10s",
-            "nodeStatusUpdateFrequency": "5s",
-            "registerNode": True,
-        }, indent=1))
+        cfg.write_text(
+            json.dumps(
+                {
+                    "apiVersion": "kubelet.config.k8s.io/v1beta1",
+                    "kind": "KubeletConfiguration",
+                    "address": NODE_IP,
+                    "port": 10250,
+                    "readOnlyPort": 0,
+                    "healthzBindAddress": "127.0.0.1",
+                    "healthzPort": 10248,
+                    "cgroupDriver": "cgroupfs",
+                    "failCgroupV1": False,
+                    "failSwapOn": False,
+                    "containerRuntimeEndpoint": f"unix://{self.sock}",
+                    "tlsCertFile": str(pki / "kubelet.crt"),
+                    "tlsPrivateKeyFile": str(pki / "kubelet.key"),
+                    "authentication": {
+                        "anonymous": {"enabled": False},
+                        "webhook": {"enabled": False},
+                        "x509": {"clientCAFile": str(pki / "kubelet-ca.crt")},
+                    },
+                    "authorization": {"mode": "AlwaysAllow"},
+                    "clusterDomain": "cluster.local",
+                    "resolvConf": "/etc/resolv.conf",
+                    "podLogsDir": str(STATE / "pod-logs"),
+                    "evictionHard": {
+                        "memory.available": "50Mi",
+                        "nodefs.available": "1%",
+                        "imagefs.available": "1%",
+                        "nodefs.inodesFree": "1%",
+                    },
+                    "imageGCHighThresholdPercent": 100,
+                    "serializeImagePulls": False,
+                    "syncFrequency": "10s",
+                    "fileCheckFrequency": "10s",
+                    "nodeStatusUpdateFrequency": "5s",
+                    "registerNode": True,
+                },
+                indent=1,
+            )
+        )
         cg = Path(KUBELET_CGROUP)
         cg.mkdir(parents=True, exist_ok=True)
         cmd = [
@@ -678,7 +767,9 @@ state = "{RUN}/containerd"
             p.terminate()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(15)
-        before = self.before or (json.loads(HOST_BEFORE.read_text()) if HOST_BEFORE.exists() else None)
+        before = self.before or (
+            json.loads(HOST_BEFORE.read_text()) if HOST_BEFORE.exists() else None
+        )
         # keep the logs for a failed run's post-mortem
         keep = Path("/tmp/tether-node-logs")
         if self.logs.exists():

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.node.node import NODE_IP, NODE_NAME, OVERLAY, REPO, Node
+from tests.node.node import NODE_IP, OVERLAY, REPO, Node
 
 NS = "shop"
 AGENT_NS = "tether-system"
@@ -42,7 +42,7 @@ def wait_for(fn: Any, what: str, timeout: float = 60, interval: float = 0.2) -> 
             last = fn()
             if last:
                 return last
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             last = e
         time.sleep(interval)
     raise TimeoutError(f"{what}: not after {timeout}s (last: {last!r})")
@@ -69,8 +69,11 @@ def restarts(p: dict[str, Any]) -> int:
 
 
 def agent_pod(node: Node) -> dict[str, Any]:
-    ps = [p for p in pods(node, AGENT_NS, "app.kubernetes.io/name=tether-agent")
-          if not p["metadata"].get("deletionTimestamp")]
+    ps = [
+        p
+        for p in pods(node, AGENT_NS, "app.kubernetes.io/name=tether-agent")
+        if not p["metadata"].get("deletionTimestamp")
+    ]
     assert len(ps) == 1, [p["metadata"]["name"] for p in ps]
     return ps[0]
 
@@ -79,7 +82,15 @@ def agent_get(node: Node, path: str) -> Any:
     """GET on the agent's admin port (127.0.0.1:15000), from inside its pod."""
     name = agent_pod(node)["metadata"]["name"]
     out = node.kubectl(
-        "exec", "-n", AGENT_NS, name, "-c", "agent", "--", "python3", "-c",
+        "exec",
+        "-n",
+        AGENT_NS,
+        name,
+        "-c",
+        "agent",
+        "--",
+        "python3",
+        "-c",
         f"import urllib.request as u; print(u.urlopen('http://127.0.0.1:15000{path}').read().decode())",
     )
     return json.loads(out)
@@ -135,22 +146,41 @@ def test_install(node: Node) -> None:
     node.kubectl("apply", "-f", str(REPO / "daemonset" / "namespace.yaml"))
     root = Path(node.cluster.workdir) / "tether-ca-root"  # type: ignore[union-attr]
     CertificateAuthority.generate("cluster.local").save(str(root))
-    node.kubectl("-n", AGENT_NS, "create", "secret", "generic", "tether-ca-root",
-                 f"--from-file={root / 'ca-key.pem'}", f"--from-file={root / 'ca-cert.pem'}")
-    node.kubectl("-n", AGENT_NS, "create", "configmap", "tether-ca-root-cert",
-                 f"--from-file=root-cert.pem={root / 'root-cert.pem'}")
+    node.kubectl(
+        "-n",
+        AGENT_NS,
+        "create",
+        "secret",
+        "generic",
+        "tether-ca-root",
+        f"--from-file={root / 'ca-key.pem'}",
+        f"--from-file={root / 'ca-cert.pem'}",
+    )
+    node.kubectl(
+        "-n",
+        AGENT_NS,
+        "create",
+        "configmap",
+        "tether-ca-root-cert",
+        f"--from-file=root-cert.pem={root / 'root-cert.pem'}",
+    )
     t0 = time.monotonic()
     node.kubectl("apply", "-k", str(OVERLAY))
     try:
-        node.kubectl("-n", AGENT_NS, "rollout", "status", "deploy/tether-ca", "--timeout=180s",
-                     timeout=200)
-        node.kubectl("-n", AGENT_NS, "rollout", "status", "ds/tether-agent", "--timeout=300s",
-                     timeout=320)
+        node.kubectl(
+            "-n", AGENT_NS, "rollout", "status", "deploy/tether-ca", "--timeout=180s", timeout=200
+        )
+        node.kubectl(
+            "-n", AGENT_NS, "rollout", "status", "ds/tether-agent", "--timeout=300s", timeout=320
+        )
     except Exception:
         print(node.kubectl("get", "pods", "-A", "-o", "wide", check=False))
         print(node.kubectl("-n", AGENT_NS, "describe", "pods", check=False)[-6000:])
-        print(node.kubectl("-n", AGENT_NS, "logs", "ds/tether-agent", "-c", "agent",
-                           "--tail=60", check=False))
+        print(
+            node.kubectl(
+                "-n", AGENT_NS, "logs", "ds/tether-agent", "-c", "agent", "--tail=60", check=False
+            )
+        )
         print(node.log_tail("kubelet", 60))
         raise
     _report("apply_to_agent_ready_s", round(time.monotonic() - t0, 1))
@@ -166,8 +196,11 @@ def test_workloads_captured(node: Node) -> None:
     node.kubectl("label", "namespace", NS, "istio.io/dataplane-mode=ambient")
     t0 = time.monotonic()
     node.kubectl("apply", "-f", "-", input=WORKLOADS)
-    wait_for(lambda: len(pods(node, NS)) == 3 and all(ready(p) for p in pods(node, NS)),
-             "echo and client pods Ready", 120)
+    wait_for(
+        lambda: len(pods(node, NS)) == 3 and all(ready(p) for p in pods(node, NS)),
+        "echo and client pods Ready",
+        120,
+    )
     _report("apply_to_workloads_ready_s", round(time.monotonic() - t0, 1))
     wait_for(lambda: all(captured(p) for p in pods(node, NS)), "pods annotated", 60)
     _report("workloads_ready_to_captured_s", round(time.monotonic() - t0, 1))
@@ -187,23 +220,50 @@ def test_connection_identities_and_source_ip(node: Node) -> None:
     client = next(p for p in pods(node, NS, "app=client"))
     client_ip = client["status"]["podIP"]
     server_ip = _echo_ips(node)[0]
-    out = node.kubectl("exec", "-n", NS, "client", "--", "python3", "/app/echo.py", "get",
-                       f"http://{server_ip}:8080/hello")
+    out = node.kubectl(
+        "exec",
+        "-n",
+        NS,
+        "client",
+        "--",
+        "python3",
+        "/app/echo.py",
+        "get",
+        f"http://{server_ip}:8080/hello",
+    )
     body = json.loads(out)
     # Source IP kept: the server sees the client pod's address, not the node's.
     assert body["peer"].rsplit(":", 1)[0] == client_ip, body
-    out = node.kubectl("exec", "-n", NS, "client", "--", "python3", "/app/echo.py", "tcp",
-                       server_ip, "9000", "ping")
+    out = node.kubectl(
+        "exec",
+        "-n",
+        NS,
+        "client",
+        "--",
+        "python3",
+        "/app/echo.py",
+        "tcp",
+        server_ip,
+        "9000",
+        "ping",
+    )
     assert out.splitlines()[0].startswith(f"peer {client_ip}:"), out
     assert "ping" in out
     want_src = f"spiffe://cluster.local/ns/{NS}/sa/default"
 
     def seen() -> list[dict[str, Any]]:
         conns = agent_get(node, "/connections")
-        items = conns if isinstance(conns, list) else conns.get("recent", []) + conns.get("open", [])
-        return [c for c in items if isinstance(c, dict)
-                and str(c.get("dst", "")).startswith(server_ip)
-                and c.get("src_identity") == want_src and c.get("dst_identity") == want_src]
+        items = (
+            conns if isinstance(conns, list) else conns.get("recent", []) + conns.get("open", [])
+        )
+        return [
+            c
+            for c in items
+            if isinstance(c, dict)
+            and str(c.get("dst", "")).startswith(server_ip)
+            and c.get("src_identity") == want_src
+            and c.get("dst_identity") == want_src
+        ]
 
     conns = wait_for(seen, "connection with both identities at the agent", 20)
     _report("connection_record", conns[0])
@@ -215,8 +275,17 @@ def test_probes_keep_passing(node: Node) -> None:
     name = pods(node, NS, "app=echo")[0]["metadata"]["name"]
 
     def count() -> int:
-        out = node.kubectl("exec", "-n", NS, name, "--", "python3", "/app/echo.py", "get",
-                           "http://127.0.0.1:8080/probes")
+        out = node.kubectl(
+            "exec",
+            "-n",
+            NS,
+            name,
+            "--",
+            "python3",
+            "/app/echo.py",
+            "get",
+            "http://127.0.0.1:8080/probes",
+        )
         return int(json.loads(out).get(NODE_IP, 0))
 
     c0 = count()
@@ -233,8 +302,9 @@ def test_label_off_on(node: Node) -> None:
     wait_for(lambda: not any(captured(p) for p in pods(node, NS)), "annotations removed", 60)
     t0 = time.monotonic()
     node.kubectl("label", "namespace", NS, "istio.io/dataplane-mode=ambient")
-    wait_for(lambda: all(captured(p) for p in pods(node, NS)), "pods captured again", 60,
-             interval=0.05)
+    wait_for(
+        lambda: all(captured(p) for p in pods(node, NS)), "pods captured again", 60, interval=0.05
+    )
     _report("label_to_capture_s", round(time.monotonic() - t0, 2))
     for p in pods(node, NS):
         assert restarts(p) == 0 and ready(p), p["status"]
@@ -244,9 +314,20 @@ def test_pod_recreated_is_captured(node: Node) -> None:
     old = pods(node, NS, "app=echo")[0]["metadata"]["name"]
     node.kubectl("delete", "pod", "-n", NS, old, "--wait=true")
     t0 = time.monotonic()
-    wait_for(lambda: len([p for p in pods(node, NS, "app=echo") if ready(p) and captured(p)
-                          and p["metadata"]["name"] != old]) == 2,
-             "replacement pod Ready and captured", 90)
+    wait_for(
+        lambda: (
+            len(
+                [
+                    p
+                    for p in pods(node, NS, "app=echo")
+                    if ready(p) and captured(p) and p["metadata"]["name"] != old
+                ]
+            )
+            == 2
+        ),
+        "replacement pod Ready and captured",
+        90,
+    )
     _report("recreated_pod_ready_and_captured_s", round(time.monotonic() - t0, 1))
     test_connection_identities_and_source_ip(node)
 
@@ -256,7 +337,8 @@ def _cgroup_stat(pod_uid: str) -> tuple[float, int]:
     uid = pod_uid.replace("-", "_")
     for base in ("/sys/fs/cgroup/cpu,cpuacct", "/sys/fs/cgroup/cpuacct"):
         hits = list(Path(base).glob(f"kubepods/**/pod{pod_uid}")) or list(
-            Path(base).glob(f"kubepods/**/pod{uid}"))
+            Path(base).glob(f"kubepods/**/pod{uid}")
+        )
         if hits:
             cpu = int((hits[0] / "cpuacct.usage").read_text()) / 1e9
             break
@@ -299,12 +381,16 @@ def test_uninstall_leaves_nothing(node: Node) -> None:
     node.kubectl("label", "namespace", NS, "istio.io/dataplane-mode-")
     wait_for(lambda: not any(captured(p) for p in pods(node, NS)), "unenrolled", 60)
     node.kubectl("-n", AGENT_NS, "delete", "ds", "tether-agent", "--wait=true", timeout=400)
-    cleanup = (REPO / "daemonset" / "cleanup.yaml").read_text().replace(
-        "image: tether\n", "image: localhost/tether:0.1.0\n").replace(
-        "imagePullPolicy: IfNotPresent", "imagePullPolicy: Never")
+    cleanup = (
+        (REPO / "daemonset" / "cleanup.yaml")
+        .read_text()
+        .replace("image: tether\n", "image: localhost/tether:0.1.0\n")
+        .replace("imagePullPolicy: IfNotPresent", "imagePullPolicy: Never")
+    )
     node.kubectl("apply", "-f", "-", input=cleanup)
-    node.kubectl("-n", AGENT_NS, "rollout", "status", "ds/tether-cleanup", "--timeout=120s",
-                 timeout=150)
+    node.kubectl(
+        "-n", AGENT_NS, "rollout", "status", "ds/tether-cleanup", "--timeout=120s", timeout=150
+    )
     report = node.kubectl("-n", AGENT_NS, "logs", "ds/tether-cleanup", "-c", "cleanup")
     _report("cleanup_report", report.strip()[-2000:])
     node.kubectl("delete", "-f", "-", input=cleanup)
@@ -335,5 +421,8 @@ def test_zz_host_restored(node: Node) -> None:
 def _stop_after_failure(request: pytest.FixtureRequest) -> None:
     """Later tests depend on earlier ones: skip the rest after a failure
     (the host teardown still runs through the fixture)."""
-    if getattr(request.session, "_node_failed", False) and request.node.name != "test_zz_host_restored":
+    if (
+        getattr(request.session, "_node_failed", False)
+        and request.node.name != "test_zz_host_restored"
+    ):
         pytest.skip("an earlier node-tier test failed")

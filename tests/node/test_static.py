@@ -42,10 +42,12 @@ def test_dockerfile_installs_the_shared_package_list() -> None:
 def test_build_sh_installs_the_same_way() -> None:
     sh = (IMAGE / "build.sh").read_text()
     df = (REPO / "daemonset" / "Dockerfile").read_text()
-    assert 'PKGS_FILE=$HERE/packages.txt' in sh
+    assert "PKGS_FILE=$HERE/packages.txt" in sh
     assert "SUITE=${SUITE:-bookworm}" in sh
-    for step in ("python3 -m venv --system-site-packages /opt/tether",
-                 'python -c "import bcc, agent.cli"'):
+    for step in (
+        "python3 -m venv --system-site-packages /opt/tether",
+        'python -c "import bcc, agent.cli"',
+    ):
         assert step in sh and step in df, step
     assert "pip install -q /src" in sh and "pip install --no-cache-dir /src" in df
     assert "PATH=/opt/tether/bin:" in sh and "PATH=/opt/tether/bin:" in df
