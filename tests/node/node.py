@@ -157,6 +157,15 @@ def _kubepods_cgroups() -> list[str]:
     return found
 
 
+def _bpffs_shared() -> bool | None:
+    """Is /sys/fs/bpf a shared mount (None: not mounted)?"""
+    for ln in Path("/proc/self/mountinfo").read_text().splitlines():
+        f = ln.split()
+        if f[4] == "/sys/fs/bpf":
+            return any(x.startswith("shared:") for x in f[6 : f.index("-")])
+    return None
+
+
 def _mounts() -> list[str]:
     pts = []
     for ln in Path("/proc/self/mountinfo").read_text().splitlines():
@@ -200,6 +209,7 @@ def host_snapshot() -> dict[str, Any]:
         "iptables": _iptables_chains(),
         "paths": sorted(p for p in (*FIXED_PATHS, str(STATE), str(RUN)) if os.path.lexists(p)),
         "bpf_pins": sorted(str(p) for p in Path("/sys/fs/bpf").glob("tether")),
+        "bpffs_shared": _bpffs_shared(),
         "processes": sorted(_our_pids()),
     }
 
@@ -311,7 +321,9 @@ def clean_host(before: dict[str, Any] | None) -> None:
     for name in _node_links():  # veths first, then the bridge
         subprocess.run(["ip", "link", "del", name], capture_output=True)
     subprocess.run(["ip", "link", "del", NODE_BRIDGE], capture_output=True)
-    # 4. sysctls back to what they were
+    # 4. /sys/fs/bpf propagation and sysctls back to what they were
+    if before is not None and before.get("bpffs_shared") is False and _bpffs_shared():
+        subprocess.run(["mount", "--make-private", "/sys/fs/bpf"], capture_output=True)
     if before is not None:
         for name, value in before["sysctls"].items():
             if value and _sysctl(name) != value:
@@ -565,6 +577,13 @@ class Node:
         sh("ip", "link", "add", NODE_BRIDGE, "type", "bridge")
         sh("ip", "addr", "add", f"{NODE_IP}/24", "dev", NODE_BRIDGE)
         sh("ip", "link", "set", NODE_BRIDGE, "up")
+        # The DaemonSet's bpffs init container mounts with Bidirectional
+        # propagation (the agent with HostToContainer): the runtime refuses
+        # unless the host's /sys/fs/bpf is a shared mount. systemd makes every
+        # mount shared on a real node; this machine has no systemd. Undone in
+        # teardown.
+        if self.before.get("bpffs_shared") is False:
+            sh("mount", "--make-shared", "/sys/fs/bpf")
         self._containerd()
         t = time.monotonic()
         for name, f in IMAGES.items():
