@@ -88,7 +88,9 @@ def node() -> Iterator[Node]:
     try:
         yield n
     finally:
-        n.teardown()  # test_node.py's last test tears down and checks the host
+        diff = n.teardown()  # test_node.py's last test tears down and checks the host
+        if diff:
+            print(f"[node tier] host not restored by teardown: {diff}")
 
 
 @pytest.hookimpl(hookwrapper=True)
