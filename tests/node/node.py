@@ -61,6 +61,7 @@ FIXED_PATHS = (
     "/etc/cni",
     "/opt/cni",
     "/run/netns",
+    "/run/tether",  # the agent's state dir (hostPath /var/run/tether)
 )
 SYSCTLS = (
     "vm/overcommit_memory",
@@ -314,6 +315,28 @@ def clean_host(before: dict[str, Any] | None) -> None:
     for cg in _kubepods_cgroups():
         if not before or cg not in before.get("cgroups", []):
             _rm_cgroup_tree(Path(cg))
+    # 1b. the agent's pins and per-pod state, when the run did not get as far
+    #     as the uninstall (which runs the cleanup DaemonSet): `tether cleanup`
+    #     on the host, only if the pins were not there before the run.
+    pins = Path("/sys/fs/bpf/tether")
+    if pins.exists() and (before is None or str(pins) not in before.get("bpf_pins", [])):
+        import sys
+
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "agent.cli",
+                "cleanup",
+                "--pin-dir",
+                str(pins),
+                "--state-dir",
+                "/run/tether",
+            ],
+            capture_output=True,
+            cwd=REPO,
+            timeout=120,
+        )
     # 2. mounts: the kubelet's root dir (bind-mounted onto itself), volumes,
     #    containerd's rootfs/shm/netns mounts.
     _umount_under(OUR_MOUNT_PREFIXES[:-1])

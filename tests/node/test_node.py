@@ -253,9 +253,7 @@ def test_connection_identities_and_source_ip(node: Node) -> None:
 
     def seen() -> list[dict[str, Any]]:
         conns = agent_get(node, "/connections")
-        items = (
-            conns if isinstance(conns, list) else conns.get("recent", []) + conns.get("open", [])
-        )
+        items = conns.get("open", []) + conns.get("closed", [])
         return [
             c
             for c in items
