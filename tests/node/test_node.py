@@ -392,7 +392,8 @@ def test_uninstall_leaves_nothing(node: Node) -> None:
     report = node.kubectl("-n", AGENT_NS, "logs", "ds/tether-cleanup", "-c", "cleanup")
     _report("cleanup_report", report.strip()[-2000:])
     node.kubectl("delete", "-f", "-", input=cleanup)
-    node.kubectl("delete", "-k", str(OVERLAY), "--wait=true", timeout=300)
+    # README step 4; the DaemonSet is already gone (step 2)
+    node.kubectl("delete", "-k", str(OVERLAY), "--ignore-not-found", "--wait=true", timeout=300)
     node.kubectl("delete", "namespace", NS, "--wait=true", timeout=120)
     # Nothing of what the agent held is left in the kernel: every link, program
     # and map seen under its pins while it ran is gone (by id, so other tether
