@@ -369,6 +369,77 @@ def test_agent_at_rest(node: Node) -> None:
     _report("agent_cpu_at_rest_pct", round((cpu1 - cpu0) / 20 * 100, 2))
 
 
+LIVE_CLIENT = """
+import socket, sys, time
+s = socket.create_connection((sys.argv[1], 9000), timeout=10)
+f = s.makefile("rwb")
+f.readline()
+ok, end = 0, time.time() + float(sys.argv[2])
+while time.time() < end:
+    f.write(b"x\\n"); f.flush()
+    line = f.readline()
+    if line != b"x\\n":
+        print("BROKEN after", ok, repr(line)); sys.exit(1)
+    ok += 1
+    time.sleep(0.2)
+print("OK", ok)
+"""
+
+
+def test_rolling_update_keeps_connections(node: Node) -> None:
+    """Stretch: a new image rolls the DaemonSet with a surge; a TCP connection
+    open through the old agent keeps working across the handoff."""
+    import subprocess
+
+    node.ctr("images", "tag", "--force", "localhost/tether:0.1.0", "localhost/tether:0.1.1")
+    old = agent_pod(node)["metadata"]["name"]
+    server_ip = _echo_ips(node)[0]
+    assert node.cluster is not None
+    live = subprocess.Popen(
+        [
+            str(node.bin / "kubectl"),
+            f"--kubeconfig={node.cluster.admin_kubeconfig()}",
+            "exec",
+            "-n",
+            NS,
+            "client",
+            "--",
+            "python3",
+            "-c",
+            LIVE_CLIENT,
+            server_ip,
+            "110",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    time.sleep(5)
+    t0 = time.monotonic()
+    node.kubectl(
+        "-n",
+        AGENT_NS,
+        "set",
+        "image",
+        "ds/tether-agent",
+        "agent=localhost/tether:0.1.1",
+        "mount-bpffs=localhost/tether:0.1.1",
+    )
+    node.kubectl(
+        "-n", AGENT_NS, "rollout", "status", "ds/tether-agent", "--timeout=240s", timeout=260
+    )
+    wait_for(lambda: agent_pod(node)["metadata"]["name"] != old, "old agent pod gone", 120)
+    _report("rolling_update_s", round(time.monotonic() - t0, 1))
+    new = agent_pod(node)
+    assert ready(new) and restarts(new) == 0
+    out, _ = live.communicate(timeout=200)
+    _report("live_connection_across_update", out.strip()[-300:])
+    assert live.returncode == 0 and out.strip().splitlines()[-1].startswith("OK"), out
+    for p in pods(node, NS):
+        assert captured(p) and ready(p) and restarts(p) == 0, p["status"]
+    test_connection_identities_and_source_ip(node)
+
+
 # --------------------------------------------------------------------------- uninstall
 
 
