@@ -47,6 +47,23 @@ test-kernels: setup
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(KERNEL_TOOLS); }
 	TETHER_KERNELS=1 $(PY) -m pytest -ra $(PYTEST_ARGS) tests/kernels
 
+# A real Kubernetes node on this machine (kubelet, containerd, runc built from
+# Go modules; tests/node/README.md) with daemonset/ applied by kubectl.
+# Opt-in; cold builds take tens of minutes, and it needs the machine to itself
+# (fixed paths and ports, an flock).
+.PHONY: test-node image
+NODE_TOOLS := debootstrap libseccomp-dev gcc
+test-node: setup
+	@command -v debootstrap >/dev/null && dpkg -s libseccomp-dev >/dev/null 2>&1 || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(NODE_TOOLS); }
+	TETHER_NODE=1 $(PY) -m pytest -ra -s $(PYTEST_ARGS) tests/node
+
+# The tether image without Docker (daemonset/image/build.sh): OCI archives.
+image:
+	@command -v debootstrap >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends debootstrap; }
+	daemonset/image/build.sh
+
 lint: setup
 	$(VENV)/bin/ruff check agent tests waypoint
 	$(VENV)/bin/ruff format --check agent tests waypoint
