@@ -150,7 +150,7 @@ chroot "$R" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \
     PIP_CERT=/tmp/host-ca.crt PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     /bin/sh -ec '
         python3 -m venv --system-site-packages /opt/tether
-        /opt/tether/bin/pip install -q /src
+        /opt/tether/bin/pip install -q "/src[fast,waypoint]"
         /opt/tether/bin/python -c "import bcc, agent.cli"
         /opt/tether/bin/pip freeze >/opt/tether/requirements.lock
     '

@@ -49,7 +49,9 @@ def test_build_sh_installs_the_same_way() -> None:
         'python -c "import bcc, agent.cli"',
     ):
         assert step in sh and step in df, step
-    assert "pip install -q /src" in sh and "pip install --no-cache-dir /src" in df
+    # the same extras: uvloop, and Envoy for waypoints
+    assert 'pip install -q "/src[fast,waypoint]"' in sh
+    assert 'pip install --no-cache-dir "/src[fast,waypoint]"' in df
     assert "PATH=/opt/tether/bin:" in sh and "PATH=/opt/tether/bin:" in df
     assert "--config.entrypoint tether --config.cmd --help" in sh
     assert 'ENTRYPOINT ["tether"]' in df and 'CMD ["--help"]' in df
