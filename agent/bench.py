@@ -1131,7 +1131,8 @@ MEM_CONNS = 1000
 MEM_PORT = 7100
 _HOLD_SCRIPT = r"""
 import resource, socket, sys
-resource.setrlimit(resource.RLIMIT_NOFILE, (8192, 8192))
+hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 mode, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
 if mode == "serve":
     s = socket.socket()
@@ -1388,9 +1389,10 @@ def main(
     cross_only: bool = False,
     variants: dict[str, dict[str, str]] | None = None,
     workload: str = "throughput",
+    connections: int = MEM_CONNS,
 ) -> int:
     if what == "memory":
-        mreport = run_memory()
+        mreport = run_memory(conns=connections)
         print(json.dumps(mreport, indent=1) if json_out else _format_memory(mreport))
         return 0
     if what == "tunnel":

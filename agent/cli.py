@@ -108,6 +108,7 @@ def _cmd_bench(a: argparse.Namespace) -> int:
         cross_only=a.cross_only,
         variants=variants,
         workload=a.workload,
+        connections=a.connections,
     )
 
 
@@ -198,6 +199,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true")
     b.add_argument("--out", default="profile", help="profile: where py-spy's stacks go")
     b.add_argument("--runs", type=int, default=1, help="tunnel: runs, medians reported")
+    b.add_argument("--connections", type=int, default=1000, help="memory: open connections to hold")
     b.add_argument(
         "--workload", choices=["throughput", "connections"], default="throughput", help="profile"
     )
