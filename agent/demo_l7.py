@@ -18,13 +18,11 @@ import contextlib
 import json
 import os
 import time
-import urllib.request
 from collections.abc import Callable
 from typing import Any
 
-from agent import netns
 from agent.datapath import inventory
-from agent.sim.harness import AgentNode, Cluster
+from agent.sim.harness import AgentNode, Cluster, envoy_stats
 from agent.sim.topology import Pod, Testbed
 
 NS = "blog"
@@ -223,18 +221,7 @@ class Act:
         return dict(p)
 
     def envoy_stats(self) -> dict[str, int]:
-        """Envoy's own counters, from its admin port in the waypoint pod."""
-        with (
-            netns.entered(self.wp_pod.netns_path),
-            urllib.request.urlopen("http://127.0.0.1:15000/stats?usedonly", timeout=5) as r,
-        ):
-            text = r.read().decode()
-        out: dict[str, int] = {}
-        for line in text.splitlines():
-            name, _, value = line.rpartition(": ")
-            if value.strip().isdigit():
-                out[name] = int(value)
-        return out
+        return envoy_stats(self.wp_pod)
 
     def ready(self) -> bool:
         p = self.proxy()

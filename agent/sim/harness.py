@@ -346,3 +346,19 @@ def classify(result: dict[str, Any], conns: Iterable[dict[str, Any]]) -> tuple[s
     ins = [c for c in conns if c["direction"] == "inbound" and c["delivered_as"] == server_saw]
     out = ("captured" + (" (sk_msg)" if outs[0]["spliced"] else "")) if outs else "direct"
     return out, "captured" if ins else "direct"
+
+
+def envoy_stats(wp_pod: Pod) -> dict[str, int]:
+    """A waypoint Envoy's own counters, from its admin port (127.0.0.1:15000
+    inside the waypoint pod's netns)."""
+    with (
+        netns.entered(wp_pod.netns_path),
+        urllib.request.urlopen("http://127.0.0.1:15000/stats?usedonly", timeout=5) as r,
+    ):
+        text = r.read().decode()
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        name, _, value = line.rpartition(": ")
+        if value.strip().isdigit():
+            out[name] = int(value)
+    return out

@@ -18,7 +18,6 @@ import json
 import os
 import signal
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -31,9 +30,8 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="netns tier needs root
 
 require_waypoint_extra()
 
-from agent import netns  # noqa: E402
 from agent.identity.spiffe import SpiffeId  # noqa: E402
-from agent.sim.harness import AgentNode, Cluster, cluster_nodes  # noqa: E402
+from agent.sim.harness import AgentNode, Cluster, cluster_nodes, envoy_stats  # noqa: E402
 from agent.sim.topology import Pod  # noqa: E402
 from waypoint.envoy import EnvoyNotInstalled, envoy_binary  # noqa: E402
 
@@ -158,17 +156,7 @@ class Mesh:
         return dict(p)
 
     def envoy_stats(self) -> dict[str, int]:
-        with (
-            netns.entered(self.wp_pod.netns_path),
-            urllib.request.urlopen("http://127.0.0.1:15000/stats?usedonly", timeout=5) as r,
-        ):
-            text = r.read().decode()
-        out: dict[str, int] = {}
-        for line in text.splitlines():
-            name, _, value = line.rpartition(": ")
-            if value.strip().isdigit():
-                out[name] = int(value)
-        return out
+        return envoy_stats(self.wp_pod)
 
     def push(self) -> int:
         """Rewrite the configs; returns node 1's next generation to wait for."""
