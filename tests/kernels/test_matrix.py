@@ -7,10 +7,12 @@ reason, and no test failed.  A failure names the kernel, the program or test,
 and the verifier's or pytest's message.  The per-kernel summary table is
 printed in the terminal summary, on success too.
 
-Opt-in: it takes minutes (about 3 per kernel under TCG, once the images are
-cached) and builds images from Debian's mirror on first use, so it runs only
-with TETHER_KERNELS=1 (`make test-kernels`, which CI runs).  When opted in, a
-missing prerequisite (not root, no qemu) fails instead of skipping.
+Opt-in: it takes tens of minutes (under TCG each guest runs about 12x slower
+than the host; the runner boots the three guests side by side, one host core
+each, once the images are cached) and builds images from Debian's mirror on
+first use, so it runs only with TETHER_KERNELS=1 (`make test-kernels`, which
+CI runs).  When opted in, a missing prerequisite (not root, no qemu) fails
+instead of skipping.
 
 TETHER_KERNEL_LINES picks the lines (default 5.10,6.1,6.12);
 TETHER_KERNEL_TIERS the tiers (default bpf,netns-smoke).

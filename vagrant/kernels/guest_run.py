@@ -132,6 +132,7 @@ def run_tier(name: str, args: list[str], extra: list[str]) -> dict[str, Any]:
         "-p",
         "no:cacheprovider",
         f"--junitxml={junit}",
+        "--durations=15",
         *extra,
         *args,
     ]

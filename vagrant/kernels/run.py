@@ -17,6 +17,7 @@ Stdlib only: it runs on the host before any venv exists.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import shutil
@@ -324,8 +325,10 @@ def problems(line: str, r: dict[str, Any]) -> list[str]:
 def notes(line: str, r: dict[str, Any]) -> list[str]:
     out = []
     if r.get("boot_retried"):
-        out.append(f"kernel {line}: first boot crashed before the guest started, "
-                   f"booted again: {r['boot_retried']}")
+        out.append(
+            f"kernel {line}: first boot crashed before the guest started, "
+            f"booted again: {r['boot_retried']}"
+        )
     for name, p in r.get("programs", {}).items():
         if p["status"] == "too_old":
             out.append(f"kernel {line}: {name} not loaded: {p['message']}")
@@ -350,7 +353,13 @@ def main() -> int:
     ap.add_argument("--pytest-args", default="", help="extra pytest arguments inside the VM")
     ap.add_argument("--memory", default="2G")
     ap.add_argument("--cpus", type=int, default=min(2, os.cpu_count() or 1))
-    ap.add_argument("--timeout", type=float, default=1800, help="seconds per VM")
+    ap.add_argument(
+        "--jobs",
+        type=int,
+        default=int(os.environ.get("TETHER_KERNEL_JOBS", "3")),
+        help="VMs run at once (default 3, TETHER_KERNEL_JOBS): each TCG guest uses one host core",
+    )
+    ap.add_argument("--timeout", type=float, default=3600, help="seconds per VM")
     ap.add_argument("--json", type=Path, help="also write all reports here")
     ap.add_argument("--build-only", action="store_true", help="build the images and stop")
     args = ap.parse_args()
@@ -381,6 +390,10 @@ def main() -> int:
     proj = rundir_root / "project.img"
     if not args.build_only:
         project_disk(proj, config)
+    # Images one after another (they share one base tree, built by the
+    # first), then the VMs side by side: single-threaded TCG keeps each guest
+    # on one host core, so running them at once uses every core the host has.
+    booting: list[tuple[str, Path]] = []
     for line in lines:
         r: dict[str, Any] = {}
         try:
@@ -391,16 +404,23 @@ def main() -> int:
             r["build_error"] = str(e)
             results[line] = r
             continue
+        results[line] = r
         if args.build_only:
             log(f"{line}: {img}")
-            results[line] = r
             continue
+        booting.append((line, img))
+
+    def run_vm(line: str, img: Path) -> None:
+        r = results[line]
         rundir = rundir_root / line
         rundir.mkdir(parents=True, exist_ok=True)
         log(f"{line}: booting {r['image']['abi']} (console: {rundir / 'console.log'})")
         r.update(boot_with_retry(img, proj, rundir, args.memory, args.cpus, args.timeout))
-        results[line] = r
         log(f"{line}: {'PASS' if verdict(r) else 'FAIL'} in {r['vm_seconds']} s")
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        for fut in [pool.submit(run_vm, line, img) for line, img in booting]:
+            fut.result()
     total = time.monotonic() - t_all
     proj.unlink(missing_ok=True)
     if args.build_only:
