@@ -93,6 +93,10 @@ def _cmd_demo(a: argparse.Namespace) -> int:
 
 
 def _cmd_bench(a: argparse.Namespace) -> int:
+    if a.what == "waypoint":
+        from agent.bench_waypoint import main as waypoint_main
+
+        return waypoint_main(seconds=a.seconds, runs=a.runs, json_out=a.json)
     from agent.bench import main as bench_main
 
     variants = {}
@@ -194,11 +198,11 @@ def parser() -> argparse.ArgumentParser:
     d.set_defaults(fn=_cmd_demo)
 
     b = sub.add_parser("bench", help="benchmarks (numbers as ratios to a same-run baseline)")
-    b.add_argument("what", choices=["datapath", "tunnel", "h2", "profile", "memory"])
+    b.add_argument("what", choices=["datapath", "tunnel", "h2", "profile", "memory", "waypoint"])
     b.add_argument("--seconds", type=float, default=3.0)
     b.add_argument("--json", action="store_true")
     b.add_argument("--out", default="profile", help="profile: where py-spy's stacks go")
-    b.add_argument("--runs", type=int, default=1, help="tunnel: runs, medians reported")
+    b.add_argument("--runs", type=int, default=1, help="tunnel, waypoint: runs, medians reported")
     b.add_argument("--connections", type=int, default=1000, help="memory: open connections to hold")
     b.add_argument(
         "--workload", choices=["throughput", "connections"], default="throughput", help="profile"
