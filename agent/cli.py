@@ -60,6 +60,17 @@ def _cmd_status(a: argparse.Namespace) -> int:
         )
     for u in data.get("waypoint_uses", []):
         print(f"  {u['scope']} {u['name']} uses waypoint {u['waypoint']}: {u['status']}")
+    for w in data.get("waypoint_proxies", []):
+        envoy = w.get("envoy") or {}
+        print(
+            f"waypoint proxy {w['name']}: Envoy pid {envoy.get('pid') or '-'} "
+            f"ready={w['ready']} restarts={envoy.get('restarts', 0)}"
+            + (f"  ERROR: {w['error']}" if w.get("error") else "")
+        )
+        for uri, j in (w.get("jwks") or {}).items():
+            state = "fetched" if j["fetched"] else "NOT FETCHED (its tokens are refused)"
+            err = f"; last fetch failed ({j['failures']}x): {j['error']}" if j["error"] else ""
+            print(f"  jwksUri {uri}: {state}{err}")
     for p in data.get("hbone_pool", []):
         print(
             f"hbone pool {p['src']} -> {p['dst']} at {p['address']}: "
