@@ -368,6 +368,10 @@ def median_runs(reports: list[dict[str, Any]]) -> dict[str, Any]:
                 row[key] = {k: med([r["paths"][name][key][k] for r in reports]) for k in value}
     out["waypoint_envoy"] = {"rss_mib": med([r["waypoint_envoy"]["rss_mib"] for r in reports])}
     out["runs"] = len(reports)
+    out["per_run"] = {  # the spread behind the medians
+        name: {k: [r["paths"][name][k] for r in reports] for k in ("rps", "p50_ms", "p99_ms")}
+        for name in out["paths"]
+    }
     out["loadavg"] = [r["loadavg"] for r in reports]
     out["wall_s"] = [r["wall_s"] for r in reports]
     return out
@@ -392,6 +396,8 @@ def _print(report: dict[str, Any]) -> None:
             f"{r['p99_x_direct']:>7} {r['agent_cpu_ms_per_1k']:>11} "
             f"{r['envoy_cpu_ms_per_1k']:>11} {r['errors'] + r['non2xx']:>6}"
         )
+    for name, spread in report.get("per_run", {}).items():
+        print(f"  {name} per run: rps {spread['rps']}, p99 ms {spread['p99_ms']}")
     print(f"waypoint Envoy RSS: {report['waypoint_envoy']['rss_mib']} MiB")
     print(f"load average (1/5/15 min, at start then end of each run): {report['loadavg']}")
 

@@ -11,6 +11,7 @@ def _run(rps: float, p99: float, load: float) -> dict[str, Any]:
     row = {
         "url": "http://x/",
         "rps": rps,
+        "p50_ms": p99 / 2,
         "p99_ms": p99,
         "agent_cpu_ms_per_1k_by_node": {"node1": rps / 10},
     }
@@ -32,4 +33,5 @@ def test_medians_per_number_and_every_runs_load_kept() -> None:
     assert m["paths"]["direct"]["agent_cpu_ms_per_1k_by_node"] == {"node1": 20}
     assert m["paths"]["direct"]["url"] == "http://x/"
     assert m["waypoint_envoy"] == {"rss_mib": 20}
+    assert m["per_run"]["direct"]["rps"] == [100, 300, 200]
     assert m["runs"] == 3 and m["loadavg"] == [[1] * 6, [3] * 6, [2] * 6]
