@@ -12,7 +12,9 @@ Transport: ``https`` only, checked against the system CAs (``TETHER_JWKS_CA``
 names another bundle), no redirects followed.  Plain ``http`` is accepted only
 to a loopback address: a JWKS is the set of keys whose tokens the waypoint
 believes, so whoever can rewrite it in transit can mint any identity.  Istio
-allows http; we refuse it rather than make that a silent default.
+allows http; we refuse it rather than make that a silent default.  The
+environment's HTTP(S)_PROXY is not used (not yet: a node whose egress needs a
+proxy cannot fetch, and says so in the status).
 """
 
 from __future__ import annotations
