@@ -60,6 +60,17 @@ def _cmd_status(a: argparse.Namespace) -> int:
         )
     for u in data.get("waypoint_uses", []):
         print(f"  {u['scope']} {u['name']} uses waypoint {u['waypoint']}: {u['status']}")
+    for w in data.get("waypoint_proxies", []):
+        envoy = w.get("envoy") or {}
+        print(
+            f"waypoint proxy {w['name']}: Envoy pid {envoy.get('pid') or '-'} "
+            f"ready={w['ready']} restarts={envoy.get('restarts', 0)}"
+            + (f"  ERROR: {w['error']}" if w.get("error") else "")
+        )
+        for uri, j in (w.get("jwks") or {}).items():
+            state = "fetched" if j["fetched"] else "NOT FETCHED (its tokens are refused)"
+            err = f"; last fetch failed ({j['failures']}x): {j['error']}" if j["error"] else ""
+            print(f"  jwksUri {uri}: {state}{err}")
     for p in data.get("hbone_pool", []):
         print(
             f"hbone pool {p['src']} -> {p['dst']} at {p['address']}: "
@@ -93,6 +104,10 @@ def _cmd_demo(a: argparse.Namespace) -> int:
 
 
 def _cmd_bench(a: argparse.Namespace) -> int:
+    if a.what == "waypoint":
+        from agent.bench_waypoint import main as waypoint_main
+
+        return waypoint_main(seconds=a.seconds, runs=a.runs, json_out=a.json)
     from agent.bench import main as bench_main
 
     variants = {}
@@ -194,11 +209,11 @@ def parser() -> argparse.ArgumentParser:
     d.set_defaults(fn=_cmd_demo)
 
     b = sub.add_parser("bench", help="benchmarks (numbers as ratios to a same-run baseline)")
-    b.add_argument("what", choices=["datapath", "tunnel", "h2", "profile", "memory"])
+    b.add_argument("what", choices=["datapath", "tunnel", "h2", "profile", "memory", "waypoint"])
     b.add_argument("--seconds", type=float, default=3.0)
     b.add_argument("--json", action="store_true")
     b.add_argument("--out", default="profile", help="profile: where py-spy's stacks go")
-    b.add_argument("--runs", type=int, default=1, help="tunnel: runs, medians reported")
+    b.add_argument("--runs", type=int, default=1, help="tunnel, waypoint: runs, medians reported")
     b.add_argument("--connections", type=int, default=1000, help="memory: open connections to hold")
     b.add_argument(
         "--workload", choices=["throughput", "connections"], default="throughput", help="profile"

@@ -35,6 +35,7 @@ from typing import Any
 from agent.identity.manager import CertificateManager, CertificateUnavailable
 from agent.identity.spiffe import SpiffeId
 from agent.identity.svid import Svid, utcnow
+from agent.jwks import JwksFetcher
 from agent.model.waypoint import Waypoint
 from agent.state.state import StateView
 
@@ -77,8 +78,11 @@ class WaypointProxy:
         state_dir: str,
         trust_domain: str,
         certs: CertificateManager | None,
+        jwks: JwksFetcher | None = None,
     ) -> None:
         self.wp = wp
+        self.jwks = jwks
+        self.jwks_uris: frozenset[str] = frozenset()
         self.view = view
         self.state_dir = state_dir
         self.trust_domain = trust_domain
@@ -115,8 +119,14 @@ class WaypointProxy:
             self.svid = svid
             self._changed.set()
 
+    def on_jwks(self, uri: str) -> None:
+        if uri in self.jwks_uris:
+            self._changed.set()
+
     async def close(self) -> None:
         self._closing = True
+        if self.jwks is not None:
+            self.jwks.forget(self.wp.key)
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -278,12 +288,19 @@ class WaypointProxy:
                     self._changed.set()
                     continue
             view, wp, svid = self.view, self.wp, self.svid
+            fetched = self.jwks.jwks() if self.jwks is not None else {}
             try:
-                versions, report = await loop.run_in_executor(None, self._push, view, wp, svid)
+                versions, report, uris = await loop.run_in_executor(
+                    None, self._push, view, wp, svid, fetched
+                )
             except Exception as e:
                 log.exception("waypoint %s: translation or push failed", wp.key)
                 self._fail(f"translation or push failed: {type(e).__name__}: {e}")
                 continue
+            if uris != self.jwks_uris and self.jwks is not None:
+                # new uris are fetched now; each fetch re-pushes (on_jwks)
+                self.jwks_uris = uris
+                self.jwks.want(wp.key, uris)
             new_report = [str(i) for i in report]
             for issue in new_report:
                 if issue not in self.status_.report:
@@ -295,17 +312,23 @@ class WaypointProxy:
             if self.status_.error.startswith(("no certificate", "translation")):
                 self.status_.error = ""
 
-    def _push(self, view: StateView, wp: Waypoint, svid: Svid) -> tuple[dict[str, str], Any]:
-        """Translate and set the snapshot (an executor thread)."""
+    def _push(
+        self, view: StateView, wp: Waypoint, svid: Svid, fetched: dict[str, str]
+    ) -> tuple[dict[str, str], Any, frozenset[str]]:
+        """Translate and set the snapshot (an executor thread); also the
+        jwksUris the waypoint's RequestAuthentications name."""
         from waypoint.sds import svid_secrets
-        from waypoint.translate import translate
+        from waypoint.translate import referenced_jwks, translate
         from waypoint.xds import TYPE_SECRET
 
-        resources, report = translate(view, wp, self.trust_domain)
+        uris = frozenset(referenced_jwks(view, wp, self.trust_domain))
+        resources, report = translate(
+            view, wp, self.trust_domain, jwks={u: fetched[u] for u in uris if u in fetched}
+        )
         versions = self.cache.set_snapshot(
             self.node, {**resources, TYPE_SECRET: svid_secrets(svid)}
         )
-        return {t.rsplit(".", 1)[-1]: v for t, v in versions.items()}, report
+        return {t.rsplit(".", 1)[-1]: v for t, v in versions.items()}, report, uris
 
     def _on_nack(self, node: str, type_url: str, version: str, message: str) -> None:
         # an xDS server thread; the cache logged it already
@@ -337,6 +360,7 @@ class WaypointProxy:
             "translation_report": st.report,
             "last_nack": st.last_nack or None,
             "last_exit": st.last_exit or None,
+            "jwks": self.jwks.describe(self.jwks_uris) if self.jwks is not None else {},
         }
         if self.envoy is not None:
             out["envoy"] = {**self.envoy.status(), "log": os.fspath(self.envoy.log_path)}
@@ -357,6 +381,7 @@ class Waypoints:
         self.certs = certs
         self.proxies: dict[str, WaypointProxy] = {}
         self._stopping: set[asyncio.Task[None]] = set()
+        self._jwks: JwksFetcher | None = None
         if certs is not None:
             certs.on_issued.append(self._on_issued)
 
@@ -385,15 +410,30 @@ class Waypoints:
             have = self.proxies.get(key)
             if have is None:
                 log.info("waypoint %s: starting its Envoy in %s", key, wp.netns)
-                new = WaypointProxy(wp, view, self.state_dir, self.trust_domain, self.certs)
+                new = WaypointProxy(
+                    wp, view, self.state_dir, self.trust_domain, self.certs, self.jwks
+                )
                 self.proxies[key] = new
                 new.start()
             else:
                 have.update(wp, view)
 
+    @property
+    def jwks(self) -> JwksFetcher:
+        """The one fetcher of every local waypoint's jwksUris (made on the loop)."""
+        if self._jwks is None:
+            self._jwks = JwksFetcher(self._on_jwks)
+        return self._jwks
+
+    def _on_jwks(self, uri: str) -> None:
+        for p in self.proxies.values():
+            p.on_jwks(uri)
+
     async def close(self) -> None:
         proxies, self.proxies = list(self.proxies.values()), {}
         await asyncio.gather(*(p.close() for p in proxies), *self._stopping)
+        if self._jwks is not None:
+            await self._jwks.close()
 
     def describe(self) -> list[dict[str, Any]]:
         return [self.proxies[k].describe() for k in sorted(self.proxies)]

@@ -28,7 +28,7 @@ fi
 
 # --- Debian packages -------------------------------------------------------
 pkgs=(python3 python3-venv python3-bpfcc bpfcc-tools libbpfcc iproute2
-      iperf3 sockperf stunnel4 tshark procps make)
+      iperf3 sockperf stunnel4 tshark procps make wrk)
 # Debugging aid only (Ubuntu 22.04 has no bpftool package): installed if available.
 optional=(bpftool)
 missing=()

@@ -17,9 +17,12 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -298,6 +301,85 @@ def test_l7_authorization_policy_on_the_waypoint(mesh: Mesh) -> None:
     assert m.http("--method", "DELETE", "--path", "/items/1")["status"] == {"200": 1}
     allowed = m.http("--path", "/", count=3)
     assert allowed["status"] == {"200": 3}, allowed
+
+
+JWKS_PORT = 18080  # in node 1's netns, where its agent runs (clear of 150xx)
+
+
+def test_jwks_uri_is_fetched_by_the_agent(mesh: Mesh, tmp_path: Path) -> None:
+    """RequestAuthentication ``jwksUri``: refused while the agent has no JWKS,
+    then fetched (plain http is allowed to loopback: the issuer serves on
+    node 1's loopback, where the agent runs), and tokens verified with it."""
+    from agent.demo_l7 import ISSUER, Issuer
+
+    m = mesh
+    issuer = Issuer()
+    uri = f"http://127.0.0.1:{JWKS_PORT}/jwks.json"
+    ra = doc(
+        "RequestAuthentication",
+        "jwt-uri",
+        {"targetRefs": ref(), "jwtRules": [{"issuer": ISSUER, "jwksUri": uri}]},
+        "security.istio.io/v1",
+    )
+    need_jwt = doc(
+        "AuthorizationPolicy",
+        "jwt-needed",
+        {
+            "targetRefs": ref(),
+            "action": "ALLOW",
+            "rules": [
+                {
+                    "from": [{"source": {"requestPrincipals": [f"{ISSUER}/*"]}}],
+                    "to": [{"operation": {"paths": ["/jwt*"]}}],
+                },
+                {"to": [{"operation": {"notPaths": ["/jwt*"]}}]},
+            ],
+        },
+        "security.istio.io/v1",
+    )
+
+    def get(token: str | None) -> dict[str, Any]:
+        extra = ["--header", f"authorization: Bearer {token}"] if token else []
+        return m.http("--path", "/jwt/1", *extra)
+
+    before = list(m.cluster.policies)
+    server = None
+    try:
+        m.cluster.policies.extend([ra, need_jwt])
+        wait_pushed(m, m.push())
+        # never fetched (nothing serves it yet): the issuer's tokens are refused
+        assert any("jwksUri" in i and "not fetched" in i for i in m.proxy()["translation_report"])
+        assert until("an error for the uri", lambda: m.proxy()["jwks"][uri]["error"])
+        assert get(issuer.token("any"))["status"] == {"401": 1}
+        (tmp_path / "jwks.json").write_text(issuer.jwks)
+        server = m.n1.tb.spawn(
+            m.n1.node.agent,
+            [
+                sys.executable,
+                "-m",
+                "http.server",
+                str(JWKS_PORT),
+                "--bind",
+                "127.0.0.1",
+                "--directory",
+                str(tmp_path),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        # the retry (2 s, doubling) fetches it and re-pushes
+        until("the JWKS fetched", lambda: m.proxy()["jwks"][uri]["fetched"])
+        until("the report clear", lambda: not m.proxy()["translation_report"])
+        wait_pushed(m, int(m.n1.status()["state"]["generation"]))
+        assert get(issuer.token("any"))["status"] == {"200": 1}
+        assert get(Issuer().token("any"))["status"] == {"401": 1}  # another key
+        assert get(None)["status"] == {"403": 1}  # no token: no request principal
+    finally:
+        if server is not None:
+            server.terminate()
+        m.cluster.policies[:] = before
+        wait_pushed(m, m.push())
+    assert m.proxy()["jwks"] == {}  # no RequestAuthentication names it any more
 
 
 def test_weighted_split_and_header_match(mesh: Mesh) -> None:

@@ -11,7 +11,7 @@ from waypoint.translate.common import (
     Resources,
     encode,
 )
-from waypoint.translate.translate import translate
+from waypoint.translate.translate import referenced_jwks, translate
 
 __all__ = [
     "CLUSTER",
@@ -22,5 +22,6 @@ __all__ = [
     "Report",
     "Resources",
     "encode",
+    "referenced_jwks",
     "translate",
 ]

@@ -202,3 +202,22 @@ def jwt_filter(providers: Providers, service_key: str | None) -> list[dict[str, 
             ),
         }
     ]
+
+
+def jwks_uris(mesh: Mesh) -> set[str]:
+    """Every ``jwksUri`` of a RequestAuthentication that reaches this waypoint:
+    what the agent must fetch for it."""
+    out: set[str] = set()
+    for doc in mesh.kind("RequestAuthentication"):
+        spec = spec_of(doc)
+        if not scopes(mesh, namespace_of(doc), raw_target_refs(spec)):
+            continue
+        rules = spec.get("jwtRules")
+        for rule in rules if isinstance(rules, list) else []:
+            if (
+                isinstance(rule, Mapping)
+                and isinstance(rule.get("jwksUri"), str)
+                and not isinstance(rule.get("jwks"), str)  # inline wins, as in _provider
+            ):
+                out.add(rule["jwksUri"])
+    return out

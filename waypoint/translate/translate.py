@@ -12,7 +12,7 @@ from agent.model import Service, ServicePort, Workload
 from agent.model.waypoint import Waypoint
 from agent.state.state import StateView
 from waypoint.translate import hbone, protos
-from waypoint.translate.authn import Providers, jwt_filter, translate_authn
+from waypoint.translate.authn import Providers, jwks_uris, jwt_filter, translate_authn
 from waypoint.translate.authz import Authz, translate_authz
 from waypoint.translate.common import (
     CLUSTER,
@@ -30,6 +30,16 @@ from waypoint.translate.routes import FAULT, HTTP_FAULT, Router
 
 DEFAULT_CERT_SECRET = "default"
 DEFAULT_ROOT_SECRET = "ROOTCA"
+
+
+def referenced_jwks(
+    view: StateView, waypoint: Waypoint, trust_domain: str | None = None
+) -> set[str]:
+    """The ``jwksUri``s of the RequestAuthentications that reach ``waypoint``
+    (the agent fetches them and passes them back as ``translate(jwks=...)``)."""
+    td = trust_domain or view.trust_domain
+    mesh = Mesh(view, waypoint, td, index_documents(view.snapshot.policies, Report()))
+    return jwks_uris(mesh)
 
 
 def translate(
