@@ -11,7 +11,7 @@ from typing import Any
 from agent.model import Service, ServicePort, Workload
 from agent.model.waypoint import Waypoint
 from agent.state.state import StateView
-from waypoint.translate import hbone, protos
+from waypoint.translate import hbone, protos, telemetry
 from waypoint.translate.authn import Providers, jwks_uris, jwt_filter, translate_authn
 from waypoint.translate.authz import Authz, translate_authz
 from waypoint.translate.common import (
@@ -50,12 +50,14 @@ def translate(
     jwks: Mapping[str, str] | None = None,
     cert_secret: str = DEFAULT_CERT_SECRET,
     root_secret: str = DEFAULT_ROOT_SECRET,
+    access_log: bool = True,
 ) -> tuple[Resources, Report]:
     """Listeners, clusters and route configurations for ``waypoint``, and the
     report of every document field not applied.  ``jwks`` maps a
     RequestAuthentication ``jwksUri`` to the JWKS text the agent fetched;
     ``cert_secret``/``root_secret`` name the SDS secrets (the waypoint's
-    certificate and the mesh roots)."""
+    certificate and the mesh roots); ``access_log`` sends every request's
+    log entry to the agent (waypoint/translate/telemetry.py)."""
     td = trust_domain or view.trust_domain
     report = Report()
     mesh = Mesh(view, waypoint, td, index_documents(view.snapshot.policies, report))
@@ -80,7 +82,7 @@ def translate(
         for port in sorted(s.ports, key=lambda p: p.port):
             rc = router.route_config(s, port)
             routes[rc["name"]] = rc
-            chains.append(_service_chain(s, port, rc["name"], authz, providers))
+            chains.append(_service_chain(s, port, rc["name"], authz, providers, access_log))
             router.cluster_for(s, port, "")
             for subset in sorted(rules.subsets(s)):
                 router.cluster_for(s, port, subset)
@@ -93,7 +95,7 @@ def translate(
         if not w.addresses:
             continue
         identities.add((w.namespace, w.service_account))
-        chain, rc, cluster = _workload_chain(w, authz)
+        chain, rc, cluster = _workload_chain(w, authz, access_log)
         chains.append(chain)
         routes[rc["name"]] = rc
         clusters[cluster["name"]] = cluster
@@ -133,7 +135,9 @@ def _prefix(ip: str) -> dict[str, Any]:
     return {"address_prefix": str(addr), "prefix_len": addr.max_prefixlen}
 
 
-def _hcm(stat: str, route_name: str, filters: list[dict[str, Any]]) -> dict[str, Any]:
+def _hcm(
+    stat: str, route_name: str, filters: list[dict[str, Any]], access_log: bool
+) -> dict[str, Any]:
     return {
         "name": "envoy.filters.network.http_connection_manager",
         "typed_config": typed(
@@ -148,13 +152,19 @@ def _hcm(stat: str, route_name: str, filters: list[dict[str, Any]]) -> dict[str,
                     {"name": FAULT, "typed_config": typed(HTTP_FAULT)},
                     hbone.router(),
                 ],
+                **({"access_log": telemetry.access_log()} if access_log else {}),
             },
         ),
     }
 
 
 def _service_chain(
-    s: Service, port: ServicePort, route_name: str, authz: Authz, providers: Providers
+    s: Service,
+    port: ServicePort,
+    route_name: str,
+    authz: Authz,
+    providers: Providers,
+    access_log: bool,
 ) -> dict[str, Any]:
     return {
         "name": route_name,
@@ -163,13 +173,18 @@ def _service_chain(
             "destination_port": port.port,
         },
         "filters": [
-            _hcm(route_name, route_name, [*jwt_filter(providers, s.key), *authz.filters(s.key)])
+            _hcm(
+                route_name,
+                route_name,
+                [*jwt_filter(providers, s.key), *authz.filters(s.key)],
+                access_log,
+            )
         ],
     }
 
 
 def _workload_chain(
-    w: Workload, authz: Authz
+    w: Workload, authz: Authz, access_log: bool
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """A pod addressed directly (istio.io/waypoint-for workload|all): any port;
     its cluster is the identity's originate listener, which learns the pod's
@@ -195,7 +210,7 @@ def _workload_chain(
     chain = {
         "name": name,
         "filter_chain_match": {"prefix_ranges": [_prefix(a) for a in sorted(w.addresses)]},
-        "filters": [_hcm(name, name, [*authz.filters(None), set_dst])],
+        "filters": [_hcm(name, name, [*authz.filters(None), set_dst], access_log)],
     }
     rc = {
         "name": name,
