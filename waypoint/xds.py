@@ -87,6 +87,8 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import any_pb2, json_format, symbol_database
 from google.protobuf.message import Message
 
+from waypoint.als import AccessLogServicer, Sink
+from waypoint.als import add_to_server as add_access_log_servicer
 from waypoint.peer import PeerCheck, PeerGate
 
 log = logging.getLogger(__name__)
@@ -587,7 +589,8 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
 
 
 class XdsServer:
-    """ADS on one unix socket for one waypoint (or a set of node ids), on grpc's threads."""
+    """ADS (and, given ``access_log``, Envoy's access log service) on one
+    unix socket for one waypoint (or a set of node ids), on grpc's threads."""
 
     def __init__(
         self,
@@ -598,11 +601,18 @@ class XdsServer:
         owner: tuple[int, int] | None = None,
         peer_check: PeerCheck | None = None,
         max_streams: int = 8,
+        access_log: Sink | None = None,
     ) -> None:
         self.cache = cache
         self.path = Path(path)
         self.owner = owner
         self.servicer = AdsServicer(cache, node_ids, name=str(self.path))
+        # Envoy's access logs on the same socket and server: the same gate and node ids
+        self.als = (
+            AccessLogServicer(self.servicer.node_ids, access_log, name=str(self.path))
+            if access_log is not None
+            else None
+        )
         self._server: grpc.Server | None = None
         self.max_streams = max_streams  # each stream holds one pool thread while open
         self.gate: PeerGate | None = None
@@ -631,6 +641,8 @@ class XdsServer:
             maximum_concurrent_rpcs=self.max_streams,
         )
         ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self.servicer, server)
+        if self.als is not None:
+            add_access_log_servicer(self.als, server)
         server.add_insecure_port(f"unix:{self.grpc_path}")
         server.start()
         os.chmod(self.grpc_path, 0o600)
