@@ -177,8 +177,12 @@ class Agent:
         )
         self.pods = Pods(self.datapath, self.tunnel, self.certs, kube=self.kube is not None)
         self.waypoints = Waypoints(
-            self.settings.agent.state_dir, self.settings.identity.trust_domain, self.certs
+            self.settings.agent.state_dir,
+            self.settings.identity.trust_domain,
+            self.certs,
+            access_log=self.settings.agent.waypoint_access_log,
         )
+        self.waypoints.on_request.append(self.metrics.on_request)
         self.pods.keep_identities = self.waypoints.identities
         first = self.first_snapshot
         if self.kube is not None:

@@ -8,7 +8,10 @@ pointing at that socket (admin on 127.0.0.1:15000 inside the pod), and on
 every new StateView ``translate`` (pure, on the default executor) plus the
 waypoint's SVID as SDS secrets → ``set_snapshot``.  The SVID comes from the
 agent's CertificateManager, exactly as pods' do; a renewal pushes new
-secrets.  A crashed Envoy is restarted with a backoff of 1 s doubling to 30 s;
+secrets.  Every HTTP request's access log entry comes back over the same
+socket (Envoy's access log service, waypoint/als.py) and goes to the
+``on_request`` hooks (the agent's request metrics and JSON access log).
+A crashed Envoy is restarted with a backoff of 1 s doubling to 30 s;
 a NACK is logged with Envoy's message and kept in the status.
 
 Nothing here runs long on the data-plane loop: translation, packing, Envoy's
@@ -28,7 +31,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +52,10 @@ START_TIMEOUT = 30.0  # /ready after start (a loaded node is slow)
 SUPERVISE_INTERVAL = 0.5
 READY_CHECK_INTERVAL = 2.0
 CERT_RETRY = 1.0
+
+#: on_request(waypoint key, waypoint.als.RequestLog, the current StateView):
+#: called on an xDS server thread for every HTTP request the waypoint logged
+RequestHook = Callable[[str, Any, StateView], None]
 
 
 def local_waypoints(view: StateView) -> list[Waypoint]:
@@ -79,11 +86,16 @@ class WaypointProxy:
         trust_domain: str,
         certs: CertificateManager | None,
         jwks: JwksFetcher | None = None,
+        *,
+        access_log: bool = True,
+        on_request: Iterable[RequestHook] = (),
     ) -> None:
         self.wp = wp
         self.jwks = jwks
         self.jwks_uris: frozenset[str] = frozenset()
         self.view = view
+        self.access_log = access_log
+        self.on_request = on_request
         self.state_dir = state_dir
         self.trust_domain = trust_domain
         self.certs = certs
@@ -204,7 +216,11 @@ class WaypointProxy:
         path = xds.socket_path(self.state_dir, self.wp.namespace, self.wp.name)
         try:
             self.server = xds.XdsServer(
-                self.cache, path, [self.node], peer_check=peer_in_netns(self.wp.netns)
+                self.cache,
+                path,
+                [self.node],
+                peer_check=peer_in_netns(self.wp.netns),
+                access_log=self._on_log if self.access_log else None,
             )
             await loop.run_in_executor(self._ops, self.server.start)
         except (OSError, ValueError, RuntimeError) as e:
@@ -312,6 +328,15 @@ class WaypointProxy:
             if self.status_.error.startswith(("no certificate", "translation")):
                 self.status_.error = ""
 
+    def _on_log(self, node: str, rec: Any) -> None:
+        """An access log entry from this waypoint's Envoy (a grpc thread)."""
+        key, view = self.wp.key, self.view
+        for hook in self.on_request:
+            try:
+                hook(key, rec, view)
+            except Exception:
+                log.exception("waypoint %s: request hook failed", key)
+
     def _push(
         self, view: StateView, wp: Waypoint, svid: Svid, fetched: dict[str, str]
     ) -> tuple[dict[str, str], Any, frozenset[str]]:
@@ -323,7 +348,11 @@ class WaypointProxy:
 
         uris = frozenset(referenced_jwks(view, wp, self.trust_domain))
         resources, report = translate(
-            view, wp, self.trust_domain, jwks={u: fetched[u] for u in uris if u in fetched}
+            view,
+            wp,
+            self.trust_domain,
+            jwks={u: fetched[u] for u in uris if u in fetched},
+            access_log=self.access_log,
         )
         versions = self.cache.set_snapshot(
             self.node, {**resources, TYPE_SECRET: svid_secrets(svid)}
@@ -375,10 +404,19 @@ class WaypointProxy:
 class Waypoints:
     """Every local waypoint's proxy, made to match each new StateView."""
 
-    def __init__(self, state_dir: str, trust_domain: str, certs: CertificateManager | None) -> None:
+    def __init__(
+        self,
+        state_dir: str,
+        trust_domain: str,
+        certs: CertificateManager | None,
+        *,
+        access_log: bool = True,
+    ) -> None:
         self.state_dir = state_dir
         self.trust_domain = trust_domain
         self.certs = certs
+        self.access_log = access_log
+        self.on_request: list[RequestHook] = []
         self.proxies: dict[str, WaypointProxy] = {}
         self._stopping: set[asyncio.Task[None]] = set()
         self._jwks: JwksFetcher | None = None
@@ -411,7 +449,14 @@ class Waypoints:
             if have is None:
                 log.info("waypoint %s: starting its Envoy in %s", key, wp.netns)
                 new = WaypointProxy(
-                    wp, view, self.state_dir, self.trust_domain, self.certs, self.jwks
+                    wp,
+                    view,
+                    self.state_dir,
+                    self.trust_domain,
+                    self.certs,
+                    self.jwks,
+                    access_log=self.access_log,
+                    on_request=self.on_request,
                 )
                 self.proxies[key] = new
                 new.start()

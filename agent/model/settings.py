@@ -32,6 +32,9 @@ class AgentSettings:
     # that did not come from that waypoint (false: Istio's default, which
     # does not enforce it).
     require_waypoint: bool = True
+    # The local waypoints' Envoys send every HTTP request's access log entry
+    # to the agent (request metrics with reporter="waypoint", JSON access log).
+    waypoint_access_log: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

@@ -348,6 +348,7 @@ _AGENT_FIELDS = {
     "metricsPort",
     "podCgroupRoot",
     "requireWaypoint",
+    "waypointAccessLog",
 }
 
 
@@ -377,6 +378,7 @@ def _agent_settings(a: Any) -> AgentSettings:
         ready_port=_port(a.get("readyPort", 15021), "agent.readyPort"),
         metrics_port=_port(a.get("metricsPort", 15020), "agent.metricsPort"),
         require_waypoint=_bool(a.get("requireWaypoint", True), "agent.requireWaypoint"),
+        waypoint_access_log=_bool(a.get("waypointAccessLog", True), "agent.waypointAccessLog"),
     )
 
 
