@@ -78,6 +78,7 @@ class AgentNode:
         self.namespaces = self.cluster.namespaces
         self.pod_labels: dict[str, dict[str, str]] = {}
         self.extra: dict[str, dict[str, Any]] = {}
+        self.agent_settings: dict[str, Any] = {}  # more of the local file's `agent:`
         self._tmp = tempfile.TemporaryDirectory(prefix=f"tether-{tb.prefix}-")
         self.dir = Path(self._tmp.name)
         self.config_path = self.dir / f"{name}.yaml"
@@ -135,6 +136,7 @@ class AgentNode:
                 "cgroup": str(self.node.agent.cgroup_path),
                 "kubeletCgroups": [str(self.node.kubelet.cgroup_path)],
                 "skMsg": self.sk_msg,
+                **self.agent_settings,
             },
             "namespaces": [{"name": n, "labels": lab} for n, lab in self.namespaces.items()],
             "identity": ({"caDir": c.ca_dir, "certTTL": c.cert_ttl} if c.mtls else {}),
@@ -247,6 +249,33 @@ class AgentNode:
         c = self.status()["connections"]
         return list(c["closed"]) + list(c["open"])
 
+    def metrics(self) -> str:
+        """The agent's Prometheus text (:15020/metrics, in the node netns)."""
+        with (
+            netns.entered(self.node.netns_path),
+            urllib.request.urlopen("http://127.0.0.1:15020/metrics", timeout=5) as r,
+        ):
+            return str(r.read().decode())
+
+    def access_log(self, reporter: str | None = None) -> list[dict[str, Any]]:
+        """The agent's JSON access log lines (``tether.access``) so far."""
+        out = []
+        try:
+            text = self.log_path.read_text()
+        except FileNotFoundError:
+            return []
+        for line in text.splitlines():
+            _, sep, body = line.partition(" tether.access: ")
+            if not sep:
+                continue
+            try:
+                rec = json.loads(body)
+            except ValueError:
+                continue
+            if reporter is None or rec.get("reporter") == reporter:
+                out.append(rec)
+        return out
+
     def log_tail(self, n: int = 20) -> str:
         try:
             return "\n".join(self.log_path.read_text().splitlines()[-n:])
@@ -350,6 +379,18 @@ def classify(result: dict[str, Any], conns: Iterable[dict[str, Any]]) -> tuple[s
     ins = [c for c in conns if c["direction"] == "inbound" and c["delivered_as"] == server_saw]
     out = ("captured" + (" (sk_msg)" if outs[0]["spliced"] else "")) if outs else "direct"
     return out, "captured" if ins else "direct"
+
+
+def waypoint_requests(metrics_text: str) -> list[tuple[dict[str, str], float]]:
+    """Every ``istio_requests_total{reporter="waypoint"}`` series: (labels, count)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return [
+        (dict(s.labels), s.value)
+        for fam in text_string_to_metric_families(metrics_text)
+        for s in fam.samples
+        if s.name == "istio_requests_total" and s.labels.get("reporter") == "waypoint"
+    ]
 
 
 def envoy_stats(wp_pod: Pod) -> dict[str, int]:

@@ -34,7 +34,13 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="netns tier needs root
 require_waypoint_extra()
 
 from agent.identity.spiffe import SpiffeId  # noqa: E402
-from agent.sim.harness import AgentNode, Cluster, cluster_nodes, envoy_stats  # noqa: E402
+from agent.sim.harness import (  # noqa: E402
+    AgentNode,
+    Cluster,
+    cluster_nodes,
+    envoy_stats,
+    waypoint_requests,
+)
 from agent.sim.topology import Pod  # noqa: E402
 from waypoint.envoy import EnvoyNotInstalled, envoy_binary  # noqa: E402
 
@@ -380,6 +386,78 @@ def test_jwks_uri_is_fetched_by_the_agent(mesh: Mesh, tmp_path: Path) -> None:
         m.cluster.policies[:] = before
         wait_pushed(m, m.push())
     assert m.proxy()["jwks"] == {}  # no RequestAuthentication names it any more
+
+
+def _client_requests(m: Mesh) -> dict[str, float]:
+    """istio_requests_total{reporter="waypoint"} from the client to echo, by response code."""
+    out: dict[str, float] = {}
+    for lab, v in waypoint_requests(m.n1.metrics()):
+        if lab["source_principal"] == CLIENT_ID.uri and lab["destination_service"] == HOST:
+            out[lab["response_code"]] = out.get(lab["response_code"], 0) + v
+    return out
+
+
+def _logged(m: Mesh, path: str, n: int) -> list[dict[str, Any]]:
+    """The agent's JSON access log lines for ``n`` requests to ``path``."""
+
+    def lines() -> list[dict[str, Any]] | None:
+        got = [r for r in m.n1.access_log("waypoint") if r["path"] == path]
+        return got if len(got) >= n else None
+
+    found: list[dict[str, Any]] = until(f"{n} access log lines for {path}", lines)
+    return found
+
+
+def test_waypoint_request_metrics_and_access_log(mesh: Mesh) -> None:
+    """Envoy's access log comes back to the agent over the waypoint's socket:
+    Istio's request metrics on :15020 and one JSON line per request."""
+    m = mesh
+    mark = f"/telemetry/{os.getpid()}-{time.monotonic_ns()}"
+    # Envoy (one worker) logs in order: once this request's line is in, so is
+    # every earlier test's, and the counts below move only by this test's requests
+    assert m.http("--path", f"{mark}/first")["status"] == {"200": 1}
+    _logged(m, f"{mark}/first", 1)
+    before = _client_requests(m)
+    allowed = m.http("--path", mark, count=5)
+    denied = m.http("--method", "DELETE", "--path", f"/admin{mark}", count=3)
+    assert allowed["status"] == {"200": 5} and denied["status"] == {"403": 3}, (allowed, denied)
+
+    def counted() -> dict[str, float] | None:
+        now = _client_requests(m)
+        delta = {k: v - before.get(k, 0) for k, v in now.items() if v != before.get(k, 0)}
+        return delta if delta == {"200": 5, "403": 3} else None
+
+    until("istio_requests_total with the new requests", counted)
+    series = [lab for lab, _ in waypoint_requests(m.n1.metrics())]
+    ok = [
+        s for s in series if s["source_principal"] == CLIENT_ID.uri and s["response_code"] == "200"
+    ]
+    assert ok and {s["destination_workload"] for s in ok if s["destination_service"] == HOST} <= {
+        "echo-v1",
+        "echo-v2",
+    }, ok
+    s = ok[0]
+    assert (s["source_workload"], s["source_workload_namespace"]) == ("client", NS), s
+    assert s["connection_security_policy"] == "mutual_tls" and s["request_protocol"] == "http", s
+    assert s["destination_principal"] == f"spiffe://{TD}/ns/{NS}/sa/echo", s
+    no = [s for s in series if s["response_code"] == "403"]
+    assert no and all(s["destination_workload"] == "unknown" for s in no), no
+    text = m.n1.metrics()
+    assert "istio_request_duration_milliseconds_bucket{" in text
+    assert "istio_response_bytes_bucket{" in text and mark not in text
+
+    recs = _logged(m, mark, 5) + _logged(m, f"/admin{mark}", 3)
+    assert len(recs) == 8, recs
+    codes = sorted((r["method"], r["response_code"]) for r in recs)
+    assert codes == [("DELETE", 403)] * 3 + [("GET", 200)] * 5, codes
+    for r in recs:
+        assert r["waypoint"] == f"{NS}/wp" and r["src_principal"] == CLIENT_ID.uri, r
+        assert r["src_workload"] == f"{NS}/client" and r["dst_service"] == HOST, r
+        assert r["duration_ms"] >= 0 and r["response_bytes"] > 0, r
+    for r in recs:
+        if r["response_code"] == 200:
+            assert r["dst_workload"] in {f"{NS}/echo-v1", f"{NS}/echo-v2"}, r
+            assert r["upstream_cluster"].endswith(f"|{HOST}"), r
 
 
 def test_weighted_split_and_header_match(mesh: Mesh) -> None:
