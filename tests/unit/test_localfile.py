@@ -171,6 +171,14 @@ def test_require_waypoint_setting() -> None:
         parse(_doc(agent={"requireWaypoint": "no"}))
 
 
+def test_waypoint_access_log_setting() -> None:
+    assert parse(_doc()).settings.agent.waypoint_access_log is True
+    off = parse(_doc(agent={"waypointAccessLog": False}))
+    assert off.settings.agent.waypoint_access_log is False
+    with pytest.raises(ConfigError, match=r"agent\.waypointAccessLog: expected true or false"):
+        parse(_doc(agent={"waypointAccessLog": 1}))
+
+
 def test_no_labels_no_waypoints() -> None:
     doc = _doc(namespaces=[{"name": "shop"}], services=[])
     doc["workloads"][0]["labels"] = {}

@@ -25,6 +25,7 @@ from waypoint_scenario import (
     run,
     seed_dir,
     seeds,
+    view_of,
 )
 
 from agent.model import Workload
@@ -576,3 +577,30 @@ def test_seed_canary_golden() -> None:
     assert r_split["route"]["timeout"] == "0s"
     assert r_split["route"]["retry_policy"]["num_retries"] == 2
     assert set(res[CLUSTER]) >= {f"outbound|8080|v1|{BLOG_API}", f"outbound|8080|v2|{BLOG_API}"}
+
+
+def test_every_l7_chain_logs_to_the_agent_unless_turned_off() -> None:
+    """Service chains and pod chains alike send each request to the agent's
+    access log service over the bootstrap's ADS cluster; access_log=False: none."""
+    wp = Waypoint("waypoint", "blog", ("10.1.0.9",), "n1", traffic_for="all")
+    view = view_of([], waypoints=(wp,))
+
+    def loggers(access_log: bool) -> dict[str, list[dict[str, Any]]]:
+        res, _ = translate(view, wp, access_log=access_log)
+        main = as_dict(res[LISTENER]["main_internal"])
+        return {
+            c["name"]: c["filters"][0]["typed_config"].get("access_log", [])
+            for c in main["filter_chains"]
+        }
+
+    on = loggers(True)
+    assert any(n.startswith("inbound-vip|") for n in on)
+    assert any(n.startswith("inbound-pod|") for n in on)
+    for name, logs in on.items():
+        (log,) = logs
+        assert log["name"] == "envoy.access_loggers.http_grpc", name
+        common = log["typed_config"]["common_config"]
+        assert common["grpc_service"] == {"envoy_grpc": {"cluster_name": "xds_cluster"}}
+        assert common["filter_state_objects_to_log"] == ["io.istio.peer_principal"]
+        assert common["buffer_flush_interval"] == "0.200s"
+    assert all(logs == [] for logs in loggers(False).values())
