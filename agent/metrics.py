@@ -23,7 +23,7 @@ import json
 import logging
 import threading
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
@@ -184,7 +184,7 @@ class RequestLabels:
         except ValueError:
             return None
         w = view.workload_by_ip(ip)
-        if w is not None and view.identity_of(w).uri == rec.peer_principal:
+        if w is not None and _uri(view, w) == rec.peer_principal:
             return w
         return None
 
@@ -223,12 +223,12 @@ class RequestLabels:
             "source_workload": src.name if src else UNKNOWN,
             "source_workload_namespace": src.namespace if src else UNKNOWN,
             "source_principal": (
-                view.identity_of(src).uri if src else self._principal(view, rec.peer_principal)
+                _uri(view, src) if src else self._principal(view, rec.peer_principal)
             ),
             "source_app": _app(src),
             "destination_workload": dst.name if dst else UNKNOWN,
             "destination_workload_namespace": dst.namespace if dst else UNKNOWN,
-            "destination_principal": view.identity_of(dst).uri if dst else UNKNOWN,
+            "destination_principal": _uri(view, dst) if dst else UNKNOWN,
             "destination_app": _app(dst),
             "destination_service": svc.hostname if svc else UNKNOWN,
             "destination_service_name": svc.name if svc else UNKNOWN,
@@ -239,6 +239,11 @@ class RequestLabels:
             "grpc_response_status": grpc,
             "connection_security_policy": "mutual_tls",
         }
+
+
+def _uri(view: StateView, w: Workload) -> str:
+    """``view.identity_of(w).uri`` without building (and checking) a SpiffeId per request."""
+    return f"spiffe://{view.trust_domain}/ns/{w.namespace}/sa/{w.service_account}"
 
 
 def _app(w: Workload | None) -> str:
@@ -378,6 +383,8 @@ class Metrics:
             registry=r,
         )
         self.request_labels = RequestLabels()
+        # label values -> the four metrics' children (labels() costs more than the update)
+        self._request_series: dict[tuple[str, ...], tuple[Any, Any, Any, Any]] = {}
         limits.on_limited.append(self.on_limited)
         if bpf_stats is not None:
             r.register(_BpfCollector(bpf_stats))
@@ -397,10 +404,21 @@ class Metrics:
     def on_request(self, waypoint: str, rec: RequestLog, view: StateView) -> None:
         """One HTTP request through a local waypoint (an xDS server thread)."""
         lab = self.request_labels.labels(view, rec)
-        self.requests.labels(**lab).inc()
-        self.request_duration.labels(**lab).observe(rec.duration_ms)
-        self.request_bytes.labels(**lab).observe(rec.request_bytes)
-        self.response_bytes.labels(**lab).observe(rec.response_bytes)
+        key = tuple(lab[k] for k in REQUEST_LABELS)
+        series = self._request_series.get(key)
+        if series is None:  # bounded like the label values it is keyed by
+            series = (
+                self.requests.labels(*key),
+                self.request_duration.labels(*key),
+                self.request_bytes.labels(*key),
+                self.response_bytes.labels(*key),
+            )
+            self._request_series[key] = series
+        count, duration, req_bytes, resp_bytes = series
+        count.inc()
+        duration.observe(rec.duration_ms)
+        req_bytes.observe(rec.request_bytes)
+        resp_bytes.observe(rec.response_bytes)
         if access_log.isEnabledFor(logging.INFO):
             line = request_record(waypoint, rec, lab)
             access_log.info("%s", json.dumps(line, separators=(",", ":")))
