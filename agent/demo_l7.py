@@ -8,7 +8,9 @@ Services carry ``istio.io/use-waypoint``, so the client's agent sends their
 VIP traffic over HBONE to the waypoint, where Envoy applies the translated
 Istio L7 policy.  Shown: the seeds' 90/10 canary with its header override, an
 L7 deny by method and path, retries hiding a flaky backend, a JWT-protected
-route, and Envoy's own HTTP counters.  Every check decides the exit status.
+route, Istio's request metrics (``istio_requests_total{reporter="waypoint"}``)
+on the agent's :15020 from Envoy's access log, checked against Envoy's own
+HTTP counters.  Every check decides the exit status.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from agent.datapath import inventory
-from agent.sim.harness import AgentNode, Cluster, envoy_stats
+from agent.sim.harness import AgentNode, Cluster, envoy_stats, waypoint_requests
 from agent.sim.topology import Pod, Testbed
 
 NS = "blog"
@@ -273,6 +275,7 @@ def run(sk_msg: bool) -> dict[str, Any]:
     issuer = Issuer()
     checks: list[dict[str, Any]] = []
     stats: dict[str, int] = {}
+    requests: list[dict[str, Any]] = []
     envoy_pid: int | None = None
     identity: dict[str, Any] = {}
     error: str | None = None
@@ -355,6 +358,8 @@ def run(sk_msg: bool) -> dict[str, Any]:
             checks.append(_retry(act))
             checks.extend(_jwt(act, issuer))
             stats = act.envoy_stats()
+            check, requests = _request_metrics(act, stats)
+            checks.append(check)
             t_traffic = time.monotonic()
             invs = {"node1": n1.inventory(), "node2": n2.inventory()}
         except Exception as e:  # reported as a failed check, torn down all the same
@@ -381,6 +386,7 @@ def run(sk_msg: bool) -> dict[str, Any]:
         "waypoint": f"{NS}/{WAYPOINT} on node1 (Envoy, configured over xDS by the agent)",
         "identity": identity,
         "checks": checks,
+        "istio_requests_total": requests,
         "envoy_http_counters": {
             k: v
             for k, v in sorted(stats.items())
@@ -407,6 +413,46 @@ def _gone(pid: int, timeout: float = 15.0) -> bool:
     with contextlib.suppress(OSError):  # do not leave it running: kill, but report
         os.kill(pid, 9)
     return False
+
+
+_SHOWN = (
+    "source_workload",
+    "destination_service_name",
+    "destination_workload",
+    "response_code",
+    "response_flags",
+)
+
+
+def _request_metrics(
+    act: Act, stats: dict[str, int]
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The agent's istio_requests_total{reporter="waypoint"} (from Envoy's
+    access log) against Envoy's own count of the requests on its L7 chains."""
+    envoy_total = sum(
+        v
+        for k, v in stats.items()
+        if k.startswith("http.inbound-") and k.endswith(".downstream_rq_total")
+    )
+
+    def agent_total() -> float:
+        return sum(v for _, v in waypoint_requests(act.n1.metrics()))
+
+    with contextlib.suppress(TimeoutError):  # reported by the check below
+        _until("the agent counted every request", lambda: agent_total() >= envoy_total, 30)
+    series = waypoint_requests(act.n1.metrics())
+    total = sum(v for _, v in series)
+    rows = sorted(
+        ({**{k: lab[k] for k in _SHOWN}, "count": int(v)} for lab, v in series),
+        key=lambda r: tuple(str(r[k]) for k in _SHOWN),
+    )
+    check = _check(
+        "istio_requests_total (agent :15020) counts every request Envoy served",
+        envoy_total > 0 and total == envoy_total,
+        agent=int(total),
+        envoy=envoy_total,
+    )
+    return check, rows
 
 
 def _canary(act: Act) -> list[dict[str, Any]]:
@@ -515,9 +561,16 @@ def print_report(r: dict[str, Any]) -> None:
         if detail:
             print("      " + ", ".join(f"{k}={_fmt(v)}" for k, v in detail.items()))
     print(
-        "\n  Envoy's own HTTP counters (waypoint admin /stats;"
-        " Istio-named L7 metrics are not built):"
+        '\n  istio_requests_total{reporter="waypoint"} on the agent\'s :15020/metrics'
+        " (from Envoy's access log):"
     )
+    for row in r.get("istio_requests_total", []):
+        print(
+            f"    {row['source_workload']} -> {row['destination_service_name']}"
+            f" ({row['destination_workload']}) {row['response_code']}"
+            f" flags={row['response_flags']}: {row['count']}"
+        )
+    print("\n  Envoy's own HTTP counters (waypoint admin /stats):")
     for k, v in r["envoy_http_counters"].items():
         print(f"    {k} = {v}")
     s = r["seconds"]
