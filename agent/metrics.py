@@ -31,6 +31,7 @@ from prometheus_client.registry import Collector
 
 from agent.identity.spiffe import SpiffeId, SpiffeIdError
 from agent.model import Service, Workload
+from agent.model.addr import norm_ip
 from agent.state.state import StateView
 from agent.tunnel import limits
 from agent.tunnel.conns import Connection, access_log, parse_endpoint
@@ -192,9 +193,9 @@ class RequestLabels:
         """The service whose VIP:port the request was sent to (the CONNECT target)."""
         try:
             ip, port = parse_endpoint(rec.downstream_local)
+            hit = view.vips.get((norm_ip(ip), port))
         except ValueError:
             return None
-        hit = view.vips.get((ip, port))
         return hit[0] if hit is not None else None
 
     def _destination(self, view: StateView, rec: RequestLog) -> Workload | None:

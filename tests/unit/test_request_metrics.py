@@ -26,7 +26,7 @@ TD = "cluster.local"
 CLIENT = Workload("client", "shop", "sa-client", "n1", ("10.1.0.5",), {"app": "client"})
 ECHO = Workload("echo-v1", "shop", "echo", "n2", ("10.2.0.7",), {"app": "echo", "version": "v1"})
 ECHO_SVC = Service(
-    "echo", "shop", ("10.96.88.8",), (ServicePort(80, 8080, "http"),), {"app": "echo"}
+    "echo", "shop", ("10.96.88.8", "fd00:96::8"), (ServicePort(80, 8080, "http"),), {"app": "echo"}
 )
 WP = Waypoint("wp", "shop", ("10.1.0.9",), "n1")
 CLIENT_ID = f"spiffe://{TD}/ns/shop/sa/sa-client"
@@ -86,6 +86,18 @@ def test_a_denied_request_has_the_service_but_no_destination_pod(view: StateView
     assert lab["response_code"] == "403" and lab["source_principal"] == CLIENT_ID
     assert lab["destination_service"] == "echo.shop.svc.cluster.local"
     assert lab["destination_workload"] == "unknown" and lab["destination_principal"] == "unknown"
+
+
+def test_an_ipv6_vip_in_any_spelling_and_garbage_addresses(view: StateView) -> None:
+    rl = RequestLabels()
+    v6 = rl.labels(view, dataclasses.replace(OK, downstream_local="[fd00:96:0:0::8]:80"))
+    assert v6["destination_service_name"] == "echo"
+    bad = dataclasses.replace(
+        OK, downstream_local="nope:80", downstream_remote="[::zz]:1", upstream_host="x"
+    )
+    lab = rl.labels(view, bad)
+    assert lab["destination_service"] == lab["source_workload"] == "unknown"
+    assert lab["destination_workload"] == "unknown"
 
 
 def test_a_source_address_is_trusted_only_with_its_pods_identity(view: StateView) -> None:
