@@ -316,3 +316,99 @@ def test_one_writer_and_takeover_after_leader_loss(
     start = time.monotonic()
     wait_for(c.leading, "agent-c leads after a release", 10)
     assert time.monotonic() - start < FAST.lease_duration, "waited for expiry despite a release"
+
+
+def _pod(core: Any, ns: str, name: str, node: str, ip: str, labels: dict[str, str]) -> None:
+    """A pod as the scheduler and kubelet would leave it (neither runs here)."""
+    core.create_namespaced_pod(
+        ns,
+        {
+            "metadata": {"name": name, "labels": labels},
+            "spec": {"nodeName": node, "containers": [{"name": "c", "image": "x"}]},
+        },
+    )
+    core.patch_namespaced_pod_status(
+        name,
+        ns,
+        {
+            "status": {
+                "phase": "Running",
+                "podIP": ip,
+                "podIPs": [{"ip": ip}],
+                "conditions": [{"type": "Ready", "status": "True"}],
+            }
+        },
+    )
+
+
+def test_use_waypoint_labels_reach_the_outbound_decision(
+    k8s_cluster: Cluster, k8s_namespace: str, deployers: Deployers
+) -> None:
+    """Namespace and Service `istio.io/use-waypoint` labels, changed live,
+    reach the agent's outbound decision (KubeSource -> ProxyState ->
+    decide()), through the address the deployer wrote on the Gateway."""
+    import asyncio
+
+    from kubernetes import client
+
+    from agent.sources.k8s import KubeSource
+    from agent.state.outbound import Route, decide
+    from agent.state.state import ProxyState
+
+    api = k8s_cluster.api_client()
+    core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
+    ns = k8s_namespace
+    core.patch_namespace(ns, {"metadata": {"labels": {"istio.io/dataplane-mode": "ambient"}}})
+    _pod(core, ns, "a", "node-a", "10.244.77.10", {"app": "a"})
+    _pod(core, ns, "b", "node-b", "10.244.77.11", {"app": "b"})
+    svc_b = {
+        "metadata": {"name": "b"},
+        "spec": {"selector": {"app": "b"}, "ports": [{"port": 80, "targetPort": 8080}]},
+    }
+    vip = core.create_namespaced_service(ns, svc_b).spec.cluster_ip
+    custom.create_namespaced_custom_object(GW, "v1", ns, "gateways", gateway("wp"))
+    deployers.start("agent-a")
+
+    loop = asyncio.new_event_loop()  # never run: the test takes snapshots itself
+    source = KubeSource("node-a", api=k8s_cluster.agent_api_client())
+    source.start(loop, lambda snap: None)
+    state = ProxyState("node-a")
+
+    def route() -> tuple[Route, str]:
+        view = state.apply(source.snapshot()).view
+        src = next(w for w in view.snapshot.workloads if w.name == "a" and w.namespace == ns)
+        req = decide(view, src, (vip, 80), tls=True)
+        return req.route, req.via or req.target[0]
+
+    def becomes(want: Route, what: str) -> tuple[Route, str]:
+        got: list[tuple[Route, str]] = []
+
+        def check() -> bool:
+            got[:] = [route()] if source.ready() else []
+            return bool(got) and got[0][0] is want
+
+        wait_for(check, f"{what} (last decision {got})")
+        return got[0]
+
+    try:
+        wp_ip = wait_for(
+            lambda: core.read_namespaced_service("wp", ns).spec.cluster_ip, "wp's Service"
+        )
+        assert becomes(Route.HBONE, "direct to b without a waypoint label") == (
+            Route.HBONE, "10.244.77.11",
+        )  # fmt: skip
+        core.patch_namespace(ns, {"metadata": {"labels": {"istio.io/use-waypoint": "wp"}}})
+        assert becomes(Route.WAYPOINT, "namespace label: through wp") == (Route.WAYPOINT, wp_ip)
+        core.patch_namespaced_service(
+            "b", ns, {"metadata": {"labels": {"istio.io/use-waypoint": "none"}}}
+        )
+        becomes(Route.HBONE, "the service opts out")
+        core.patch_namespaced_service(
+            "b", ns, {"metadata": {"labels": {"istio.io/use-waypoint": None}}}
+        )
+        becomes(Route.WAYPOINT, "the service's opt-out removed")
+        core.patch_namespace(ns, {"metadata": {"labels": {"istio.io/use-waypoint": None}}})
+        becomes(Route.HBONE, "the namespace label removed")
+    finally:
+        source.stop()
+        loop.close()
