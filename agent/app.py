@@ -273,6 +273,13 @@ class Agent:
             cgroup_root=Path(root) if root else None,
         )
         self.pods.report = self.kube_source.report
+        if self.waypoints is not None:
+            source = self.kube_source
+
+            def nacked(wp: Any, message: str) -> None:
+                source.gateway_event(wp.namespace, wp.name, "WaypointConfigRejected", message)
+
+            self.waypoints.on_nack = nacked
         if self.settings.agent.waypoint_deployer:
             self._start_deployer()
         self.kube_source.start(loop, on_snapshot)

@@ -711,36 +711,6 @@ class WaypointDeployer:
             _content_type=MERGE,
         )
 
-    def event(self, namespace: str, name: str, reason: str, message: str) -> None:
-        """A Warning Event on a Gateway (a NACK from its Envoy, say).  Never raises."""
-        now = _now()
-        try:
-            gw = self.custom.get_namespaced_custom_object(
-                GW_GROUP, GW_VERSION, namespace, "gateways", name
-            )
-            self.core.create_namespaced_event(
-                namespace,
-                {
-                    "metadata": {"generateName": f"{name}.tether-"},
-                    "involvedObject": {
-                        "apiVersion": f"{GW_GROUP}/{GW_VERSION}",
-                        "kind": "Gateway",
-                        "name": name,
-                        "namespace": namespace,
-                        "uid": gw["metadata"]["uid"],
-                    },
-                    "reason": reason,
-                    "message": message[:1000],
-                    "type": "Warning",
-                    "firstTimestamp": _stamp(now),
-                    "lastTimestamp": _stamp(now),
-                    "count": 1,
-                    "source": {"component": "tether"},
-                },
-            )
-        except Exception as e:
-            log.warning("cannot record %s on Gateway %s/%s: %s", reason, namespace, name, _short(e))
-
     def describe(self) -> dict[str, Any]:
         return {
             "identity": self.elector.identity,

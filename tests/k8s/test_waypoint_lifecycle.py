@@ -412,3 +412,30 @@ def test_use_waypoint_labels_reach_the_outbound_decision(
     finally:
         source.stop()
         loop.close()
+
+
+def test_a_nack_becomes_a_warning_event_on_the_gateway(
+    agent_rbac: Cluster, k8s_namespace: str
+) -> None:
+    """What agent/app.py wires to Waypoints.on_nack, with the agent's RBAC."""
+    from kubernetes import client
+
+    from agent.sources.k8s import KubeSource
+
+    api = agent_rbac.api_client()
+    custom, core = client.CustomObjectsApi(api), client.CoreV1Api(api)
+    ns = k8s_namespace
+    uid = custom.create_namespaced_custom_object(GW, "v1", ns, "gateways", gateway("wp"))[
+        "metadata"
+    ]["uid"]
+    source = KubeSource("node-a", api=agent_rbac.agent_api_client())
+    source.gateway_event(ns, "wp", "WaypointConfigRejected", "Envoy rejected Listener version 7")
+
+    def event() -> Any:
+        items = core.list_namespaced_event(ns).items
+        return [e for e in items if e.involved_object.kind == "Gateway"]
+
+    (ev,) = wait_for(event, "the Event")
+    assert ev.involved_object.name == "wp" and ev.involved_object.uid == uid
+    assert ev.type == "Warning" and ev.reason == "WaypointConfigRejected"
+    assert "Listener version 7" in ev.message
