@@ -35,7 +35,7 @@ only the pod's own processes (peer check by netns), never by a token.
 
 Errors never leave this module: one bad Gateway is reported (log, status,
 ``describe()``) and the others proceed; API errors back off 1 s doubling to
-30 s.  Everything runs on two threads of its own (the ``kubernetes`` client
+30 s (the Lease is tried every ``retry_period`` regardless, as client-go does).  Everything runs on two threads of its own (the ``kubernetes`` client
 is synchronous): the elector's and the reconciler's.
 """
 
@@ -71,6 +71,10 @@ XDS_VOLUME = "tether-xds"
 MESH_LISTENER = {"name": "mesh", "port": 15008, "protocol": "HBONE"}
 STATUS_PORT = 15021
 BACKOFF_MAX = 30.0
+# Every API call is bounded: a hung API server must not hold the Lease
+# thread past the renew deadline, nor the agent's shutdown.
+TIMEOUT = 10.0
+T = {"_request_timeout": TIMEOUT}
 APPLY = "application/apply-patch+yaml"
 MERGE = "application/merge-patch+json"
 
@@ -138,7 +142,7 @@ class LeaderElector:
         now, mono = _now(), time.monotonic()
         t = self.timing
         try:
-            lease = self.coord.read_namespaced_lease(self.name, self.namespace)
+            lease = self.coord.read_namespaced_lease(self.name, self.namespace, **T)
         except ApiException as e:
             if e.status != 404:
                 raise
@@ -155,7 +159,7 @@ class LeaderElector:
                 },
             }
             try:
-                self.coord.create_namespaced_lease(self.namespace, body)
+                self.coord.create_namespaced_lease(self.namespace, body, **T)
             except ApiException as e2:
                 if e2.status == 409:  # another agent created it first
                     return False
@@ -194,7 +198,7 @@ class LeaderElector:
             "spec": new_spec,
         }
         try:
-            self.coord.replace_namespaced_lease(self.name, self.namespace, body)
+            self.coord.replace_namespaced_lease(self.name, self.namespace, body, **T)
         except ApiException as e:
             if e.status == 409:  # someone wrote it between our read and write
                 return False
@@ -218,7 +222,7 @@ class LeaderElector:
         if not was or not write:
             return
         try:
-            lease = self.coord.read_namespaced_lease(self.name, self.namespace)
+            lease = self.coord.read_namespaced_lease(self.name, self.namespace, **T)
             if (lease.spec.holder_identity or "") != self.identity:
                 return
             body = {
@@ -236,7 +240,7 @@ class LeaderElector:
                     "leaseTransitions": int(lease.spec.lease_transitions or 0),
                 },
             }
-            self.coord.replace_namespaced_lease(self.name, self.namespace, body)
+            self.coord.replace_namespaced_lease(self.name, self.namespace, body, **T)
             log.info("waypoint deployer: %s released the Lease", self.identity)
         except Exception as e:  # the Lease expires on its own
             log.warning("waypoint deployer: could not release the Lease: %s", _short(e))
@@ -548,28 +552,27 @@ class WaypointDeployer:
     # -- threads -------------------------------------------------------------
 
     def _elect(self) -> None:
-        backoff = self.elector.timing.retry_period
+        """Try every retry_period, errors or not, as client-go does: one small
+        request per agent, and a returning API server is noticed at once."""
+        period = self.elector.timing.retry_period
         while not self._stop.is_set():
             was = self.elector.leading()
             try:
                 now = self.elector.attempt()
                 self.elector.error = ""
-                backoff = self.elector.timing.retry_period
             except Exception as e:
                 msg = _short(e)
                 if self.elector.error != msg:
-                    log.warning("waypoint deployer: Lease: %s", msg)
+                    log.warning("waypoint deployer: Lease: %s; retrying every %.0f s", msg, period)
                 self.elector.error = msg
                 now = self.elector.leading()  # true until the renew deadline passes
-                backoff = min(backoff * 2, BACKOFF_MAX)
             if now and not was:
                 log.info("waypoint deployer: leading (Lease %s/%s)", self.namespace, LEASE_NAME)
                 self._synced_at.clear()
                 self._wake.set()
             elif was and not self.elector.leading():
                 log.warning("waypoint deployer: lost the Lease; no longer writing")
-            wait = self.elector.timing.retry_period if now else backoff
-            self._stop.wait(wait)
+            self._stop.wait(period)
 
     def _work(self) -> None:
         backoff = 1.0
@@ -603,7 +606,7 @@ class WaypointDeployer:
                 "no waypoint image: set agent.waypointImage or POD_NAME/POD_NAMESPACE "
                 "(the DaemonSet's downward API)"
             )
-        pod = self.core.read_namespaced_pod(self.pod_name, self.namespace)
+        pod = self.core.read_namespaced_pod(self.pod_name, self.namespace, **T)
         containers = pod.spec.containers
         mine = next((c for c in containers if c.name == "agent"), containers[0])
         self.image = str(mine.image)
@@ -612,7 +615,7 @@ class WaypointDeployer:
     def reconcile(self) -> None:
         """One pass over every istio-waypoint Gateway (the leader only)."""
         try:
-            data = self.custom.list_cluster_custom_object(GW_GROUP, GW_VERSION, "gateways")
+            data = self.custom.list_cluster_custom_object(GW_GROUP, GW_VERSION, "gateways", **T)
         except ApiException as e:
             if e.status == 404:
                 self.error = "gateways.gateway.networking.k8s.io not installed"
@@ -670,7 +673,7 @@ class WaypointDeployer:
         else:
             for obj in desired:
                 self._apply(obj)
-            svc = self.core.read_namespaced_service(name, ns)
+            svc = self.core.read_namespaced_service(name, ns, **T)
             ips = [
                 ip for ip in (svc.spec.cluster_ips or [svc.spec.cluster_ip]) if ip and ip != "None"
             ]
@@ -686,6 +689,7 @@ class WaypointDeployer:
             "field_manager": FIELD_MANAGER,
             "force": True,
             "_content_type": APPLY,
+            **T,
         }
         kind = obj["kind"]
         if kind == "Deployment":
@@ -709,6 +713,7 @@ class WaypointDeployer:
             meta["name"],
             {"status": status},
             _content_type=MERGE,
+            **T,
         )
 
     def describe(self) -> dict[str, Any]:

@@ -439,3 +439,28 @@ def test_a_nack_becomes_a_warning_event_on_the_gateway(
     assert ev.involved_object.name == "wp" and ev.involved_object.uid == uid
     assert ev.type == "Warning" and ev.reason == "WaypointConfigRejected"
     assert "Listener version 7" in ev.message
+
+
+def test_api_server_outage_is_retried_not_fatal(
+    k8s_cluster_running: Cluster, k8s_namespace: str, deployers: Deployers
+) -> None:
+    """The leader loses the Lease when it cannot renew, keeps its threads,
+    and after the API server returns leads again and deploys what it missed."""
+    from kubernetes import client
+
+    cluster = k8s_cluster_running
+    ns = k8s_namespace
+    d = deployers.start("agent-a")
+    wait_for(d.leading, "leads", 10)
+    cluster.stop_apiserver()
+    wait_for(lambda: not d.leading(), "stops leading without renewals", 10)
+    wait_for(lambda: d.elector.error, "the Lease error is recorded", 10)
+    assert all(t.is_alive() for t in d._threads)
+    cluster.start_apiserver()
+    api = cluster.api_client()
+    custom, apps = client.CustomObjectsApi(api), client.AppsV1Api(api)
+    custom.create_namespaced_custom_object(GW, "v1", ns, "gateways", gateway("wp"))
+    wait_for(d.leading, "leads again", 30)
+    d.wake()
+    wait_for(lambda: apps.read_namespaced_deployment("wp", ns), "deployed after the outage", 30)
+    assert d.describe()["lease_error"] is None
