@@ -35,8 +35,10 @@ only the pod's own processes (peer check by netns), never by a token.
 
 Errors never leave this module: one bad Gateway is reported (log, status,
 ``describe()``) and the others proceed; API errors back off 1 s doubling to
-30 s (the Lease is tried every ``retry_period`` regardless, as client-go does).  Everything runs on two threads of its own (the ``kubernetes`` client
-is synchronous): the elector's and the reconciler's.
+30 s (the Lease is tried every ``retry_period`` regardless, as client-go
+does).  Everything runs on two threads of its own (the ``kubernetes``
+client is synchronous): the elector's and the reconciler's; every API call
+is bounded (``TIMEOUT``).
 """
 
 from __future__ import annotations
