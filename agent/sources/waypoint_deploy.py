@@ -133,7 +133,6 @@ class LeaderElector:
         self._observed: tuple[Any, ...] | None = None
         self._observed_at = 0.0
         self._renewed_at: float | None = None  # monotonic, last successful renew
-        self.transitions = 0
 
     def leading(self) -> bool:
         r = self._renewed_at
