@@ -92,6 +92,7 @@ class Agent:
             self.first_snapshot = Snapshot(kube["node"])
         self.file = localfile.LocalFileSource(config_path, first) if kube is None else None
         self.kube_source: Any = None
+        self.deployer: Any = None  # Kubernetes mode: agent/sources/waypoint_deploy.py
         s = self.settings.agent
         self.datapath = Datapath(
             DatapathConfig(
@@ -210,6 +211,9 @@ class Agent:
             t.cancel()
         if self.kube_source is not None:
             self.kube_source.stop()
+        if self.deployer is not None:
+            # before any drain: the Lease is released so another agent deploys
+            await loop.run_in_executor(None, self.deployer.stop)
         for srv in servers:
             srv.close()  # free the node's ports at once for the successor
         giver.close()
@@ -254,6 +258,8 @@ class Agent:
         first: asyncio.Future[Snapshot] = loop.create_future()
 
         def on_snapshot(snap: Snapshot) -> None:
+            if self.deployer is not None:
+                self.deployer.wake()  # a Gateway or its Service may have changed
             if not first.done():
                 first.set_result(snap)
             else:  # apply() queues it behind the first and keeps only the newest
@@ -267,6 +273,15 @@ class Agent:
             cgroup_root=Path(root) if root else None,
         )
         self.pods.report = self.kube_source.report
+        if self.waypoints is not None:
+            source = self.kube_source
+
+            def nacked(wp: Any, message: str) -> None:
+                source.gateway_event(wp.namespace, wp.name, "WaypointConfigRejected", message)
+
+            self.waypoints.on_nack = nacked
+        if self.settings.agent.waypoint_deployer:
+            self._start_deployer()
         self.kube_source.start(loop, on_snapshot)
         try:
             return await asyncio.wait_for(asyncio.shield(first), 60)
@@ -277,6 +292,27 @@ class Agent:
                 self.kube_source.errors,
             )
             return None
+
+    def _start_deployer(self) -> None:
+        """Every agent runs the waypoint deployer; the Lease picks the one that
+        writes.  A failure here costs the waypoints, never the agent."""
+        from agent.sources.waypoint_deploy import WaypointDeployer
+
+        assert self.kube is not None and self.kube_source is not None
+        pod = os.environ.get("POD_NAME")
+        try:
+            self.deployer = WaypointDeployer(
+                self.kube_source.api,
+                namespace=os.environ.get("POD_NAMESPACE", "tether-system"),
+                identity=f"{self.kube['node']}/{pod or os.getpid()}",
+                image=self.settings.agent.waypoint_image,
+                pod_name=pod,
+                xds_dir=str(Path(self.settings.agent.state_dir) / "xds"),
+            )
+            self.deployer.start()
+        except Exception:
+            log.exception("waypoint deployer not started; waypoints will not be deployed")
+            self.deployer = None
 
     async def _apply_logged(self, snap: Snapshot) -> None:
         try:
@@ -342,6 +378,7 @@ class Agent:
             "waypoints": view.describe()["waypoints"],
             "waypoint_uses": view.snapshot.waypoint_uses(),
             "waypoint_proxies": self.waypoints.describe() if self.waypoints else [],
+            "waypoint_deployer": self.deployer.describe() if self.deployer else None,
             "certificates": self.certs.describe() if self.certs else [],
             "hbone_pool": self.tunnel.hbone.describe() if self.tunnel and self.tunnel.hbone else [],
             "connections": {

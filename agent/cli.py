@@ -1,4 +1,4 @@
-"""`tether` command line: run, status, cleanup, demo, bench, bpf-source."""
+"""`tether` command line: run, status, cleanup, demo, bench, bpf-source, ca, waypoint-proxy."""
 
 from __future__ import annotations
 
@@ -176,6 +176,36 @@ def _cmd_bpf_source(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_waypoint_proxy(a: argparse.Namespace) -> int:
+    """The waypoint pod's entrypoint (agent/sources/waypoint_deploy.py writes
+    it into the Deployment): Envoy, fed over ADS by the node agent on the
+    unix socket <xds-dir>/<ns>.<name>.sock, with the node id it checks."""
+    import tempfile
+
+    from waypoint.envoy import EnvoyNotInstalled, bootstrap, envoy_binary
+    from waypoint.xds import node_id, socket_path
+
+    try:
+        path = socket_path(a.xds_dir, a.namespace, a.name)
+    except ValueError as e:
+        print(f"tether waypoint-proxy: {e}", file=sys.stderr)
+        return 2
+    cfg = bootstrap(node_id(a.namespace, a.name), f"{a.name}.{a.namespace}", path, a.admin_port)
+    if a.print:
+        print(json.dumps(cfg, indent=1))
+        return 0
+    try:
+        binary = envoy_binary()
+    except EnvoyNotInstalled as e:
+        print(f"tether waypoint-proxy: {e}", file=sys.stderr)
+        return 1
+    fd, cfg_path = tempfile.mkstemp(prefix="waypoint-bootstrap-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(cfg, f)
+    argv = [str(binary), "-c", cfg_path, "-l", a.log_level, "--disable-hot-restart"]
+    os.execv(argv[0], argv)  # Envoy is the pod's process: signals go to it
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tether", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -255,6 +285,21 @@ def parser() -> argparse.ArgumentParser:
     )
     ca.add_argument("--insecure", action="store_true", help="serve without TLS (tests only)")
     ca.set_defaults(fn=_cmd_ca)
+
+    w = sub.add_parser(
+        "waypoint-proxy", help="a waypoint pod: Envoy configured by this node's agent over ADS"
+    )
+    w.add_argument("--namespace", required=True, help="the waypoint Gateway's namespace")
+    w.add_argument("--name", required=True, help="the waypoint Gateway's name")
+    w.add_argument(
+        "--xds-dir",
+        default="/var/run/tether/xds",
+        help="the node agent's <stateDir>/xds, mounted from the host",
+    )
+    w.add_argument("--admin-port", type=int, default=15000, help="Envoy admin, 127.0.0.1 only")
+    w.add_argument("--log-level", default="warning")
+    w.add_argument("--print", action="store_true", help="print the bootstrap and exit")
+    w.set_defaults(fn=_cmd_waypoint_proxy)
 
     e = sub.add_parser("bpf-source", help="print the C text BCC compiles, with its cflags")
     e.add_argument("--pin-dir", default="/sys/fs/bpf/tether")

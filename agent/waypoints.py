@@ -1,5 +1,8 @@
-"""The waypoint Envoys this agent runs (local-file mode): one per waypoint of
-the StateView that is on this node and names its pod's netns.
+"""The waypoint Envoys this agent runs or serves: one per waypoint of the
+StateView that is on this node and names its pod's netns.  In local-file
+mode the agent starts that Envoy itself; in Kubernetes the waypoint pod runs
+its own (``tether waypoint-proxy``, ``envoy_in_pod``) and the agent serves
+only its xDS socket and certificate.
 
 For each: a SnapshotCache and an XdsServer on ``<stateDir>/xds/<ns>.<name>.sock``
 that admits only processes in the waypoint pod's netns (``peer_in_netns``),
@@ -56,6 +59,9 @@ CERT_RETRY = 1.0
 #: on_request(waypoint key, waypoint.als.RequestLog, the current StateView):
 #: called on an xDS server thread for every HTTP request the waypoint logged
 RequestHook = Callable[[str, Any, StateView], None]
+
+#: on_nack(waypoint, message): called on an xDS server thread
+NackReport = Callable[[Waypoint, str], None]
 
 
 def local_waypoints(view: StateView) -> list[Waypoint]:
@@ -115,6 +121,7 @@ class WaypointProxy:
             1, thread_name_prefix=f"waypoint-{wp.namespace}.{wp.name}"
         )
         self._closing = False
+        self.nack_hook: NackReport | None = None
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -202,11 +209,13 @@ class WaypointProxy:
         except ImportError as e:
             self._fail(f"the waypoint extra is not installed ({e}): pip install 'tether[waypoint]'")
             return
-        try:
-            binary = envoy_binary()
-        except EnvoyNotInstalled as e:
-            self._fail(str(e))
-            return
+        binary = None
+        if not self.wp.envoy_in_pod:  # the pod brings its own Envoy
+            try:
+                binary = envoy_binary()
+            except EnvoyNotInstalled as e:
+                self._fail(str(e))
+                return
         if self.certs is None:
             self._fail("no certificates (identity not configured): a waypoint needs mTLS")
             return
@@ -231,6 +240,9 @@ class WaypointProxy:
         # Envoy starts with its configuration (and certificate) already in the cache
         while self.status_.pushed_generation is None:
             await asyncio.sleep(0.1)
+        if self.wp.envoy_in_pod:
+            log.info("waypoint %s: serving xDS on %s for the pod's Envoy", self.wp.key, path)
+            return  # the pod runs (and restarts) Envoy; the push loop keeps going
         workdir = Path(self.state_dir) / "waypoints" / f"{self.wp.namespace}.{self.wp.name}"
         cfg = bootstrap(self.node, f"{self.wp.name}.{self.wp.namespace}", path, ENVOY_ADMIN_PORT)
         self.envoy = EnvoyProcess(cfg, workdir, netns=self.wp.netns, binary=binary)
@@ -361,6 +373,14 @@ class WaypointProxy:
 
     def _on_nack(self, node: str, type_url: str, version: str, message: str) -> None:
         # an xDS server thread; the cache logged it already
+        if self.nack_hook is not None:
+            try:
+                self.nack_hook(
+                    self.wp,
+                    f"Envoy rejected {type_url.rsplit('.', 1)[-1]} version {version}: {message}",
+                )
+            except Exception:
+                log.exception("waypoint %s: NACK hook failed", self.wp.key)
         self.status_.last_nack = {
             "type": type_url.rsplit(".", 1)[-1],
             "version": version,
@@ -378,6 +398,7 @@ class WaypointProxy:
         st = self.status_
         out: dict[str, Any] = {
             "name": self.wp.key,
+            "envoy_in_pod": self.wp.envoy_in_pod,
             "identity": self.identity.uri,
             "node_id": self.node,
             "netns": self.wp.netns,
@@ -418,6 +439,8 @@ class Waypoints:
         self.access_log = access_log
         self.on_request: list[RequestHook] = []
         self.proxies: dict[str, WaypointProxy] = {}
+        # Kubernetes mode: a NACK becomes an Event on the Gateway (agent/app.py)
+        self.on_nack: NackReport | None = None
         self._stopping: set[asyncio.Task[None]] = set()
         self._jwks: JwksFetcher | None = None
         if certs is not None:
@@ -438,7 +461,12 @@ class Waypoints:
         for key in list(self.proxies):
             p = self.proxies[key]
             wp = want.get(key)
-            if wp is None or wp.netns != p.wp.netns or wp.account != p.wp.account:
+            if (
+                wp is None
+                or wp.netns != p.wp.netns
+                or wp.account != p.wp.account
+                or wp.envoy_in_pod != p.wp.envoy_in_pod
+            ):
                 log.info("waypoint %s: stopping its Envoy", key)
                 del self.proxies[key]
                 task = asyncio.get_running_loop().create_task(p.close())
@@ -447,7 +475,12 @@ class Waypoints:
         for key, wp in want.items():
             have = self.proxies.get(key)
             if have is None:
-                log.info("waypoint %s: starting its Envoy in %s", key, wp.netns)
+                log.info(
+                    "waypoint %s: %s in %s",
+                    key,
+                    "serving the pod's Envoy" if wp.envoy_in_pod else "starting its Envoy",
+                    wp.netns,
+                )
                 new = WaypointProxy(
                     wp,
                     view,
@@ -458,6 +491,7 @@ class Waypoints:
                     access_log=self.access_log,
                     on_request=self.on_request,
                 )
+                new.nack_hook = self.on_nack
                 self.proxies[key] = new
                 new.start()
             else:

@@ -35,6 +35,10 @@ class AgentSettings:
     # The local waypoints' Envoys send every HTTP request's access log entry
     # to the agent (request metrics with reporter="waypoint", JSON access log).
     waypoint_access_log: bool = True
+    # Kubernetes mode: the agent holding the Lease deploys istio-waypoint
+    # Gateways (agent/sources/waypoint_deploy.py); off where istiod does it.
+    waypoint_deployer: bool = True
+    waypoint_image: str | None = None  # None: the agent pod's own image
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,8 +23,11 @@ class Waypoint:
     node: str = ""  # the node its pod runs on (that node's agent configures it)
     service_account: str = ""  # "" -> the Gateway's name, as Istio runs it
     traffic_for: str = "service"  # istio.io/waypoint-for: service | workload | all | none
-    netns: str | None = None  # local-file mode, on its own node: the pod's netns
+    netns: str | None = None  # on its own node: the pod's netns (local file, or found by UID)
     cgroup: str | None = None
+    # Kubernetes: the pod runs Envoy itself (`tether waypoint-proxy`, from the
+    # deployer's Deployment); the node agent serves only its xDS socket.
+    envoy_in_pod: bool = False
 
     @property
     def key(self) -> str:

@@ -325,7 +325,12 @@ class KubeSource:
             for o in objs.get(plural, [])
             if not (plural == "gateways" and _is_waypoint(o))
         )
-        waypoints = waypoints_of(objs.get("gateways", []), objs.get("pods", []))
+        local_netns = {
+            (w.namespace, w.name): w.netns for w in workloads if w.node == self.node and w.netns
+        }
+        waypoints = waypoints_of(
+            objs.get("gateways", []), objs.get("pods", []), local_netns, self.node
+        )
         return Snapshot(
             self.node, namespaces, tuple(workloads), tuple(services), policies, waypoints
         )
@@ -462,6 +467,42 @@ class KubeSource:
         except Exception as e:
             log.warning("cannot record %s on pod %s: %s", state, key, e)
 
+    def gateway_event(self, namespace: str, name: str, reason: str, message: str) -> None:
+        """A Warning Event on a waypoint Gateway (its Envoy rejected the
+        configuration this node pushed).  On a thread; never raises."""
+        threading.Thread(
+            target=self._gateway_event, args=(namespace, name, reason, message), daemon=True
+        ).start()
+
+    def _gateway_event(self, namespace: str, name: str, reason: str, message: str) -> None:
+        now = datetime.datetime.now(datetime.UTC)
+        try:
+            gw: Any = self.custom.get_namespaced_custom_object(
+                "gateway.networking.k8s.io", "v1", namespace, "gateways", name
+            )
+            self.core.create_namespaced_event(
+                namespace,
+                client.CoreV1Event(
+                    metadata=client.V1ObjectMeta(generate_name=f"{name}.tether-"),
+                    involved_object=client.V1ObjectReference(
+                        api_version="gateway.networking.k8s.io/v1",
+                        kind="Gateway",
+                        name=name,
+                        namespace=namespace,
+                        uid=gw["metadata"]["uid"],
+                    ),
+                    reason=reason,
+                    message=message[:1000],
+                    type="Warning",
+                    first_timestamp=now,
+                    last_timestamp=now,
+                    count=1,
+                    source=client.V1EventSource(component="tether", host=self.node),
+                ),
+            )
+        except Exception as e:
+            log.warning("cannot record %s on Gateway %s/%s: %s", reason, namespace, name, e)
+
     def describe(self) -> dict[str, Any]:
         return {
             "synced": sorted(self.synced),
@@ -497,14 +538,20 @@ def _ips(pod: dict[str, Any]) -> list[str]:
 
 
 def waypoints_of(
-    gateways: list[dict[str, Any]], pods: list[dict[str, Any]]
+    gateways: list[dict[str, Any]],
+    pods: list[dict[str, Any]],
+    local_netns: dict[tuple[str, str], str] | None = None,
+    node: str = "",
 ) -> tuple[Waypoint, ...]:
     """Gateways of class istio-waypoint as Waypoints.  Addresses: the
     Gateway's `status.addresses` (IPAddress entries) when set, else the IPs of
     its pods, found as Istio labels them (gateway.networking.k8s.io/gateway-name
     = the Gateway's name, in its namespace).  Node and service account come
     from those pods; `istio.io/waypoint-for` on the Gateway (default service).
-    No address yet: traffic through it is refused until it has one."""
+    No address yet: traffic through it is refused until it has one.
+    When that pod runs on ``node`` and its netns was found (``local_netns``,
+    by (namespace, pod name)), the Waypoint names it and ``envoy_in_pod``:
+    this node's agent serves its xDS socket; the pod runs Envoy itself."""
     pods_of: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for p in pods:
         meta = p.get("metadata") or {}
@@ -545,6 +592,10 @@ def waypoints_of(
         pod_ips = [ip for p in mine for ip in _ips(p)]
         first = mine[0] if mine else {}
         spec = first.get("spec") or {}
+        first_meta = first.get("metadata") or {}
+        netns = None
+        if node and spec.get("nodeName") == node:
+            netns = (local_netns or {}).get((ns, str(first_meta.get("name", ""))))
         account = spec.get("serviceAccountName") or (meta.get("annotations") or {}).get(
             SERVICE_ACCOUNT_ANNOTATION, ""
         )
@@ -556,6 +607,8 @@ def waypoints_of(
                 node=str(spec.get("nodeName") or ""),
                 service_account=str(account or ""),
                 traffic_for=traffic_for,
+                netns=netns,
+                envoy_in_pod=netns is not None,
             )
         )
     return tuple(sorted(out, key=lambda w: w.key))

@@ -349,6 +349,8 @@ _AGENT_FIELDS = {
     "podCgroupRoot",
     "requireWaypoint",
     "waypointAccessLog",
+    "waypointDeployer",
+    "waypointImage",
 }
 
 
@@ -379,6 +381,8 @@ def _agent_settings(a: Any) -> AgentSettings:
         metrics_port=_port(a.get("metricsPort", 15020), "agent.metricsPort"),
         require_waypoint=_bool(a.get("requireWaypoint", True), "agent.requireWaypoint"),
         waypoint_access_log=_bool(a.get("waypointAccessLog", True), "agent.waypointAccessLog"),
+        waypoint_deployer=_bool(a.get("waypointDeployer", True), "agent.waypointDeployer"),
+        waypoint_image=_opt_str(a.get("waypointImage"), "agent.waypointImage"),
     )
 
 

@@ -240,3 +240,14 @@ def test_older_istio_gateway_name_label_is_followed() -> None:
     pod["metadata"]["labels"] = {"istio.io/gateway-name": "wp"}
     (wp,) = waypoints_of([_gateway("wp")], [pod])
     assert wp.addresses == ("10.2.0.8",)
+
+
+def test_waypoint_pod_on_this_node_is_served_not_run() -> None:
+    """The deployer's pod runs Envoy itself: the agent of its node learns its
+    netns (to admit only it on the xDS socket) and that Envoy is the pod's."""
+    pod = _wp_pod("wp-1", "wp", ["10.2.0.8"])
+    netns = {(pod["metadata"]["namespace"], "wp-1"): "/proc/42/ns/net"}
+    (here,) = waypoints_of([_gateway("wp")], [pod], netns, "n2")
+    assert here.netns == "/proc/42/ns/net" and here.envoy_in_pod
+    (elsewhere,) = waypoints_of([_gateway("wp")], [pod], netns, "n1")
+    assert elsewhere.netns is None and not elsewhere.envoy_in_pod

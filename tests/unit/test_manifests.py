@@ -170,7 +170,28 @@ def test_agent_role_is_exactly_what_the_source_uses() -> None:
         for v in read
     }
     want |= {("", "pods", "patch"), ("", "events", "create")}
+    # the waypoint deployer (agent/sources/waypoint_deploy.py): server-side apply
+    want |= {
+        (g, r, v)
+        for g, r in (("", "services"), ("", "serviceaccounts"), ("apps", "deployments"))
+        for v in ("create", "patch")
+    }
+    want |= {("gateway.networking.k8s.io", "gateways/status", "patch")}
     assert rules("ClusterRole", "tether-agent") == want
+
+
+def test_deployer_lease_role_is_one_lease() -> None:
+    """Leader election needs one Lease in tether-system, and nothing else."""
+    role = find("Role", "tether-waypoint-deployer")
+    assert role["metadata"]["namespace"] == "tether-system"
+    assert rules("Role", "tether-waypoint-deployer") == {
+        ("coordination.k8s.io", "leases", v) for v in ("create", "get", "update")
+    }
+    named = [r for r in role["rules"] if set(r["verbs"]) & {"get", "update"}]
+    assert all(r.get("resourceNames") == ["tether-waypoint-deployer"] for r in named)
+    from agent.sources.waypoint_deploy import LEASE_NAME
+
+    assert LEASE_NAME == "tether-waypoint-deployer"
 
 
 def test_agent_role_covers_the_watched_kinds() -> None:
