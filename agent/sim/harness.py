@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -29,7 +30,7 @@ from agent.model import format_authority
 from agent.sim.topology import Node, NodeRole, Pod, Testbed
 
 PY = sys.executable
-READY_TIMEOUT = 60.0
+READY_TIMEOUT = float(os.environ.get("TETHER_READY_TIMEOUT", "60"))
 DATAPLANE_MODE = "istio.io/dataplane-mode"
 
 
