@@ -11,8 +11,10 @@ import contextlib
 import os
 import socket
 import subprocess
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -209,12 +211,19 @@ def test_sk_msg_on_and_off_is_byte_exact(sk_msg: bool, family: int) -> None:
 
 @contextlib.contextmanager
 def _held_on_every_path() -> Iterator[
-    tuple[AgentNode, subprocess.Popen[Any], list[subprocess.Popen[Any]]]
+    tuple[AgentNode, subprocess.Popen[Any], list[subprocess.Popen[Any]], Callable[[], None]]
 ]:
-    """Node n1's agent running, pod a holding one echo connection (6 s) on each
+    """Node n1's agent running, pod a holding one echo connection on each
     relay path: HBONE to b on n2, passthrough to c (not enrolled), local to d.
-    Yields (n1, its agent process, the held clients)."""
-    with cluster_nodes("n1", "n2") as (_, (an, other)):
+    Yields (n1, its agent process, the held clients, release): the clients
+    keep talking until release() is called (at most 300 s), so the test, not
+    a guess at how fast the machine is, decides when they may end.
+
+    The clients' stall bound (no byte moving while the agents hand over) is
+    10 s, or twice what this agent took to start if that is longer: a
+    successor freezes the relays from the handoff to its first reconcile, a
+    part of its own start, which a slow machine (TCG) stretches."""
+    with cluster_nodes("n1", "n2") as (_, (an, other)), tempfile.TemporaryDirectory() as tmp:
         a, d = an.add_pod("a", "shop"), an.add_pod("d", "shop")
         c = an.add_pod("c", "other")
         b = other.add_pod("b", "shop")
@@ -222,15 +231,27 @@ def _held_on_every_path() -> Iterator[
         for node, pod in ((an, d), (an, c), (other, b)):
             node.serve(pod)
         other.start_agent()
+        t0 = time.monotonic()
         old = an.start_agent()
-        held = [
-            an.spawn_peer(a, ["connect", dst.ip4, "8080", "--hold", "6", "--timeout", "10"])
-            for dst in (b, c, d)
-        ]
-        time.sleep(1.5)
-        paths = {x["path"] for x in an.connections() if x["open"]}
-        assert {"hbone", "passthrough", "local"} <= paths, paths
-        yield an, old, held
+        stall = max(10.0, 2 * (time.monotonic() - t0))
+        flag = Path(tmp) / "release"
+        hold = ["--hold", "300", "--until", str(flag), "--timeout", f"{stall:.0f}"]
+        held = [an.spawn_peer(a, ["connect", dst.ip4, "8080", *hold]) for dst in (b, c, d)]
+        try:
+            want = {"hbone", "passthrough", "local"}
+            deadline = time.monotonic() + 60
+            paths: set[str] = set()
+            while not want <= paths and time.monotonic() < deadline:
+                time.sleep(0.2)
+                paths = {x["path"] for x in an.connections() if x["open"]}
+            assert want <= paths, paths
+            yield an, old, held, flag.touch
+        finally:
+            flag.touch()
+            for h in held:
+                if h.poll() is None:
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        h.wait(30)
 
 
 def _all_echoed(held: list[subprocess.Popen[Any]]) -> None:
@@ -245,12 +266,13 @@ def test_restart_keeps_live_connections_and_adopts_pins() -> None:
     mesh traffic, traffic to pods outside the mesh) are handed over socket and
     all; the cross-node HBONE connection (TLS state lives in the old process)
     is drained there to its end.  Every client sees every echo."""
-    with _held_on_every_path() as (an, old, held):
+    with _held_on_every_path() as (an, old, held, release):
         inv = an.inventory()
         links_before, progs_before = inv.links, inv.progs
         # the successor takes over while the old agent still runs
         an.agent = None
         new = an.start_agent()
+        release()
         _all_echoed(held)
         assert old.wait(15) == 0, an.log_tail()
         inv = an.inventory()
@@ -271,7 +293,7 @@ def test_successor_of_another_handoff_version_gets_the_listeners_released() -> N
     not guess at the layout: it closes its listeners and keeps every open
     connection (plain relays and HBONE) to its end; the successor binds fresh
     listeners and serves new connections.  Every held client sees every echo."""
-    with _held_on_every_path() as (an, old, held):
+    with _held_on_every_path() as (an, old, held, release):
         # a successor from the future asks for a layout this agent lacks
         with socket.socket(socket.AF_UNIX) as s:
             s.settimeout(10)
@@ -285,6 +307,7 @@ def test_successor_of_another_handoff_version_gets_the_listeners_released() -> N
         r = an.connect(an.tb.pod("a"), an.tb.pod("d"))
         assert r["ok"] and _path(an, r) == ("captured", "captured")
         assert not [x for x in an.connections() if x["inherited"]]
+        release()
         _all_echoed(held)
         assert old.wait(15) == 0, an.log_tail()
         assert new.poll() is None
