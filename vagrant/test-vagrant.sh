@@ -55,13 +55,15 @@ snapshot() {  # DIR: what must be the same after the run
   if command -v nft >/dev/null; then nft list ruleset >"$d/nft" 2>&1; fi
   ip -o link show type bridge 2>/dev/null | awk -F': ' '{print $2}' | sort >"$d/bridges"
   pgrep -x dnsmasq -a 2>/dev/null | grep -c libvirt >"$d/dnsmasq" || true
-  if virsh -q list --all >/dev/null 2>&1; then
-    virsh -q list --all --name | sed '/^$/d' | sort >"$d/domains"
-    virsh -q net-list --all --name | sed '/^$/d' | sort >"$d/networks"
-    virsh -q pool-list --all --name | sed '/^$/d' | sort >"$d/pools"
-  else
-    : >"$d/domains"; : >"$d/networks"; : >"$d/pools"
-  fi
+  # libvirt's persistent objects, from its config files: they exist whether
+  # libvirtd runs or not (Debian ships the "default" network defined, inactive)
+  xmlnames() { ls "$1"/*.xml 2>/dev/null | sed 's#.*/##; s#\.xml$##' | sort; }
+  xmlnames /etc/libvirt/qemu >"$d/domains"
+  xmlnames /etc/libvirt/qemu/networks >"$d/networks"
+  xmlnames /etc/libvirt/storage >"$d/pools"
+  # (libvirtd's first start also writes nwfilter/ and secrets/: its own
+  # configuration, kept; the pool directory is vagrant-libvirt's doing)
+  find /etc/libvirt -maxdepth 1 -name storage >"$d/etc-libvirt"
 }
 snapshot "$state/before"
 pidof libvirtd >/dev/null && had_libvirtd=1 || had_libvirtd=
@@ -115,6 +117,9 @@ teardown() {
       virsh pool-destroy "$p" >/dev/null 2>&1; virsh pool-undefine "$p" >/dev/null 2>&1
     done
   fi
+  # the pool's config directory, if vagrant-libvirt's pool made it and it is empty now
+  grep -qxF /etc/libvirt/storage "$state/before/etc-libvirt" ||
+    { rmdir /etc/libvirt/storage/autostart /etc/libvirt/storage 2>/dev/null || true; }
   stop_daemon() {
     local name=$1 pid
     pid=$(cat "/run/$name.pid" 2>/dev/null || pidof "$name")
@@ -142,7 +147,7 @@ teardown() {
   # checked: anything different from before is a leftover and fails the run
   snapshot "$state/after"
   local left=0 f
-  for f in ip_forward ip6_forward iptables ip6tables nft bridges dnsmasq domains networks pools; do
+  for f in ip_forward ip6_forward iptables ip6tables nft bridges dnsmasq domains networks pools etc-libvirt; do
     [ -e "$state/before/$f" ] || continue
     if ! diff -u "$state/before/$f" "$state/after/$f" >"$state/diff-$f"; then
       log "leftover ($f):"; cat "$state/diff-$f" >&2; left=1
