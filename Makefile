@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.provisioned
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-unit test-bpf test-netns test-waypoint test-k8s test-kernels presubmit lint typecheck bench fuzz clean
+.PHONY: setup demo test test-unit test-bpf test-netns test-waypoint test-k8s test-kernels test-vagrant presubmit lint typecheck bench fuzz clean
 
 setup: $(STAMP)
 
@@ -46,6 +46,12 @@ test-kernels: setup
 	@command -v qemu-system-x86_64 >/dev/null && command -v debootstrap >/dev/null || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(KERNEL_TOOLS); }
 	TETHER_KERNELS=1 $(PY) -m pytest -ra $(PYTEST_ARGS) tests/kernels
+
+# The bpf and netns tiers inside a Vagrant VM (libvirt) on a box built locally
+# from Debian packages (vagrant/box/build.sh); the VM is destroyed and the host's
+# libvirt, firewall and ip_forward left as found, checked (vagrant/README.md).
+test-vagrant:
+	vagrant/test-vagrant.sh
 
 # A real Kubernetes node on this machine (kubelet, containerd, runc built from
 # Go modules; tests/node/README.md) with daemonset/ applied by kubectl.

@@ -163,6 +163,9 @@ class Agent:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
+        # compile first: a predecessor keeps relaying while we do (see
+        # Datapath.prepare); it freezes its relays only once we ask for them
+        await loop.run_in_executor(None, self.datapath.prepare)
         self._inherited = await handoff.receive(self.settings.agent.state_dir)
         await loop.run_in_executor(None, self.datapath.start)
         self.certs = certificate_manager(self.settings.identity, self.settings.agent.state_dir)

@@ -151,12 +151,26 @@ class Datapath:
 
     # -- lifecycle ---------------------------------------------------------
 
-    def start(self) -> None:
-        """Compile and load, adopt pinned state, attach the node-wide hooks."""
+    def prepare(self) -> None:
+        """Compile and load the programs, attaching nothing.
+
+        The slow part of a start (BCC: a second or two on a host, a minute
+        under TCG) touches no state a running predecessor uses - its pinned
+        maps are opened, not changed - so a restarting agent does it before it
+        takes the predecessor's sockets over: relays are frozen from the
+        handoff to the first reconcile, and that window must not include a
+        compile.  Idempotent; start() calls it if nobody did."""
+        if self.progs is not None:
+            return
         ensure_bpffs()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._drop_incompatible_pins()
         self.progs = Programs(self.config.build)
+
+    def start(self) -> None:
+        """Compile and load (unless prepare() did), adopt pinned state, attach
+        the node-wide hooks."""
+        self.prepare()
         self._adopted = self._read_state()
         cfg = TetherCfg(flags=CFG_SKMSG if self.config.skmsg else 0)
         bpfsys.map_update(self._map("tether_cfg"), bytes(ctypes.c_uint32(0)), bytes(cfg))
@@ -182,7 +196,7 @@ class Datapath:
             )
         log.info(
             "datapath ready: %d programs, pins in %s, %d pods to adopt",
-            len(self.progs.prog_fds),
+            len(self._progs().prog_fds),
             self.pin_dir,
             len(self._adopted),
         )

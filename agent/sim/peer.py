@@ -5,7 +5,7 @@ The server first tells each client, in one JSON line, which addresses it saw:
 that is how tests prove a mesh preserved (or rewrote) the client's identity.
 
     serve   --port P [--bind ADDR ...] [--sink]   echo (or discard) server; prints "ready"
-    connect HOST PORT [--bytes N] [--hold S]      one checked echo exchange, JSON result
+    connect HOST PORT [--bytes N] [--hold S] [--until FILE]  one checked echo exchange, JSON result
     rr      HOST PORT [--size B] [--count N]      request/response latency, JSON p50/p99/mean
     stream  HOST PORT [--seconds S]               one-way throughput (use with serve --sink)
     http-serve --port P --name N [--fail-first K] HTTP/1.1 server answering its name (503
@@ -244,11 +244,15 @@ def connect(
     hold: float = 0.0,
     timeout: float = DEFAULT_TIMEOUT_S,
     marker: str = "",
+    until: str = "",
 ) -> dict[str, Any]:
     """One connection: hello, echo of ``nbytes`` random bytes, optional hold; never raises.
 
     ``marker`` is repeated over the payload instead of random bytes, so a wire
-    capture can tell whether the payload crossed a link in plaintext."""
+    capture can tell whether the payload crossed a link in plaintext.
+    ``until`` names a file whose creation ends the hold early: a test holds
+    connections open until it has looked at them, however slow the machine,
+    with ``hold`` only as the upper bound."""
     result: dict[str, Any] = {
         "ok": False,
         "server_saw_peer": None,
@@ -280,7 +284,7 @@ def connect(
                     )
                 end = time.monotonic() + hold
                 seq = 0
-                while time.monotonic() < end:
+                while time.monotonic() < end and not (until and os.path.exists(until)):
                     msg = f"hold {seq}\n".encode()
                     if _exchange(sock, sel, msg, len(msg), timeout) != msg:
                         raise ValueError(f"hold message {seq} echoed wrongly")
@@ -559,6 +563,7 @@ def _parser() -> argparse.ArgumentParser:
             c.add_argument("--bytes", type=int, default=4096)
             c.add_argument("--hold", type=float, default=0.0, help="keep talking for this long (s)")
             c.add_argument("--marker", default="", help="repeat this text as the payload")
+            c.add_argument("--until", default="", help="end the hold early once this file exists")
         elif name == "rr":
             c.add_argument("--size", type=int, default=1024)
             c.add_argument("--count", type=int, default=1000)
@@ -624,7 +629,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.bytes < 0 or args.hold < 0:
             print("--bytes and --hold must be >= 0", file=sys.stderr)
             return 2
-        result = connect(args.host, args.port, args.bytes, args.hold, args.timeout, args.marker)
+        result = connect(
+            args.host, args.port, args.bytes, args.hold, args.timeout, args.marker, args.until
+        )
     elif args.cmd == "rr":
         result = rr(args.host, args.port, args.size, args.count, args.timeout)
     else:

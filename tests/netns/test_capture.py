@@ -209,11 +209,17 @@ def test_sk_msg_on_and_off_is_byte_exact(sk_msg: bool, family: int) -> None:
 
 @contextlib.contextmanager
 def _held_on_every_path() -> Iterator[
-    tuple[AgentNode, subprocess.Popen[Any], list[subprocess.Popen[Any]]]
+    tuple[AgentNode, subprocess.Popen[Any], list[subprocess.Popen[Any]], float]
 ]:
-    """Node n1's agent running, pod a holding one echo connection (6 s) on each
+    """Node n1's agent running, pod a holding one echo connection on each
     relay path: HBONE to b on n2, passthrough to c (not enrolled), local to d.
-    Yields (n1, its agent process, the held clients)."""
+    Yields (n1, its agent process, the held clients, a wait bound).
+
+    The bounds scale with how long this agent took to start (t): the clients
+    hold for max(6 s, 3t) - long enough for a successor to start, which the
+    tests do while they hold - and fail on a stall of max(10 s, 2t): a
+    successor freezes the relays from the handoff to its first reconcile,
+    part of its own start, which a slow machine (TCG) stretches."""
     with cluster_nodes("n1", "n2") as (_, (an, other)):
         a, d = an.add_pod("a", "shop"), an.add_pod("d", "shop")
         c = an.add_pod("c", "other")
@@ -222,15 +228,20 @@ def _held_on_every_path() -> Iterator[
         for node, pod in ((an, d), (an, c), (other, b)):
             node.serve(pod)
         other.start_agent()
+        t0 = time.monotonic()
         old = an.start_agent()
-        held = [
-            an.spawn_peer(a, ["connect", dst.ip4, "8080", "--hold", "6", "--timeout", "10"])
-            for dst in (b, c, d)
-        ]
-        time.sleep(1.5)
-        paths = {x["path"] for x in an.connections() if x["open"]}
-        assert {"hbone", "passthrough", "local"} <= paths, paths
-        yield an, old, held
+        started = time.monotonic() - t0
+        hold, stall = max(6.0, 3 * started), max(10.0, 2 * started)
+        args = ["--hold", f"{hold:.1f}", "--timeout", f"{stall:.1f}"]
+        held = [an.spawn_peer(a, ["connect", dst.ip4, "8080", *args]) for dst in (b, c, d)]
+        want = {"hbone", "passthrough", "local"}
+        deadline = time.monotonic() + hold / 4
+        paths: set[str] = set()
+        while not want <= paths and time.monotonic() < deadline:
+            time.sleep(0.2)
+            paths = {x["path"] for x in an.connections() if x["open"]}
+        assert want <= paths, paths
+        yield an, old, held, max(15.0, stall)
 
 
 def _all_echoed(held: list[subprocess.Popen[Any]]) -> None:
@@ -245,14 +256,14 @@ def test_restart_keeps_live_connections_and_adopts_pins() -> None:
     mesh traffic, traffic to pods outside the mesh) are handed over socket and
     all; the cross-node HBONE connection (TLS state lives in the old process)
     is drained there to its end.  Every client sees every echo."""
-    with _held_on_every_path() as (an, old, held):
+    with _held_on_every_path() as (an, old, held, bound):
         inv = an.inventory()
         links_before, progs_before = inv.links, inv.progs
         # the successor takes over while the old agent still runs
         an.agent = None
         new = an.start_agent()
         _all_echoed(held)
-        assert old.wait(15) == 0, an.log_tail()
+        assert old.wait(bound) == 0, an.log_tail()
         inv = an.inventory()
         assert inv.links == links_before, "pinned links are adopted, not re-created"
         assert inv.progs.isdisjoint(progs_before), "links point at the new programs"
@@ -271,7 +282,7 @@ def test_successor_of_another_handoff_version_gets_the_listeners_released() -> N
     not guess at the layout: it closes its listeners and keeps every open
     connection (plain relays and HBONE) to its end; the successor binds fresh
     listeners and serves new connections.  Every held client sees every echo."""
-    with _held_on_every_path() as (an, old, held):
+    with _held_on_every_path() as (an, old, held, bound):
         # a successor from the future asks for a layout this agent lacks
         with socket.socket(socket.AF_UNIX) as s:
             s.settimeout(10)
@@ -286,7 +297,7 @@ def test_successor_of_another_handoff_version_gets_the_listeners_released() -> N
         assert r["ok"] and _path(an, r) == ("captured", "captured")
         assert not [x for x in an.connections() if x["inherited"]]
         _all_echoed(held)
-        assert old.wait(15) == 0, an.log_tail()
+        assert old.wait(bound) == 0, an.log_tail()
         assert new.poll() is None
 
 
