@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from agent.sim.harness import PY, AgentNode, Cluster
+from agent.sim.harness import PY, AgentNode, Cluster, proc_cpu, proc_rss_mib
 from agent.sim.topology import Node, Pod, Testbed
 
 IPERF_PORT = 5201
@@ -230,23 +230,10 @@ class _Procs:
         self.pids = pids
 
     def cpu(self) -> float:
-        return sum(_proc_cpu(pid) for pid in self.pids.values())
+        return sum(proc_cpu(pid) for pid in self.pids.values())
 
     def rss_mib(self) -> dict[str, float]:
-        return {name: _proc_rss_mib(pid) for name, pid in self.pids.items()}
-
-
-def _proc_cpu(pid: int) -> float:
-    """CPU seconds (user+system, all threads) process ``pid`` has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / float(os.sysconf("SC_CLK_TCK"))
-
-
-def _proc_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return round(int(line.split()[1]) / 1024, 1)
-    return 0.0
+        return {name: proc_rss_mib(pid) for name, pid in self.pids.items()}
 
 
 def _wait_listening(p: subprocess.Popen[Any], port: int, timeout: float = 10.0) -> None:
@@ -1071,14 +1058,14 @@ def run_profile(seconds: float, out_dir: str, workload: str = "throughput") -> d
                     raw,
                 )
             time.sleep(1.0)
-            cpu0 = {r: _proc_cpu(an.agent.pid) for r, an in agents.items() if an.agent}
+            cpu0 = {r: proc_cpu(an.agent.pid) for r, an in agents.items() if an.agent}
             if workload == "connections":
                 cps = _t_cps(tb, a, b, b.ip4, CPS_PORT, seconds)
                 ip = {"bytes": cps["ok"] * 1e6, "bits_per_second": 0.0}  # "GB" = 1,000 conns
                 report["conn_per_s"] = round(cps["conn_per_s"])
             else:
                 ip = _t_iperf(tb, a, b, b.ip4, IPERF_PORT, seconds)
-            cpu = {r: _proc_cpu(an.agent.pid) - cpu0[r] for r, an in agents.items() if an.agent}
+            cpu = {r: proc_cpu(an.agent.pid) - cpu0[r] for r, an in agents.items() if an.agent}
             for p, _ in spies.values():
                 p.wait(seconds + 30)
             del procs
@@ -1161,7 +1148,7 @@ sys.stdin.read()
 
 def _settle_rss(pid: int, wait: float = 3.0) -> float:
     time.sleep(wait)
-    return _proc_rss_mib(pid)
+    return proc_rss_mib(pid)
 
 
 def run_memory(pods: int = MEM_PODS, conns: int = MEM_CONNS) -> dict[str, Any]:
@@ -1182,7 +1169,7 @@ def run_memory(pods: int = MEM_PODS, conns: int = MEM_CONNS) -> dict[str, Any]:
             m = re.search(r"agent ready: (\d+) pods enrolled", n1.log_tail(400))
             report["enrolled_node1"] = int(m.group(1)) if m else None
             report["rss_rest_mib"] = _settle_rss(n1.agent.pid)
-            report["rss_rest_server_node_mib"] = _proc_rss_mib(n2.agent.pid)
+            report["rss_rest_server_node_mib"] = proc_rss_mib(n2.agent.pid)
             srv = tb.spawn(
                 server,
                 [PY, "-c", _HOLD_SCRIPT, "serve", "0.0.0.0", str(MEM_PORT)],
@@ -1209,7 +1196,7 @@ def run_memory(pods: int = MEM_PODS, conns: int = MEM_CONNS) -> dict[str, Any]:
                     )
                 report["open_s"] = round(time.monotonic() - t, 2)
                 report["rss_open_mib"] = _settle_rss(n1.agent.pid, 2.0)
-                report["rss_open_server_node_mib"] = _proc_rss_mib(n2.agent.pid)
+                report["rss_open_server_node_mib"] = proc_rss_mib(n2.agent.pid)
                 cli.stdin.close()
                 cli.wait(30)
             finally:

@@ -28,11 +28,10 @@ import shutil
 import statistics
 import subprocess
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent.sim.harness import AgentNode, Cluster, envoy_stats
+from agent.sim.harness import AgentNode, Cluster, envoy_stats, proc_cpu, proc_rss_mib, until
 from agent.sim.topology import Pod, Testbed
 
 NS = "bench"
@@ -123,35 +122,6 @@ def _server_config(port: int) -> dict[str, Any]:
             "address": {"socket_address": {"address": "127.0.0.1", "port_value": SERVER_ADMIN_PORT}}
         },
     }
-
-
-def _proc_cpu(pid: int) -> float:
-    """CPU seconds (user+system, all threads) process ``pid`` has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / float(os.sysconf("SC_CLK_TCK"))
-
-
-def _rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return round(int(line.split()[1]) / 1024, 1)
-    return 0.0
-
-
-def _until(what: str, check: Callable[[], Any], timeout: float = WAIT) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        try:
-            last = check()
-        except Exception as e:  # the admin port before it listens
-            last = e
-        else:
-            if last:
-                return last
-        if time.monotonic() > deadline:
-            raise BenchError(f"{what}: not within {timeout:g}s; last: {last!r}"[:600])
-        time.sleep(0.3)
 
 
 def wrk_binary() -> str:
@@ -264,7 +234,7 @@ def run_once(seconds: float) -> dict[str, Any]:
                 types = p["xds"]["types"]
                 return all(t["acked"] == t["version"] for t in types.values() if t.get("sent"))
 
-            _until("the waypoint's Envoy ready with every xDS type ACKed", ready)
+            until("the waypoint's Envoy ready with every xDS type ACKed", ready, WAIT, BenchError)
             envoy_pid = int(proxy()["envoy"]["pid"])
             agents = {"node1": n1.agent, "node2": n2.agent}
             script = n1.dir / "report.lua"
@@ -285,11 +255,11 @@ def run_once(seconds: float) -> dict[str, Any]:
                     )
                 # warm-up: connections, HBONE pools, Envoy's upstreams
                 _wrk(tb, wrk, script, who, url, WARMUP_S)
-                cpu0 = {r: _proc_cpu(a.pid) for r, a in agents.items() if a is not None}
-                env0 = _proc_cpu(envoy_pid)
+                cpu0 = {r: proc_cpu(a.pid) for r, a in agents.items() if a is not None}
+                env0 = proc_cpu(envoy_pid)
                 res = _wrk(tb, wrk, script, who, url, seconds)
-                cpu = {r: _proc_cpu(a.pid) - cpu0[r] for r, a in agents.items() if a is not None}
-                env = _proc_cpu(envoy_pid) - env0
+                cpu = {r: proc_cpu(a.pid) - cpu0[r] for r, a in agents.items() if a is not None}
+                env = proc_cpu(envoy_pid) - env0
                 n = res["requests"]
                 k = n / 1000 if n else float("nan")
                 rows[name] = {
@@ -309,7 +279,7 @@ def run_once(seconds: float) -> dict[str, Any]:
             stats = envoy_stats(wp_pod)
             waypoint_envoy = {
                 "pid": envoy_pid,
-                "rss_mib": _rss_mib(envoy_pid),
+                "rss_mib": proc_rss_mib(envoy_pid),
                 "counters_whole_run": {  # warm-ups and probes included
                     k: v
                     for k, v in sorted(stats.items())

@@ -20,11 +20,10 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Callable
 from typing import Any
 
 from agent.datapath import inventory
-from agent.sim.harness import AgentNode, Cluster, envoy_stats, waypoint_requests
+from agent.sim.harness import AgentNode, Cluster, envoy_stats, until, waypoint_requests
 from agent.sim.topology import Pod, Testbed
 
 NS = "blog"
@@ -191,22 +190,6 @@ class Issuer:
 # -- helpers ----------------------------------------------------------------------
 
 
-def _until(what: str, check: Callable[[], Any], timeout: float = WAIT) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        try:
-            last = check()
-        except Exception as e:  # the admin port before Envoy listens
-            last = e
-        else:
-            if last:
-                return last
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not within {timeout:g}s; last: {last!r}"[:600])
-        time.sleep(0.3)
-
-
 class Act:
     def __init__(self, n1: AgentNode, client: Pod, wp_pod: Pod) -> None:
         self.n1, self.client, self.wp_pod = n1, client, wp_pod
@@ -339,7 +322,7 @@ def run(sk_msg: bool) -> dict[str, Any]:
             n2.start_agent()
             n1.start_agent()
             act = Act(n1, client, wp_pod)
-            _until("Envoy ready with every xDS type ACKed", act.ready)
+            until("Envoy ready with every xDS type ACKed", act.ready, WAIT)
             p = act.proxy()
             envoy_pid = p["envoy"]["pid"]
             t_ready = time.monotonic()
@@ -439,7 +422,7 @@ def _request_metrics(
         return sum(v for _, v in waypoint_requests(act.n1.metrics()))
 
     with contextlib.suppress(TimeoutError):  # reported by the check below
-        _until("the agent counted every request", lambda: agent_total() >= envoy_total, 30)
+        until("the agent counted every request", lambda: agent_total() >= envoy_total, 30)
     series = waypoint_requests(act.n1.metrics())
     total = sum(v for _, v in series)
     rows = sorted(

@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -407,3 +407,44 @@ def envoy_stats(wp_pod: Pod) -> dict[str, int]:
         if value.strip().isdigit():
             out[name] = int(value)
     return out
+
+
+# -- process and polling helpers (the demo and the benches) ---------------------
+
+
+def proc_cpu(pid: int) -> float:
+    """CPU seconds (user+system, all threads) process ``pid`` has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / float(os.sysconf("SC_CLK_TCK"))
+
+
+def proc_rss_mib(pid: int) -> float:
+    """Resident memory of process ``pid`` in MiB (0 if it has none)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return 0.0
+
+
+def until(
+    what: str,
+    check: Callable[[], Any],
+    timeout: float,
+    error: type[Exception] = TimeoutError,
+) -> Any:
+    """Poll ``check`` every 0.3 s until it returns something true, and return
+    that; an exception from it counts as not yet (a port before it listens).
+    After ``timeout`` s raise ``error`` naming ``what`` and the last result."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        try:
+            last = check()
+        except Exception as e:
+            last = e
+        else:
+            if last:
+                return last
+        if time.monotonic() > deadline:
+            raise error(f"{what}: not within {timeout:g}s; last: {last!r}"[:600])
+        time.sleep(0.3)
