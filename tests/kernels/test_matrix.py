@@ -8,8 +8,8 @@ and the verifier's or pytest's message.  The per-kernel summary table is
 printed in the terminal summary, on success too.
 
 Opt-in: it takes tens of minutes (under TCG each guest runs about 12x slower
-than the host; the runner boots the three guests side by side, one host core
-each, once the images are cached) and builds images from Debian's mirror on
+than the host; the runner boots the guests side by side, one per host core,
+once the images are cached) and builds images from Debian's mirror on
 first use, so it runs only with TETHER_KERNELS=1 (`make test-kernels`, which
 CI runs).  When opted in, a missing prerequisite (not root, no qemu) fails
 instead of skipping.
