@@ -132,28 +132,32 @@ def test_wire_between_nodes_carries_no_mesh_plaintext(mesh: Any) -> None:
         # VM).  All record types: on a connection whose handshake was
         # captured, TLS 1.3 application data is shown as opaque_type, not
         # content_type (the sum was 0 when this test ran alone).
-        lengths = subprocess.run(
-            [
-                "tshark",
-                "-r",
-                str(pcap),
-                "-d",
-                "tcp.port==15008,tls",
-                "-Y",
-                "tcp.dstport == 15008 && tls.record",
-                "-T",
-                "fields",
-                "-E",
-                "occurrence=a",
-                "-E",
-                "aggregator=,",
-                "-e",
-                "tls.record.length",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        ).stdout.replace(",", " ").split()
+        lengths = (
+            subprocess.run(
+                [
+                    "tshark",
+                    "-r",
+                    str(pcap),
+                    "-d",
+                    "tcp.port==15008,tls",
+                    "-Y",
+                    "tcp.dstport == 15008 && tls.record",
+                    "-T",
+                    "fields",
+                    "-E",
+                    "occurrence=a",
+                    "-E",
+                    "aggregator=,",
+                    "-e",
+                    "tls.record.length",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            .stdout.replace(",", " ")
+            .split()
+        )
         assert sum(int(x) for x in lengths) > 200_000, lengths[:20]
 
 
