@@ -199,17 +199,7 @@ def run_once(seconds: float) -> dict[str, Any]:
                     "labels": {"app": "api", "istio.io/use-waypoint": WAYPOINT},
                 }
             )
-            cluster.waypoints.append(
-                {
-                    "name": WAYPOINT,
-                    "namespace": NS,
-                    "addresses": [wp_pod.ip4],
-                    "node": "node1",
-                    "serviceAccount": WAYPOINT,
-                    "netns": str(wp_pod.netns_path),
-                    "cgroup": str(wp_pod.cgroup_path),
-                }
-            )
+            cluster.add_waypoint(WAYPOINT, NS, wp_pod, "node1")
             for pod in (api, l4, plain):
                 srv = EnvoyProcess(
                     _server_config(PORT),

@@ -297,17 +297,7 @@ def run(sk_msg: bool) -> dict[str, Any]:
                         "labels": {"app": name, "istio.io/use-waypoint": WAYPOINT},
                     }
                 )
-            cluster.waypoints.append(
-                {
-                    "name": WAYPOINT,
-                    "namespace": NS,
-                    "addresses": [wp_pod.ip4],
-                    "node": "node1",
-                    "serviceAccount": WAYPOINT,
-                    "netns": str(wp_pod.netns_path),
-                    "cgroup": str(wp_pod.cgroup_path),
-                }
-            )
+            cluster.add_waypoint(WAYPOINT, NS, wp_pod, "node1")
             cluster.policies = [
                 SUBSETS,
                 CANARY,

@@ -53,6 +53,20 @@ class Cluster:
         self.mtls = True
         self.cert_ttl: float | None = None
 
+    def add_waypoint(self, name: str, namespace: str, pod: Pod, node: str) -> None:
+        """A waypoint the agent on ``node`` runs (Envoy in ``pod``'s netns)."""
+        self.waypoints.append(
+            {
+                "name": name,
+                "namespace": namespace,
+                "addresses": [pod.ip4],
+                "node": node,
+                "serviceAccount": name,
+                "netns": str(pod.netns_path),
+                "cgroup": str(pod.cgroup_path),
+            }
+        )
+
     def write_configs(self) -> None:
         for n in self.nodes:
             n.write_config()

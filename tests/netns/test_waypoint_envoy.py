@@ -241,17 +241,7 @@ def mesh() -> Iterator[Mesh]:
                 "labels": {"istio.io/use-waypoint": "wp"},
             }
         )
-        cluster.waypoints.append(
-            {
-                "name": "wp",
-                "namespace": NS,
-                "addresses": [wp_pod.ip4],
-                "node": "node1",
-                "serviceAccount": "wp",
-                "netns": str(wp_pod.netns_path),
-                "cgroup": str(wp_pod.cgroup_path),
-            }
-        )
+        cluster.add_waypoint("wp", NS, wp_pod, "node1")
         cluster.policies.extend([DENY_ADMIN_DELETE, SUBSETS, SPLIT, RETRIES])
         n2.serve_http(v1, 8080)
         n2.serve_http(v2, 8080)
