@@ -9,7 +9,7 @@ Two attack classes, each bounded in time:
   the cluster CA through the project's identity code, sends HEADERS +
   RST_STREAM pairs; every connection must end in GOAWAY(ENHANCE_YOUR_CALM);
 - idle flood: a few hundred TCP connections that never send a byte; past
-  the per-source cap they are refused at once, the rest are closed by the
+  the per-source cap they are refused (RST at accept), the rest are closed by the
   handshake deadline.
 
 Throughout, a -> c must keep working, and the destination agent's open fds
@@ -196,12 +196,14 @@ def rapid_reset(bed: Bed, seconds: float, pairs_per_conn: int = 2000) -> dict[st
 
 
 def idle_flood(bed: Bed, n: int) -> dict[str, int]:
-    """n TCP connections to b:15008 that never send a byte: how many were
-    refused at once (RST), and how many the agent closed by itself later."""
+    """n TCP connections to b:15008 that never send a byte: how many the agent
+    refused (RST: over the per-source cap, at accept) and how many it closed
+    by itself (FIN: the TLS handshake deadline). Told apart by how they
+    ended, not by when, so a slow machine classifies them the same."""
     from agent import netns
 
     socks: list[socket.socket] = []
-    out = {"opened": 0, "refused_fast": 0, "closed_by_deadline": 0, "still_open": 0}
+    out = {"opened": 0, "refused": 0, "closed_by_deadline": 0, "sent_bytes": 0, "still_open": 0}
     for _ in range(n):
         with netns.entered(bed.a.netns_path):
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -209,45 +211,31 @@ def idle_flood(bed: Bed, n: int) -> dict[str, int]:
         try:
             s.connect((bed.b.ip4, 15008))
         except OSError:
-            out["refused_fast"] += 1
+            out["refused"] += 1
             s.close()
             continue
+        s.setblocking(False)
         socks.append(s)
     out["opened"] = len(socks)
-    time.sleep(0.5)
-    open_after: list[socket.socket] = []
-    for s in socks:
-        s.setblocking(False)
-        try:
-            gone = s.recv(1) == b""
-        except BlockingIOError:
-            gone = False
-        except OSError:
-            gone = True
-        if gone:
-            out["refused_fast"] += 1
-            s.close()
-        else:
-            open_after.append(s)
-    deadline = time.monotonic() + HANDSHAKE + 3.0
-    while open_after and time.monotonic() < deadline:
+    # bounded: the agent closes the admitted ones HANDSHAKE s after accepting
+    # them; the bound is wide for a slow VM, the loop ends when all are closed
+    deadline = time.monotonic() + HANDSHAKE + 30.0
+    while socks and time.monotonic() < deadline:
         time.sleep(0.2)
         keep = []
-        for s in open_after:
+        for s in socks:
             try:
-                gone = s.recv(1) == b""
+                how = "closed_by_deadline" if s.recv(1) == b"" else "sent_bytes"
             except BlockingIOError:
-                gone = False
-            except OSError:
-                gone = True
-            if gone:
-                out["closed_by_deadline"] += 1
-                s.close()
-            else:
                 keep.append(s)
-        open_after = keep
-    out["still_open"] = len(open_after)
-    for s in open_after:
+                continue
+            except OSError:  # ECONNRESET: the RST of a refusal
+                how = "refused"
+            out[how] += 1
+            s.close()
+        socks = keep
+    out["still_open"] = len(socks)
+    for s in socks:
         s.close()
     return out
 
@@ -291,9 +279,11 @@ def test_abuse_of_one_pods_15008_leaves_the_node_serving_and_resources_return(be
     assert resets["connections"] >= 1 and resets["calm"] == resets["connections"], resets
     assert resets2["calm"] == resets2["connections"], resets2
     assert limited["stream_resets"] >= resets["connections"] + resets2["connections"]
-    # the flood: past the per-source cap refused at once, the rest closed by the deadline
-    assert flood["refused_fast"] >= 300 - PER_SOURCE - 20, flood
-    assert flood["still_open"] == 0, flood
+    # the flood: past the per-source cap refused (RST), the admitted ones closed
+    # by the handshake deadline (FIN), none left open, none answered
+    assert flood["refused"] >= 300 - PER_SOURCE - 20, flood
+    assert 0 < flood["closed_by_deadline"] <= PER_SOURCE + 20, flood
+    assert flood["still_open"] == 0 and flood["sent_bytes"] == 0, flood
     assert limited["per_source"] >= 150, limited
     # no fd per reset stream (thousands before): at most one per handled stream (cap 100)
     for phase in (during_resets, during_resets2):
