@@ -39,7 +39,7 @@ packages() { sed -e 's/#.*//' -e 's/[[:space:]]//g' "$PKGS_FILE" | grep -v '^$';
 
 BASE_KEY=$( { echo "$SUITE $MIRROR minbase"; packages; } | sha256sum | cut -c1-16)
 # What `pip install` reads: the tracked files of these (working-tree content).
-PROJECT_FILES=(pyproject.toml README.md agent bpf)
+PROJECT_FILES=(pyproject.toml README.md agent bpf waypoint)
 project_files() { (cd "$ROOT" && git ls-files -z -- "${PROJECT_FILES[@]}"); }
 SRC_KEY=$( {
     project_files | sort -z | (cd "$ROOT" && xargs -0 sha256sum)

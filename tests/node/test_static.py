@@ -57,6 +57,24 @@ def test_build_sh_installs_the_same_way() -> None:
     assert 'ENTRYPOINT ["tether"]' in df and 'CMD ["--help"]' in df
 
 
+def test_build_sh_copies_every_package_the_project_installs() -> None:
+    """The Dockerfile copies the whole tree; build.sh copies PROJECT_FILES.
+    Every package directory pyproject names must be among them (a missing
+    waypoint/ once broke the image build: "package directory 'waypoint'
+    does not exist")."""
+    import tomllib
+
+    sh = (IMAGE / "build.sh").read_text()
+    m = re.search(r"^PROJECT_FILES=\(([^)]*)\)", sh, re.M)
+    assert m, "PROJECT_FILES=(...) not found in build.sh"
+    copied = set(m.group(1).split())
+    tool = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    dirs = {tool["package-dir"].get(p, p.replace(".", "/")) for p in tool["packages"]}
+    roots = {d.split("/")[0] for d in dirs}
+    assert roots <= copied, f"build.sh PROJECT_FILES misses {sorted(roots - copied)}"
+    assert {"pyproject.toml", "README.md"} <= copied
+
+
 def test_overlay_changes_only_kubelet_cgroups() -> None:
     base = yaml.safe_load((REPO / "daemonset" / "configmap.yaml").read_text())["data"]["agent.yaml"]
     patch = yaml.safe_load((REPO / "tests" / "node" / "overlay" / "agent-config.yaml").read_text())
