@@ -45,7 +45,7 @@ KERNEL_TOOLS := qemu-system-x86 debootstrap e2fsprogs
 test-kernels: setup
 	@command -v qemu-system-x86_64 >/dev/null && command -v debootstrap >/dev/null || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(KERNEL_TOOLS); }
-	TETHER_KERNELS=1 $(PY) -m pytest -ra $(PYTEST_ARGS) tests/kernels
+	TETHER_KERNELS=1 TETHER_REQUIRE_ALL_TIERS=$${CI:+1} $(PY) -m pytest -ra $(PYTEST_ARGS) tests/kernels
 
 # The bpf and netns tiers inside a Vagrant VM (libvirt) on a box built locally
 # from Debian packages (vagrant/box/build.sh); the VM is destroyed and the host's
@@ -62,7 +62,7 @@ NODE_TOOLS := debootstrap libseccomp-dev gcc
 test-node: setup
 	@command -v debootstrap >/dev/null && dpkg -s libseccomp-dev >/dev/null 2>&1 || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(NODE_TOOLS); }
-	TETHER_NODE=1 $(PY) -m pytest -ra -s $(PYTEST_ARGS) tests/node
+	TETHER_NODE=1 TETHER_REQUIRE_ALL_TIERS=$${CI:+1} $(PY) -m pytest -ra -s $(PYTEST_ARGS) tests/node
 
 # The tether image without Docker (daemonset/image/build.sh): OCI archives.
 image:

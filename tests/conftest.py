@@ -15,6 +15,15 @@ PRIVILEGED_TIERS = ("tests/bpf/", "tests/netns/", "tests/k8s/")
 #: tiers CI must run in full: the privileged ones, and the waypoint tier (a real
 #: Envoy from the waypoint extra; its netns test needs root)
 REQUIRED_TIERS = (*PRIVILEGED_TIERS, "tests/waypoint/")
+#: opt-in tiers: required once asked for (`make test-node`, `make test-kernels`
+#: set these), so a CI run that asked for them cannot pass by skipping them
+OPT_IN_TIERS = {"TETHER_NODE": "tests/node/", "TETHER_KERNELS": "tests/kernels/"}
+
+
+def _required_tiers() -> tuple[str, ...]:
+    return REQUIRED_TIERS + tuple(
+        tier for var, tier in OPT_IN_TIERS.items() if os.environ.get(var) == "1"
+    )
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatus: int) -> None:
@@ -25,7 +34,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatu
         for r in terminalreporter.stats.get("skipped", [])
         if any(
             t in str(getattr(r, "nodeid", "")) or t in str(getattr(r, "location", ""))
-            for t in REQUIRED_TIERS
+            for t in _required_tiers()
         )
     ]
     if skipped:
