@@ -48,6 +48,12 @@ from agent.datapath.structs import (
 )
 
 log = logging.getLogger(__name__)
+#: the agent's own hooks (on its cgroup): pin name -> program
+AGENT_LINKS = {
+    "sockopt": "tether_sockopt",
+    "agentops": "tether_agent_ops",
+    "nsprobe": "tether_nsprobe",
+}
 
 # Hooks on each pod: pin name -> (program, attach type, target).
 POD_CGROUP_HOOKS = {
@@ -181,15 +187,7 @@ class Datapath:
                 bpfsys.AttachType.SK_MSG_VERDICT,
             )
         if self.config.agent_cgroup:
-            self.node_links["sockopt"] = self._attach(
-                self.pin_dir / "links" / "sockopt", "tether_sockopt", self.config.agent_cgroup
-            )
-            self.node_links["agentops"] = self._attach(
-                self.pin_dir / "links" / "agentops", "tether_agent_ops", self.config.agent_cgroup
-            )
-            self.node_links["nsprobe"] = self._attach(
-                self.pin_dir / "links" / "nsprobe", "tether_nsprobe", self.config.agent_cgroup
-            )
+            self._attach_agent_links(self.config.agent_cgroup)
         for i, cg in enumerate(self.config.kubelet_cgroups):
             self.node_links[f"probe{i}"] = self._attach(
                 self.pin_dir / "links" / f"probe{i}", "tether_probe", cg
@@ -318,18 +316,54 @@ class Datapath:
     def _prog(self, name: str) -> int:
         return self._progs().prog_fds[name]
 
+    def _attach_agent_links(self, cgroup: str) -> None:
+        """The agent's own hooks, on the cgroup its sockets are made in, pinned
+        per cgroup (links/<name>-<cgroup id>): a new agent pod has a new
+        cgroup, and must not take over the link of the pod it replaces.
+
+        That pod's links stay, on this build's programs, while its cgroup
+        lives: the listening sockets a handoff passed over were made there,
+        and the getsockopt hook runs by the socket's cgroup.  Once every
+        socket of it is gone the kernel severs them; a severed link is
+        unpinned here (and by `_attach`), so a deleted agent pod never leaves
+        its successor crash-looping on ENOLINK."""
+        ours = os.stat(cgroup).st_ino  # a cgroup v2 directory's inode is its id
+        links = self.pin_dir / "links"
+        for name, prog in AGENT_LINKS.items():
+            self.node_links[name] = self._attach(links / f"{name}-{ours}", prog, cgroup)
+        for pin in sorted(links.iterdir()):
+            name, _, cg = pin.name.partition("-")
+            if name not in AGENT_LINKS or cg == str(ours):
+                continue  # not an agent link, or ours (an agent restarted in its pod)
+            if self._update_pinned(pin, AGENT_LINKS[name]) is None:
+                log.info("agent link %s: its cgroup is gone (severed), unpinned", pin.name)
+
+    def _update_pinned(self, pin: Path, prog: str) -> int | None:
+        """Point the pinned link at prog; its id, or None when the kernel had
+        severed it (its cgroup or netns was freed), which is then unpinned."""
+        link = bpfsys.obj_get(str(pin))
+        try:
+            bpfsys.link_update(link, self._prog(prog))
+            return bpfsys.link_info(link).id
+        except OSError as e:
+            if e.errno != errno.ENOLINK:
+                raise
+        finally:
+            os.close(link)
+        pin.unlink()
+        return None
+
     def _attach(self, pin: Path, prog: str, target: str) -> int:
         """Attach prog to a cgroup or netns through a pinned link, or point the
-        existing pinned link at prog.  Returns the link id."""
+        existing pinned link at prog (a severed one is replaced).  Returns the
+        link id."""
         spec = PROGRAMS[prog]
         prog_fd = self._prog(prog)
         if pin.exists():
-            link = bpfsys.obj_get(str(pin))
-            try:
-                bpfsys.link_update(link, prog_fd)
-                return bpfsys.link_info(link).id
-            finally:
-                os.close(link)
+            link_id = self._update_pinned(pin, prog)
+            if link_id is not None:
+                return link_id
+            log.warning("link %s was severed (its target went away): attaching anew", pin)
         tfd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
         try:
             link = bpfsys.link_create(prog_fd, tfd, spec.attach_type)
