@@ -28,6 +28,10 @@ class Waypoint:
     # Kubernetes: the pod runs Envoy itself (`tether waypoint-proxy`, from the
     # deployer's Deployment); the node agent serves only its xDS socket.
     envoy_in_pod: bool = False
+    # Kubernetes: the Gateway's status addresses (its Service's ClusterIP).
+    # Only dialled when no serving pod is known: a node need not have
+    # kube-proxy (ztunnel too resolves the waypoint's VIP to its pods).
+    service_addresses: tuple[str, ...] = ()
 
     @property
     def key(self) -> str:

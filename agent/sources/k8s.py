@@ -603,7 +603,8 @@ def waypoints_of(
             Waypoint(
                 name=name,
                 namespace=ns,
-                addresses=tuple(status_ips or pod_ips),
+                addresses=tuple(pod_ips or status_ips),
+                service_addresses=tuple(status_ips),
                 node=str(spec.get("nodeName") or ""),
                 service_account=str(account or ""),
                 traffic_for=traffic_for,

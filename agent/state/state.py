@@ -129,6 +129,7 @@ class StateView:
                 {
                     "name": wp.key,
                     "addresses": list(wp.addresses),
+                    "service_addresses": list(wp.service_addresses),
                     "node": wp.node,
                     "identity": self.identity_of_waypoint(wp).uri,
                     "for": wp.traffic_for,
@@ -237,7 +238,7 @@ def _waypoint_indexes(
             guard(w, wp)
     at: dict[str, Waypoint] = {}
     for wp in snapshot.waypoints:
-        for a in wp.addresses:
+        for a in (*wp.addresses, *wp.service_addresses):
             at[norm_ip(a)] = wp
     for w in snapshot.workloads:  # its pods, as Istio labels them
         name = w.labels.get(GATEWAY_NAME_LABEL)

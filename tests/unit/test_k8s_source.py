@@ -209,7 +209,11 @@ def test_waypoint_gateway_becomes_a_waypoint_from_its_pods() -> None:
     assert state.view.identity_of_waypoint(wp).uri == "spiffe://cluster.local/ns/shop/sa/waypoint"
 
 
-def test_waypoint_status_addresses_win_and_waypoint_for_is_read() -> None:
+def test_waypoint_pods_are_dialled_and_status_addresses_indexed() -> None:
+    """The Gateway's status address is its Service's ClusterIP: a node
+    without kube-proxy cannot dial it (found on the real node: "Network is
+    unreachable"), so the serving pods are dialled, as ztunnel resolves the
+    waypoint's VIP to its workloads; the VIP still names the waypoint."""
     gw = _gateway("wp", labels={"istio.io/waypoint-for": "all"})
     gw["status"] = {
         "addresses": [
@@ -219,8 +223,12 @@ def test_waypoint_status_addresses_win_and_waypoint_for_is_read() -> None:
         ]
     }
     (wp,) = waypoints_of([gw], [_wp_pod("wp-1", "wp", ["10.2.0.8"])])
-    assert wp.addresses == ("10.96.5.5", "fd00:96::5")
+    assert wp.addresses == ("10.2.0.8",)
+    assert wp.service_addresses == ("10.96.5.5", "fd00:96::5")
     assert (wp.traffic_for, wp.node) == ("all", "n2")
+    # no serving pod known (yet, or not visible): the status addresses are dialled
+    (wp,) = waypoints_of([gw], [])
+    assert wp.addresses == ("10.96.5.5", "fd00:96::5")
 
 
 def test_waypoint_without_pods_has_no_address_and_named_account() -> None:
