@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def _cmd_run(a: argparse.Namespace) -> int:
@@ -183,10 +184,10 @@ def _cmd_waypoint_proxy(a: argparse.Namespace) -> int:
     import tempfile
 
     from waypoint.envoy import EnvoyNotInstalled, bootstrap, envoy_binary
-    from waypoint.xds import node_id, socket_path
+    from waypoint.xds import node_id, socket_name
 
     try:
-        path = socket_path(a.xds_dir, a.namespace, a.name)
+        path = Path(a.xds_dir) / socket_name(a.namespace, a.name)
     except ValueError as e:
         print(f"tether waypoint-proxy: {e}", file=sys.stderr)
         return 2

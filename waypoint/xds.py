@@ -113,12 +113,18 @@ def node_id(namespace: str, name: str) -> str:
     return f"waypoint~{namespace}~{name}"
 
 
-def socket_path(state_dir: str | os.PathLike[str], namespace: str, name: str) -> Path:
-    """Where the agent serves ADS for one waypoint (bind-mounted into that pod only)."""
+def socket_name(namespace: str, name: str) -> str:
+    """The file name of one waypoint's ADS socket, in the agent's <stateDir>/xds."""
     for part in (namespace, name):
         if not part or "/" in part or part.startswith("."):
             raise ValueError(f"invalid waypoint name part {part!r}")
-    return Path(state_dir) / "xds" / f"{namespace}.{name}.sock"
+    return f"{namespace}.{name}.sock"
+
+
+def socket_path(state_dir: str | os.PathLike[str], namespace: str, name: str) -> Path:
+    """Where the agent serves ADS for one waypoint: <stateDir>/xds/<ns>.<name>.sock
+    (the xds directory is the one a waypoint pod mounts from the host)."""
+    return Path(state_dir) / "xds" / socket_name(namespace, name)
 
 
 def pack(resource: Message) -> any_pb2.Any:

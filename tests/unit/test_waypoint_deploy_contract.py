@@ -41,7 +41,11 @@ def gw(listeners: list[dict[str, Any]] | None = None, **ann: str) -> dict[str, A
 def test_pod_command_is_the_cli_and_dials_the_agents_socket(tmp_path: Any) -> None:
     from waypoint.xds import node_id, socket_path
 
-    tpl = wd.pod_template(gw(), "img", str(tmp_path))
+    # as agent/app.py wires it: the deployer's xds_dir is <stateDir>/xds (the
+    # real node found the waypoint dialling <stateDir>/xds/xds/... once)
+    state_dir = tmp_path
+    xds_dir = tmp_path / "xds"
+    tpl = wd.pod_template(gw(), "img", str(xds_dir))
     (c,) = tpl["spec"]["containers"]
     assert c["command"][0] == "tether"
     args = cli.parser().parse_args([*c["command"][1:], "--print"])
@@ -53,11 +57,12 @@ def test_pod_command_is_the_cli_and_dials_the_agents_socket(tmp_path: Any) -> No
     assert boot["node"]["id"] == node_id("shop", "wp")
     (ep,) = boot["static_resources"]["clusters"][0]["load_assignment"]["endpoints"]
     pipe = ep["lb_endpoints"][0]["endpoint"]["address"]["pipe"]["path"]
-    assert pipe == str(socket_path(tmp_path, "shop", "wp"))
+    assert pipe == str(socket_path(state_dir, "shop", "wp"))
     # the directory the socket is in is the host's, at the same path
     (vol,) = tpl["spec"]["volumes"]
-    assert vol["hostPath"]["path"] == str(tmp_path)
-    assert c["volumeMounts"] == [{"name": vol["name"], "mountPath": str(tmp_path)}]
+    assert vol["hostPath"]["path"] == str(xds_dir)
+    assert c["volumeMounts"] == [{"name": vol["name"], "mountPath": str(xds_dir)}]
+    assert str(socket_path(state_dir, "shop", "wp")).startswith(str(xds_dir) + "/")
 
 
 def test_service_account_default_and_annotation() -> None:
