@@ -440,6 +440,43 @@ def test_rolling_update_keeps_connections(node: Node) -> None:
     test_connection_identities_and_source_ip(node)
 
 
+def test_agent_pod_deleted_successor_starts(node: Node) -> None:
+    """`kubectl delete pod` of the agent: no surge, no handoff; the old pod's
+    cgroup is freed and the kernel severs the links pinned on it.  Its
+    successor once crash-looped here on BPF_LINK_UPDATE (ENOLINK); it must
+    start, adopt the pods and leave only its own cgroup's agent links."""
+    old = agent_pod(node)["metadata"]["name"]
+    t0 = time.monotonic()
+    node.kubectl("-n", AGENT_NS, "delete", "pod", old, "--wait=true", timeout=120)
+
+    def successor() -> dict[str, Any] | None:
+        ps = pods(node, AGENT_NS, "app.kubernetes.io/name=tether-agent")
+        new = [p for p in ps if p["metadata"]["name"] != old]
+        return new[0] if new and ready(new[0]) else None
+
+    try:
+        new = wait_for(successor, "successor agent Ready", 180, interval=1.0)
+    except TimeoutError:
+        print(node.kubectl("-n", AGENT_NS, "get", "pods", "-o", "wide", check=False))
+        print(
+            node.kubectl(
+                "-n", AGENT_NS, "logs", "ds/tether-agent", "-c", "agent", "--tail=40", check=False
+            )
+        )
+        raise
+    _report("agent_pod_deleted_to_successor_ready_s", round(time.monotonic() - t0, 1))
+    assert restarts(new) == 0, new["status"]
+    for p in pods(node, NS):
+        assert captured(p) and ready(p), p["status"]
+    test_connection_identities_and_source_ip(node)
+    agent_links = {
+        p.name
+        for p in Path("/sys/fs/bpf/tether/links").iterdir()
+        if p.name.partition("-")[0] in ("sockopt", "agentops", "nsprobe")
+    }
+    assert len({n.partition("-")[2] for n in agent_links}) == 1, agent_links
+
+
 # --------------------------------------------------------------------------- waypoint
 
 WAYPOINT = f"""
