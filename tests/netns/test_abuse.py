@@ -203,7 +203,14 @@ def idle_flood(bed: Bed, n: int) -> dict[str, int]:
     from agent import netns
 
     socks: list[socket.socket] = []
-    out = {"opened": 0, "refused": 0, "closed_by_deadline": 0, "sent_bytes": 0, "still_open": 0}
+    out = {
+        "opened": 0,
+        "connect_failed": 0,
+        "refused": 0,
+        "closed_by_deadline": 0,
+        "sent_bytes": 0,
+        "still_open": 0,
+    }
     for _ in range(n):
         with netns.entered(bed.a.netns_path):
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -211,7 +218,7 @@ def idle_flood(bed: Bed, n: int) -> dict[str, int]:
         try:
             s.connect((bed.b.ip4, 15008))
         except OSError:
-            out["refused"] += 1
+            out["connect_failed"] += 1
             s.close()
             continue
         s.setblocking(False)
@@ -279,17 +286,21 @@ def test_abuse_of_one_pods_15008_leaves_the_node_serving_and_resources_return(be
     assert resets["connections"] >= 1 and resets["calm"] == resets["connections"], resets
     assert resets2["calm"] == resets2["connections"], resets2
     assert limited["stream_resets"] >= resets["connections"] + resets2["connections"]
-    # the flood: past the per-source cap refused (RST), the admitted ones closed
-    # by the handshake deadline (FIN), none left open, none answered
-    assert flood["refused"] >= 300 - PER_SOURCE - 20, flood
-    assert 0 < flood["closed_by_deadline"] <= PER_SOURCE + 20, flood
+    # the flood: every connection ended, refused at accept (RST: over the
+    # per-source cap) or closed by the handshake deadline (FIN); none left
+    # open, none answered, every refusal counted
+    assert flood["refused"] + flood["closed_by_deadline"] == flood["opened"] > 0, flood
     assert flood["still_open"] == 0 and flood["sent_bytes"] == 0, flood
-    assert limited["per_source"] >= 150, limited
+    assert flood["refused"] >= 1 and limited["per_source"] >= flood["refused"], (flood, limited)
+    # the cap is on connections admitted at once: never more than PER_SOURCE
+    # open on the destination agent, however slowly it accepts. (Here, where
+    # all 300 are accepted inside one 2 s deadline, that is 200 refused; in a
+    # TCG VM the admitted ones time out while the rest are still queued, and
+    # fewer are refused: 20 in one run, with the same peak.)
+    assert during_flood.peak_fds <= base_fds + PER_SOURCE + 20, (base_fds, during_flood)
     # no fd per reset stream (thousands before): at most one per handled stream (cap 100)
     for phase in (during_resets, during_resets2):
         assert phase.peak_fds < base_fds + 150, (base_fds, phase.peak_fds)
-    # the flood: the admitted ones, plus refused ones between accept and RST
-    assert during_flood.peak_fds < base_fds + 3 * PER_SOURCE + 100, during_flood
     assert after_fds <= base_fds + 10, (base_fds, after_fds)
     assert peak_rss < base_rss + 200, (base_rss, peak_rss)
     assert after_rss < base_rss + 60, (base_rss, after_rss)
