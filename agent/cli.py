@@ -191,7 +191,16 @@ def _cmd_waypoint_proxy(a: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"tether waypoint-proxy: {e}", file=sys.stderr)
         return 2
-    cfg = bootstrap(node_id(a.namespace, a.name), f"{a.name}.{a.namespace}", path, a.admin_port)
+    # Ready (the kubelet's probe on the status port) only once the node
+    # agent's first CDS and LDS arrived: no initial-fetch timeout
+    cfg = bootstrap(
+        node_id(a.namespace, a.name),
+        f"{a.name}.{a.namespace}",
+        path,
+        a.admin_port,
+        initial_fetch_timeout_s=0,
+        ready_port=a.ready_port or None,
+    )
     if a.print:
         print(json.dumps(cfg, indent=1))
         return 0
@@ -298,6 +307,12 @@ def parser() -> argparse.ArgumentParser:
         help="the node agent's <stateDir>/xds, mounted from the host",
     )
     w.add_argument("--admin-port", type=int, default=15000, help="Envoy admin, 127.0.0.1 only")
+    w.add_argument(
+        "--ready-port",
+        type=int,
+        default=15021,
+        help="GET /healthz/ready: 200 once configured by the node agent (0: none)",
+    )
     w.add_argument("--log-level", default="warning")
     w.add_argument("--print", action="store_true", help="print the bootstrap and exit")
     w.set_defaults(fn=_cmd_waypoint_proxy)

