@@ -517,18 +517,25 @@ def _is_waypoint(gw: dict[str, Any]) -> bool:
     return bool((gw.get("spec") or {}).get("gatewayClassName") == WAYPOINT_CLASS)
 
 
-def _serving(pod: dict[str, Any]) -> bool:
-    """A waypoint pod that can take traffic: running with an IP, not being
-    deleted, not reported unready."""
+def _running(pod: dict[str, Any]) -> bool:
+    """A waypoint pod its node's agent serves (xDS): running with an IP, not
+    being deleted.  Readiness is not asked: the pod becomes Ready only once
+    that agent has configured its Envoy."""
     status = pod.get("status") or {}
     if status.get("phase") in ("Succeeded", "Failed", "Pending"):
         return False
     if (pod.get("metadata") or {}).get("deletionTimestamp"):
         return False
-    ready = [c for c in status.get("conditions") or [] if c.get("type") == "Ready"]
-    if ready and ready[0].get("status") != "True":
-        return False
     return bool(status.get("podIP") or status.get("podIPs"))
+
+
+def _serving(pod: dict[str, Any]) -> bool:
+    """A waypoint pod that can take traffic: running, not reported unready."""
+    if not _running(pod):
+        return False
+    status = pod.get("status") or {}
+    ready = [c for c in status.get("conditions") or [] if c.get("type") == "Ready"]
+    return not (ready and ready[0].get("status") != "True")
 
 
 def _ips(pod: dict[str, Any]) -> list[str]:
@@ -543,12 +550,14 @@ def waypoints_of(
     local_netns: dict[tuple[str, str], str] | None = None,
     node: str = "",
 ) -> tuple[Waypoint, ...]:
-    """Gateways of class istio-waypoint as Waypoints.  Addresses: the
-    Gateway's `status.addresses` (IPAddress entries) when set, else the IPs of
-    its pods, found as Istio labels them (gateway.networking.k8s.io/gateway-name
-    = the Gateway's name, in its namespace).  Node and service account come
-    from those pods; `istio.io/waypoint-for` on the Gateway (default service).
-    No address yet: traffic through it is refused until it has one.
+    """Gateways of class istio-waypoint as Waypoints.  Addresses: the IPs of
+    its Ready pods, found as Istio labels them (gateway.networking.k8s.io/gateway-name
+    = the Gateway's name, in its namespace), else the Gateway's
+    `status.addresses` (IPAddress entries: its Service's ClusterIP, which
+    needs kube-proxy), which are also kept as `service_addresses`.  Node and
+    service account come from its running pod; `istio.io/waypoint-for` on the
+    Gateway (default service).  No address yet: traffic through it is
+    refused until it has one.
     When that pod runs on ``node`` and its netns was found (``local_netns``,
     by (namespace, pod name)), the Waypoint names it and ``envoy_in_pod``:
     this node's agent serves its xDS socket; the pod runs Envoy itself."""
@@ -585,12 +594,14 @@ def waypoints_of(
                 status_ips.append(norm_ip(str(a.get("value", ""))))
             except ValueError:
                 continue
-        mine = sorted(
-            (p for p in pods_of.get((ns, name), []) if _serving(p)),
-            key=lambda p: str(p["metadata"].get("name", "")),
+        running = sorted(  # Ready ones first, then by name
+            (p for p in pods_of.get((ns, name), []) if _running(p)),
+            key=lambda p: (not _serving(p), str(p["metadata"].get("name", ""))),
         )
-        pod_ips = [ip for p in mine for ip in _ips(p)]
-        first = mine[0] if mine else {}
+        # dialled: the Ready pods; served (xDS) by their node's agent: the
+        # running one, Ready or not (it is Ready once served: no deadlock)
+        pod_ips = [ip for p in running if _serving(p) for ip in _ips(p)]
+        first = running[0] if running else {}
         spec = first.get("spec") or {}
         first_meta = first.get("metadata") or {}
         netns = None

@@ -373,6 +373,25 @@ def clean_host(before: dict[str, Any] | None) -> None:
                     pass
             subprocess.run([tool, "-t", table, "-F", chain], capture_output=True)
             subprocess.run([tool, "-t", table, "-X", chain], capture_output=True)
+    # 5b. with iptables-nft, the tables made for those chains: removed when
+    #     they were not there before and hold no rule now
+    if shutil.which("nft") and before is not None:
+        had = set(before["iptables"].get("nft", []))
+        r = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True)
+        for line in r.stdout.splitlines():
+            if not line.strip() or line in had:
+                continue
+            _, family, name = line.split()
+            listing = subprocess.run(
+                ["nft", "list", "table", family, name], capture_output=True, text=True
+            ).stdout
+            rules = [
+                ln
+                for ln in listing.splitlines()
+                if ln.strip() and not ln.strip().startswith(("table ", "chain ", "type ", "}"))
+            ]
+            if not rules:
+                subprocess.run(["nft", "delete", "table", family, name], capture_output=True)
     # 6. paths: ours, and the fixed ones only if they did not exist before
     existed = set(before["paths"]) if before else set()
     for p in (*FIXED_PATHS, str(STATE), str(RUN)):

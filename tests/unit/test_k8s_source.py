@@ -231,6 +231,22 @@ def test_waypoint_pods_are_dialled_and_status_addresses_indexed() -> None:
     assert wp.addresses == ("10.96.5.5", "fd00:96::5")
 
 
+def test_a_running_waypoint_pod_not_yet_ready_is_served_but_not_dialled() -> None:
+    """The waypoint pod is Ready only once its Envoy is configured (its
+    readiness probe), so its node's agent must serve it before it is Ready;
+    traffic goes to Ready pods only (found on the real node: the agent waited
+    for Ready, the pod for its configuration)."""
+    gw = _gateway("wp")
+    gw["status"] = {"addresses": [{"type": "IPAddress", "value": "10.96.5.5"}]}
+    pod = _wp_pod("wp-1", "wp", ["10.2.0.8"], conditions=[{"type": "Ready", "status": "False"}])
+    (wp,) = waypoints_of([gw], [pod], {("shop", "wp-1"): "/proc/7/ns/net"}, node="n2")
+    assert wp.envoy_in_pod and wp.netns == "/proc/7/ns/net" and wp.node == "n2"
+    assert wp.addresses == ("10.96.5.5",)  # not the unready pod
+    ready = _wp_pod("wp-1", "wp", ["10.2.0.8"])
+    (wp,) = waypoints_of([gw], [ready], {("shop", "wp-1"): "/proc/7/ns/net"}, node="n2")
+    assert wp.envoy_in_pod and wp.addresses == ("10.2.0.8",)
+
+
 def test_waypoint_without_pods_has_no_address_and_named_account() -> None:
     gw = _gateway(
         "wp",
