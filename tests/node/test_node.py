@@ -531,6 +531,14 @@ def test_waypoint_pod_applies_l7_policy(node: Node) -> None:
     t0 = time.monotonic()
     node.kubectl("apply", "-f", "-", input=WAYPOINT)
     try:
+        # The agent's deployer creates the Deployment after it sees the
+        # Gateway; `rollout status` fails at once on a Deployment that does
+        # not exist yet (a cold CI run lost that race).
+        wait_for(
+            lambda: node.kubectl("-n", NS, "get", "deploy/waypoint", "-o", "name", check=False),
+            f"the deployer's Deployment {NS}/waypoint",
+            timeout=60,
+        )
         node.kubectl(
             "-n", NS, "rollout", "status", "deploy/waypoint", "--timeout=180s", timeout=200
         )
