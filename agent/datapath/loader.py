@@ -10,10 +10,12 @@ files), passes configuration as -D cflags, and returns program and map fds.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import importlib.resources
 import io
 import json
+import logging
 import os
 import platform
 import re
@@ -26,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from agent.datapath.errors import DatapathError, KernelTooOld
+
+log = logging.getLogger(__name__)
 
 # Order matters only for readability of the composed text.
 HOOK_FILES = ("sock_connect.c", "sock_peer.c", "sockops.c", "sockopt.c", "sk_lookup.c", "sk_msg.c")
@@ -161,19 +165,84 @@ def kernel_version() -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
-def check_headers() -> None:
+# Where the tether image keeps Debian's kernel headers for nodes that have none
+# (daemonset/image/kernel-headers.sh): `build` and `source` as in
+# /lib/modules/<release>.  Outside /usr/src, because the DaemonSet mounts the
+# node's /usr/src (where the node's own /lib/modules links point) over it.
+IMAGE_HEADERS = "/usr/lib/tether/kernel-headers"
+
+
+def _has_node_headers() -> bool:
+    build = Path("/lib/modules") / platform.release() / "build"
+    return (build / "include" / "generated" / "autoconf.h").exists() or Path(
+        "/sys/kernel/kheaders.tar.xz"
+    ).exists()
+
+
+def image_headers() -> Path | None:
+    """The packaged headers' directory ($TETHER_KERNEL_HEADERS, else
+    IMAGE_HEADERS) if it holds a build and a source tree, else None."""
+    d = Path(os.environ.get("TETHER_KERNEL_HEADERS") or IMAGE_HEADERS)
+    build_ok = (d / "build" / "include" / "generated" / "autoconf.h").exists()
+    if build_ok and (d / "source" / "include" / "linux" / "kconfig.h").exists():
+        return d
+    return None
+
+
+def check_headers() -> Path | None:
     """BCC needs kernel headers at /lib/modules/$(uname -r)/build (or the
-    kernel's built-in /sys/kernel/kheaders.tar.xz)."""
+    kernel's built-in /sys/kernel/kheaders.tar.xz).  None when the node has
+    them; the packaged headers' directory when only those exist (the compile
+    child mounts them, see use_image_headers); DatapathError otherwise."""
+    if _has_node_headers():
+        return None
+    fallback = image_headers()
+    if fallback is not None:
+        return fallback
     kdir = Path("/lib/modules") / platform.release()
-    if (kdir / "build" / "include" / "generated" / "autoconf.h").exists():
-        return
-    if Path("/sys/kernel/kheaders.tar.xz").exists():
-        return
     raise DatapathError(
         f"no kernel headers for {platform.release()} in {kdir}/build: BCC cannot compile. "
         "Run `vagrant/provision.sh` (installs the distribution's headers and links them "
-        "for kernels that have none packaged), or install linux-headers-$(uname -r)."
+        "for kernels that have none packaged), or install linux-headers-$(uname -r); "
+        "the tether image carries Debian's in "
+        f"{IMAGE_HEADERS} (TETHER_KERNEL_HEADERS names another directory)."
     )
+
+
+_CLONE_NEWNS = 0x00020000
+_MS_REC = 0x4000
+_MS_PRIVATE = 1 << 18
+
+
+def use_image_headers(headers: Path) -> None:
+    """In the compile child only: a private mount namespace whose
+    /lib/modules/<release> holds `build` and `source` links to the packaged
+    headers, where BCC looks.  BCC needs headers that parse; the verifier
+    checks the programs against the running kernel, as on hosts where
+    provision.sh links Debian's 6.1 headers for a newer kernel.  Nothing
+    outside this process sees the mount, and it goes away when it exits."""
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def check(rc: int, what: str) -> None:
+        if rc != 0:
+            err = ctypes.get_errno()
+            raise DatapathError(
+                f"using the image's kernel headers in {headers}: {what}: {os.strerror(err)} "
+                "(needs CAP_SYS_ADMIN, as the agent has; or install the node's headers)"
+            )
+
+    check(libc.unshare(_CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+    check(libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None), "mount --make-rprivate /")
+    mods = Path("/lib/modules")
+    mods.mkdir(exist_ok=True)
+    check(
+        libc.mount(b"tether-headers", b"/lib/modules", b"tmpfs", 0, b"mode=0755,size=64k"),
+        "tmpfs on /lib/modules",
+    )
+    rel = mods / platform.release()
+    rel.mkdir()
+    (rel / "build").symlink_to((headers / "build").resolve())
+    (rel / "source").symlink_to((headers / "source").resolve())
 
 
 def _import_bcc() -> Any:
@@ -213,7 +282,12 @@ class BccPrograms:
 
     def __init__(self, opts: BuildOptions) -> None:
         bcc = _import_bcc()
-        check_headers()
+        fallback = check_headers()
+        if fallback is not None:
+            raise DatapathError(
+                f"no kernel headers for {platform.release()} on this node: only the compile "
+                f"child (Programs) can use the image's, in {fallback}"
+            )
         Path(opts.pin_dir).mkdir(parents=True, exist_ok=True)
         self.opts = opts
         self.kernel = kernel_version()
@@ -312,6 +386,15 @@ class Programs:
                 hook, needs, has = header["args"]
                 raise KernelTooOld(hook, (needs[0], needs[1]), (has[0], has[1]))
             raise DatapathError(err)
+        # Where BCC found kernel headers: "" the node's, else the image's.
+        self.image_headers: str = header.get("headers", "")
+        if self.image_headers:
+            log.warning(
+                "no kernel headers for %s on this node: compiled against the image's "
+                "(%s); the kernel verified the programs",
+                platform.release(),
+                self.image_headers,
+            )
         names = header["progs"] + header["maps"]
         by_name = dict(zip(names, fds, strict=True))
         self.prog_fds: dict[str, int] = {n: by_name[n] for n in header["progs"]}
@@ -352,7 +435,12 @@ def _child_main(fd: int, opts_json: str) -> int:
     """In the compile child: build, then hand every fd to the parent."""
     sock = socket.socket(fileno=fd)
     opts = BuildOptions(**json.loads(opts_json))
+    headers = ""
     try:
+        fallback = check_headers()
+        if fallback is not None:
+            use_image_headers(fallback)
+            headers = str(fallback)
         progs = BccPrograms(opts)
     except KernelTooOld as e:
         header = {
@@ -368,7 +456,7 @@ def _child_main(fd: int, opts_json: str) -> int:
         sock.sendall(json.dumps({"ok": False, "error": msg}).encode() + b"\n")
         return 0
     names_p, names_m = list(progs.prog_fds), list(progs.map_fds)
-    header = {"ok": True, "progs": names_p, "maps": names_m}
+    header = {"ok": True, "progs": names_p, "maps": names_m, "headers": headers}
     fds = [progs.prog_fds[n] for n in names_p] + [progs.map_fds[n] for n in names_m]
     socket.send_fds(sock, [json.dumps(header).encode() + b"\n"], fds[:64])
     for i in range(64, len(fds), 64):

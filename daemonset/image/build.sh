@@ -17,7 +17,8 @@
 # Layers: [base] Debian 12 minbase + daemonset/image/packages.txt (shared by
 # both images) + [tether] the project in /opt/tether (venv,
 # --system-site-packages) or [app] /app/echo.py.
-# The base rootfs is cached by the hash of packages.txt (and SUITE, MIRROR);
+# The base rootfs is cached by the hash of packages.txt and kernel-headers.sh
+# (and SUITE, MIRROR);
 # the images by the hash of what pip installs (the tracked files of
 # pyproject.toml, README.md, agent/, bpf/; working-tree content) and of
 # build.sh, echo.py and packages.txt.
@@ -37,7 +38,7 @@ PKGS_FILE=$HERE/packages.txt
 log() { echo "image/build.sh: $*" >&2; }
 packages() { sed -e 's/#.*//' -e 's/[[:space:]]//g' "$PKGS_FILE" | grep -v '^$'; }
 
-BASE_KEY=$( { echo "$SUITE $MIRROR minbase"; packages; } | sha256sum | cut -c1-16)
+BASE_KEY=$( { echo "$SUITE $MIRROR minbase"; packages; cat "$HERE/kernel-headers.sh"; } | sha256sum | cut -c1-16)
 # What `pip install` reads: the tracked files of these (working-tree content).
 PROJECT_FILES=(pyproject.toml README.md agent bpf waypoint)
 project_files() { (cd "$ROOT" && git ls-files -z -- "${PROJECT_FILES[@]}"); }
@@ -96,6 +97,10 @@ if [[ ! -f $BASE/.built ]]; then
     debootstrap --variant=minbase --include="$(packages | paste -sd, -)" \
         "$SUITE" "$BASE/rootfs" "$MIRROR" >"$BASE/debootstrap.log" 2>&1 || {
         tail -20 "$BASE/debootstrap.log" >&2; exit 4; }
+    # The kernel headers out of /usr/src, where the DaemonSet's mounts hide them
+    # (the same script as the Dockerfile's).
+    cp "$HERE/kernel-headers.sh" "$BASE/rootfs/tmp/kernel-headers.sh"
+    chroot "$BASE/rootfs" /bin/sh /tmp/kernel-headers.sh
     # What Debian's docker images do: no caches, no package lists, no logs.
     chroot "$BASE/rootfs" apt-get clean
     rm -rf "$BASE/rootfs"/var/lib/apt/lists/* "$BASE/rootfs"/var/cache/apt/*.bin \
@@ -121,7 +126,7 @@ OCI=$WORK/oci
 "$UMOCI" new --image "$OCI:base"
 "$UMOCI" unpack --image "$OCI:base" "$WORK/b"
 cp -a "$BASE/rootfs/." "$WORK/b/rootfs/"
-"$UMOCI" repack --image "$OCI:base" --history.created_by "debootstrap --variant=minbase $SUITE + packages.txt" "$WORK/b"
+"$UMOCI" repack --image "$OCI:base" --history.created_by "debootstrap --variant=minbase $SUITE + packages.txt + kernel-headers.sh" "$WORK/b"
 rm -rf "$WORK/b"
 
 chroot_mounts() {  # proc, dev and the host's resolver for pip

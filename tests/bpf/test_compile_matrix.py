@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
+import platform
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -155,3 +159,64 @@ def test_verifier_rejection_carries_verifier_log(
     msg = str(exc.value)
     assert "tether_bad" in msg
     assert "verifier log" in msg and "invalid mem access" in msg, msg
+
+
+def _compile_without_node_headers(pin_dir: Path, headers: Path) -> dict[str, object]:
+    """Programs() in a process whose /lib/modules is an empty tmpfs (a node
+    with no headers for its kernel), with TETHER_KERNEL_HEADERS=headers."""
+    code = f"""
+import json
+from agent.datapath.errors import DatapathError
+from agent.datapath.loader import BuildOptions, Programs
+try:
+    p = Programs(BuildOptions(pin_dir={str(pin_dir)!r}))
+except DatapathError as e:
+    print(json.dumps({{"error": str(e)}}))
+else:
+    print(json.dumps({{"headers": p.image_headers, "progs": sorted(p.prog_fds)}}))
+    p.close()
+"""
+    script = 'mount -t tmpfs tether-test /lib/modules && exec "$0" -c "$1"'
+    env = {**os.environ, "TETHER_KERNEL_HEADERS": str(headers)}
+    cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script]
+    out = subprocess.run(
+        [*cmd, sys.executable, code],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=Path(__file__).resolve().parents[2],
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def test_node_without_headers_compiles_against_the_image_headers(
+    pin_dir: Path, tmp_path: Path
+) -> None:
+    """The DaemonSet hides the image's /usr/src under the node's; on a node
+    with no headers for its kernel the compile child mounts the image's copy
+    (daemonset/image/kernel-headers.sh's layout: build and source links) in a
+    private mount namespace, and every program still loads.  The host's own
+    headers stand in for the image's here."""
+    mods = Path("/lib/modules") / platform.release()
+    packaged = tmp_path / "kernel-headers"
+    packaged.mkdir()
+    (packaged / "build").symlink_to((mods / "build").resolve())
+    # Debian splits a build tree and a source tree; a merged tree is both
+    source = mods / "source" if (mods / "source").exists() else mods / "build"
+    (packaged / "source").symlink_to(source.resolve())
+    before = sorted(p.name for p in mods.iterdir())
+    got = _compile_without_node_headers(pin_dir, packaged)
+    assert got.get("headers") == str(packaged), got
+    assert got.get("progs") == sorted(p.name for p in BuildOptions().programs()), got
+    # the mount was the child's alone
+    assert sorted(p.name for p in mods.iterdir()) == before
+
+
+def test_node_without_any_headers_names_the_fix(pin_dir: Path, tmp_path: Path) -> None:
+    got = _compile_without_node_headers(pin_dir, tmp_path / "none")
+    err = str(got.get("error", ""))
+    assert f"no kernel headers for {platform.release()}" in err, got
+    assert "TETHER_KERNEL_HEADERS" in err and "linux-headers-$(uname -r)" in err, got

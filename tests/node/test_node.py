@@ -595,6 +595,42 @@ def test_waypoint_pod_applies_l7_policy(node: Node) -> None:
     assert rec.get("src_identity") == f"spiffe://cluster.local/ns/{NS}/sa/default", rec
 
 
+HEADERS_PROBE = """
+import json, sys
+from agent.datapath.loader import BuildOptions, Programs
+p = Programs(BuildOptions(pin_dir=sys.argv[1]))
+print(json.dumps({"headers": p.image_headers, "progs": sorted(p.prog_fds)}))
+p.close()
+"""
+
+
+def test_image_headers_compile_in_the_agent_pod(node: Node) -> None:
+    """A node with no headers for its kernel, played inside the real agent
+    container: a private mount namespace with an empty tmpfs over the node's
+    /lib/modules.  The compile child must find the image's Debian headers
+    (daemonset/image/kernel-headers.sh) and load every program."""
+    from agent.datapath.loader import IMAGE_HEADERS, BuildOptions
+    from agent.sim.topology import random_prefix
+
+    name = agent_pod(node)["metadata"]["name"]
+    pin = f"/sys/fs/bpf/{random_prefix('tn')}-hdr"
+    script = 'mount -t tmpfs tether-test /lib/modules && exec python3 -c "$0" "$1"'
+    try:
+        out = node.kubectl(
+            "exec", "-n", AGENT_NS, name, "-c", "agent", "--",
+            "unshare", "--mount", "--propagation", "private", "sh", "-c", script,
+            HEADERS_PROBE, pin,
+            timeout=300,
+        )  # fmt: skip
+    finally:
+        if Path(pin).is_dir():
+            Path(pin).rmdir()
+    got = json.loads(out.strip().splitlines()[-1])
+    _report("image_headers_probe", got)
+    assert got["headers"] == IMAGE_HEADERS, got
+    assert got["progs"] == sorted(p.name for p in BuildOptions().programs()), got
+
+
 # --------------------------------------------------------------------------- uninstall
 
 

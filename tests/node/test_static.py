@@ -57,6 +57,25 @@ def test_build_sh_installs_the_same_way() -> None:
     assert 'ENTRYPOINT ["tether"]' in df and 'CMD ["--help"]' in df
 
 
+def test_both_recipes_move_the_kernel_headers_where_the_agent_looks() -> None:
+    """The DaemonSet mounts the node's /usr/src, hiding the image's headers
+    there: both recipes run kernel-headers.sh (base layer), the base cache key
+    covers it, and it moves them to the directory the loader falls back to."""
+    from agent.datapath.loader import IMAGE_HEADERS
+
+    sh = (IMAGE / "build.sh").read_text()
+    df = (REPO / "daemonset" / "Dockerfile").read_text()
+    script = (IMAGE / "kernel-headers.sh").read_text()
+    assert "COPY daemonset/image/kernel-headers.sh /tmp/kernel-headers.sh" in df
+    assert "&& sh /tmp/kernel-headers.sh" in df
+    assert 'chroot "$BASE/rootfs" /bin/sh /tmp/kernel-headers.sh' in sh
+    base_key = next(ln for ln in sh.splitlines() if ln.startswith("BASE_KEY="))
+    assert 'cat "$HERE/kernel-headers.sh"' in base_key
+    assert f"dest={IMAGE_HEADERS}\n" in script
+    assert "link build 'linux-headers-*-amd64'" in script
+    assert "link source 'linux-headers-*-common'" in script
+
+
 def test_build_sh_copies_every_package_the_project_installs() -> None:
     """The Dockerfile copies the whole tree; build.sh copies PROJECT_FILES.
     Every package directory pyproject names must be among them (a missing
