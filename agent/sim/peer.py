@@ -414,7 +414,8 @@ def http_serve(
     on_ready: Any = None,
 ) -> None:
     """An HTTP/1.1 server answering every request with ``name`` (and header
-    ``x-served-by``), except the first ``fail_first`` requests: 503."""
+    ``x-served-by``), except the first ``fail_first`` requests: 503.
+    ``/bytes/N`` answers N bytes instead (at most 64 MiB)."""
     import http.server
 
     lock = threading.Lock()
@@ -431,6 +432,9 @@ def http_serve(
                 seen[0] += 1
                 failing = seen[0] <= fail_first
             body = f"{name}\n".encode()
+            if self.path.startswith("/bytes/") and self.path[7:].isdigit():
+                n = min(int(self.path[7:]), 64 << 20)
+                body = (bytes(range(251)) * (n // 251 + 1))[:n]
             self.send_response(503 if failing else 200)
             self.send_header("content-type", "text/plain")
             self.send_header("content-length", str(len(body)))
@@ -490,18 +494,26 @@ def http_requests(
         hdrs[k.strip()] = v.strip()
     status: dict[str, int] = {}
     bodies: dict[str, int] = {}
+    lengths: list[int] = []  # of each body read whole, in order
+    cut: list[int] = []  # body bytes read before each failure, in order
     errors: list[str] = []
     conn: http.client.HTTPConnection | None = None
     end = time.monotonic() + duration
     done = 0
     while (time.monotonic() < end) if duration > 0 else (done < count):
         done += 1
+        got = 0
         try:
             if conn is None:
                 conn = http.client.HTTPConnection(host, port, timeout=timeout)
             conn.request(method, path, headers=hdrs)
             resp = conn.getresponse()
-            body = resp.read().decode(errors="replace").strip()
+            head = b""
+            while chunk := resp.read(65536):
+                head += chunk[: 200 - len(head)]
+                got += len(chunk)
+            lengths.append(got)
+            body = head.decode(errors="replace").strip()
             status[str(resp.status)] = status.get(str(resp.status), 0) + 1
             bodies[body[:80]] = bodies.get(body[:80], 0) + 1
             if resp.will_close:
@@ -509,6 +521,7 @@ def http_requests(
                 conn = None
         except (OSError, http.client.HTTPException) as e:
             errors.append(f"{type(e).__name__}: {e}")
+            cut.append(got)
             if conn is not None:
                 conn.close()
             conn = None
@@ -519,6 +532,8 @@ def http_requests(
         "count": done,
         "status": status,
         "bodies": bodies,
+        "lengths": lengths[:1000],
+        "cut": cut[:1000],
         "errors": len(errors),
         "error": errors[0] if errors else None,
     }

@@ -3,11 +3,40 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import socket
+import struct
+import termios
 from typing import cast
 
 from agent.tunnel.h2conn import HIGH_WATER, H2Stream
 from agent.tunnel.relay import reset_transport
+
+# A stream reset by the peer (RST_STREAM, or its HBONE connection lost) ends
+# the app's connection with an RST (RFC 9113 §8.5), never a FIN that would
+# pass a cut transfer as whole; but only once the app has every byte the
+# stream delivered before the reset: an RST discards the socket's send queue.
+# Envoy resets a waypoint's CONNECT stream (CONNECT_ERROR) right after the
+# last DATA when its inner connection closes, as it does after a response to
+# `connection: close`; an immediate RST cut such responses short.  Bounded:
+# an app that stops reading gets the RST after this long.
+FLUSH_BEFORE_RESET_S = 5.0
+_FLUSH_POLL_S = 0.005
+
+
+def unacked_bytes(transport: asyncio.Transport) -> int:
+    """Bytes the transport still holds plus those the kernel has not had
+    acknowledged (SIOCOUTQ, which is TIOCOUTQ); 0 when the socket is gone."""
+    pending = transport.get_write_buffer_size()
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return pending
+    try:
+        out = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    except (OSError, ValueError):
+        return pending
+    return pending + int(struct.unpack("i", out)[0])
 
 
 class _SocketSide(asyncio.Protocol):
@@ -107,12 +136,28 @@ class Bridge:
     def _on_close(self, exc: Exception | None) -> None:
         if exc is not None:
             # RST_STREAM, or the HBONE connection lost without END_STREAM: the
-            # app gets an RST, never a FIN that would pass a cut transfer as whole
+            # app gets what was delivered, then an RST (FLUSH_BEFORE_RESET_S)
             self._aborted("stream", exc)
-            reset_transport(self.transport)
-            self._finish(exc)
+            t = self.transport
+            if t is None or t.is_closing() or unacked_bytes(t) == 0:
+                reset_transport(t)
+                self._finish(exc)
+                return
+            t.pause_reading()  # the stream is gone: nothing more goes out
+            task = asyncio.get_running_loop().create_task(self._reset_when_flushed(t, exc))
+            task.add_done_callback(lambda t: None)
+            self._flush_task = task
         elif self.transport is not None and not self.transport.is_closing():
             self.transport.close()
+
+    async def _reset_when_flushed(self, t: asyncio.Transport, exc: Exception) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + FLUSH_BEFORE_RESET_S
+        with contextlib.suppress(Exception):
+            while not t.is_closing() and unacked_bytes(t) > 0 and loop.time() < deadline:
+                await asyncio.sleep(_FLUSH_POLL_S)
+        reset_transport(t)
+        self._finish(exc)
 
     def _half_closed(self, side: str) -> None:
         if side == "socket":

@@ -417,6 +417,47 @@ def test_bridge_resets_the_app_socket_when_the_stream_is_cut(how: str) -> None:
     run(main())
 
 
+def test_bridge_delivers_what_the_stream_carried_before_its_reset() -> None:
+    """Envoy resets a waypoint's CONNECT stream (CONNECT_ERROR) right after
+    the last DATA of a `connection: close` response.  The app, slow to read,
+    must still get every byte the stream delivered, then ECONNRESET; before,
+    the RST went out at once and discarded what the socket still queued."""
+
+    async def main() -> None:
+        bridges: list[Bridge] = []
+
+        async def on_request(c: H2Conn, s: H2Stream) -> None:
+            c.respond(s, 200)
+            b = Bridge(s, initiator="stream")
+            bridges.append(b)
+            await b.start(ours)
+            await b.done
+
+        app, ours = await _app_pair()
+        app.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)  # a slow reader's
+        conn, cli = await pair(lambda: H2Conn(client=False, on_request=on_request), True)
+        cli.h2.send_headers(1, GOOD)
+        cli.flush()
+        await cli.until(lambda: bool(cli.of(h2.events.ResponseReceived)))
+        sent = 0
+        while (room := min(cli.h2.local_flow_control_window(1), 16384)) > 0 and sent < 4 << 20:
+            cli.h2.send_data(1, bytes(room))
+            sent += room
+        cli.flush()
+        f = _rst(1)
+        f.error_code = h2.errors.ErrorCodes.CONNECT_ERROR
+        cli.raw(f)
+        await asyncio.sleep(0.2)  # the reset is in; the app has read nothing yet
+        assert bridges and not bridges[0].done.done()  # holding the RST for the app
+        n, end = await _read_to_end(app, sent)
+        assert (n, end) == (sent, "ECONNRESET"), (sent, n, end)
+        assert bridges[0].abort_flag == "DC" and bridges[0].done.done()
+        app.close()
+        conn.close()
+
+    run(main())
+
+
 def test_bridge_resets_the_stream_when_the_app_resets() -> None:
     """ECONNRESET on the app's socket is passed on as RST_STREAM, never END_STREAM."""
 
