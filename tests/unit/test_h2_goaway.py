@@ -378,6 +378,27 @@ async def _read_to_end(app: socket.socket, expect: int) -> tuple[int, str]:
         return n, errno.errorcode.get(e.errno or 0, str(e))
 
 
+async def _bridged_server(
+    rcvbuf: int = 0,
+) -> tuple[socket.socket, H2Conn, RawPeer, list[Bridge]]:
+    """A server H2Conn whose every request is bridged to one app socket: (the
+    app's end, the H2Conn, the raw client peer, the bridges made so far)."""
+    bridges: list[Bridge] = []
+    app, ours = await _app_pair()
+    if rcvbuf:
+        app.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+
+    async def on_request(c: H2Conn, s: H2Stream) -> None:
+        c.respond(s, 200)
+        b = Bridge(s, initiator="stream")
+        bridges.append(b)
+        await b.start(ours)
+        await b.done
+
+    conn, cli = await pair(lambda: H2Conn(client=False, on_request=on_request), True)
+    return app, conn, cli, bridges
+
+
 @pytest.mark.parametrize("how", ["rst_stream", "connection_lost"])
 def test_bridge_resets_the_app_socket_when_the_stream_is_cut(how: str) -> None:
     """A transfer cut mid-way (RST_STREAM, or the HBONE connection lost
@@ -385,17 +406,7 @@ def test_bridge_resets_the_app_socket_when_the_stream_is_cut(how: str) -> None:
     Before, it got a FIN: a half-received upload looked complete."""
 
     async def main() -> None:
-        bridges: list[Bridge] = []
-
-        async def on_request(c: H2Conn, s: H2Stream) -> None:
-            c.respond(s, 200)
-            b = Bridge(s, initiator="stream")
-            bridges.append(b)
-            await b.start(ours)
-            await b.done
-
-        app, ours = await _app_pair()
-        conn, cli = await pair(lambda: H2Conn(client=False, on_request=on_request), True)
+        app, conn, cli, bridges = await _bridged_server()
         cli.h2.send_headers(1, GOOD)
         cli.h2.send_data(1, b"x" * 5000)
         cli.flush()
@@ -424,18 +435,7 @@ def test_bridge_delivers_what_the_stream_carried_before_its_reset() -> None:
     the RST went out at once and discarded what the socket still queued."""
 
     async def main() -> None:
-        bridges: list[Bridge] = []
-
-        async def on_request(c: H2Conn, s: H2Stream) -> None:
-            c.respond(s, 200)
-            b = Bridge(s, initiator="stream")
-            bridges.append(b)
-            await b.start(ours)
-            await b.done
-
-        app, ours = await _app_pair()
-        app.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)  # a slow reader's
-        conn, cli = await pair(lambda: H2Conn(client=False, on_request=on_request), True)
+        app, conn, cli, bridges = await _bridged_server(rcvbuf=65536)  # a slow reader's
         cli.h2.send_headers(1, GOOD)
         cli.flush()
         await cli.until(lambda: bool(cli.of(h2.events.ResponseReceived)))
