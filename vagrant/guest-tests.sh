@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Inside a Vagrant VM: run the tiers in TETHER_TIERS (default "bpf netns") and
+# Inside a Vagrant VM: run the tiers in TETHER_TIERS (default "bpf netns"; an
+# entry may also name one file below tests/, e.g. netns/test_drain.py) and
 # print, per tier, only what a reader needs - the failures and errors, the
 # short summary and the duration.  Vagrant shows a provisioner's output line by
 # line, which turns pytest's progress dots into noise; the whole output of
@@ -11,7 +12,7 @@ venv=$(vagrant/guest-venv.sh)
 echo "== tether on $(uname -r) ($(. /etc/os-release && echo "$PRETTY_NAME")), $(nproc) CPUs, venv $venv"
 rc=0
 for tier in ${TETHER_TIERS:-bpf netns}; do
-  logf=/var/log/tether-$tier.log
+  logf=/var/log/tether-${tier//\//-}.log
   t0=$SECONDS
   echo "== $tier tier: running (log: $logf)"
   "$venv/bin/python" -m pytest -q -rfE -p no:cacheprovider --tb=short "tests/$tier" >"$logf" 2>&1
