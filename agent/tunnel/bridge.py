@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
 import socket
 import struct
@@ -11,7 +10,7 @@ import termios
 from typing import cast
 
 from agent.tunnel.h2conn import HIGH_WATER, H2Stream
-from agent.tunnel.relay import reset_transport
+from agent.tunnel.relay import poll_until, reset_transport
 
 # A stream reset by the peer (RST_STREAM, or its HBONE connection lost) ends
 # the app's connection with an RST (RFC 9113 §8.5), never a FIN that would
@@ -22,7 +21,6 @@ from agent.tunnel.relay import reset_transport
 # `connection: close`; an immediate RST cut such responses short.  Bounded:
 # an app that stops reading gets the RST after this long.
 FLUSH_BEFORE_RESET_S = 5.0
-_FLUSH_POLL_S = 0.005
 
 
 def unacked_bytes(transport: asyncio.Transport) -> int:
@@ -151,13 +149,11 @@ class Bridge:
             self.transport.close()
 
     async def _reset_when_flushed(self, t: asyncio.Transport, exc: Exception) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + FLUSH_BEFORE_RESET_S
-        with contextlib.suppress(Exception):
-            while not t.is_closing() and unacked_bytes(t) > 0 and loop.time() < deadline:
-                await asyncio.sleep(_FLUSH_POLL_S)
-        reset_transport(t)
-        self._finish(exc)
+        try:
+            await poll_until(lambda: t.is_closing() or unacked_bytes(t) == 0, FLUSH_BEFORE_RESET_S)
+        finally:
+            reset_transport(t)
+            self._finish(exc)
 
     def _half_closed(self, side: str) -> None:
         if side == "socket":

@@ -14,6 +14,7 @@ import contextlib
 import socket
 import struct
 import time
+from collections.abc import Callable
 from typing import Any, cast
 
 
@@ -43,6 +44,18 @@ def reset_transport(transport: asyncio.Transport | None) -> None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     transport.abort()
+
+
+async def poll_until(done: Callable[[], bool], timeout: float, every: float = 0.005) -> bool:
+    """Check `done` every `every` s until it holds (True) or `timeout` s pass
+    (False).  For transport state that raises no event: buffers drained to
+    the kernel, the kernel's send queue acknowledged."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(every)
+    return True
 
 
 class _Half(asyncio.Protocol):
@@ -165,13 +178,13 @@ class Relay:
         for half in halves:
             if half.transport is not None and not half.transport.is_closing():
                 half.transport.pause_reading()
-        deadline = time.monotonic() + timeout
-        while any(
-            h.transport is not None and h.transport.get_write_buffer_size() > 0 for h in halves
+        if not await poll_until(
+            lambda: all(
+                h.transport is None or h.transport.get_write_buffer_size() == 0 for h in halves
+            ),
+            timeout,
         ):
-            if time.monotonic() > deadline:
-                raise TimeoutError("relay did not drain")
-            await asyncio.sleep(0.005)
+            raise TimeoutError("relay did not drain")
         socks: list[socket.socket] = []
         for half in halves:
             if half.transport is None or half.closed:
