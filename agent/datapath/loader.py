@@ -172,19 +172,21 @@ def kernel_version() -> tuple[int, int]:
 IMAGE_HEADERS = "/usr/lib/tether/kernel-headers"
 
 
+def _has_build(d: Path) -> bool:
+    """`d` (laid out as /lib/modules/<release>) has a configured build tree."""
+    return (d / "build" / "include" / "generated" / "autoconf.h").exists()
+
+
 def _has_node_headers() -> bool:
-    build = Path("/lib/modules") / platform.release() / "build"
-    return (build / "include" / "generated" / "autoconf.h").exists() or Path(
-        "/sys/kernel/kheaders.tar.xz"
-    ).exists()
+    modules = Path("/lib/modules") / platform.release()
+    return _has_build(modules) or Path("/sys/kernel/kheaders.tar.xz").exists()
 
 
 def image_headers() -> Path | None:
     """The packaged headers' directory ($TETHER_KERNEL_HEADERS, else
     IMAGE_HEADERS) if it holds a build and a source tree, else None."""
     d = Path(os.environ.get("TETHER_KERNEL_HEADERS") or IMAGE_HEADERS)
-    build_ok = (d / "build" / "include" / "generated" / "autoconf.h").exists()
-    if build_ok and (d / "source" / "include" / "linux" / "kconfig.h").exists():
+    if _has_build(d) and (d / "source" / "include" / "linux" / "kconfig.h").exists():
         return d
     return None
 
