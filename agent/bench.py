@@ -847,12 +847,12 @@ def _h2_repr_share(frame: int, nbytes: int) -> dict[str, float]:
     return {"repr_pct": round(100 * in_repr / total, 1)}
 
 
-def _tls_transfer(nbytes: int, chunk_size: int = 256 * 1024) -> dict[str, Any]:
-    """The reference: the same bytes through a TLS 1.3 pair (memory BIOs, ECDSA P-256,
-    the tunnel's TLS settings, so AES-256-GCM), encrypt + decrypt, no HTTP/2."""
+def _tls_pair_contexts(options: int = 0) -> list[Any]:
+    """[client, server] ssl.SSLContext: TLS 1.3 only, mutual, ECDSA P-256 leaves
+    from one CA (the tunnel's settings, so AES-256-GCM); `options` OR-ed in."""
     import ssl
 
-    with tempfile.TemporaryDirectory(prefix="tether-bench-h2-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="tether-bench-tls-") as tmp:
         d = Path(tmp)
         _stunnel_certs(d)
         ctxs = []
@@ -863,7 +863,17 @@ def _tls_transfer(nbytes: int, chunk_size: int = 256 * 1024) -> dict[str, Any]:
             ctx.verify_mode = ssl.CERT_REQUIRED
             ctx.load_verify_locations(d / "ca.pem")
             ctx.load_cert_chain(d / f"{who}.pem", d / f"{who}.key")
+            ctx.options |= options
             ctxs.append(ctx)
+    return ctxs
+
+
+def _tls_transfer(nbytes: int, chunk_size: int = 256 * 1024) -> dict[str, Any]:
+    """The reference: the same bytes through a TLS 1.3 pair (memory BIOs, ECDSA P-256,
+    the tunnel's TLS settings, so AES-256-GCM), encrypt + decrypt, no HTTP/2."""
+    import ssl
+
+    ctxs = _tls_pair_contexts()
     bios = [ssl.MemoryBIO() for _ in range(4)]  # c_in, c_out, s_in, s_out
     cl = ctxs[0].wrap_bio(bios[0], bios[1], server_side=False)
     sv = ctxs[1].wrap_bio(bios[2], bios[3], server_side=True)
@@ -899,6 +909,146 @@ def _tls_transfer(nbytes: int, chunk_size: int = 256 * 1024) -> dict[str, Any]:
         "pair_mb_s": round(mb / (t_send + t_recv)),
         "cipher": cipher[0] if cipher else "?",
     }
+
+
+# -- tether bench ktls ----------------------------------------------------------------
+#
+# Whether this node's kernel, OpenSSL and Python turn on kernel TLS, and what
+# it saves: the same TLS 1.3 stream over loopback with OpenSSL's socket BIO,
+# without and with SSL_OP_ENABLE_KTLS, in one run.  The event loop's TLS
+# (asyncio's and uvloop's SSLProtocol) runs OpenSSL over memory BIOs, where
+# OpenSSL cannot hand the keys to the kernel: kTLS needs TLS on the socket.
+
+SSL_OP_ENABLE_KTLS = 1 << 3  # OpenSSL 3's SSL_OP_BIT(3); ssl.OP_ENABLE_KTLS from Python 3.12
+TCP_ULP = 31  # linux/tcp.h
+
+
+def tls_stat() -> dict[str, int]:
+    """/proc/net/tls_stat (present once the tls module is loaded), else {}."""
+    try:
+        text = Path("/proc/net/tls_stat").read_text()
+    except OSError:
+        return {}
+    return {k: int(v) for k, v in (ln.split() for ln in text.splitlines() if ln.strip())}
+
+
+def tcp_ulp(sock: Any) -> str:
+    """The socket's upper-layer protocol: "tls" once the kernel holds its keys."""
+    import socket
+
+    try:
+        raw: bytes = sock.getsockopt(socket.IPPROTO_TCP, TCP_ULP, 16)
+    except OSError:
+        return ""
+    return raw.rstrip(b"\0").decode()
+
+
+def _ktls_transfer(options: int, seconds: float, chunk_size: int = 256 * 1024) -> dict[str, Any]:
+    """Send for `seconds` from a client thread to a server thread over loopback
+    TLS 1.3 (socket BIOs); SHA-256 of what was sent and what arrived.  CPU is
+    the two threads' time inside send and receive (TLS, TCP, and the kernel's
+    encryption under kTLS), the hashing left out."""
+    import hashlib
+    import socket
+    import threading
+
+    cctx, sctx = _tls_pair_contexts(options)
+    ls = socket.create_server(("127.0.0.1", 0))
+    got: dict[str, Any] = {}
+
+    def serve() -> None:
+        s, _ = ls.accept()
+        with sctx.wrap_socket(s, server_side=True) as t:
+            got["server_ulp"] = tcp_ulp(t)
+            h, n, buf = hashlib.sha256(), 0, bytearray(1 << 20)
+            view, cpu = memoryview(buf), 0.0
+            while True:
+                c0 = time.thread_time()
+                r = t.recv_into(buf)
+                cpu += time.thread_time() - c0
+                if not r:
+                    break
+                h.update(view[:r])
+                n += r
+            got["received"], got["sha"], got["cpu"] = n, h.hexdigest(), cpu
+
+    before = tls_stat()
+    th = threading.Thread(target=serve, daemon=True)
+    th.start()
+    chunk = os.urandom(chunk_size)
+    h, sent, cpu = hashlib.sha256(), 0, 0.0
+    t0 = time.monotonic()
+    with cctx.wrap_socket(socket.create_connection(ls.getsockname(), timeout=60)) as c:
+        client_ulp = tcp_ulp(c)
+        cipher = c.cipher()
+        while time.monotonic() - t0 < seconds:
+            c0 = time.thread_time()
+            c.sendall(chunk)
+            cpu += time.thread_time() - c0
+            h.update(chunk)
+            sent += len(chunk)
+        # FIN, then wait for the server's close: closing now, with the
+        # server's session tickets unread, would send a RST and cut the tail
+        c.shutdown(socket.SHUT_WR)
+        while c.recv(1 << 16):
+            pass
+    th.join(60)
+    ls.close()
+    wall = time.monotonic() - t0
+    cpu += got.get("cpu", 0.0)
+    after = tls_stat()
+    gb = sent / 1e9
+    return {
+        "cipher": f"{cipher[1]} {cipher[0]}" if cipher else "?",
+        "client_ulp": client_ulp or "-",
+        "server_ulp": got.get("server_ulp") or "-",
+        "tls_stat": {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)},
+        "bytes": sent,
+        "intact": got.get("received") == sent and got.get("sha") == h.hexdigest(),
+        "mb_s": round(sent / wall / 1e6),
+        "cpu_s_per_gb": round(cpu / gb, 2) if gb else None,
+    }
+
+
+def run_ktls(seconds: float) -> dict[str, Any]:
+    import platform
+    import ssl
+
+    user = _ktls_transfer(0, seconds)
+    ktls = _ktls_transfer(SSL_OP_ENABLE_KTLS, seconds)
+    return {
+        "kernel": platform.release(),
+        "openssl": ssl.OPENSSL_VERSION,
+        "python": platform.python_version(),
+        "tls_module_loaded": Path("/sys/module/tls").exists(),
+        "user_space": user,
+        "ktls_requested": ktls,
+        "ktls_tx": ktls["client_ulp"] == "tls",
+        "cpu_ratio": (
+            round(ktls["cpu_s_per_gb"] / user["cpu_s_per_gb"], 2)
+            if ktls["cpu_s_per_gb"] and user["cpu_s_per_gb"]
+            else None
+        ),
+    }
+
+
+def _print_ktls(r: dict[str, Any], seconds: float) -> None:
+    print(
+        f"tether bench ktls: kernel {r['kernel']}, {r['openssl']}, Python {r['python']}, "
+        f"tls module {'loaded' if r['tls_module_loaded'] else 'not loaded'}"
+    )
+    print(f"one TLS stream over loopback, socket BIOs, {seconds:g} s each, client -> server\n")
+    print(f"{'path':52} {'ULP c/s':>9} {'MB/s':>6} {'CPU s/GB':>9} {'intact':>7}  tls_stat delta")
+    for name, key in (("user-space TLS", "user_space"), ("SSL_OP_ENABLE_KTLS", "ktls_requested")):
+        x = r[key]
+        print(
+            f"{name + ' (' + x['cipher'] + ')':52} {x['client_ulp'] + '/' + x['server_ulp']:>9} "
+            f"{x['mb_s']:>6} {x['cpu_s_per_gb']!s:>9} {x['intact']!s:>7}  {x['tls_stat'] or '-'}"
+        )
+    if r["ktls_tx"]:
+        print(f"\nkernel TLS on the sending side; CPU per GB {r['cpu_ratio']}x user-space TLS")
+    else:
+        print("\nno kernel TLS: the tls module is absent here, or OpenSSL was built without it")
 
 
 @contextlib.contextmanager
@@ -1402,6 +1552,13 @@ def main(
         else:
             _print_profile(report)
         return 0
+    if what == "ktls":
+        kreport = run_ktls(seconds)
+        if json_out:
+            print(json.dumps(kreport, indent=1))
+        else:
+            _print_ktls(kreport, seconds)
+        return 0 if all(kreport[k]["intact"] for k in ("user_space", "ktls_requested")) else 1
     if what == "datapath":
         report = run(seconds)
     elif what == "h2":

@@ -249,7 +249,9 @@ def parser() -> argparse.ArgumentParser:
     d.set_defaults(fn=_cmd_demo)
 
     b = sub.add_parser("bench", help="benchmarks (numbers as ratios to a same-run baseline)")
-    b.add_argument("what", choices=["datapath", "tunnel", "h2", "profile", "memory", "waypoint"])
+    b.add_argument(
+        "what", choices=["datapath", "tunnel", "h2", "profile", "memory", "waypoint", "ktls"]
+    )
     b.add_argument("--seconds", type=float, default=3.0)
     b.add_argument("--json", action="store_true")
     b.add_argument("--out", default="profile", help="profile: where py-spy's stacks go")
