@@ -34,6 +34,7 @@ from agent.model import NodeSettings, Snapshot
 from agent.pods import Pods
 from agent.sources import localfile
 from agent.state.state import Change, ProxyState
+from agent.tunnel import tlssock
 from agent.tunnel.conns import ConnTable
 from agent.tunnel.context import Tunnel
 from agent.tunnel.h2conn import drain_all
@@ -200,11 +201,12 @@ class Agent:
         a = self.settings.agent
         log.info(
             "agent ready: %d pods enrolled, admin on 127.0.0.1:%d, readiness on "
-            "127.0.0.1:%d, metrics on :%d",
+            "127.0.0.1:%d, metrics on :%d, HBONE TLS: %s",
             len(self.pods.proxies),
             a.admin_port,
             a.ready_port,
             a.metrics_port,
+            tlssock.path(),
         )
         tasks = [loop.create_task(self._check_netns())]
         if self.file is not None:
@@ -383,6 +385,7 @@ class Agent:
             "waypoint_proxies": self.waypoints.describe() if self.waypoints else [],
             "waypoint_deployer": self.deployer.describe() if self.deployer else None,
             "certificates": self.certs.describe() if self.certs else [],
+            "hbone_tls": tlssock.path(),
             "hbone_pool": self.tunnel.hbone.describe() if self.tunnel and self.tunnel.hbone else [],
             "connections": {
                 "open": [c.record() for c in self.conns.open.values()],

@@ -33,7 +33,7 @@ from agent.identity.spiffe import SpiffeId, SpiffeIdError
 from agent.model import Service, Workload
 from agent.model.addr import norm_ip
 from agent.state.state import StateView
-from agent.tunnel import limits
+from agent.tunnel import limits, tlssock
 from agent.tunnel.conns import Connection, access_log, parse_endpoint
 
 if TYPE_CHECKING:
@@ -359,6 +359,14 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.tls = Counter(
+            "tether_hbone_tls_connections",
+            "HBONE TLS connections established, by side (client, server) and path "
+            "(kernel_tx: the kernel encrypts what is sent; socket: user-space TLS on "
+            "the socket; loop: the event loop's TLS)",
+            ["side", "path"],
+            registry=r,
+        )
         self.requests = Counter(
             "istio_requests", "Requests through a waypoint", REQUEST_LABELS, registry=r
         )
@@ -387,11 +395,15 @@ class Metrics:
         # label values -> the four metrics' children (labels() costs more than the update)
         self._request_series: dict[tuple[str, ...], tuple[Any, Any, Any, Any]] = {}
         limits.on_limited.append(self.on_limited)
+        tlssock.on_established.append(self.on_tls)
         if bpf_stats is not None:
             r.register(_BpfCollector(bpf_stats))
 
     def on_limited(self, reason: str) -> None:
         self.limited.labels(reason=reason).inc()
+
+    def on_tls(self, side: str, path: str) -> None:
+        self.tls.labels(side=side, path=path).inc()
 
     def on_open(self, c: Connection) -> None:
         self.opened.labels(**labels_of(c)).inc()

@@ -32,7 +32,7 @@ from agent import netns
 from agent.identity.spiffe import SpiffeId
 from agent.identity.tls import peer_identity
 from agent.model import format_authority, norm_ip
-from agent.tunnel import limits
+from agent.tunnel import limits, tlssock
 from agent.tunnel.h2conn import H2Conn, H2Stream, StreamReset
 from agent.tunnel.relay import tcp_socket
 
@@ -199,17 +199,23 @@ class HboneClient:
         try:
             await asyncio.wait_for(loop.sock_connect(sock, (host, port)), CONNECT_TIMEOUT)
             ctx = await self.client_context(key.src_identity)
-            _, conn = await asyncio.wait_for(
-                loop.create_connection(
-                    lambda: H2Conn(client=True, peer={"addr": key.dst}),
-                    sock=sock,
-                    ssl=ctx,
-                    server_hostname="",
-                    ssl_handshake_timeout=CONNECT_TIMEOUT,
-                    ssl_shutdown_timeout=limits.SHUTDOWN_TIMEOUT,
-                ),
-                CONNECT_TIMEOUT,
-            )
+            conn = H2Conn(client=True, peer={"addr": key.dst})
+            if tlssock.path() == "socket":
+                await tlssock.connect(
+                    loop, conn, sock, ctx, server_side=False, timeout=CONNECT_TIMEOUT
+                )
+            else:
+                await asyncio.wait_for(
+                    loop.create_connection(
+                        lambda: conn,
+                        sock=sock,
+                        ssl=ctx,
+                        server_hostname="",
+                        ssl_handshake_timeout=CONNECT_TIMEOUT,
+                        ssl_shutdown_timeout=limits.SHUTDOWN_TIMEOUT,
+                    ),
+                    CONNECT_TIMEOUT,
+                )
         except ssl.SSLError as e:
             sock.close()
             raise HboneError(f"TLS with {host}:{port} failed: {e}", flag="TLS_FAILURE") from e
@@ -217,6 +223,7 @@ class HboneClient:
             sock.close()
             raise HboneError(f"connect to {host}:{port} failed: {e}") from e
         assert conn.transport is not None
+        conn.peer["tls"] = tlssock.established(conn.transport, "client")
         sslobj = conn.transport.get_extra_info("ssl_object")
         try:
             got = peer_identity(sslobj)
@@ -263,6 +270,7 @@ class HboneClient:
                 "address": format_authority(*k.dst),
                 "connections": len(v),
                 "streams": sum(len(c.streams) for c in v),
+                "tls": sorted({str(c.peer.get("tls")) for c in v}),
             }
             for k, v in self.pool.items()
         ]

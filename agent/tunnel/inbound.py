@@ -16,7 +16,7 @@ from typing import Any
 from agent.identity.spiffe import SpiffeId
 from agent.identity.tls import peer_identity
 from agent.model import plain
-from agent.tunnel import limits
+from agent.tunnel import limits, tlssock
 from agent.tunnel.context import (
     PodRef,
     Tunnel,
@@ -59,14 +59,19 @@ class InboundHbone:
                 peer=state,
                 idle_timeout=limits.IDLE_TIMEOUT,
             )
-            # not the returned protocol: uvloop returns its SSLProtocol there
-            await loop.connect_accepted_socket(
-                lambda: conn,
-                sock,
-                ssl=ctx,
-                ssl_handshake_timeout=limits.HANDSHAKE_TIMEOUT,
-                ssl_shutdown_timeout=limits.SHUTDOWN_TIMEOUT,
-            )
+            if tlssock.path() == "socket":
+                await tlssock.connect(
+                    loop, conn, sock, ctx, server_side=True, timeout=limits.HANDSHAKE_TIMEOUT
+                )
+            else:
+                # not the returned protocol: uvloop returns its SSLProtocol there
+                await loop.connect_accepted_socket(
+                    lambda: conn,
+                    sock,
+                    ssl=ctx,
+                    ssl_handshake_timeout=limits.HANDSHAKE_TIMEOUT,
+                    ssl_shutdown_timeout=limits.SHUTDOWN_TIMEOUT,
+                )
             conn.closed.add_done_callback(lambda _f: release())
         except BaseException as e:
             release()
@@ -76,6 +81,7 @@ class InboundHbone:
             sock.close()
             return
         assert conn.transport is not None
+        conn.peer["tls"] = tlssock.established(conn.transport, "server")
         try:
             conn.peer["identity"] = self._peer_identity(conn)
         except (ssl.SSLError, ValueError) as e:

@@ -1,0 +1,359 @@
+"""HBONE's TLS on the socket itself, for kernel TLS.
+
+The event loop's TLS (asyncio's and uvloop's SSLProtocol) runs OpenSSL over
+memory BIOs: every byte is copied into and out of them, and OpenSSL cannot
+hand the session keys to the kernel, because kTLS needs TLS on a socket.
+This transport runs OpenSSL on the TCP socket (Python's SSLSocket, non-
+blocking, driven by the loop's add_reader/add_writer) with
+SSL_OP_ENABLE_KTLS: where the kernel has the tls module, OpenSSL moves the
+sending side into the kernel after the handshake (TCP_ULP "tls"; OpenSSL 3.0
+does this for TLS 1.3 transmit only, receive stays in user space), and
+SSL_write becomes a plain send of the frames.  Where it has not, the same
+transport is user-space TLS on a socket BIO.
+
+`TETHER_TLS=loop|socket` picks the path (default: loop, see README
+Benchmarks for why); `tlssock.path()` says which is in force, and every
+HBONE connection's record says whether the kernel took its sending side.
+
+The transport is the subset of asyncio.Transport that H2Conn uses: write,
+writelines, close, abort, is_closing, get_extra_info, pause/resume_reading,
+the write buffer limits with pause_writing/resume_writing, and
+connection_made/data_received/eof_received/connection_lost on the protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import socket
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+#: called with (side, path) for every HBONE TLS connection established:
+#: side "client" or "server"; path "kernel_tx" (the kernel encrypts what is
+#: sent), "socket" (user-space TLS on the socket) or "loop" (the event loop's)
+on_established: list[Callable[[str, str], None]] = []
+
+SSL_OP_ENABLE_KTLS = getattr(ssl, "OP_ENABLE_KTLS", 1 << 3)  # Python 3.12+; OpenSSL 3 bit 3
+TCP_ULP = 31  # linux/tcp.h
+READ_MAX = 256 * 1024  # decrypted bytes handed to the protocol per readable event
+HIGH_WATER = 256 * 1024
+LOW_WATER = 64 * 1024
+CHOICES = ("loop", "socket")
+
+
+def path() -> str:
+    """The TLS path asked for (TETHER_TLS), "loop" when unset or unknown."""
+    name = os.environ.get("TETHER_TLS", "loop").strip().lower() or "loop"
+    if name not in CHOICES:
+        log.warning("TETHER_TLS=%r is none of %s: using loop", name, "|".join(CHOICES))
+        return "loop"
+    return name
+
+
+def kernel_ulp(sock: socket.socket) -> str:
+    """The socket's upper-layer protocol: "tls" once the kernel holds its keys."""
+    try:
+        raw = sock.getsockopt(socket.IPPROTO_TCP, TCP_ULP, 16)
+    except OSError:
+        return ""
+    return raw.rstrip(b"\0").decode(errors="replace")
+
+
+def established(transport: asyncio.BaseTransport, side: str) -> str:
+    """Which TLS path a handshaken HBONE transport is on; the hooks hear of it."""
+    if isinstance(transport, TlsSocketTransport):
+        used = "kernel_tx" if transport.ktls_tx else "socket"
+    else:
+        used = "loop"
+    for hook in on_established:
+        hook(side, used)
+    return used
+
+
+async def _ready(loop: asyncio.AbstractEventLoop, fd: int, write: bool) -> None:
+    fut: asyncio.Future[None] = loop.create_future()
+
+    def done() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    if write:
+        loop.add_writer(fd, done)
+    else:
+        loop.add_reader(fd, done)
+    try:
+        await fut
+    finally:
+        if write:
+            loop.remove_writer(fd)
+        else:
+            loop.remove_reader(fd)
+
+
+async def connect(
+    loop: asyncio.AbstractEventLoop,
+    protocol: asyncio.Protocol,
+    sock: socket.socket,
+    ctx: ssl.SSLContext,
+    *,
+    server_side: bool,
+    timeout: float,
+) -> TlsSocketTransport:
+    """The TLS handshake on `sock` (connected, non-blocking) within `timeout`,
+    then a transport driving `protocol`.  `sock` is consumed: on any failure
+    the connection is closed, and the error (ssl.SSLError, OSError,
+    TimeoutError) propagates."""
+    ctx.options |= SSL_OP_ENABLE_KTLS
+    sock.setblocking(False)
+    tls = ctx.wrap_socket(
+        sock,
+        server_side=server_side,
+        server_hostname=None,
+        do_handshake_on_connect=False,
+    )
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                try:
+                    tls.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    await _ready(loop, tls.fileno(), write=False)
+                except ssl.SSLWantWriteError:
+                    await _ready(loop, tls.fileno(), write=True)
+    except BaseException:
+        tls.close()
+        raise
+    return TlsSocketTransport(loop, tls, protocol)
+
+
+class TlsSocketTransport(asyncio.Transport):
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, tls: ssl.SSLSocket, protocol: asyncio.Protocol
+    ) -> None:
+        super().__init__()
+        self._loop = loop
+        self._tls = tls
+        self._fd = tls.fileno()
+        self._protocol = protocol
+        self._out: collections.deque[bytes | memoryview] = collections.deque()
+        self._out_bytes = 0
+        self._high, self._low = HIGH_WATER, LOW_WATER
+        self._writer = False  # add_writer armed
+        self._reading = True
+        self._closing = False
+        self._lost = False
+        self._protocol_paused = False
+        self.ktls_tx = kernel_ulp(tls) == "tls"
+        self._extra = {
+            "ssl_object": tls,
+            "socket": tls,
+            "peername": tls.getpeername(),
+            "sockname": tls.getsockname(),
+            "cipher": tls.cipher(),
+            "ktls_tx": self.ktls_tx,
+        }
+        protocol.connection_made(self)
+        if not self._closing:
+            loop.add_reader(self._fd, self._read_ready)
+            if tls.pending():
+                loop.call_soon(self._read_ready)
+
+    # -- reading ------------------------------------------------------------
+
+    def _read_ready(self) -> None:
+        if self._lost or not self._reading:
+            return
+        chunks: list[bytes] = []
+        total, eof = 0, False
+        try:
+            while total < READ_MAX:
+                try:
+                    data = self._tls.recv(READ_MAX - total)  # one record at most
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    break
+                if not data:
+                    eof = True
+                    break
+                chunks.append(data)
+                total += len(data)
+        except (OSError, ssl.SSLError) as e:
+            if chunks:
+                self._protocol.data_received(b"".join(chunks))
+            self._fatal(e)
+            return
+        if chunks:
+            self._protocol.data_received(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        if eof:
+            self._eof()
+        elif total >= READ_MAX and self._reading and not self._lost and self._tls.pending():
+            self._loop.call_soon(self._read_ready)  # decrypted bytes epoll cannot see
+
+    def _eof(self) -> None:
+        self._loop.remove_reader(self._fd)
+        keep = False
+        with contextlib.suppress(AttributeError):
+            keep = bool(self._protocol.eof_received())
+        if not keep:
+            self.close()
+
+    def pause_reading(self) -> None:
+        if self._reading and not self._lost:
+            self._reading = False
+            self._loop.remove_reader(self._fd)
+
+    def resume_reading(self) -> None:
+        if not self._reading and not self._lost and not self._closing:
+            self._reading = True
+            self._loop.add_reader(self._fd, self._read_ready)
+            if self._tls.pending():
+                self._loop.call_soon(self._read_ready)
+
+    def is_reading(self) -> bool:
+        return self._reading and not self._lost
+
+    # -- writing ------------------------------------------------------------
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not data or self._lost:
+            return
+        if self._closing:
+            raise RuntimeError("write() after close()")
+        self._out.append(data if isinstance(data, bytes | memoryview) else bytes(data))
+        self._out_bytes += len(data)
+        if not self._writer:
+            self._flush()
+        self._maybe_pause()
+
+    def writelines(self, list_of_data: Any) -> None:
+        for data in list_of_data:
+            self.write(data)
+
+    def _flush(self) -> None:
+        """Write what is queued until the socket would block.  A write that
+        blocks is retried with the same object (OpenSSL's rule), and OpenSSL
+        resumes it where it stopped."""
+        try:
+            while self._out:
+                head = self._out[0]
+                try:
+                    self._send(head)
+                except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
+                    if not self._writer:
+                        self._writer = True
+                        self._loop.add_writer(self._fd, self._write_ready)
+                    return
+                self._out.popleft()
+                self._out_bytes -= len(head)
+        except (OSError, ssl.SSLError) as e:
+            self._fatal(e)
+            return
+        if self._writer:
+            self._writer = False
+            self._loop.remove_writer(self._fd)
+        self._maybe_resume()
+        if self._closing:
+            self._finish_close()
+
+    def _send(self, data: bytes | memoryview) -> None:
+        n = self._tls.send(data)
+        if n != len(data):  # partial writes are off in Python's ssl: never expected
+            raise OSError(f"TLS write took {n} of {len(data)} bytes")
+
+    def _write_ready(self) -> None:
+        if not self._lost:
+            self._flush()
+
+    def _maybe_pause(self) -> None:
+        if not self._protocol_paused and self._out_bytes > self._high:
+            self._protocol_paused = True
+            with contextlib.suppress(AttributeError):
+                self._protocol.pause_writing()
+
+    def _maybe_resume(self) -> None:
+        if self._protocol_paused and self._out_bytes <= self._low:
+            self._protocol_paused = False
+            with contextlib.suppress(AttributeError):
+                self._protocol.resume_writing()
+
+    def get_write_buffer_size(self) -> int:
+        return self._out_bytes
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._low, self._high
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._high = HIGH_WATER if high is None else high
+        self._low = self._high // 4 if low is None else low
+        self._maybe_pause()
+
+    def can_write_eof(self) -> bool:
+        return False  # TLS has no half-close
+
+    def write_eof(self) -> None:
+        raise NotImplementedError("TLS transports cannot half-close")
+
+    # -- closing ------------------------------------------------------------
+
+    def is_closing(self) -> bool:
+        return self._closing or self._lost
+
+    def close(self) -> None:
+        """Send what is queued, then close_notify, then close the socket."""
+        if self._closing or self._lost:
+            return
+        self._closing = True
+        if self._reading:
+            self._loop.remove_reader(self._fd)
+        if not self._out:
+            self._finish_close()
+
+    def _finish_close(self) -> None:
+        if self._lost:
+            return
+        # close_notify; a non-blocking SSL_shutdown that would wait for the
+        # peer's reply stops there (the alert is sent: that is all we want)
+        with contextlib.suppress(OSError, ssl.SSLError, ValueError):
+            self._tls.unwrap()
+        self._lose(None)
+
+    def abort(self) -> None:
+        self._lose(None)
+
+    def _fatal(self, exc: BaseException) -> None:
+        log.debug("HBONE TLS socket %s: %s", self._extra.get("peername"), exc)
+        self._lose(exc if isinstance(exc, Exception) else None)
+
+    def _lose(self, exc: Exception | None) -> None:
+        if self._lost:
+            return
+        self._lost = True
+        self._closing = True
+        self._loop.remove_reader(self._fd)
+        if self._writer:
+            self._loop.remove_writer(self._fd)
+            self._writer = False
+        self._out.clear()
+        self._out_bytes = 0
+        with contextlib.suppress(OSError):
+            self._tls.close()
+        self._loop.call_soon(self._protocol.connection_lost, exc)
+
+    # -- information ---------------------------------------------------------
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._extra.get(name, default)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._protocol
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        assert isinstance(protocol, asyncio.Protocol)
+        self._protocol = protocol

@@ -1,0 +1,237 @@
+"""The socket-BIO TLS transport (agent/tunnel/tlssock.py) on 127.0.0.1, real
+mesh mTLS contexts, on asyncio's loop and uvloop: bytes through it unchanged
+(length and SHA-256, both directions at once), the peer's identity, flow
+control, close_notify as EOF, a silent peer's handshake bounded, a refused
+certificate refused; and the HBONE client and server on it."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import socket
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import pytest
+
+from agent import eventloop
+from agent.identity.ca import CertificateAuthority
+from agent.identity.manager import CertificateManager, EmbeddedCA
+from agent.identity.spiffe import SpiffeId
+from agent.identity.tls import peer_identity
+from agent.tunnel import tlssock
+
+T = TypeVar("T")
+WEB = SpiffeId("cluster.local", "shop", "web")
+DB = SpiffeId("cluster.local", "shop", "db")
+LOOPS = ["asyncio"] + (["uvloop"] if eventloop.loop_factory("uvloop")[0] == "uvloop" else [])
+
+
+def run(loop_name: str, fn: Callable[[], Awaitable[T]]) -> T:
+    async def main() -> T:
+        return await asyncio.wait_for(fn(), timeout=60)
+
+    return eventloop.run(main(), loop_name)
+
+
+class Sink(asyncio.Protocol):
+    """Hashes what arrives; sends `payload` `times` times when connected."""
+
+    def __init__(self, payload: bytes = b"", times: int = 0) -> None:
+        self.payload, self.times = payload, times
+        self.h = hashlib.sha256()
+        self.n = 0
+        self.eof = asyncio.get_running_loop().create_future()
+        self.lost: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
+        self.paused = 0
+        self.transport: Any = None
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        for _ in range(self.times):
+            transport.write(self.payload)
+
+    def data_received(self, data: bytes) -> None:
+        self.h.update(data)
+        self.n += len(data)
+
+    def eof_received(self) -> bool:
+        if not self.eof.done():
+            self.eof.set_result(None)
+        return False
+
+    def pause_writing(self) -> None:
+        self.paused += 1
+
+    def resume_writing(self) -> None:
+        pass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(exc)
+
+
+async def _contexts() -> tuple[ssl.SSLContext, ssl.SSLContext, CertificateManager]:
+    mgr = CertificateManager(EmbeddedCA(CertificateAuthority.generate("cluster.local")))
+    return await mgr.ssl_context_server(WEB), await mgr.ssl_context_client(DB), mgr
+
+
+async def _pair(
+    server: asyncio.Protocol, client: asyncio.Protocol
+) -> tuple[tlssock.TlsSocketTransport, tlssock.TlsSocketTransport, CertificateManager]:
+    sctx, cctx, mgr = await _contexts()
+    loop = asyncio.get_running_loop()
+    ls = socket.create_server(("127.0.0.1", 0))
+    ls.setblocking(False)
+    c = socket.socket()
+    c.setblocking(False)
+    accepted = loop.create_task(loop.sock_accept(ls))
+    await loop.sock_connect(c, ls.getsockname())
+    s, _ = await accepted
+    ls.close()
+    st, ct = await asyncio.gather(
+        tlssock.connect(loop, server, s, sctx, server_side=True, timeout=10),
+        tlssock.connect(loop, client, c, cctx, server_side=False, timeout=10),
+    )
+    return st, ct, mgr
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_bytes_both_ways_arrive_unchanged(loop_name: str) -> None:
+    chunk = os.urandom(1 << 20)
+    times = 24  # 24 MiB each way, at the same time
+
+    async def main() -> None:
+        server, client = Sink(chunk, times), Sink(chunk, times)
+        st, ct, mgr = await _pair(server, client)
+        try:
+            assert peer_identity(st.get_extra_info("ssl_object")) == DB
+            assert peer_identity(ct.get_extra_info("ssl_object")) == WEB
+            assert st.get_extra_info("cipher")[1] == "TLSv1.3"
+            want = hashlib.sha256(chunk * times).hexdigest()
+            for _ in range(600):
+                if server.n >= len(chunk) * times and client.n >= len(chunk) * times:
+                    break
+                await asyncio.sleep(0.05)
+            assert server.n == client.n == len(chunk) * times
+            assert server.h.hexdigest() == client.h.hexdigest() == want
+            assert client.paused >= 1, "24 MiB queued without pause_writing"
+            assert tlssock.established(ct, "client") in ("socket", "kernel_tx")
+            # close: what is queued goes first, then close_notify, read as EOF
+            ct.write(b"tail")
+            ct.close()
+            assert ct.is_closing()
+            await asyncio.wait_for(server.eof, 10)
+            assert server.n == len(chunk) * times + 4
+            await asyncio.wait_for(server.lost, 10)
+            assert await asyncio.wait_for(client.lost, 10) is None
+        finally:
+            st.abort()
+            ct.abort()
+            await mgr.close()
+
+    run(loop_name, main)
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_paused_reader_closes_the_senders_window(loop_name: str) -> None:
+    """pause_reading stops reading the socket: the sender's buffer grows past
+    its high-water mark and it is told to pause; resume delivers it all."""
+
+    async def main() -> None:
+        chunk = os.urandom(1 << 20)
+        server, client = Sink(), Sink()
+        st, ct, mgr = await _pair(server, client)
+        try:
+            st.pause_reading()
+            assert not st.is_reading()
+            for _ in range(16):
+                ct.write(chunk)
+            await asyncio.sleep(0.3)
+            assert server.n < 16 * len(chunk)
+            assert ct.get_write_buffer_size() > 0 and client.paused == 1
+            st.resume_reading()
+            for _ in range(400):
+                if server.n == 16 * len(chunk):
+                    break
+                await asyncio.sleep(0.05)
+            assert server.h.hexdigest() == hashlib.sha256(chunk * 16).hexdigest()
+            assert ct.get_write_buffer_size() == 0
+        finally:
+            st.abort()
+            ct.abort()
+            await mgr.close()
+
+    run(loop_name, main)
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_silent_peer_handshake_is_bounded_and_closed(loop_name: str) -> None:
+    """A client that connects and sends nothing holds the server's handshake
+    for the timeout only; the socket is closed after."""
+
+    async def main() -> None:
+        sctx, _, mgr = await _contexts()
+        loop = asyncio.get_running_loop()
+        ls = socket.create_server(("127.0.0.1", 0))
+        ls.setblocking(False)
+        silent = socket.create_connection(ls.getsockname())
+        s, _ = await loop.sock_accept(ls)
+        t0 = loop.time()
+        try:
+            with pytest.raises(TimeoutError):
+                await tlssock.connect(loop, Sink(), s, sctx, server_side=True, timeout=0.5)
+            assert 0.4 < loop.time() - t0 < 5
+            silent.settimeout(5)
+            assert silent.recv(1) == b""  # closed by the server
+        finally:
+            silent.close()
+            ls.close()
+            await mgr.close()
+
+    run(loop_name, main)
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_certificate_from_another_ca_is_refused(loop_name: str) -> None:
+    async def main() -> None:
+        sctx, _, mgr = await _contexts()
+        other = CertificateManager(EmbeddedCA(CertificateAuthority.generate("cluster.local")))
+        loop = asyncio.get_running_loop()
+        try:
+            cctx = await other.ssl_context_client(DB)
+            ls = socket.create_server(("127.0.0.1", 0))
+            ls.setblocking(False)
+            c = socket.socket()
+            c.setblocking(False)
+            accepted = loop.create_task(loop.sock_accept(ls))
+            await loop.sock_connect(c, ls.getsockname())
+            s, _ = await accepted
+            ls.close()
+            results = await asyncio.gather(
+                tlssock.connect(loop, Sink(), s, sctx, server_side=True, timeout=5),
+                tlssock.connect(loop, Sink(), c, cctx, server_side=False, timeout=5),
+                return_exceptions=True,
+            )
+            assert isinstance(results[0], ssl.SSLError), results
+            # the client refuses the server's certificate as well (other CA)
+            assert isinstance(results[1], ssl.SSLError), results
+            for r in results:
+                if isinstance(r, tlssock.TlsSocketTransport):
+                    r.abort()
+        finally:
+            await other.close()
+            await mgr.close()
+
+    run(loop_name, main)
+
+
+def test_path_is_loop_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TETHER_TLS", raising=False)
+    assert tlssock.path() == "loop"
+    monkeypatch.setenv("TETHER_TLS", "socket")
+    assert tlssock.path() == "socket"
+    monkeypatch.setenv("TETHER_TLS", "ktls-please")
+    assert tlssock.path() == "loop"
