@@ -352,6 +352,37 @@ def _cgroup_stat(pod_uid: str) -> tuple[float, int]:
     return cpu, rss
 
 
+def _pod_processes(pod_uid: str) -> list[dict[str, Any]]:
+    """Each process in the pod's memory cgroup: what the cgroup's total_rss
+    is made of (anonymous, file-backed and shared pages, threads)."""
+    uid = pod_uid.replace("-", "_")
+    base = Path("/sys/fs/cgroup/memory")
+    dirs = list(base.glob(f"kubepods/**/pod{pod_uid}")) or list(base.glob(f"kubepods/**/pod{uid}"))
+    out = []
+    for procs in dirs[0].glob("**/cgroup.procs"):
+        for pid in procs.read_text().split():
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            fields = dict(ln.split(":", 1) for ln in status.splitlines() if ":" in ln)
+
+            def mib(key: str, f: dict[str, str] = fields) -> float:
+                return round(int(f.get(key, "0 kB").split()[0]) / 1024, 1)
+
+            out.append(
+                {
+                    "cmd": cmd[:80],
+                    "rss_mib": mib("VmRSS"),
+                    "anon_mib": mib("RssAnon"),
+                    "file_mib": mib("RssFile"),
+                    "threads": int(fields.get("Threads", "0")),
+                }
+            )
+    return out
+
+
 AGENT_INVENTORY: list[Any] = []
 
 
@@ -367,6 +398,9 @@ def test_agent_at_rest(node: Node) -> None:
     time.sleep(20)
     cpu1, rss = _cgroup_stat(uid)
     _report("agent_rss_mib", round(rss / 2**20, 1))
+    procs = _pod_processes(uid)
+    _report("agent_pod_processes", procs)
+    assert any("agent.cli" in p["cmd"] or "tether" in p["cmd"] for p in procs), procs
     _report("agent_cpu_at_rest_pct", round((cpu1 - cpu0) / 20 * 100, 2))
 
 
