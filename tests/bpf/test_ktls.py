@@ -8,14 +8,19 @@ This checks, on every kernel the matrix boots, that the same TLS 1.3 stream
 arrives intact (length and SHA-256) with and without the option, and that the
 kernel took the sending side where it has the module (Debian's 5.10, 6.1 and
 6.12 kernels build it; the development host's 6.18 has no CONFIG_TLS, and
-there OpenSSL must fall back to user space without a word).
+there OpenSSL must fall back to user space without a word): first for a bare
+TLS stream (`tether bench ktls`), then for the agent's HBONE TLS transport
+(agent/tunnel/tlssock.py, TETHER_TLS=socket).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import hashlib
 import os
 import shutil
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +28,13 @@ from pathlib import Path
 import pytest
 
 from agent import bench
+from agent.identity.ca import CertificateAuthority
+from agent.identity.manager import CertificateManager, EmbeddedCA
+from agent.identity.spiffe import SpiffeId
+from agent.tunnel import tlssock
+
+WEB = SpiffeId("cluster.local", "shop", "web")
+DB = SpiffeId("cluster.local", "shop", "db")
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="bpf tier needs root (module load)")
 
@@ -67,3 +79,70 @@ def test_tls_stream_is_intact_and_the_kernel_takes_it_where_it_can(tls_module: b
         assert sent_by_kernel >= 1, ktls
     else:
         assert ktls["client_ulp"] == ktls["server_ulp"] == "-", ktls
+
+
+class _Sink(asyncio.Protocol):
+    def __init__(self, payload: bytes, times: int) -> None:
+        self.payload, self.times = payload, times
+        self.h = hashlib.sha256()
+        self.n = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        for _ in range(self.times):
+            transport.write(self.payload)  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        self.h.update(data)
+        self.n += len(data)
+
+
+def test_hbone_tls_transport_hands_sending_to_the_kernel_where_it_can(tls_module: bool) -> None:
+    """agent/tunnel/tlssock.py, the HBONE path TETHER_TLS=socket selects: mesh
+    mTLS contexts, 8 MiB each way at once, hashes compared; on a kernel with
+    the tls module both ends' sending side is the kernel's (kernel_tx)."""
+    chunk, times = os.urandom(1 << 20), 8
+
+    async def main() -> tuple[str, str, dict[str, int]]:
+        mgr = CertificateManager(EmbeddedCA(CertificateAuthority.generate("cluster.local")))
+        loop = asyncio.get_running_loop()
+        ls = socket.create_server(("127.0.0.1", 0))
+        ls.setblocking(False)
+        c = socket.socket()
+        c.setblocking(False)
+        accepted = loop.create_task(loop.sock_accept(ls))
+        await loop.sock_connect(c, ls.getsockname())
+        s, _ = await accepted
+        ls.close()
+        before = bench.tls_stat()
+        server, client = _Sink(chunk, times), _Sink(chunk, times)
+        st, ct = await asyncio.gather(
+            tlssock.connect(
+                loop, server, s, await mgr.ssl_context_server(WEB), server_side=True, timeout=30
+            ),
+            tlssock.connect(
+                loop, client, c, await mgr.ssl_context_client(DB), server_side=False, timeout=30
+            ),
+        )
+        try:
+            for _ in range(1200):
+                if server.n >= len(chunk) * times and client.n >= len(chunk) * times:
+                    break
+                await asyncio.sleep(0.1)
+            want = hashlib.sha256(chunk * times).hexdigest()
+            assert server.n == client.n == len(chunk) * times
+            assert server.h.hexdigest() == client.h.hexdigest() == want
+            after = bench.tls_stat()
+            delta = {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+            return tlssock.established(st, "server"), tlssock.established(ct, "client"), delta
+        finally:
+            st.abort()
+            ct.abort()
+            await mgr.close()
+
+    server_path, client_path, delta = asyncio.run(main())
+    print(f"kernel {os.uname().release}: server {server_path}, client {client_path}, {delta}")
+    if tls_module:
+        assert server_path == client_path == "kernel_tx", delta
+        assert sum(v for k, v in delta.items() if k.startswith("TlsTx")) >= 2, delta
+    else:
+        assert server_path == client_path == "socket", delta
