@@ -7,8 +7,9 @@ This transport runs OpenSSL on the TCP socket (Python's SSLSocket, non-
 blocking, driven by the loop's add_reader/add_writer) with
 SSL_OP_ENABLE_KTLS: where the kernel has the tls module, OpenSSL moves the
 sending side into the kernel after the handshake (TCP_ULP "tls"; OpenSSL 3.0
-does this for TLS 1.3 transmit only, receive stays in user space), and
-SSL_write becomes a plain send of the frames.  Where it has not, the same
+does this for TLS 1.3 transmit only, receive stays in user space), and the
+transport then writes the frames to the socket itself, a batch per writev:
+the kernel makes and encrypts the records.  Where it has not, the same
 transport is user-space TLS on a socket BIO.
 
 `TETHER_TLS=loop|socket` picks the path (default: loop, see README
@@ -26,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import logging
 import os
 import socket
@@ -45,6 +47,7 @@ TCP_ULP = 31  # linux/tcp.h
 READ_MAX = 256 * 1024  # decrypted bytes handed to the protocol per readable event
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
+WRITEV_BATCH = 64  # pieces per writev (IOV_MAX is 1024)
 CHOICES = ("loop", "socket")
 
 
@@ -237,23 +240,16 @@ class TlsSocketTransport(asyncio.Transport):
             self.write(data)
 
     def _flush(self) -> None:
-        """Write what is queued until the socket would block.  A write that
-        blocks is retried with the same object (OpenSSL's rule), and OpenSSL
-        resumes it where it stopped."""
+        """Write what is queued until the socket would block."""
         try:
-            while self._out:
-                head = self._out[0]
-                try:
-                    self._send(head)
-                except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
-                    if not self._writer:
-                        self._writer = True
-                        self._loop.add_writer(self._fd, self._write_ready)
-                    return
-                self._out.popleft()
-                self._out_bytes -= len(head)
+            done = self._flush_kernel() if self.ktls_tx else self._flush_ssl()
         except (OSError, ssl.SSLError) as e:
             self._fatal(e)
+            return
+        if not done:
+            if not self._writer:
+                self._writer = True
+                self._loop.add_writer(self._fd, self._write_ready)
             return
         if self._writer:
             self._writer = False
@@ -262,10 +258,43 @@ class TlsSocketTransport(asyncio.Transport):
         if self._closing:
             self._finish_close()
 
-    def _send(self, data: bytes | memoryview) -> None:
-        n = self._tls.send(data)
-        if n != len(data):  # partial writes are off in Python's ssl: never expected
-            raise OSError(f"TLS write took {n} of {len(data)} bytes")
+    def _flush_ssl(self) -> bool:
+        """Through SSL_write, one queued piece at a time.  A write that blocks
+        is retried with the same object (OpenSSL's rule), and OpenSSL resumes
+        it where it stopped.  False: the socket would block."""
+        while self._out:
+            head = self._out[0]
+            try:
+                n = self._tls.send(head)
+            except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
+                return False
+            if n != len(head):  # partial writes are off in Python's ssl: never expected
+                raise OSError(f"TLS write took {n} of {len(head)} bytes")
+            self._out.popleft()
+            self._out_bytes -= n
+        return True
+
+    def _flush_kernel(self) -> bool:
+        """The kernel holds the sending keys: plaintext goes to the socket as
+        it is, a batch of queued pieces per writev (frame headers and payloads
+        in one call, no copy in user space); the kernel makes the records.
+        False: the socket would block."""
+        while self._out:
+            batch = list(itertools.islice(self._out, WRITEV_BATCH))
+            try:
+                n = os.writev(self._fd, batch)
+            except BlockingIOError:
+                return False
+            self._out_bytes -= n
+            while n:
+                head = self._out[0]
+                if n >= len(head):
+                    n -= len(head)
+                    self._out.popleft()
+                else:
+                    self._out[0] = memoryview(head)[n:]
+                    n = 0
+        return True
 
     def _write_ready(self) -> None:
         if not self._lost:
