@@ -35,6 +35,8 @@ import ssl
 from collections.abc import Callable
 from typing import Any
 
+from agent.tunnel import limits
+
 log = logging.getLogger(__name__)
 
 #: called with (side, path) for every HBONE TLS connection established:
@@ -154,6 +156,8 @@ class TlsSocketTransport(asyncio.Transport):
         self._closing = False
         self._lost = False
         self._protocol_paused = False
+        self._close_timer: asyncio.TimerHandle | None = None
+        self.close_timeout = limits.SHUTDOWN_TIMEOUT
         self.ktls_tx = kernel_ulp(tls) == "tls"
         self._extra = {
             "ssl_object": tls,
@@ -225,10 +229,8 @@ class TlsSocketTransport(asyncio.Transport):
     # -- writing ------------------------------------------------------------
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if not data or self._lost:
-            return
-        if self._closing:
-            raise RuntimeError("write() after close()")
+        if not data or self._closing or self._lost:
+            return  # after close(): nothing more goes out (as the loop's transports)
         self._out.append(data if isinstance(data, bytes | memoryview) else bytes(data))
         self._out_bytes += len(data)
         if not self._writer:
@@ -335,7 +337,9 @@ class TlsSocketTransport(asyncio.Transport):
         return self._closing or self._lost
 
     def close(self) -> None:
-        """Send what is queued, then close_notify, then close the socket."""
+        """Send what is queued, then close_notify, then close the socket; a
+        peer that does not read what is queued within `close_timeout` gets
+        the connection aborted (as the loop's ssl_shutdown_timeout)."""
         if self._closing or self._lost:
             return
         self._closing = True
@@ -343,6 +347,8 @@ class TlsSocketTransport(asyncio.Transport):
             self._loop.remove_reader(self._fd)
         if not self._out:
             self._finish_close()
+        else:
+            self._close_timer = self._loop.call_later(self.close_timeout, self.abort)
 
     def _finish_close(self) -> None:
         if self._lost:
@@ -365,6 +371,8 @@ class TlsSocketTransport(asyncio.Transport):
             return
         self._lost = True
         self._closing = True
+        if self._close_timer is not None:
+            self._close_timer.cancel()
         self._loop.remove_reader(self._fd)
         if self._writer:
             self._loop.remove_writer(self._fd)

@@ -168,6 +168,36 @@ def test_paused_reader_closes_the_senders_window(loop_name: str) -> None:
 
 
 @pytest.mark.parametrize("loop_name", LOOPS)
+def test_close_with_a_peer_that_never_reads_is_bounded(loop_name: str) -> None:
+    """close() waits for what is queued to go out, but not for ever: a peer
+    that stops reading gets the connection aborted after close_timeout."""
+
+    async def main() -> None:
+        chunk = os.urandom(1 << 20)
+        server, client = Sink(), Sink()
+        st, ct, mgr = await _pair(server, client)
+        try:
+            st.pause_reading()
+            for _ in range(32):
+                ct.write(chunk)
+            await asyncio.sleep(0.2)
+            assert ct.get_write_buffer_size() > 0
+            ct.close_timeout = 0.5
+            t0 = asyncio.get_running_loop().time()
+            ct.close()
+            ct.write(b"after close: dropped, no error")
+            await asyncio.wait_for(client.lost, 5)
+            assert 0.4 < asyncio.get_running_loop().time() - t0 < 3
+            assert ct.get_write_buffer_size() == 0
+        finally:
+            st.abort()
+            ct.abort()
+            await mgr.close()
+
+    run(loop_name, main)
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
 def test_silent_peer_handshake_is_bounded_and_closed(loop_name: str) -> None:
     """A client that connects and sends nothing holds the server's handshake
     for the timeout only; the socket is closed after."""
