@@ -71,8 +71,8 @@ image:
 	daemonset/image/build.sh
 
 lint: setup
-	$(VENV)/bin/ruff check agent tests waypoint
-	$(VENV)/bin/ruff format --check agent tests waypoint
+	$(VENV)/bin/ruff check agent tests waypoint daemonset vagrant
+	$(VENV)/bin/ruff format --check agent tests waypoint daemonset vagrant
 	$(VENV)/bin/lint-imports
 
 typecheck: setup

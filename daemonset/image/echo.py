@@ -37,7 +37,7 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         peer = self.client_address[0]
         if self.path == "/healthz":
             PROBES[peer] += 1
@@ -45,8 +45,11 @@ class Handler(BaseHTTPRequestHandler):
         elif self.path == "/probes":
             self._send(200, json.dumps(dict(PROBES)).encode())
         else:
-            body = {"peer": f"{peer}:{self.client_address[1]}", "pod": os.environ.get("HOSTNAME", ""),
-                    "path": self.path}
+            body = {
+                "peer": f"{peer}:{self.client_address[1]}",
+                "pod": os.environ.get("HOSTNAME", ""),
+                "path": self.path,
+            }
             self._send(200, json.dumps(body).encode())
 
     def log_message(self, fmt: str, *args: object) -> None:
@@ -78,7 +81,7 @@ def serve(http_port: int, tcp_port: int) -> None:
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] == "serve":
-        args = dict(zip(argv[1::2], argv[2::2]))
+        args = dict(zip(argv[1::2], argv[2::2], strict=False))
         serve(int(args.get("--http", 8080)), int(args.get("--tcp", 9000)))
         return 0
     if argv[0] == "get":
