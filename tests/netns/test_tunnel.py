@@ -189,7 +189,10 @@ def test_certificate_rotation_under_a_live_connection() -> None:
         assert r["ok"], r
 
 
-def test_policy_reload_closes_only_connections_it_denies() -> None:
+def test_policy_reload_closes_only_connections_it_denies(tmp_path: Path) -> None:
+    """Both clients hold until released (--until), not for a fixed time: in a
+    TCG VM the reload and revalidation took longer than a 5 s hold, and y
+    ended on its own before the policy could close it."""
     with cluster_nodes("n1", "n2") as (cluster, (n1, n2)):
         x = n1.add_pod("x", "shop", "sa-x")
         y = n1.add_pod("y", "shop", "sa-y")
@@ -198,11 +201,19 @@ def test_policy_reload_closes_only_connections_it_denies() -> None:
         n2.serve(db)
         n1.start_agent()
         n2.start_agent()
-        held = {
-            p.name: n1.spawn_peer(p, ["connect", db.ip4, "8080", "--hold", "5", "--timeout", "10"])
-            for p in (x, y)
-        }
-        time.sleep(1.5)
+        release = tmp_path / "release"
+        hold = ["--hold", "300", "--until", str(release), "--timeout", "20"]
+        held = {p.name: n1.spawn_peer(p, ["connect", db.ip4, "8080", *hold]) for p in (x, y)}
+        # both connections open at the destination before the policy changes
+        # (bounded, generously: only a failure waits that long)
+        want = {SA + "sa-x", SA + "sa-y"}
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            opened = {c["src_identity"] for c in n2.status()["connections"]["open"]}
+            if want <= opened:
+                break
+            time.sleep(0.2)
+        assert want <= opened, opened
         cluster.policies = [
             {
                 "apiVersion": "security.istio.io/v1",
@@ -217,9 +228,15 @@ def test_policy_reload_closes_only_connections_it_denies() -> None:
             }
         ]
         cluster.write_configs()
-        outs = {name: p.communicate(timeout=30)[0] for name, p in held.items()}
-        assert held["x"].returncode == 0, outs["x"]
-        assert held["y"].returncode != 0, outs["y"]
+        try:
+            # y ends without a release: the reload closed it; x holds on
+            out_y = held["y"].communicate(timeout=60)[0]
+            assert held["y"].returncode != 0, out_y
+            assert held["x"].poll() is None, "the reload closed an allowed connection"
+        finally:
+            release.touch()
+        out_x = held["x"].communicate(timeout=30)[0]
+        assert held["x"].returncode == 0, out_x
         recs = [c for c in n2.connections() if c["src_identity"] == SA + "sa-y"]
         assert any(
             "policy change" in (c["error"] or "") and c["response_flag"] == "DENY" for c in recs
