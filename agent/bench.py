@@ -1010,6 +1010,121 @@ def _ktls_transfer(options: int, seconds: float, chunk_size: int = 256 * 1024) -
     }
 
 
+TLS_PATH_BYTES = 256 << 20
+
+
+def _tls_path_transfer(path: str, nbytes: int = TLS_PATH_BYTES) -> dict[str, Any]:
+    """`nbytes` one way between two HBONE TLS transports of one path ("loop":
+    the event loop's SSLProtocol; "socket": agent/tunnel/tlssock.py) over
+    loopback, both ends in this process on the agent's loop, mesh mTLS
+    contexts.  CPU is the process's (both ends: encrypt and decrypt) without
+    the receiver's hashing; SHA-256 and length checked."""
+    import asyncio
+    import hashlib
+    import resource
+    import socket
+
+    from agent import eventloop
+    from agent.identity.ca import CertificateAuthority
+    from agent.identity.manager import CertificateManager, EmbeddedCA
+    from agent.identity.spiffe import SpiffeId
+    from agent.tunnel import tlssock
+
+    class End(asyncio.Protocol):
+        def __init__(self) -> None:
+            self.n, self.h, self.hashing = 0, hashlib.sha256(), 0.0
+            self.done = asyncio.get_running_loop().create_future()
+            self.resumed: asyncio.Future[None] | None = None
+            self.transport: Any = None
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport
+
+        def data_received(self, data: bytes) -> None:
+            t = time.thread_time()
+            self.h.update(data)
+            self.hashing += time.thread_time() - t
+            self.n += len(data)
+            if self.n >= nbytes and not self.done.done():
+                self.done.set_result(None)
+
+        def pause_writing(self) -> None:
+            self.resumed = asyncio.get_running_loop().create_future()
+
+        def resume_writing(self) -> None:
+            if self.resumed is not None and not self.resumed.done():
+                self.resumed.set_result(None)
+
+    async def main() -> dict[str, Any]:
+        mgr = CertificateManager(EmbeddedCA(CertificateAuthority.generate("cluster.local")))
+        web, db = SpiffeId("cluster.local", "b", "web"), SpiffeId("cluster.local", "a", "db")
+        sctx, cctx = await mgr.ssl_context_server(web), await mgr.ssl_context_client(db)
+        loop = asyncio.get_running_loop()
+        ls = socket.create_server(("127.0.0.1", 0))
+        ls.setblocking(False)
+        c = socket.socket()
+        c.setblocking(False)
+        accepted = loop.create_task(loop.sock_accept(ls))
+        await loop.sock_connect(c, ls.getsockname())
+        s, _ = await accepted
+        ls.close()
+        server, client = End(), End()
+        if path == "socket":
+            await asyncio.gather(
+                tlssock.connect(loop, server, s, sctx, server_side=True, timeout=30),
+                tlssock.connect(loop, client, c, cctx, server_side=False, timeout=30),
+            )
+        else:
+            await asyncio.gather(
+                loop.connect_accepted_socket(lambda: server, s, ssl=sctx),
+                loop.create_connection(lambda: client, sock=c, ssl=cctx, server_hostname=""),
+            )
+        chunk, sent, want = os.urandom(256 * 1024), 0, hashlib.sha256()
+        r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
+        while sent < nbytes:
+            client.transport.write(chunk)
+            want.update(chunk)
+            sent += len(chunk)
+            if client.resumed is not None and not client.resumed.done():
+                await client.resumed
+        await asyncio.wait_for(server.done, 600)
+        wall = time.monotonic() - t0
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime) - server.hashing
+        client.transport.close()
+        server.transport.close()
+        await mgr.close()
+        return {
+            "mb_s": round(sent / wall / 1e6),
+            "cpu_s_per_gb": round(cpu / (sent / 1e9), 2),
+            "intact": server.n == sent and server.h.hexdigest() == want.hexdigest(),
+            "path": tlssock.established(client.transport, "client"),
+        }
+
+    return eventloop.run(main())
+
+
+def run_tls_paths(runs: int = 3) -> dict[str, Any]:
+    """The agent's two HBONE TLS paths, alternating, `runs` each; medians."""
+    from agent import eventloop
+
+    rows: dict[str, list[dict[str, Any]]] = {"loop": [], "socket": []}
+    for _ in range(runs):
+        for path in rows:
+            rows[path].append(_tls_path_transfer(path))
+    out: dict[str, Any] = {"loop_impl": eventloop.loop_factory()[0], "runs": runs}
+    for path, rs in rows.items():
+        out[path] = {
+            "mb_s": statistics.median(r["mb_s"] for r in rs),
+            "cpu_s_per_gb": statistics.median(r["cpu_s_per_gb"] for r in rs),
+            "intact": all(r["intact"] for r in rs),
+            "path": rs[0]["path"],
+            "each": [(r["mb_s"], r["cpu_s_per_gb"]) for r in rs],
+        }
+    out["socket_cpu_ratio"] = round(out["socket"]["cpu_s_per_gb"] / out["loop"]["cpu_s_per_gb"], 2)
+    return out
+
+
 def run_ktls(seconds: float) -> dict[str, Any]:
     import platform
     import ssl
@@ -1017,6 +1132,7 @@ def run_ktls(seconds: float) -> dict[str, Any]:
     user = _ktls_transfer(0, seconds)
     ktls = _ktls_transfer(SSL_OP_ENABLE_KTLS, seconds)
     return {
+        "paths": run_tls_paths(),
         "kernel": platform.release(),
         "openssl": ssl.OPENSSL_VERSION,
         "python": platform.python_version(),
@@ -1049,6 +1165,20 @@ def _print_ktls(r: dict[str, Any], seconds: float) -> None:
         print(f"\nkernel TLS on the sending side; CPU per GB {r['cpu_ratio']}x user-space TLS")
     else:
         print("\nno kernel TLS: the tls module is absent here, or OpenSSL was built without it")
+    p = r["paths"]
+    print(
+        f"\nthe agent's HBONE TLS paths ({p['loop_impl']} loop), {TLS_PATH_BYTES >> 20} MiB "
+        f"one way, both ends in one process, medians of {p['runs']} alternating runs:"
+    )
+    head = f"{'TETHER_TLS':12} {'path':10} {'MB/s':>6} {'CPU s/GB':>9} {'intact':>7}"
+    print(f"{head}  each (MB/s, s/GB)")
+    for name in ("loop", "socket"):
+        x = p[name]
+        print(
+            f"{name:12} {x['path']:10} {x['mb_s']:>6} {x['cpu_s_per_gb']:>9} "
+            f"{x['intact']!s:>7}  {x['each']}"
+        )
+    print(f"socket / loop CPU per GB: {p['socket_cpu_ratio']}x")
 
 
 @contextlib.contextmanager
@@ -1558,7 +1688,9 @@ def main(
             print(json.dumps(kreport, indent=1))
         else:
             _print_ktls(kreport, seconds)
-        return 0 if all(kreport[k]["intact"] for k in ("user_space", "ktls_requested")) else 1
+        intact = [kreport[k]["intact"] for k in ("user_space", "ktls_requested")]
+        intact += [kreport["paths"][k]["intact"] for k in ("loop", "socket")]
+        return 0 if all(intact) else 1
     if what == "datapath":
         report = run(seconds)
     elif what == "h2":
