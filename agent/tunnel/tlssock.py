@@ -176,8 +176,8 @@ class TlsSocketTransport(asyncio.Transport):
     # -- reading ------------------------------------------------------------
 
     def _read_ready(self) -> None:
-        if self._lost or not self._reading:
-            return
+        if self._lost or self._closing or not self._reading:
+            return  # (a call_soon from before close() or pause_reading())
         chunks: list[bytes] = []
         total, eof = 0, False
         try:
