@@ -86,6 +86,12 @@ class _Sink(asyncio.Protocol):
         self.payload, self.times = payload, times
         self.h = hashlib.sha256()
         self.n = 0
+        self.eof = asyncio.get_running_loop().create_future()
+
+    def eof_received(self) -> bool:
+        if not self.eof.done():
+            self.eof.set_result(None)
+        return False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         for _ in range(self.times):
@@ -133,7 +139,14 @@ def test_hbone_tls_transport_hands_sending_to_the_kernel_where_it_can(tls_module
             assert server.h.hexdigest() == client.h.hexdigest() == want
             after = bench.tls_stat()
             delta = {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
-            return tlssock.established(st, "server"), tlssock.established(ct, "client"), delta
+            paths = tlssock.established(st, "server"), tlssock.established(ct, "client")
+            # close: the last bytes, then close_notify (through the kernel
+            # when it holds the keys), read by the server as the end
+            ct.write(b"last")
+            ct.close()
+            await asyncio.wait_for(server.eof, 60)
+            assert server.n == len(chunk) * times + 4
+            return paths[0], paths[1], delta
         finally:
             st.abort()
             ct.abort()
