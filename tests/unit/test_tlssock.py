@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import pytest
+from prometheus_client import generate_latest
 
 from agent import eventloop
 from agent.identity.ca import CertificateAuthority
@@ -265,3 +266,32 @@ def test_path_is_loop_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
     assert tlssock.path() == "socket"
     monkeypatch.setenv("TETHER_TLS", "ktls-please")
     assert tlssock.path() == "loop"
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_the_path_in_use_is_counted_by_side(loop_name: str) -> None:
+    """tether_hbone_tls_connections{side,path}: what `established` reports for
+    each end reaches the agent's metrics (here: socket, no kTLS, or
+    kernel_tx where the kernel took the sending side)."""
+    from agent.metrics import Metrics
+
+    m = Metrics()
+
+    async def main() -> tuple[str, str]:
+        st, ct, mgr = await _pair(Sink(), Sink())
+        try:
+            return tlssock.established(st, "server"), tlssock.established(ct, "client")
+        finally:
+            st.abort()
+            ct.abort()
+            await mgr.close()
+
+    try:
+        server_path, client_path = run(loop_name, main)
+    finally:
+        tlssock.on_established.remove(m.on_tls)
+    assert server_path == client_path and server_path in ("socket", "kernel_tx")
+    text = generate_latest(m.registry).decode()
+    for side in ("server", "client"):
+        line = f'tether_hbone_tls_connections_total{{path="{server_path}",side="{side}"}} 1.0'
+        assert line in text, text
