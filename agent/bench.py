@@ -1013,6 +1013,24 @@ def _ktls_transfer(options: int, seconds: float, chunk_size: int = 256 * 1024) -
 TLS_PATH_BYTES = 256 << 20
 
 
+async def loopback_tcp_pair() -> tuple[Any, Any]:
+    """(accepted, connected): both ends of one TCP connection on 127.0.0.1,
+    non-blocking, made on the running loop."""
+    import asyncio
+    import socket
+
+    loop = asyncio.get_running_loop()
+    with socket.create_server(("127.0.0.1", 0)) as ls:
+        ls.setblocking(False)
+        c = socket.socket()
+        c.setblocking(False)
+        accepted = loop.create_task(loop.sock_accept(ls))
+        await loop.sock_connect(c, ls.getsockname())
+        s, _ = await accepted
+    s.setblocking(False)
+    return s, c
+
+
 def _tls_path_transfer(path: str, nbytes: int = TLS_PATH_BYTES) -> dict[str, Any]:
     """`nbytes` one way between two HBONE TLS transports of one path ("loop":
     the event loop's SSLProtocol; "socket": agent/tunnel/tlssock.py) over
@@ -1022,7 +1040,6 @@ def _tls_path_transfer(path: str, nbytes: int = TLS_PATH_BYTES) -> dict[str, Any
     import asyncio
     import hashlib
     import resource
-    import socket
 
     from agent import eventloop
     from agent.identity.ca import CertificateAuthority
@@ -1060,14 +1077,7 @@ def _tls_path_transfer(path: str, nbytes: int = TLS_PATH_BYTES) -> dict[str, Any
         web, db = SpiffeId("cluster.local", "b", "web"), SpiffeId("cluster.local", "a", "db")
         sctx, cctx = await mgr.ssl_context_server(web), await mgr.ssl_context_client(db)
         loop = asyncio.get_running_loop()
-        ls = socket.create_server(("127.0.0.1", 0))
-        ls.setblocking(False)
-        c = socket.socket()
-        c.setblocking(False)
-        accepted = loop.create_task(loop.sock_accept(ls))
-        await loop.sock_connect(c, ls.getsockname())
-        s, _ = await accepted
-        ls.close()
+        s, c = await loopback_tcp_pair()
         server, client = End(), End()
         if path == "socket":
             await asyncio.gather(

@@ -20,7 +20,6 @@ import contextlib
 import hashlib
 import os
 import shutil
-import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -111,14 +110,7 @@ def test_hbone_tls_transport_hands_sending_to_the_kernel_where_it_can(tls_module
     async def main() -> tuple[str, str, dict[str, int]]:
         mgr = CertificateManager(EmbeddedCA(CertificateAuthority.generate("cluster.local")))
         loop = asyncio.get_running_loop()
-        ls = socket.create_server(("127.0.0.1", 0))
-        ls.setblocking(False)
-        c = socket.socket()
-        c.setblocking(False)
-        accepted = loop.create_task(loop.sock_accept(ls))
-        await loop.sock_connect(c, ls.getsockname())
-        s, _ = await accepted
-        ls.close()
+        s, c = await bench.loopback_tcp_pair()
         before = bench.tls_stat()
         server, client = _Sink(chunk, times), _Sink(chunk, times)
         st, ct = await asyncio.gather(

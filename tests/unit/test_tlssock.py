@@ -7,17 +7,19 @@ certificate refused; and the HBONE client and server on it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import pytest
 from prometheus_client import generate_latest
 
 from agent import eventloop
+from agent.bench import loopback_tcp_pair
 from agent.identity.ca import CertificateAuthority
 from agent.identity.manager import CertificateManager, EmbeddedCA
 from agent.identity.spiffe import SpiffeId
@@ -79,24 +81,24 @@ async def _contexts() -> tuple[ssl.SSLContext, ssl.SSLContext, CertificateManage
     return await mgr.ssl_context_server(WEB), await mgr.ssl_context_client(DB), mgr
 
 
+@contextlib.asynccontextmanager
 async def _pair(
     server: asyncio.Protocol, client: asyncio.Protocol
-) -> tuple[tlssock.TlsSocketTransport, tlssock.TlsSocketTransport, CertificateManager]:
+) -> AsyncIterator[tuple[tlssock.TlsSocketTransport, tlssock.TlsSocketTransport]]:
+    """Both ends' transports over one loopback connection; aborted after."""
     sctx, cctx, mgr = await _contexts()
     loop = asyncio.get_running_loop()
-    ls = socket.create_server(("127.0.0.1", 0))
-    ls.setblocking(False)
-    c = socket.socket()
-    c.setblocking(False)
-    accepted = loop.create_task(loop.sock_accept(ls))
-    await loop.sock_connect(c, ls.getsockname())
-    s, _ = await accepted
-    ls.close()
+    s, c = await loopback_tcp_pair()
     st, ct = await asyncio.gather(
         tlssock.connect(loop, server, s, sctx, server_side=True, timeout=10),
         tlssock.connect(loop, client, c, cctx, server_side=False, timeout=10),
     )
-    return st, ct, mgr
+    try:
+        yield st, ct
+    finally:
+        st.abort()
+        ct.abort()
+        await mgr.close()
 
 
 @pytest.mark.parametrize("loop_name", LOOPS)
@@ -106,8 +108,7 @@ def test_bytes_both_ways_arrive_unchanged(loop_name: str) -> None:
 
     async def main() -> None:
         server, client = Sink(chunk, times), Sink(chunk, times)
-        st, ct, mgr = await _pair(server, client)
-        try:
+        async with _pair(server, client) as (st, ct):
             assert peer_identity(st.get_extra_info("ssl_object")) == DB
             assert peer_identity(ct.get_extra_info("ssl_object")) == WEB
             assert st.get_extra_info("cipher")[1] == "TLSv1.3"
@@ -128,10 +129,6 @@ def test_bytes_both_ways_arrive_unchanged(loop_name: str) -> None:
             assert server.n == len(chunk) * times + 4
             await asyncio.wait_for(server.lost, 10)
             assert await asyncio.wait_for(client.lost, 10) is None
-        finally:
-            st.abort()
-            ct.abort()
-            await mgr.close()
 
     run(loop_name, main)
 
@@ -144,8 +141,7 @@ def test_paused_reader_closes_the_senders_window(loop_name: str) -> None:
     async def main() -> None:
         chunk = os.urandom(1 << 20)
         server, client = Sink(), Sink()
-        st, ct, mgr = await _pair(server, client)
-        try:
+        async with _pair(server, client) as (st, ct):
             st.pause_reading()
             assert not st.is_reading()
             for _ in range(16):
@@ -160,10 +156,6 @@ def test_paused_reader_closes_the_senders_window(loop_name: str) -> None:
                 await asyncio.sleep(0.05)
             assert server.h.hexdigest() == hashlib.sha256(chunk * 16).hexdigest()
             assert ct.get_write_buffer_size() == 0
-        finally:
-            st.abort()
-            ct.abort()
-            await mgr.close()
 
     run(loop_name, main)
 
@@ -176,8 +168,7 @@ def test_close_with_a_peer_that_never_reads_is_bounded(loop_name: str) -> None:
     async def main() -> None:
         chunk = os.urandom(1 << 20)
         server, client = Sink(), Sink()
-        st, ct, mgr = await _pair(server, client)
-        try:
+        async with _pair(server, client) as (st, ct):
             st.pause_reading()
             for _ in range(32):
                 ct.write(chunk)
@@ -190,10 +181,6 @@ def test_close_with_a_peer_that_never_reads_is_bounded(loop_name: str) -> None:
             await asyncio.wait_for(client.lost, 5)
             assert 0.4 < asyncio.get_running_loop().time() - t0 < 3
             assert ct.get_write_buffer_size() == 0
-        finally:
-            st.abort()
-            ct.abort()
-            await mgr.close()
 
     run(loop_name, main)
 
@@ -233,14 +220,7 @@ def test_certificate_from_another_ca_is_refused(loop_name: str) -> None:
         loop = asyncio.get_running_loop()
         try:
             cctx = await other.ssl_context_client(DB)
-            ls = socket.create_server(("127.0.0.1", 0))
-            ls.setblocking(False)
-            c = socket.socket()
-            c.setblocking(False)
-            accepted = loop.create_task(loop.sock_accept(ls))
-            await loop.sock_connect(c, ls.getsockname())
-            s, _ = await accepted
-            ls.close()
+            s, c = await loopback_tcp_pair()
             results = await asyncio.gather(
                 tlssock.connect(loop, Sink(), s, sctx, server_side=True, timeout=5),
                 tlssock.connect(loop, Sink(), c, cctx, server_side=False, timeout=5),
@@ -278,13 +258,8 @@ def test_the_path_in_use_is_counted_by_side(loop_name: str) -> None:
     m = Metrics()
 
     async def main() -> tuple[str, str]:
-        st, ct, mgr = await _pair(Sink(), Sink())
-        try:
+        async with _pair(Sink(), Sink()) as (st, ct):
             return tlssock.established(st, "server"), tlssock.established(ct, "client")
-        finally:
-            st.abort()
-            ct.abort()
-            await mgr.close()
 
     try:
         server_path, client_path = run(loop_name, main)
