@@ -413,7 +413,10 @@ class CaServer:
 
     async def start(self, bind: str) -> int:
         """Listen on bind (host:port, port 0 for ephemeral); return the bound port."""
-        server = grpc.aio.server()
+        # No SO_REUSEPORT (gRPC sets it by default): another process of the
+        # same user could bind the CA's port too and take a share of the
+        # CSRs, and an ephemeral port could be handed out twice.
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         ca_pb2_grpc.add_IstioCertificateServiceServicer_to_server(self.service, server)
         if self._credentials is None:
             port = server.add_insecure_port(bind)

@@ -8,6 +8,8 @@ Node agents keep impersonating the identities on their node.
 from __future__ import annotations
 
 import asyncio
+import errno
+import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -160,6 +162,24 @@ def test_auth_file_node_agent_unchanged(
             assert f"node agent on {node} has no single identity of its own" in str(err)
 
     run(lambda: with_server(ca, auth, body))
+
+
+def test_the_ca_port_cannot_be_shared(ca: CertificateAuthority, auth_file: Path) -> None:
+    """gRPC listens with SO_REUSEPORT unless told not to: then a second
+    socket of the same user could bind the CA's port and take CSRs."""
+
+    async def body(target: str) -> OSError | None:
+        port = int(target.rsplit(":", 1)[1])
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError as e:
+                return e
+        return None
+
+    err = run(lambda: with_server(ca, StaticAuthenticator.from_file(auth_file), body))
+    assert err is not None and err.errno == errno.EADDRINUSE, err
 
 
 def test_auth_file_unknown_token_is_unauthenticated(
