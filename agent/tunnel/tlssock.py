@@ -133,10 +133,11 @@ async def connect(
                     await _ready(loop, tls.fileno(), write=False)
                 except ssl.SSLWantWriteError:
                     await _ready(loop, tls.fileno(), write=True)
+        # (a peer gone right after the handshake fails getpeername() here)
+        return TlsSocketTransport(loop, tls, protocol)
     except BaseException:
         tls.close()
         raise
-    return TlsSocketTransport(loop, tls, protocol)
 
 
 class TlsSocketTransport(asyncio.Transport):
