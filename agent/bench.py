@@ -30,6 +30,7 @@ from typing import Any
 
 from agent.sim.harness import PY, AgentNode, Cluster, proc_cpu, proc_rss_mib
 from agent.sim.topology import Node, Pod, Testbed
+from agent.tunnel import tlssock
 
 IPERF_PORT = 5201
 SOCKPERF_PORT = 11111
@@ -919,9 +920,6 @@ def _tls_transfer(nbytes: int, chunk_size: int = 256 * 1024) -> dict[str, Any]:
 # (asyncio's and uvloop's SSLProtocol) runs OpenSSL over memory BIOs, where
 # OpenSSL cannot hand the keys to the kernel: kTLS needs TLS on the socket.
 
-SSL_OP_ENABLE_KTLS = 1 << 3  # OpenSSL 3's SSL_OP_BIT(3); ssl.OP_ENABLE_KTLS from Python 3.12
-TCP_ULP = 31  # linux/tcp.h
-
 
 def tls_stat() -> dict[str, int]:
     """/proc/net/tls_stat (present once the tls module is loaded), else {}."""
@@ -930,17 +928,6 @@ def tls_stat() -> dict[str, int]:
     except OSError:
         return {}
     return {k: int(v) for k, v in (ln.split() for ln in text.splitlines() if ln.strip())}
-
-
-def tcp_ulp(sock: Any) -> str:
-    """The socket's upper-layer protocol: "tls" once the kernel holds its keys."""
-    import socket
-
-    try:
-        raw: bytes = sock.getsockopt(socket.IPPROTO_TCP, TCP_ULP, 16)
-    except OSError:
-        return ""
-    return raw.rstrip(b"\0").decode()
 
 
 def _ktls_transfer(options: int, seconds: float, chunk_size: int = 256 * 1024) -> dict[str, Any]:
@@ -959,7 +946,7 @@ def _ktls_transfer(options: int, seconds: float, chunk_size: int = 256 * 1024) -
     def serve() -> None:
         s, _ = ls.accept()
         with sctx.wrap_socket(s, server_side=True) as t:
-            got["server_ulp"] = tcp_ulp(t)
+            got["server_ulp"] = tlssock.kernel_ulp(t)
             h, n, buf = hashlib.sha256(), 0, bytearray(1 << 20)
             view, cpu = memoryview(buf), 0.0
             while True:
@@ -978,7 +965,7 @@ def _ktls_transfer(options: int, seconds: float, chunk_size: int = 256 * 1024) -
     chunk = os.urandom(chunk_size)
     h, sent, cpu = hashlib.sha256(), 0, 0.0
     with cctx.wrap_socket(socket.create_connection(ls.getsockname(), timeout=60)) as c:
-        client_ulp = tcp_ulp(c)
+        client_ulp = tlssock.kernel_ulp(c)
         cipher = c.cipher()
         t0 = time.monotonic()  # after the handshake (seconds of it in a TCG guest)
         while sent == 0 or time.monotonic() - t0 < seconds:
@@ -1045,7 +1032,6 @@ def _tls_path_transfer(path: str, nbytes: int = TLS_PATH_BYTES) -> dict[str, Any
     from agent.identity.ca import CertificateAuthority
     from agent.identity.manager import CertificateManager, EmbeddedCA
     from agent.identity.spiffe import SpiffeId
-    from agent.tunnel import tlssock
 
     class End(asyncio.Protocol):
         def __init__(self) -> None:
@@ -1140,7 +1126,7 @@ def run_ktls(seconds: float) -> dict[str, Any]:
     import ssl
 
     user = _ktls_transfer(0, seconds)
-    ktls = _ktls_transfer(SSL_OP_ENABLE_KTLS, seconds)
+    ktls = _ktls_transfer(tlssock.SSL_OP_ENABLE_KTLS, seconds)
     return {
         "paths": run_tls_paths(),
         "kernel": platform.release(),

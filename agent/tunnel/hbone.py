@@ -32,7 +32,7 @@ from agent import netns
 from agent.identity.spiffe import SpiffeId
 from agent.identity.tls import peer_identity
 from agent.model import format_authority, norm_ip
-from agent.tunnel import limits, tlssock
+from agent.tunnel import tlssock
 from agent.tunnel.h2conn import H2Conn, H2Stream, StreamReset
 from agent.tunnel.relay import tcp_socket
 
@@ -200,22 +200,9 @@ class HboneClient:
             await asyncio.wait_for(loop.sock_connect(sock, (host, port)), CONNECT_TIMEOUT)
             ctx = await self.client_context(key.src_identity)
             conn = H2Conn(client=True, peer={"addr": key.dst})
-            if tlssock.path() == "socket":
-                await tlssock.connect(
-                    loop, conn, sock, ctx, server_side=False, timeout=CONNECT_TIMEOUT
-                )
-            else:
-                await asyncio.wait_for(
-                    loop.create_connection(
-                        lambda: conn,
-                        sock=sock,
-                        ssl=ctx,
-                        server_hostname="",
-                        ssl_handshake_timeout=CONNECT_TIMEOUT,
-                        ssl_shutdown_timeout=limits.SHUTDOWN_TIMEOUT,
-                    ),
-                    CONNECT_TIMEOUT,
-                )
+            conn.peer["tls"] = await tlssock.start_tls(
+                loop, conn, sock, ctx, side="client", timeout=CONNECT_TIMEOUT
+            )
         except ssl.SSLError as e:
             sock.close()
             raise HboneError(f"TLS with {host}:{port} failed: {e}", flag="TLS_FAILURE") from e
@@ -223,7 +210,6 @@ class HboneClient:
             sock.close()
             raise HboneError(f"connect to {host}:{port} failed: {e}") from e
         assert conn.transport is not None
-        conn.peer["tls"] = tlssock.established(conn.transport, "client")
         sslobj = conn.transport.get_extra_info("ssl_object")
         try:
             got = peer_identity(sslobj)

@@ -59,19 +59,9 @@ class InboundHbone:
                 peer=state,
                 idle_timeout=limits.IDLE_TIMEOUT,
             )
-            if tlssock.path() == "socket":
-                await tlssock.connect(
-                    loop, conn, sock, ctx, server_side=True, timeout=limits.HANDSHAKE_TIMEOUT
-                )
-            else:
-                # not the returned protocol: uvloop returns its SSLProtocol there
-                await loop.connect_accepted_socket(
-                    lambda: conn,
-                    sock,
-                    ssl=ctx,
-                    ssl_handshake_timeout=limits.HANDSHAKE_TIMEOUT,
-                    ssl_shutdown_timeout=limits.SHUTDOWN_TIMEOUT,
-                )
+            conn.peer["tls"] = await tlssock.start_tls(
+                loop, conn, sock, ctx, side="server", timeout=limits.HANDSHAKE_TIMEOUT
+            )
             conn.closed.add_done_callback(lambda _f: release())
         except BaseException as e:
             release()
@@ -81,7 +71,6 @@ class InboundHbone:
             sock.close()
             return
         assert conn.transport is not None
-        conn.peer["tls"] = tlssock.established(conn.transport, "server")
         try:
             conn.peer["identity"] = self._peer_identity(conn)
         except (ssl.SSLError, ValueError) as e:

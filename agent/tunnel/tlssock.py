@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -55,11 +56,59 @@ CHOICES = ("loop", "socket")
 
 def path() -> str:
     """The TLS path asked for (TETHER_TLS), "loop" when unset or unknown."""
-    name = os.environ.get("TETHER_TLS", "loop").strip().lower() or "loop"
+    return _path_of(os.environ.get("TETHER_TLS", "loop"))
+
+
+@functools.cache
+def _path_of(value: str) -> str:
+    """(cached: asked per connection, a bad value is reported once)"""
+    name = value.strip().lower() or "loop"
     if name not in CHOICES:
         log.warning("TETHER_TLS=%r is none of %s: using loop", name, "|".join(CHOICES))
         return "loop"
     return name
+
+
+async def start_tls(
+    loop: asyncio.AbstractEventLoop,
+    protocol: asyncio.Protocol,
+    sock: socket.socket,
+    ctx: ssl.SSLContext,
+    *,
+    side: str,
+    timeout: float,
+) -> str:
+    """The HBONE TLS handshake on a connected `sock` for `side` ("client" or
+    "server") on the path TETHER_TLS picks; `protocol` is connected to the
+    transport.  Returns the path in use (see `established`).  Raises what
+    the handshake raises (ssl.SSLError, OSError, TimeoutError)."""
+    transport: asyncio.BaseTransport
+    if path() == "socket":
+        transport = await connect(
+            loop, protocol, sock, ctx, server_side=side == "server", timeout=timeout
+        )
+    elif side == "server":
+        # not the returned protocol: uvloop returns its SSLProtocol there
+        transport, _ = await loop.connect_accepted_socket(
+            lambda: protocol,
+            sock,
+            ssl=ctx,
+            ssl_handshake_timeout=timeout,
+            ssl_shutdown_timeout=limits.SHUTDOWN_TIMEOUT,
+        )
+    else:
+        transport, _ = await asyncio.wait_for(
+            loop.create_connection(
+                lambda: protocol,
+                sock=sock,
+                ssl=ctx,
+                server_hostname="",  # no SNI
+                ssl_handshake_timeout=timeout,
+                ssl_shutdown_timeout=limits.SHUTDOWN_TIMEOUT,
+            ),
+            timeout,
+        )
+    return established(transport, side)
 
 
 def kernel_ulp(sock: socket.socket) -> str:

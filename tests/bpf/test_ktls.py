@@ -63,7 +63,7 @@ def tls_module() -> Iterator[bool]:
 
 def test_tls_stream_is_intact_and_the_kernel_takes_it_where_it_can(tls_module: bool) -> None:
     user = bench._ktls_transfer(0, 0.5)
-    ktls = bench._ktls_transfer(bench.SSL_OP_ENABLE_KTLS, 0.5)
+    ktls = bench._ktls_transfer(tlssock.SSL_OP_ENABLE_KTLS, 0.5)
     print(f"kernel {os.uname().release}: tls {'available' if tls_module else 'absent'}")
     print(f"user-space TLS: {user}")
     print(f"SSL_OP_ENABLE_KTLS: {ktls}")

@@ -270,3 +270,31 @@ def test_the_path_in_use_is_counted_by_side(loop_name: str) -> None:
     for side in ("server", "client"):
         line = f'tether_hbone_tls_connections_total{{path="{server_path}",side="{side}"}} 1.0'
         assert line in text, text
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+@pytest.mark.parametrize("asked", ["loop", "socket"])
+def test_start_tls_takes_the_path_asked_for(
+    loop_name: str, asked: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What HBONE's client and server call: TETHER_TLS picks the transport,
+    and both ends report the path they are on."""
+    monkeypatch.setenv("TETHER_TLS", asked)
+
+    async def main() -> tuple[str, str]:
+        sctx, cctx, mgr = await _contexts()
+        loop = asyncio.get_running_loop()
+        s, c = await loopback_tcp_pair()
+        server, client = Sink(), Sink()
+        try:
+            return await asyncio.gather(
+                tlssock.start_tls(loop, server, s, sctx, side="server", timeout=10),
+                tlssock.start_tls(loop, client, c, cctx, side="client", timeout=10),
+            )
+        finally:
+            for p in (server, client):
+                if p.transport is not None:
+                    p.transport.abort()
+            await mgr.close()
+
+    assert list(run(loop_name, main)) == [asked, asked]
