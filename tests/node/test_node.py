@@ -331,21 +331,26 @@ def test_pod_recreated_is_captured(node: Node) -> None:
     test_connection_identities_and_source_ip(node)
 
 
+MEMORY = ("/sys/fs/cgroup/memory",)
+
+
+def _pod_cgroup(controller_dirs: tuple[str, ...], pod_uid: str) -> Path:
+    """The pod's cgroup under the first v1 controller mount that has it (the
+    kubelet spells the uid with - or _ depending on the cgroup driver)."""
+    for base in controller_dirs:
+        for name in (pod_uid, pod_uid.replace("-", "_")):
+            hits = list(Path(base).glob(f"kubepods/**/pod{name}"))
+            if hits:
+                return hits[0]
+    raise FileNotFoundError(f"{'/'.join(controller_dirs)} cgroup of pod {pod_uid}")
+
+
 def _cgroup_stat(pod_uid: str) -> tuple[float, int]:
     """(cpu seconds, memory bytes) of the pod's cgroup (v1 controllers)."""
-    uid = pod_uid.replace("-", "_")
-    for base in ("/sys/fs/cgroup/cpu,cpuacct", "/sys/fs/cgroup/cpuacct"):
-        hits = list(Path(base).glob(f"kubepods/**/pod{pod_uid}")) or list(
-            Path(base).glob(f"kubepods/**/pod{uid}")
-        )
-        if hits:
-            cpu = int((hits[0] / "cpuacct.usage").read_text()) / 1e9
-            break
-    else:
-        raise FileNotFoundError(f"cpuacct cgroup of pod {pod_uid}")
-    mem = list(Path("/sys/fs/cgroup/memory").glob(f"kubepods/**/pod{pod_uid}"))
+    cpu_dir = _pod_cgroup(("/sys/fs/cgroup/cpu,cpuacct", "/sys/fs/cgroup/cpuacct"), pod_uid)
+    cpu = int((cpu_dir / "cpuacct.usage").read_text()) / 1e9
     rss = 0
-    for ln in (mem[0] / "memory.stat").read_text().splitlines():
+    for ln in (_pod_cgroup(MEMORY, pod_uid) / "memory.stat").read_text().splitlines():
         k, v = ln.split()
         if k == "total_rss":
             rss = int(v)
@@ -355,11 +360,8 @@ def _cgroup_stat(pod_uid: str) -> tuple[float, int]:
 def _pod_processes(pod_uid: str) -> list[dict[str, Any]]:
     """Each process in the pod's memory cgroup: what the cgroup's total_rss
     is made of (anonymous, file-backed and shared pages, threads)."""
-    uid = pod_uid.replace("-", "_")
-    base = Path("/sys/fs/cgroup/memory")
-    dirs = list(base.glob(f"kubepods/**/pod{pod_uid}")) or list(base.glob(f"kubepods/**/pod{uid}"))
     out = []
-    for procs in dirs[0].glob("**/cgroup.procs"):
+    for procs in _pod_cgroup(MEMORY, pod_uid).glob("**/cgroup.procs"):
         for pid in procs.read_text().split():
             try:
                 status = Path(f"/proc/{pid}/status").read_text()
