@@ -748,9 +748,10 @@ H2_PROFILE_BYTES = 64 * 1024 * 1024
 H2_FRAMES = (16 * 1024, 256 * 1024, 1024 * 1024)
 
 
-def _h2_pair(frame: int) -> tuple[Any, Any, int]:
-    """Client and server H2Connection, settings as the tunnel's (agent.tunnel.h2conn),
-    with ``frame`` as both sides' max frame size, and one CONNECT stream open."""
+def _h2_pair(frame: int, cls: Any = None) -> tuple[Any, Any, int]:
+    """Client and server H2Connection (or ``cls``), settings as the tunnel's
+    (agent.tunnel.h2conn), with ``frame`` as both sides' max frame size, and
+    one CONNECT stream open."""
     import h2.config
     import h2.connection
     import h2.settings
@@ -759,7 +760,7 @@ def _h2_pair(frame: int) -> tuple[Any, Any, int]:
 
     conns = []
     for client in (True, False):
-        h = h2.connection.H2Connection(
+        h = (cls or h2.connection.H2Connection)(
             h2.config.H2Configuration(
                 client_side=client, header_encoding="utf-8", validate_inbound_headers=True
             )
@@ -825,6 +826,42 @@ def _h2_transfer(frame: int, nbytes: int) -> dict[str, float]:
         "recv_mb_s": round(mb / t_recv),
         "pair_mb_s": round(mb / (t_send + t_recv)),
     }
+
+
+H2_MESSAGE = 1024  # the vCPU@1k workload's message size
+H2_MESSAGES = 20_000
+
+
+def _h2_messages(fast: bool, n: int = H2_MESSAGES) -> dict[str, float]:
+    """1 KiB request/response ping-pong on one stream through the agent's own
+    h2 connection class (agent.tunnel.h2conn), each DataReceived acknowledged
+    as the tunnel does, with its DATA fast path on or off; CPU µs per message
+    (one DATA frame sent and received, with its share of WINDOW_UPDATEs)."""
+    import h2.events
+
+    from agent.tunnel import h2conn
+
+    saved = h2conn.FAST_DATA
+    h2conn.FAST_DATA = fast
+    try:
+        cl, sv, sid = _h2_pair(h2conn.MAX_FRAME, h2conn._H2Connection)
+        msg = os.urandom(H2_MESSAGE)
+        got = bytearray()
+        t = time.thread_time()
+        for i in range(n):
+            a, b = (cl, sv) if i % 2 == 0 else (sv, cl)
+            a.send_data(sid, msg)
+            for ev in b.receive_data(b"".join(a.chunks_to_send())):
+                if isinstance(ev, h2.events.DataReceived):
+                    got += ev.data
+                    b.acknowledge_received_data(ev.flow_controlled_length, sid)
+            a.receive_data(b"".join(b.chunks_to_send()))
+        cpu = time.thread_time() - t
+    finally:
+        h2conn.FAST_DATA = saved
+    if bytes(got) != msg * n:
+        raise RuntimeError("h2 messages: the bytes received are not the bytes sent")
+    return {"us_per_message": round(cpu / n * 1e6, 2)}
 
 
 def _h2_repr_share(frame: int, nbytes: int) -> dict[str, float]:
@@ -1211,7 +1248,19 @@ def run_h2() -> dict[str, Any]:
         row.update({f"{k}_cheap_repr": v for k, v in cheap.items()})
         row["gain_cheap_repr"] = round(cheap["pair_mb_s"] / row["pair_mb_s"], 2)
         rows[f"{frame // 1024} KiB"] = row
+    fast, slow = [], []
+    for _ in range(3):  # alternating, medians
+        slow.append(_h2_messages(False)["us_per_message"])
+        fast.append(_h2_messages(True)["us_per_message"])
+    messages = {
+        "message_bytes": H2_MESSAGE,
+        "messages": H2_MESSAGES,
+        "h2_us": statistics.median(slow),
+        "fast_path_us": statistics.median(fast),
+        "gain": round(statistics.median(s / f for s, f in zip(slow, fast, strict=True)), 2),
+    }
     return {
+        "messages": messages,
         "bytes": H2_BYTES,
         "profile_bytes": H2_PROFILE_BYTES,
         "h2": h2.__version__,
@@ -1285,9 +1334,10 @@ def _collapsed_buckets(path: Path) -> dict[str, int]:
 
 
 def run_profile(seconds: float, out_dir: str, workload: str = "throughput") -> dict[str, Any]:
-    """``workload``: throughput (iperf3, one stream) or connections (the
-    connect-per-request client of `bench tunnel`); CPU is per GB or per 1,000
-    connections."""
+    """``workload``: throughput (iperf3, one stream), connections (the
+    connect-per-request client of `bench tunnel`) or messages (sockperf's 1 KiB
+    ping-pong at RATE_MPS, the vCPU@1k measure); CPU is per GB, per 1,000
+    connections or per 1,000 messages (a request and its reply each way)."""
     pyspy = shutil.which("py-spy") or str(Path(PY).parent / "py-spy")
     if not Path(pyspy).exists():
         raise RuntimeError("py-spy not installed (pip install py-spy)")
@@ -1339,6 +1389,15 @@ def run_profile(seconds: float, out_dir: str, workload: str = "throughput") -> d
                 cps = _t_cps(tb, a, b, b.ip4, CPS_PORT, seconds)
                 ip = {"bytes": cps["ok"] * 1e6, "bits_per_second": 0.0}  # "GB" = 1,000 conns
                 report["conn_per_s"] = round(cps["conn_per_s"])
+            elif workload == "messages":
+                t = max(2, round(seconds))
+                rc, text, wall = _sockperf_pp(
+                    tb, a, b, b.ip4, SOCKPERF_PORT, ["--mps", str(RATE_MPS), "-t", str(t)], t + 20
+                )
+                if rc != 0:
+                    raise RuntimeError(f"sockperf --mps: {text[-500:]}")
+                ip = {"bytes": RATE_MPS * wall * 1e6, "bits_per_second": 0.0}  # "GB" = 1,000 msgs
+                report["messages_per_s"] = RATE_MPS
             else:
                 ip = _t_iperf(tb, a, b, b.ip4, IPERF_PORT, seconds)
             cpu = {r: proc_cpu(an.agent.pid) - cpu0[r] for r, an in agents.items() if an.agent}
@@ -1371,6 +1430,12 @@ def _print_profile(report: dict[str, Any]) -> None:
             f"tether bench profile --workload connections: {report['conn_per_s']} new "
             f"connections/s cross-node over HBONE; figures are CPU s per 1,000 connections "
             f"(shown as s/GB)\n"
+        )
+    elif report.get("workload") == "messages":
+        print(
+            f"tether bench profile --workload messages: sockperf ping-pong, 1 KiB at "
+            f"{report['messages_per_s']}/s cross-node over HBONE; figures are CPU s per 1,000 "
+            f"messages (shown as s/GB)\n"
         )
     else:
         print(
@@ -1593,6 +1658,14 @@ def _print_h2(report: dict[str, Any]) -> None:
             f"{r['repr_pct']:>7} | {'':>18} {r['send_mb_s_cheap_repr']:>6} "
             f"{r['recv_mb_s_cheap_repr']:>6} {r['pair_mb_s_cheap_repr']:>6} "
             f"{r['gain_cheap_repr']:>5}"
+        )
+    m = report.get("messages")
+    if m:
+        print(
+            f"\n{m['message_bytes']} B messages, one stream, ping-pong through the agent's h2 "
+            f"connection (agent.tunnel.h2conn), every DATA acked: CPU µs per message, "
+            f"median of 3\n  h2 as shipped {m['h2_us']}  DATA fast path {m['fast_path_us']}  "
+            f"gain {m['gain']}x"
         )
     t = report["tls_reference"]
     print(

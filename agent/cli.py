@@ -258,7 +258,10 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--runs", type=int, default=1, help="tunnel, waypoint: runs, medians reported")
     b.add_argument("--connections", type=int, default=1000, help="memory: open connections to hold")
     b.add_argument(
-        "--workload", choices=["throughput", "connections"], default="throughput", help="profile"
+        "--workload",
+        choices=["throughput", "connections", "messages"],
+        default="throughput",
+        help="profile",
     )
     b.add_argument("--cross-only", action="store_true", help="tunnel: skip the same-node rows")
     b.add_argument(
