@@ -471,6 +471,9 @@ class H2Stream:
         for chunk in self._early:
             on_data(chunk)
         self._early.clear()
+        if self._reading and self._unacked:  # the early bytes are the app's now
+            self.conn.ack(self.id, self._unacked)
+            self._unacked = 0
         if self._early_eof:
             on_eof()
 
@@ -479,16 +482,20 @@ class H2Stream:
 
     def resume_reading(self) -> None:
         self._reading = True
-        if self._unacked:
+        if self._unacked and self.on_data is not None:
             self.conn.ack(self.id, self._unacked)
             self._unacked = 0
 
     def _deliver(self, data: bytes, flow_len: int) -> None:
         self.bytes_in += len(data)
         if self.on_data is None:
+            # Before attach (the destination still being dialled): kept, and
+            # not acknowledged, so what a peer can make us hold is one stream
+            # window, not whatever it sends until the dial times out.
             self._early.append(data)
-        else:
-            self.on_data(data)
+            self._unacked += flow_len
+            return
+        self.on_data(data)
         if self._reading:
             self.conn.ack(self.id, flow_len)
         else:

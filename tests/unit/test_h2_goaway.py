@@ -127,6 +127,15 @@ async def pair(
     return conn, peer
 
 
+async def poll(cond: Callable[[], bool], timeout: float = WAIT) -> None:
+    """For what the peer cannot see (nothing is sent back to wake it)."""
+    for _ in range(int(timeout / 0.01)):
+        if cond():
+            return
+        await asyncio.sleep(0.01)
+    raise TimeoutError("condition not met")
+
+
 def run(coro: Awaitable[None]) -> None:
     asyncio.run(asyncio.wait_for(coro, 20))  # type: ignore[arg-type]
 
@@ -604,5 +613,59 @@ def test_pool_drops_a_connection_on_goaway_and_dials_a_fresh_one() -> None:
         s2 = await second
         assert s2.conn is not s1.conn and client.pool[key] == [s2.conn]
         client.close()
+
+    run(main())
+
+
+# -- data that arrives before the stream is delivered ------------------------------------
+
+
+def test_data_before_delivery_is_held_within_the_stream_window_not_acknowledged() -> None:
+    """A request's DATA may arrive while its destination is still being
+    dialled (up to CONNECT_TIMEOUT).  It is kept for the app, but not
+    acknowledged until the stream is attached: a peer streaming into a
+    destination that never answers stops at the stream's window, instead of
+    the agent buffering whatever it sends.  Once attached, every byte is
+    delivered in order and the window opens again."""
+    from agent.tunnel.h2conn import STREAM_WINDOW
+
+    async def main() -> None:
+        release = asyncio.Event()
+        streams: list[H2Stream] = []
+        got = bytearray()
+
+        async def on_request(c: H2Conn, s: H2Stream) -> None:
+            streams.append(s)
+            await release.wait()  # the destination is slow to answer
+            c.respond(s, 200)
+            s.attach(got.extend, lambda: None, lambda e: None)
+
+        conn, cli = await pair(lambda: H2Conn(client=False, on_request=on_request), True)
+        cli.h2.send_headers(1, GOOD)
+        cli.flush()
+        await poll(lambda: bool(streams))  # nothing goes out to wake the peer
+        chunk = bytes(range(256)) * 64  # 16 KiB
+        sent = bytearray()
+        for _ in range(4 * STREAM_WINDOW // len(chunk)):  # four windows' worth, at most
+            if cli.h2.local_flow_control_window(1) < len(chunk):
+                await asyncio.sleep(0.05)  # any WINDOW_UPDATE in flight lands
+                if cli.h2.local_flow_control_window(1) < len(chunk):
+                    break
+            cli.h2.send_data(1, chunk)
+            sent += chunk
+            cli.flush()
+            await asyncio.sleep(0)
+        held = sum(len(x) for x in streams[0]._early)
+        assert len(sent) <= STREAM_WINDOW, len(sent)
+        assert held == len(sent), (held, len(sent))
+        assert not got
+        release.set()
+        await cli.until(lambda: cli.h2.local_flow_control_window(1) >= len(chunk))
+        cli.h2.send_data(1, b"tail", end_stream=True)
+        cli.flush()
+        sent += b"tail"
+        await poll(lambda: len(got) == len(sent))
+        assert bytes(got) == bytes(sent)
+        conn.close()
 
     run(main())
