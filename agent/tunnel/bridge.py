@@ -108,11 +108,16 @@ class Bridge:
 
     def _socket_ready(self, transport: asyncio.Transport) -> None:
         self.transport = transport
-        self.stream.attach(self._on_data, self._on_eof, self._on_close)
+        self.stream.attach(self._on_data, self._on_eof, self._on_close, self._on_pieces)
 
     def _on_data(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
+
+    def _on_pieces(self, pieces: list[memoryview]) -> None:
+        """One payload in pieces: one writev, nothing joined."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines(pieces)
 
     def _on_eof(self) -> None:
         self.stream_eof = True

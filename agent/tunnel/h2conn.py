@@ -94,21 +94,49 @@ class PlainData:
     """A received DATA frame without flags (no END_STREAM, no padding), as the
     frame buffer hands it over: no hyperframe objects are built for it, and
     _H2Connection accounts for it without h2's state machines when the stream
-    can take it, else it becomes a hyperframe DataFrame and h2 decides."""
+    can take it, else it becomes a hyperframe DataFrame and h2 decides.  The
+    payload stays in the pieces it arrived in (a frame spanning TLS reads)."""
 
-    __slots__ = ("data", "stream_id")
+    __slots__ = ("length", "pieces", "stream_id")
 
-    def __init__(self, stream_id: int, data: memoryview) -> None:
+    def __init__(self, stream_id: int, pieces: list[memoryview], length: int) -> None:
         self.stream_id = stream_id
-        self.data = data
+        self.pieces = pieces
+        self.length = length
 
     def __repr__(self) -> str:  # h2 formats every received frame for a debug log
-        return f"PlainData(stream_id={self.stream_id}, <{len(self.data)} bytes>)"
+        return f"PlainData(stream_id={self.stream_id}, <{self.length} bytes>)"
 
     def to_frame(self) -> hyperframe.frame.DataFrame:
         f = hyperframe.frame.DataFrame(self.stream_id)
-        f.data = self.data  # type: ignore[assignment]  # read-only view, as _FrameBuffer gives
+        f.data = _joined(self.pieces)  # type: ignore[assignment]  # read-only view
         return f
+
+
+def _joined(pieces: list[memoryview]) -> memoryview:
+    return pieces[0] if len(pieces) == 1 else memoryview(b"".join(pieces))
+
+
+class DataPieces(h2.events.DataReceived):
+    """h2's DataReceived for a fast-path frame, its payload kept as the pieces
+    it arrived in, so a bridge hands them to the socket in one writev instead
+    of joining them (a copy of nearly every frame: 1 MiB frames span several
+    TLS reads); `.data` joins them for anyone else.  Built without h2's
+    __init__, whose signature differs between h2 versions."""
+
+    def __init__(self, stream_id: int, pieces: list[memoryview], length: int) -> None:
+        self.stream_id = stream_id
+        self.pieces = pieces
+        self.flow_controlled_length = length
+        self.stream_ended = None
+
+    @property  # type: ignore[override]
+    def data(self) -> memoryview:
+        return _joined(self.pieces)
+
+    @data.setter
+    def data(self, value: memoryview) -> None:
+        self.pieces = [value]
 
 
 class _FrameBuffer(h2.frame_buffer.FrameBuffer):
@@ -175,6 +203,22 @@ class _FrameBuffer(h2.frame_buffer.FrameBuffer):
                 n = 0
         return memoryview(b"".join(parts))
 
+    def _take_pieces(self, n: int) -> list[memoryview]:
+        """The next n bytes as views of the pieces holding them (no join)."""
+        self._size -= n
+        parts = []
+        while n:
+            c = self._chunks[0]
+            if len(c) <= n:
+                parts.append(c)
+                self._chunks.popleft()
+                n -= len(c)
+            else:
+                parts.append(c[:n])
+                self._chunks[0] = c[n:]
+                n = 0
+        return parts
+
     def __next__(self) -> hyperframe.frame.Frame:
         if self._size < 9:
             raise StopIteration
@@ -190,7 +234,7 @@ class _FrameBuffer(h2.frame_buffer.FrameBuffer):
                     raise StopIteration
                 self._validate_frame_length(length)
                 self._take(9)
-                return PlainData(sid, self._take(length))  # type: ignore[return-value]
+                return PlainData(sid, self._take_pieces(length), length)  # type: ignore[return-value]
         try:
             f, length = hyperframe.frame.Frame.parse_frame_header(head)
         except (
@@ -269,7 +313,7 @@ class _H2Connection(h2.connection.H2Connection):
     def _receive_plain_data(
         self, f: PlainData
     ) -> tuple[list[hyperframe.frame.Frame], list[h2.events.Event]]:
-        n = len(f.data)
+        n = f.length
         stream = self.streams.get(f.stream_id)
         conn_window = self._inbound_flow_control_window_manager
         if (
@@ -285,10 +329,7 @@ class _H2Connection(h2.connection.H2Connection):
         conn_window.current_window_size -= n
         stream._inbound_window_manager.current_window_size -= n
         stream._actual_content_length += n
-        ev = h2.events.DataReceived(stream_id=f.stream_id)
-        ev.data = f.data  # type: ignore[assignment]  # a read-only view (see _FrameBuffer)
-        ev.flow_controlled_length = n
-        return [], [ev]
+        return [], [DataPieces(f.stream_id, f.pieces, n)]
 
     def send_data(
         self,
@@ -441,6 +482,7 @@ class H2Stream:
             asyncio.get_running_loop().create_future()
         )
         self.on_data: Callable[[bytes], None] | None = None
+        self.on_pieces: Callable[[list[memoryview]], None] | None = None
         self.on_eof: Callable[[], None] | None = None
         self.on_close: Callable[[Exception | None], None] | None = None
         self._pending: collections.deque[bytes] = collections.deque()
@@ -448,7 +490,7 @@ class H2Stream:
         self._eof_pending = False
         self._unacked = 0
         self._reading = True
-        self._early: list[bytes] = []
+        self._early: list[Any] = []  # bytes or read-only views, as delivered
         self._early_eof = False
         self.eof_received = False  # the peer's END_STREAM: its side ended cleanly
         self.closed = False
@@ -465,12 +507,19 @@ class H2Stream:
         on_data: Callable[[bytes], None],
         on_eof: Callable[[], None],
         on_close: Callable[[Exception | None], None],
+        on_pieces: Callable[[list[memoryview]], None] | None = None,
     ) -> None:
-        """Start delivering; bytes that arrived before this are delivered now."""
+        """Start delivering; bytes that arrived before this are delivered now.
+        `on_pieces`, if given, takes a payload that arrived in pieces in one
+        call (else `on_data` gets each piece)."""
         self.on_data, self.on_eof, self.on_close = on_data, on_eof, on_close
-        for chunk in self._early:
-            on_data(chunk)
-        self._early.clear()
+        self.on_pieces = on_pieces
+        early, self._early = self._early, []
+        if on_pieces is not None and len(early) > 1:
+            on_pieces(early)
+        else:
+            for chunk in early:
+                on_data(chunk)
         if self._reading and self._unacked:  # the early bytes are the app's now
             self.conn.ack(self.id, self._unacked)
             self._unacked = 0
@@ -496,6 +545,19 @@ class H2Stream:
             self._unacked += flow_len
             return
         self.on_data(data)
+        if self._reading:
+            self.conn.ack(self.id, flow_len)
+        else:
+            self._unacked += flow_len
+
+    def _deliver_pieces(self, pieces: list[memoryview], flow_len: int) -> None:
+        """A fast-path frame's payload (no padding: flow_len is its length)."""
+        if len(pieces) == 1 or self.on_data is None or self.on_pieces is None:
+            for p in pieces:
+                self._deliver(cast(bytes, p), len(p))  # a read-only view, as h2's data is
+            return
+        self.bytes_in += flow_len
+        self.on_pieces(pieces)
         if self._reading:
             self.conn.ack(self.id, flow_len)
         else:
@@ -673,7 +735,11 @@ class H2Conn(asyncio.Protocol):
     # -- events ---------------------------------------------------------------
 
     def _event(self, ev: h2.events.Event) -> None:
-        if isinstance(ev, h2.events.DataReceived):  # the hot one first
+        if type(ev) is DataPieces:  # the hot one first
+            dp = self.streams.get(ev.stream_id)
+            if dp is not None:
+                dp._deliver_pieces(ev.pieces, ev.flow_controlled_length)
+        elif isinstance(ev, h2.events.DataReceived):
             ds = self.streams.get(ev.stream_id or 0)
             if ds is not None:
                 assert ev.data is not None

@@ -18,6 +18,7 @@ import h2.config
 import h2.connection
 import h2.errors
 import h2.events
+import h2.settings
 import hyperframe.frame
 import pytest
 
@@ -666,6 +667,55 @@ def test_data_before_delivery_is_held_within_the_stream_window_not_acknowledged(
         sent += b"tail"
         await poll(lambda: len(got) == len(sent))
         assert bytes(got) == bytes(sent)
+        conn.close()
+
+    run(main())
+
+
+def test_a_frame_spanning_reads_reaches_the_consumer_in_pieces_unjoined_and_whole() -> None:
+    """1 MiB DATA frames arrive over several socket reads: the payload is
+    handed over as the views it arrived in (on_pieces, one writev in the
+    bridge), never joined; the bytes, their order and the flow-control
+    accounting are exactly those sent, early bytes (before attach) included."""
+    from agent.tunnel.h2conn import MAX_FRAME
+
+    async def main() -> None:
+        got = bytearray()
+        calls: list[int] = []
+        attached = asyncio.Event()
+
+        def on_pieces(pieces: list[memoryview]) -> None:
+            calls.append(len(pieces))
+            for p in pieces:
+                assert isinstance(p, memoryview) and p.readonly
+                got.extend(p)
+
+        async def on_request(c: H2Conn, s: H2Stream) -> None:
+            await attached.wait()
+            c.respond(s, 200)
+            s.attach(got.extend, lambda: None, lambda e: None, on_pieces)
+
+        conn, cli = await pair(lambda: H2Conn(client=False, on_request=on_request), True)
+        cli.h2.update_settings({h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME})
+        cli.flush()
+        await cli.until(lambda: cli.h2.max_outbound_frame_size == MAX_FRAME)
+        cli.h2.send_headers(1, GOOD)
+        payload = bytes(i * 7 % 251 for i in range(3 * MAX_FRAME + 12345))
+        sent = 0
+        cli.h2.send_data(1, payload[:MAX_FRAME])  # before attach: held as pieces
+        sent = MAX_FRAME
+        cli.flush()
+        await asyncio.sleep(0.05)
+        attached.set()
+        while sent < len(payload):
+            await cli.until(lambda: cli.h2.local_flow_control_window(1) > 0)
+            n = min(MAX_FRAME, len(payload) - sent, cli.h2.local_flow_control_window(1))
+            cli.h2.send_data(1, payload[sent : sent + n])
+            sent += n
+            cli.flush()
+        await poll(lambda: len(got) == len(payload))
+        assert bytes(got) == payload
+        assert max(calls) > 1, calls  # frames did span reads, and were not joined
         conn.close()
 
     run(main())
