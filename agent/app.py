@@ -34,7 +34,7 @@ from agent.model import NodeSettings, Snapshot
 from agent.pods import Pods
 from agent.sources import localfile
 from agent.state.state import Change, ProxyState
-from agent.tunnel import tlssock
+from agent.tunnel import h2conn, tlssock
 from agent.tunnel.conns import ConnTable
 from agent.tunnel.context import Tunnel
 from agent.tunnel.h2conn import drain_all
@@ -441,6 +441,12 @@ def main_run(config_path: str, skmsg: bool | None, kube: dict[str, Any] | None =
     )
     soft, hard = raise_fd_limit()
     log.info("open files limit %d (hard %d)", soft, hard)
+    # which code runs (an A/B benchmark checks it ran the tree it asked for)
+    log.info(
+        "agent code at %s; h2 DATA fast path %s",
+        Path(__file__).resolve().parent,
+        "on" if h2conn.FAST_DATA else "off (TETHER_H2_FAST_DATA=0)",
+    )
     try:
         agent = Agent(config_path, skmsg, kube)
     except localfile.ConfigError as e:

@@ -623,6 +623,41 @@ def _env(values: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
+_CODE_LINE = re.compile(r"agent code at (\S+);")
+
+
+def _agent_code(an: AgentNode) -> str:
+    """The agent package the node's running agent imported (its start log)."""
+    found = _CODE_LINE.findall(an.log_tail(200_000))
+    if not found:
+        raise RuntimeError(f"{an.node.name}: the agent's log does not say which code it runs")
+    return str(found[-1])
+
+
+def _variant_env(env: dict[str, str]) -> dict[str, str]:
+    """A variant naming another tree (PYTHONPATH) also gets PYTHONSAFEPATH:
+    `python -m agent.cli` otherwise puts the working directory first on
+    sys.path, and run from a checkout the agent imports that checkout, not
+    the tree asked for (an A/B of one version with itself)."""
+    return {**env, "PYTHONSAFEPATH": "1"} if "PYTHONPATH" in env else env
+
+
+def _check_variant_code(name: str, env: dict[str, str], *nodes: AgentNode) -> str:
+    """The code each restarted agent runs: the PYTHONPATH tree's when one is named."""
+    want = None
+    if "PYTHONPATH" in env:
+        want = str((Path(env["PYTHONPATH"].split(os.pathsep)[0]) / "agent").resolve())
+    got = ""
+    for an in nodes:
+        got = _agent_code(an)
+        if want is not None and got != want:
+            raise RuntimeError(
+                f"variant {name}: the agent on {an.node.name} runs {got}, not {want} "
+                f"(PYTHONPATH={env['PYTHONPATH']})"
+            )
+    return got
+
+
 def run_tunnel(
     seconds: float, cross_only: bool = False, variants: dict[str, dict[str, str]] | None = None
 ) -> dict[str, Any]:
@@ -670,12 +705,15 @@ def run_tunnel(
             results["tether cross-node (HBONE)"] = _measure_path(
                 tb, a, b, b.ip4, seconds, _agents(n1, n2), diagnose=logs
             )
-            for name, env in (variants or {}).items():
+            config["agent_code"] = _agent_code(n1)
+            for name, asked in (variants or {}).items():
+                env = _variant_env(asked)
                 n1.stop_agent()
                 n2.stop_agent()
                 with _env(env):
                     n1.start_agent()
                     n2.start_agent()
+                config[f"agent_code [{name}]"] = _check_variant_code(name, env, n1, n2)
                 results[f"tether cross-node [{name}]"] = _measure_path(
                     tb, a, b, b.ip4, seconds, _agents(n1, n2), diagnose=logs
                 )
@@ -1594,6 +1632,8 @@ def _print_tunnel(report: dict[str, Any]) -> None:
     )
     loads = report.get("loadavg_runs") or [report.get("loadavg")]
     print("  load average (1/5/15 min) at start and end of each run: " + "; ".join(map(str, loads)))
+    if report.get("busy"):
+        print(f"  under load: {report['busy']} busy-loop process(es) spinning throughout (--busy)")
     for what, tool in report["tools"].items():
         print(f"  {what}: {tool}")
     for name, env in report.get("variants", {}).items():
@@ -1716,6 +1756,21 @@ TARGETS = (
 )
 
 
+@contextlib.contextmanager
+def busy_loops(n: int) -> Iterator[None]:
+    """``n`` processes spinning on the CPU for the duration: a reproducible
+    "under load" (the issue's targets hold on a quiet machine and again with
+    the other core busy)."""
+    procs = [
+        subprocess.Popen([PY, "-c", "while True: pass"], stdin=subprocess.DEVNULL) for _ in range(n)
+    ]
+    try:
+        yield
+    finally:
+        for p in procs:
+            _kill(p)
+
+
 def main(
     what: str,
     seconds: float = 3.0,
@@ -1726,6 +1781,7 @@ def main(
     variants: dict[str, dict[str, str]] | None = None,
     workload: str = "throughput",
     connections: int = MEM_CONNS,
+    busy: int = 0,
 ) -> int:
     if what == "memory":
         mreport = run_memory(conns=connections)
@@ -1733,12 +1789,14 @@ def main(
         return 0
     if what == "tunnel":
         reports = []
-        for i in range(runs):
-            reports.append(run_tunnel(seconds, cross_only=cross_only, variants=variants))
-            if runs > 1 and not json_out:
-                last = reports[-1]
-                print(f"run {i + 1}/{runs}: {last['wall_s']} s, load {last['loadavg']}")
+        with busy_loops(busy):
+            for i in range(runs):
+                reports.append(run_tunnel(seconds, cross_only=cross_only, variants=variants))
+                if runs > 1 and not json_out:
+                    last = reports[-1]
+                    print(f"run {i + 1}/{runs}: {last['wall_s']} s, load {last['loadavg']}")
         report = median_runs(reports) if runs > 1 else reports[0]
+        report["busy"] = busy
         if json_out:
             print(json.dumps(report, indent=1))
         else:

@@ -125,6 +125,7 @@ def _cmd_bench(a: argparse.Namespace) -> int:
         variants=variants,
         workload=a.workload,
         connections=a.connections,
+        busy=a.busy,
     )
 
 
@@ -264,6 +265,13 @@ def parser() -> argparse.ArgumentParser:
         help="profile",
     )
     b.add_argument("--cross-only", action="store_true", help="tunnel: skip the same-node rows")
+    b.add_argument(
+        "--busy",
+        type=int,
+        default=0,
+        metavar="N",
+        help="tunnel: N busy-loop processes compete for the CPU throughout (load)",
+    )
     b.add_argument(
         "--variant",
         action="append",
