@@ -237,6 +237,33 @@ class _Procs:
         return {name: proc_rss_mib(pid) for name, pid in self.pids.items()}
 
 
+def _sockperf_server(tb: Testbed, server: Pod, attempts: int = 4) -> subprocess.Popen[Any]:
+    """`sockperf sr` listening in ``server``.  The previous run's server may
+    have closed its side first, leaving the port in TIME_WAIT, and sockperf
+    then exits at bind (once in ~20 rows here): it binds with SO_REUSEADDR,
+    and a server that still exits before listening is retried a few times,
+    its own error shown if it never comes up."""
+    why = ""
+    argv = ["sockperf", "sr", "--tcp", "--uc-reuseaddr", "-i", server.ip4]
+    for i in range(attempts):
+        with tempfile.TemporaryFile() as out:  # not a pipe: nobody drains it while it runs
+            srv = tb.spawn(
+                server,
+                [*argv, "-p", str(SOCKPERF_PORT)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+            try:
+                _wait_listening(srv, SOCKPERF_PORT)
+                return srv
+            except RuntimeError as e:
+                _kill(srv)
+                out.seek(0)
+                why = f"{e}: {out.read().decode(errors='replace').strip()[-300:]}"
+        time.sleep(0.5 * (i + 1))
+    raise RuntimeError(f"sockperf server did not start in {attempts} attempts: {why}")
+
+
 def _wait_listening(p: subprocess.Popen[Any], port: int, timeout: float = 10.0) -> None:
     """Wait until a TCP socket listens on ``port`` in ``p``'s netns (/proc/PID/net/tcp{,6})."""
     deadline = time.monotonic() + timeout
@@ -300,14 +327,8 @@ def _sockperf_pp(
 ) -> tuple[int, str, float]:
     """`sockperf sr` in server, `sockperf pp --tcp -m 1024 ARGS` from client;
     (exit code, output, wall seconds of the client run)."""
-    srv = tb.spawn(
-        server,
-        ["sockperf", "sr", "--tcp", "-i", server.ip4, "-p", str(SOCKPERF_PORT)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    srv = _sockperf_server(tb, server)
     try:
-        _wait_listening(srv, SOCKPERF_PORT)
         p = tb.spawn(
             client,
             ["sockperf", "pp", "--tcp", "-i", host, "-p", str(port), "-m", "1024", *args],
