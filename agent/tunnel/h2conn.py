@@ -139,6 +139,24 @@ class DataPieces(h2.events.DataReceived):
         self.pieces = [value]
 
 
+PIN_RATIO = 4  # a kept DATA payload view may hold alive at most this many times its size
+
+
+def _unpinned(v: memoryview) -> memoryview:
+    """A DATA payload outlives the read it came in (queued for the app
+    socket, or held until the stream is attached), and a view keeps the
+    whole read alive.  A payload that is a small part of a large read is
+    copied instead: else a peer interleaving 1-byte DATA for a stream whose
+    app does not read with bulk DATA on another could make each byte it is
+    allowed to send (flow control counts bytes, not what they pin) hold a
+    whole read of up to hundreds of KiB.  Bulk frames are most of their
+    reads and stay views; small messages are their whole read."""
+    whole = v.obj
+    if whole is not None and len(v) * PIN_RATIO < len(whole):  # type: ignore[arg-type]
+        return memoryview(v.tobytes())
+    return v
+
+
 class _FrameBuffer(h2.frame_buffer.FrameBuffer):
     """h2's frame buffer without copying DATA payloads.  h2 appends every
     received piece to one bytearray (a copy, and a move of what is left
@@ -234,7 +252,8 @@ class _FrameBuffer(h2.frame_buffer.FrameBuffer):
                     raise StopIteration
                 self._validate_frame_length(length)
                 self._take(9)
-                return PlainData(sid, self._take_pieces(length), length)  # type: ignore[return-value]
+                pieces = [_unpinned(p) for p in self._take_pieces(length)]
+                return PlainData(sid, pieces, length)  # type: ignore[return-value]
         try:
             f, length = hyperframe.frame.Frame.parse_frame_header(head)
         except (
@@ -248,7 +267,7 @@ class _FrameBuffer(h2.frame_buffer.FrameBuffer):
         self._take(9)
         body = self._take(length)
         if type(f) is hyperframe.frame.DataFrame and "PADDED" not in f.flags:
-            f.data = body  # type: ignore[assignment]  # read-only view, no copy
+            f.data = _unpinned(body)  # type: ignore[assignment]  # read-only view, no copy
             f.body_len = length
         else:
             try:

@@ -358,3 +358,27 @@ def test_the_switch_is_read_from_the_environment() -> None:
             check=True,
         )
         assert out.stdout.strip() == want, (value, out)
+
+
+def test_a_small_payload_in_a_large_read_does_not_keep_the_read_alive(fast: bool) -> None:
+    """A payload view keeps its whole read alive while it waits (for the app
+    socket, or for delivery).  1 byte of DATA read together with 200 KiB for
+    another stream must not pin the 200 KiB; a bulk frame that is most of
+    its read stays a view of it (no copy)."""
+    peer, ours = _pair()
+    peer.send_headers(1, CONNECT)
+    peer.send_headers(3, CONNECT)
+    ours.receive_data(peer.data_to_send())
+    bulk = os.urandom(200 * 1024)
+    read = _data(1, b"x") + _data(3, bulk)
+    got = {}
+    for e in ours.receive_data(read):
+        if isinstance(e, h2.events.DataReceived):
+            pieces = getattr(e, "pieces", None) or [e.data]
+            got[e.stream_id] = pieces
+    (small,) = got[1]
+    assert bytes(small) == b"x"
+    assert small.obj is not None and len(small.obj) <= 4 * len(small), len(small.obj)
+    (big,) = got[3]
+    assert bytes(big) == bulk
+    assert len(big.obj) == len(read)  # a view of the read itself
