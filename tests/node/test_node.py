@@ -380,9 +380,40 @@ def _pod_processes(pod_uid: str) -> list[dict[str, Any]]:
                     "anon_mib": mib("RssAnon"),
                     "file_mib": mib("RssFile"),
                     "threads": int(fields.get("Threads", "0")),
+                    "mappings": _mappings(pid),
                 }
             )
     return out
+
+
+def _mappings(pid: str) -> dict[str, Any]:
+    """Where a process's resident memory is, from /proc/PID/smaps: resident
+    MiB per kind of mapping ([heap], unnamed anonymous by size class, [stack],
+    each file), biggest first.  Unnamed anonymous mappings are glibc's mmap'd
+    blocks and per-thread arenas (64 MiB reservations), CPython's obmalloc
+    arenas and native libraries' own allocations."""
+    kinds: dict[str, float] = {}
+    name = ""
+    size_kib = 0
+    try:
+        lines = Path(f"/proc/{pid}/smaps").read_text().splitlines()
+    except OSError:
+        return {}
+    for ln in lines:
+        head = ln.split()
+        if not head:
+            continue
+        if "-" in head[0] and not head[0].endswith(":"):
+            lo, hi = (int(x, 16) for x in head[0].split("-"))
+            size_kib = (hi - lo) // 1024
+            name = head[5] if len(head) > 5 else ""
+        elif head[0] == "Rss:":
+            if not name:
+                cls = next(c for c in (256, 1024, 8192, 65536, 1 << 40) if size_kib <= c)
+                name = f"[anon <= {cls // 1024} MiB mapping]" if cls < 1 << 40 else "[anon, larger]"
+            kinds[name] = kinds.get(name, 0.0) + int(head[1]) / 1024
+    top = sorted(kinds.items(), key=lambda kv: -kv[1])[:12]
+    return {k: round(v, 1) for k, v in top if v >= 0.5}
 
 
 AGENT_INVENTORY: list[Any] = []
