@@ -34,7 +34,7 @@ from agent.model import NodeSettings, Snapshot
 from agent.pods import Pods
 from agent.sources import localfile
 from agent.state.state import Change, ProxyState
-from agent.tunnel import h2conn, tlssock
+from agent.tunnel import h2conn, limits, tlssock
 from agent.tunnel.conns import ConnTable
 from agent.tunnel.context import Tunnel
 from agent.tunnel.h2conn import drain_all
@@ -208,6 +208,7 @@ class Agent:
             a.metrics_port,
             tlssock.path(),
         )
+        loop.call_later(STARTUP_TRIM_S, self._trim_after_start)
         tasks = [loop.create_task(self._check_netns())]
         if self.file is not None:
             tasks.append(loop.create_task(self.file.watch(self.apply)))
@@ -325,6 +326,12 @@ class Agent:
         except Exception:
             log.exception("applying a snapshot failed; retrying on the next change")
 
+    def _trim_after_start(self) -> None:
+        """The start (initial list of the API server's objects, certificates,
+        compiling the datapath's config) leaves freed heap that glibc keeps
+        mapped; give it back once, and log how much that was."""
+        _trim_log()
+
     async def _check_netns(self) -> None:
         while True:
             await asyncio.sleep(NETNS_CHECK_INTERVAL)
@@ -432,6 +439,19 @@ class Agent:
         except OSError as e:
             raise DatapathError(str(e)) from e
         return [admin, readiness, prom]
+
+
+STARTUP_TRIM_S = 15.0  # after ready: the start's transient allocations are freed by then
+
+
+def _trim_log() -> None:
+    before = limits.anon_mib()
+    limits.trim()
+    log.info(
+        "memory after start: anonymous %.1f MiB, %.1f MiB after returning free heap pages",
+        before,
+        limits.anon_mib(),
+    )
 
 
 def main_run(config_path: str, skmsg: bool | None, kube: dict[str, Any] | None = None) -> int:

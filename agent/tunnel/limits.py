@@ -100,9 +100,26 @@ def reclaim_soon() -> None:
 def _do_reclaim() -> None:
     global _reclaim
     _reclaim = None
+    trim()
+
+
+def trim() -> None:
+    """Collect garbage, then have glibc return free heap pages to the system."""
     gc.collect()
     if _libc is not None and hasattr(_libc, "malloc_trim"):
         _libc.malloc_trim(0)
+
+
+def anon_mib() -> float:
+    """This process's resident anonymous memory (RssAnon), MiB; 0 if unknown."""
+    try:
+        with open("/proc/self/status") as f:
+            for ln in f:
+                if ln.startswith("RssAnon:"):
+                    return int(ln.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
 
 
 class Admission:

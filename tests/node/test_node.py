@@ -435,6 +435,9 @@ def test_agent_at_rest(node: Node) -> None:
     _report("agent_pod_processes", procs)
     assert any("agent.cli" in p["cmd"] or "tether" in p["cmd"] for p in procs), procs
     _report("agent_cpu_at_rest_pct", round((cpu1 - cpu0) / 20 * 100, 2))
+    name = agent_pod(node)["metadata"]["name"]
+    log = node.kubectl("-n", AGENT_NS, "logs", name, "-c", "agent")
+    _report("agent_memory_after_start", [ln for ln in log.splitlines() if "memory after" in ln])
 
 
 LIVE_CLIENT = """
