@@ -437,7 +437,9 @@ def test_agent_at_rest(node: Node) -> None:
     _report("agent_cpu_at_rest_pct", round((cpu1 - cpu0) / 20 * 100, 2))
     name = agent_pod(node)["metadata"]["name"]
     log = node.kubectl("-n", AGENT_NS, "logs", name, "-c", "agent")
-    _report("agent_memory_after_start", [ln for ln in log.splitlines() if "memory after" in ln])
+    trims = [ln for ln in log.splitlines() if "memory after start" in ln]
+    _report("agent_memory_after_start", trims)
+    assert len(trims) == 1, "the agent should return its start's freed heap once, 15 s after ready"
 
 
 LIVE_CLIENT = """
