@@ -330,7 +330,13 @@ class Agent:
         """The start (initial list of the API server's objects, certificates,
         compiling the datapath's config) leaves freed heap that glibc keeps
         mapped; give it back once, and log how much that was."""
-        _trim_log()
+        before = limits.anon_mib()
+        limits.trim()
+        log.info(
+            "memory after start: anonymous %.1f MiB, %.1f MiB after returning free heap pages",
+            before,
+            limits.anon_mib(),
+        )
 
     async def _check_netns(self) -> None:
         while True:
@@ -442,16 +448,6 @@ class Agent:
 
 
 STARTUP_TRIM_S = 15.0  # after ready: the start's transient allocations are freed by then
-
-
-def _trim_log() -> None:
-    before = limits.anon_mib()
-    limits.trim()
-    log.info(
-        "memory after start: anonymous %.1f MiB, %.1f MiB after returning free heap pages",
-        before,
-        limits.anon_mib(),
-    )
 
 
 def main_run(config_path: str, skmsg: bool | None, kube: dict[str, Any] | None = None) -> int:

@@ -65,42 +65,7 @@ _PCT = re.compile(r"percentile (\d+\.\d+) =\s+([\d.]+)")
 
 
 def _sockperf(an: AgentNode, client: Pod, server: Pod, seconds: float) -> dict[str, float]:
-    srv = an.tb.spawn(
-        server,
-        ["sockperf", "sr", "--tcp", "-i", server.ip4, "-p", str(SOCKPERF_PORT)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    time.sleep(0.3)
-    try:
-        p = an.tb.spawn(
-            client,
-            [
-                "sockperf",
-                "pp",
-                "--tcp",
-                "-i",
-                server.ip4,
-                "-p",
-                str(SOCKPERF_PORT),
-                "-m",
-                "1024",
-                "-t",
-                str(int(seconds)),
-                "--full-rtt",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        raw, _ = p.communicate(timeout=seconds + 30)
-        text = raw.decode(errors="replace")
-        pct = {float(k): float(v) for k, v in _PCT.findall(text)}
-        if 50.0 not in pct:
-            raise RuntimeError(f"sockperf gave no percentiles:\n{text[-800:]}")
-        return {"p50_us": pct[50.0], "p99_us": pct[99.0]}
-    finally:
-        srv.kill()
-        srv.wait(5)
+    return _t_sockperf(an.tb, client, server, server.ip4, SOCKPERF_PORT, seconds)
 
 
 def _agent_cpu(an: AgentNode) -> float:

@@ -200,26 +200,15 @@ class _FrameBuffer(h2.frame_buffer.FrameBuffer):
     def _take(self, n: int) -> memoryview:
         if not n:
             return memoryview(b"")
-        self._size -= n
         first = self._chunks[0]
-        if len(first) >= n:
-            if len(first) == n:
-                self._chunks.popleft()
-            else:
-                self._chunks[0] = first[n:]
-            return first[:n]
-        parts = []
-        while n:
-            c = self._chunks[0]
-            if len(c) <= n:
-                parts.append(c)
-                self._chunks.popleft()
-                n -= len(c)
-            else:
-                parts.append(c[:n])
-                self._chunks[0] = c[n:]
-                n = 0
-        return memoryview(b"".join(parts))
+        if len(first) < n:  # spans pieces: one join
+            return memoryview(b"".join(self._take_pieces(n)))
+        self._size -= n
+        if len(first) == n:
+            self._chunks.popleft()
+        else:
+            self._chunks[0] = first[n:]
+        return first[:n]
 
     def _take_pieces(self, n: int) -> list[memoryview]:
         """The next n bytes as views of the pieces holding them (no join)."""
