@@ -1005,12 +1005,21 @@ class H2Conn(asyncio.Protocol):
     # -- server API -------------------------------------------------------------
 
     def respond(self, stream: H2Stream, status: int, end: bool | None = None) -> None:
-        """Answer a request; any status but 200 also ends the stream."""
+        """Answer a request; any status but 200 also ends the stream.  An
+        ended answer is followed by RST_STREAM(NO_ERROR) (RFC 9113 §8.1: the
+        client may stop sending) unless the client has ended its side too:
+        otherwise the stream stays half-closed until the client ends it, and
+        a client that never does (one that keeps the connection for other
+        streams) held one of MAX_STREAMS slots and an H2Stream per refused
+        request, for the life of the connection."""
         if stream.closed:
             return
         end_stream = status != 200 if end is None else end
         with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
             self.h2.send_headers(stream.id, [(":status", str(status))], end_stream=end_stream)
+            st = self.h2.streams.get(stream.id)
+            if end_stream and st is not None and not st.closed:
+                self.h2.reset_stream(stream.id, h2.errors.ErrorCodes.NO_ERROR)
         self._flush()
         if end_stream:
             self._maybe_forget(stream)

@@ -166,6 +166,10 @@ class HboneClient:
             raise HboneError(f"CONNECT to {key.dst[0]} failed: every connection draining")
         status = dict(resp).get(":status", "")
         if status != "200":
+            # a refusal ends the server's side; ours ends here, or the stream
+            # stays half-closed on the pooled connection (a peer that does
+            # not reset it after its answer would leak one per refusal)
+            stream.reset()
             flag = "DENY" if status == "401" else "CONNECT"
             raise HboneError(f"CONNECT answered {status}", int(status or 0), flag)
         return stream

@@ -618,6 +618,156 @@ def test_pool_drops_a_connection_on_goaway_and_dials_a_fresh_one() -> None:
     run(main())
 
 
+# -- refused requests leave nothing behind ------------------------------------------
+
+
+async def tether_pair(
+    on_request: Callable[[H2Conn, H2Stream], Awaitable[None]],
+) -> tuple[H2Conn, H2Conn]:
+    """A tether client and a tether server H2Conn, connected."""
+    loop = asyncio.get_running_loop()
+    a, b = socket.socketpair()
+    _, cli = await loop.connect_accepted_socket(lambda: H2Conn(client=True), a)
+    _, srv = await loop.connect_accepted_socket(
+        lambda: H2Conn(client=False, on_request=on_request), b
+    )
+    await asyncio.wait_for(cli.ready, WAIT)
+    return cli, srv
+
+
+def test_refused_connects_leave_no_stream_on_either_end() -> None:
+    """A 401 or 503 ends the server's side of the stream.  Before, neither
+    end closed the other side: each refusal left a half-closed stream (an
+    H2Stream and one of MAX_STREAMS slots) on both agents for the life of
+    the pooled connection, so every 100 refusals (a denied client retrying)
+    the pool dialled a new connection and kept the full one, unswept (it
+    had streams), until the server's per-source limit refused the pod
+    altogether.  Now 150 refusals go over one connection, nothing is left
+    on either end, and an allowed request still goes through on it."""
+    from agent.identity.spiffe import SpiffeId
+    from agent.tunnel.hbone import HboneClient, HboneError, PoolKey
+
+    async def main() -> None:
+        servers: list[H2Conn] = []
+
+        async def on_request(c: H2Conn, s: H2Stream) -> None:
+            status = dict(s.request_headers)[":authority"].rpartition(":")[2]
+            c.respond(s, int(status))
+            if status == "200":
+                s.attach(lambda d: s.write(d), s.write_eof, lambda e: None)
+
+        async def dial(key: PoolKey) -> H2Conn:
+            cli, srv = await tether_pair(on_request)
+            servers.append(srv)
+            return cli
+
+        async def no_context(_: SpiffeId) -> Any:
+            raise AssertionError("not dialled for real")
+
+        client = HboneClient(no_context)
+        client._dial = dial  # type: ignore[method-assign]
+        ident = SpiffeId("cluster.local", "ns", "sa")
+        key = PoolKey(ident, ident, "/proc/self/ns/net", ("10.0.0.1", 15008))
+        for i in range(150):
+            status = (401, 503)[i % 2]
+            with pytest.raises(HboneError) as e:
+                await client.open(
+                    key, [(":method", "CONNECT"), (":authority", f"10.0.0.1:{status}")]
+                )
+            assert e.value.status == status
+        await poll(lambda: not servers[0].streams)
+        assert len(servers) == 1 and len(client.pool[key]) == 1, "refusals filled connections"
+        conn = client.pool[key][0]
+        assert not conn.streams and conn.h2.open_outbound_streams == 0
+        assert servers[0].h2.open_inbound_streams == 0
+        s = await client.open(key, [(":method", "CONNECT"), (":authority", "10.0.0.1:200")])
+        got = bytearray()
+        s.attach(got.extend, lambda: None, lambda e: None)
+        s.write(b"still served")
+        await poll(lambda: bytes(got) == b"still served")
+        assert not conn.goaway_received and not servers[0].goaway_received
+        client.close()
+
+    run(main())
+
+
+def test_a_client_that_does_not_end_a_refused_stream_gets_rst_no_error() -> None:
+    """The server's side of a refusal: after the 401 with END_STREAM it
+    sends RST_STREAM(NO_ERROR) and forgets the stream, whatever the client
+    does; the client's own reset after that spends no reset budget."""
+
+    async def main() -> None:
+        async def on_request(c: H2Conn, s: H2Stream) -> None:
+            c.respond(s, 401)
+
+        conn, cli = await pair(lambda: H2Conn(client=False, on_request=on_request), True)
+        budget = conn.resets.tokens
+        for i in range(150):
+            sid = 1 + 2 * i
+            cli.h2.send_headers(sid, GOOD)
+            cli.flush()
+            await cli.until(
+                lambda sid=sid: any(
+                    f.stream_id == sid and f.error_code == h2.errors.ErrorCodes.NO_ERROR
+                    for f in cli.sent(hyperframe.frame.RstStreamFrame)
+                )
+            )
+            cli.raw(_rst(sid))  # a client that resets after the answer anyway
+        await asyncio.sleep(0.05)
+        ended = [e for e in cli.of(h2.events.ResponseReceived) if e.stream_ended]
+        assert len(ended) == 150
+        assert not conn.streams and conn.h2.open_inbound_streams == 0
+        assert conn.resets.tokens >= budget - 1 and not conn.closed.done()
+        conn.close()
+
+    run(main())
+
+
+def test_a_refusal_from_a_server_that_does_not_reset_is_ended_by_the_client() -> None:
+    """A server (Go's, Envoy's) may end its side with the refusal and leave
+    the stream half-closed: the client resets it."""
+    from agent.identity.spiffe import SpiffeId
+    from agent.tunnel.hbone import HboneClient, HboneError, PoolKey
+
+    async def main() -> None:
+        peers: list[RawPeer] = []
+
+        async def dial(key: PoolKey) -> H2Conn:
+            conn, srv = await pair(lambda: H2Conn(client=True), peer_client_side=False)
+            await asyncio.wait_for(conn.ready, WAIT)
+            peers.append(srv)
+            return conn
+
+        async def no_context(_: SpiffeId) -> Any:
+            raise AssertionError("not dialled for real")
+
+        async def refuse(n: int) -> None:
+            srv = peers[0]
+            await srv.until(lambda: len(srv.of(h2.events.RequestReceived)) >= n)
+            sid = srv.of(h2.events.RequestReceived)[n - 1].stream_id
+            srv.h2.send_headers(sid, [(":status", "401")], end_stream=True)
+            srv.flush()
+
+        client = HboneClient(no_context)
+        client._dial = dial  # type: ignore[method-assign]
+        ident = SpiffeId("cluster.local", "ns", "sa")
+        key = PoolKey(ident, ident, "/proc/self/ns/net", ("10.0.0.1", 15008))
+        loop = asyncio.get_running_loop()
+        for n in range(1, 4):
+            opening = loop.create_task(client.open(key, GOOD))
+            await poll(lambda: bool(peers))
+            await refuse(n)
+            with pytest.raises(HboneError):
+                await opening
+        srv = peers[0]
+        await srv.until(lambda: len(srv.sent(hyperframe.frame.RstStreamFrame)) == 3)
+        conn = client.pool[key][0]
+        assert not conn.streams and conn.h2.open_outbound_streams == 0
+        client.close()
+
+    run(main())
+
+
 # -- data that arrives before the stream is delivered ------------------------------------
 
 
