@@ -88,8 +88,11 @@ async def run_bridge(
     sock: socket.socket,
     stream: H2Stream,
     initiator: str,
+    sent: int = 0,
 ) -> None:
+    """`sent`: bytes of the socket's already sent on the stream (early data)."""
     b = Bridge(stream, initiator=initiator)
+    b.from_socket = sent
     c.relay = b
     c.kill = b.close
     try:

@@ -612,6 +612,14 @@ class H2Stream:
         self._pending.clear()
         self._pending_bytes = 0
         self._drained.set()
+        if self._unacked:
+            # held (before attach, or while the app was not reading) and now
+            # never delivered: the connection's window gets them back (h2
+            # credits only the connection for a closed stream), or every
+            # such stream would shrink it for good until all streams stall
+            self._early = []
+            self.conn.ack(self.id, self._unacked)
+            self._unacked = 0
         if not self.response.done():
             self.response.set_exception(exc or StreamReset(f"stream {self.id} closed"))
             # a server-side stream has nobody waiting for a response: mark the
@@ -981,13 +989,20 @@ class H2Conn(asyncio.Protocol):
 
     # -- client API -------------------------------------------------------------
 
-    def open_stream(self, headers: list[tuple[str, str]]) -> H2Stream:
+    def open_stream(self, headers: list[tuple[str, str]], early: bytes = b"") -> H2Stream:
+        """Send the request; `early` (bytes the app already sent) goes out
+        with it as DATA, in the same write, instead of after the response."""
         if self.draining or self._closing:
             raise StreamReset("connection is draining (GOAWAY)")
         sid = self.h2.get_next_available_stream_id()
         self.h2.send_headers(sid, headers)
         s = H2Stream(self, sid, headers)
         self.streams[sid] = s
+        if early:
+            s.bytes_out += len(early)
+            s._pending.append(early)
+            s._pending_bytes += len(early)
+            self._send_pending(s)
         self._flush()
         self.last_used = asyncio.get_running_loop().time()
         return s

@@ -146,11 +146,17 @@ class HboneClient:
         self._locks: dict[PoolKey, asyncio.Lock] = {}
         self._sweeper: asyncio.Task[None] | None = None
 
-    async def open(self, key: PoolKey, headers: list[tuple[str, str]]) -> H2Stream:
+    async def open(
+        self, key: PoolKey, headers: list[tuple[str, str]], early: bytes = b""
+    ) -> H2Stream:
+        """A CONNECT stream answered 200.  `early`, the app's first bytes,
+        is sent with the request (one round trip less than waiting for the
+        answer); a retry after a GOAWAY sends it again, as the refused
+        stream was never processed (RFC 9113 §6.8)."""
         for attempt in (1, 2):
             conn = await self._connection(key)
             try:
-                stream = conn.open_stream(headers)
+                stream = conn.open_stream(headers, early)
             except StreamReset:  # the connection started draining since
                 continue
             try:

@@ -106,13 +106,34 @@ async def _hbone(
     where = req.hbone_address if req.route is Route.WAYPOINT else (req.target[0], ports.hbone)
     key = PoolKey(req.src_identity, req.dst_identity, pod.netns, where)
     try:
-        stream = await t.hbone.open(key, headers)
+        early = already_sent(app)
+    except OSError as e:  # reset before it was served: nothing to open
+        refuse(app)
+        t.conns.refuse(c, f"downstream: {err(e)}", "DC")
+        return
+    try:
+        stream = await t.hbone.open(key, headers, early)
     except HboneError as e:
         refuse(app)
         t.conns.refuse(c, str(e), e.flag)
         return
     t.conns.opened(c)
-    await run_bridge(t.conns, t.bypass, c, app, stream, initiator="socket")
+    await run_bridge(t.conns, t.bypass, c, app, stream, initiator="socket", sent=len(early))
+
+
+EARLY_DATA_MAX = 16 * 1024  # one TLS record
+
+
+def already_sent(app: socket.socket) -> bytes:
+    """What the app sent before its connection was served, read without
+    waiting (a client's request usually is there by now): it goes out with
+    the CONNECT, a round trip earlier than after the answer.  b"" if nothing
+    is there yet, or on EOF (which the bridge then reads again).  A reset
+    raises (recv reports it once: the bridge would then read a clean EOF)."""
+    try:
+        return app.recv(EARLY_DATA_MAX, socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return b""
 
 
 async def _passthrough(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import select
 import socket
 import struct
 from collections.abc import Awaitable, Callable
@@ -869,3 +870,166 @@ def test_a_frame_spanning_reads_reaches_the_consumer_in_pieces_unjoined_and_whol
         conn.close()
 
     run(main())
+
+
+# -- early data: the app's first bytes go out with the CONNECT ---------------------------
+
+
+def _client_with(dial: Callable[[Any], Awaitable[H2Conn]]) -> tuple[Any, Any]:
+    from agent.identity.spiffe import SpiffeId
+    from agent.tunnel.hbone import HboneClient, PoolKey
+
+    async def no_context(_: SpiffeId) -> Any:
+        raise AssertionError("not dialled for real")
+
+    client = HboneClient(no_context)
+    client._dial = dial  # type: ignore[method-assign]
+    ident = SpiffeId("cluster.local", "ns", "sa")
+    return client, PoolKey(ident, ident, "/proc/self/ns/net", ("10.0.0.1", 15008))
+
+
+def test_early_data_is_sent_with_the_connect_before_the_answer_and_delivered_once() -> None:
+    """The server sees the request's DATA before it answers (the round trip
+    saved); after the 200 the stream carries on in order, each byte once."""
+
+    async def main() -> None:
+        peers: list[RawPeer] = []
+
+        async def dial(key: Any) -> H2Conn:
+            conn, srv = await pair(lambda: H2Conn(client=True), peer_client_side=False)
+            await asyncio.wait_for(conn.ready, WAIT)
+            peers.append(srv)
+            return conn
+
+        client, key = _client_with(dial)
+        early = bytes(range(256)) * 8
+        opening = asyncio.get_running_loop().create_task(client.open(key, GOOD, early))
+        await poll(lambda: bool(peers))
+        srv = peers[0]
+        await srv.until(lambda: bool(srv.of(h2.events.DataReceived)))
+        assert b"".join(e.data for e in srv.of(h2.events.DataReceived)) == early
+        assert not opening.done()
+        srv.h2.send_headers(1, [(":status", "200")])
+        srv.flush()
+        stream = await opening
+        assert stream.bytes_out == len(early)
+        stream.write(b"and the rest")
+        stream.write_eof()
+        await srv.until(lambda: bool(srv.of(h2.events.StreamEnded)))
+        got = b"".join(e.data for e in srv.of(h2.events.DataReceived))
+        assert got == early + b"and the rest"
+        client.close()
+
+    run(main())
+
+
+def test_early_data_of_a_stream_refused_by_goaway_is_sent_again_on_the_new_connection() -> None:
+    """A GOAWAY below the stream's id: the peer never processed it, so the
+    retry on a fresh connection carries the early bytes again."""
+
+    async def main() -> None:
+        peers: list[RawPeer] = []
+
+        async def dial(key: Any) -> H2Conn:
+            conn, srv = await pair(lambda: H2Conn(client=True), peer_client_side=False)
+            await asyncio.wait_for(conn.ready, WAIT)
+            peers.append(srv)
+            return conn
+
+        client, key = _client_with(dial)
+        opening = asyncio.get_running_loop().create_task(client.open(key, GOOD, b"GET / HTTP/1.1"))
+        await poll(lambda: bool(peers))
+        await peers[0].until(lambda: bool(peers[0].of(h2.events.DataReceived)))
+        peers[0].raw(goaway(0))
+        await poll(lambda: len(peers) == 2)
+        srv = peers[1]
+        await srv.until(lambda: bool(srv.of(h2.events.DataReceived)))
+        srv.h2.send_headers(1, [(":status", "200")])
+        srv.flush()
+        stream = await opening
+        assert (
+            stream.conn is not None
+            and b"".join(e.data for e in srv.of(h2.events.DataReceived)) == b"GET / HTTP/1.1"
+        )
+        client.close()
+
+    run(main())
+
+
+def test_early_data_then_a_refusal_is_dropped_and_leaves_nothing() -> None:
+    """Early bytes to a destination that refuses: the open fails (the app is
+    refused), the server held them unacknowledged, both ends forget the
+    stream and the connection's window gets the held bytes back."""
+    from agent.tunnel.hbone import HboneError
+
+    async def main() -> None:
+        servers: list[H2Conn] = []
+        held: list[int] = []
+
+        async def on_request(c: H2Conn, s: H2Stream) -> None:
+            await asyncio.sleep(0.02)
+            held.append(sum(len(x) for x in s._early))
+            c.respond(s, 401)
+
+        async def dial(key: Any) -> H2Conn:
+            cli, srv = await tether_pair(on_request)
+            servers.append(srv)
+            return cli
+
+        client, key = _client_with(dial)
+        for _ in range(3):
+            with pytest.raises(HboneError):
+                await client.open(key, GOOD, b"x" * 1000)
+        assert held == [1000, 1000, 1000]
+        conn = client.pool[key][0]
+        await poll(lambda: not servers[0].streams)
+        assert not conn.streams and servers[0].h2.open_inbound_streams == 0
+        # the held bytes are credited back to the connection (h2 sends the
+        # WINDOW_UPDATE once half the window is due): before, each refusal
+        # took its early bytes off the connection's window for good, and
+        # 16 MiB of them stalled every stream on it
+        wm = servers[0].h2._inbound_flow_control_window_manager
+        assert wm.current_window_size + wm._bytes_processed == wm.max_window_size
+        client.close()
+
+    run(main())
+
+
+def test_already_sent_reads_what_is_there_without_waiting_and_raises_a_reset() -> None:
+    """Loopback TCP: the bytes the client sent; nothing (not a wait) when it
+    sent none; b"" at a clean end; a reset raised, not read as a clean end."""
+    import struct as _struct
+
+    from agent.tunnel.outbound import EARLY_DATA_MAX, already_sent
+
+    def connected() -> tuple[socket.socket, socket.socket]:
+        with socket.socket() as lst:
+            lst.bind(("127.0.0.1", 0))
+            lst.listen(1)
+            c = socket.create_connection(lst.getsockname())
+            s, _ = lst.accept()
+        return c, s
+
+    c, s = connected()
+    with c, s:
+        assert already_sent(s) == b""
+        c.sendall(b"hello" + b"." * EARLY_DATA_MAX)
+        for _ in range(100):
+            if s.recv(1, socket.MSG_PEEK):
+                break
+        got = already_sent(s)
+        assert got.startswith(b"hello") and len(got) <= EARLY_DATA_MAX
+        c.shutdown(socket.SHUT_WR)
+    c, s = connected()
+    with c, s:
+        c.shutdown(socket.SHUT_WR)
+        s.settimeout(2)
+        assert s.recv(1, socket.MSG_PEEK) == b""
+        assert already_sent(s) == b""
+    c, s = connected()
+    with s:
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _struct.pack("ii", 1, 0))
+        c.close()
+        assert select.select([s], [], [], 2)[0], "the reset never arrived"
+        with pytest.raises(ConnectionResetError):
+            already_sent(s)
