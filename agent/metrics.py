@@ -394,6 +394,7 @@ class Metrics:
         self.request_labels = RequestLabels()
         # label values -> the four metrics' children (labels() costs more than the update)
         self._request_series: dict[tuple[str, ...], tuple[Any, Any, Any, Any]] = {}
+        self._tcp_series: dict[tuple[str, ...], tuple[Any, Any, Any, Any]] = {}
         limits.on_limited.append(self.on_limited)
         tlssock.on_established.append(self.on_tls)
         if bpf_stats is not None:
@@ -405,14 +406,31 @@ class Metrics:
     def on_tls(self, side: str, path: str) -> None:
         self.tls.labels(side=side, path=path).inc()
 
+    def _tcp(self, c: Connection) -> tuple[Any, Any, Any, Any]:
+        """The four TCP metrics' children for c's labels, looked up once per
+        label set (labels() with twelve keyword labels cost more than the
+        four updates, twice per connection)."""
+        lab = labels_of(c)
+        key = tuple(lab[k] for k in LABELS)
+        series = self._tcp_series.get(key)
+        if series is None:  # bounded like the label values it is keyed by
+            series = (
+                self.opened.labels(*key),
+                self.closed.labels(*key),
+                self.sent.labels(*key),
+                self.received.labels(*key),
+            )
+            self._tcp_series[key] = series
+        return series
+
     def on_open(self, c: Connection) -> None:
-        self.opened.labels(**labels_of(c)).inc()
+        self._tcp(c)[0].inc()
 
     def on_close(self, c: Connection) -> None:
-        lab = labels_of(c)
-        self.closed.labels(**lab).inc()
-        self.sent.labels(**lab).inc(c.bytes_sent)
-        self.received.labels(**lab).inc(c.bytes_received)
+        _, closed, sent, received = self._tcp(c)
+        closed.inc()
+        sent.inc(c.bytes_sent)
+        received.inc(c.bytes_received)
 
     def on_request(self, waypoint: str, rec: RequestLog, view: StateView) -> None:
         """One HTTP request through a local waypoint (an xDS server thread)."""

@@ -47,6 +47,7 @@ import h2.exceptions
 import h2.frame_buffer
 import h2.settings
 import h2.stream
+import hpack
 import hyperframe.exceptions
 import hyperframe.frame
 
@@ -475,6 +476,16 @@ class _H2Connection(h2.connection.H2Connection):
             return [], []
 
 
+class _Encoder(hpack.Encoder):
+    """HPACK without Huffman coding.  Huffman is optional per string (RFC
+    7541 §5.2); in hpack it is pure Python per character, both to encode
+    and, at a tether peer, to decode: a CONNECT's values are ~200 bytes, a
+    few of them new on every request (traceparent, forwarded)."""
+
+    def encode(self, headers: Any, huffman: bool = False) -> bytes:
+        return super().encode(headers, huffman=False)
+
+
 class StreamReset(ConnectionError):
     """The peer reset the stream or the connection went away."""
 
@@ -651,9 +662,16 @@ class H2Conn(asyncio.Protocol):
         idle_timeout: float | None = None,
     ) -> None:
         cfg = h2.config.H2Configuration(
-            client_side=client, header_encoding="utf-8", validate_inbound_headers=True
+            client_side=client,
+            header_encoding="utf-8",
+            validate_inbound_headers=True,
+            # what we send is ours (request_headers, respond): h2's generic
+            # checks of it were a fifth of a stream's cost; the peer's are kept
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
         )
         self.h2 = _H2Connection(config=cfg)
+        self.h2.encoder = _Encoder()
         self.client = client
         self.on_request = on_request
         self.peer: dict[str, Any] = peer or {}

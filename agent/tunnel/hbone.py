@@ -26,7 +26,9 @@ import os
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
+
+from hpack import NeverIndexedHeaderTuple
 
 from agent import netns
 from agent.identity.spiffe import SpiffeId
@@ -97,12 +99,14 @@ def request_headers(
         if v
     )
     fwd = f'for="{format_authority(*src)}"' + (f";host={service_host}" if service_host else "")
+    # new on every request: not added to the HPACK table, where each one
+    # evicted the others (authority, baggage) that repeat and stay indexed
     return [
         (":method", "CONNECT"),
         (":authority", authority),
         ("baggage", baggage),
-        ("forwarded", fwd),
-        ("traceparent", trace),
+        cast(tuple[str, str], NeverIndexedHeaderTuple("forwarded", fwd)),
+        cast(tuple[str, str], NeverIndexedHeaderTuple("traceparent", trace)),
     ]
 
 

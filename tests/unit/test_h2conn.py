@@ -212,3 +212,61 @@ def test_data_to_send_with_an_amount_keeps_the_rest_in_order() -> None:
         ev.data or b"" for ev in s.receive_data(wire) if isinstance(ev, h2.events.DataReceived)
     )
     assert got == b"a" * JOIN_BELOW + b"b" * 10
+
+
+def test_request_headers_go_out_without_huffman_and_unique_ones_unindexed() -> None:
+    """tether's HPACK: no Huffman coding (optional per string, RFC 7541
+    §5.2; pure Python per character in hpack), and the values new on every
+    request (traceparent, forwarded) never enter the dynamic table, so the
+    repeating ones (CONNECT, authority, baggage) stay indexed.  A stock h2 peer
+    decodes every request exactly."""
+    import asyncio
+    import socket
+
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    from agent.tunnel.h2conn import H2Conn
+    from agent.tunnel.hbone import request_headers
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        a, b = socket.socketpair()
+        _, conn = await loop.connect_accepted_socket(lambda: H2Conn(client=True), a)
+        peer = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=False, header_encoding="utf-8")
+        )
+        peer.initiate_connection()
+        b.sendall(peer.data_to_send())
+        b.setblocking(False)
+        await asyncio.wait_for(conn.ready, 3)
+        sent = []
+        for i in range(40):
+            hdrs = request_headers(
+                "10.1.2.3:7000", ("10.1.1.1", 40000 + i), namespace="mesh", workload="client"
+            )
+            sent.append([tuple(h) for h in hdrs])
+            conn.open_stream(hdrs)
+        await asyncio.sleep(0.05)
+        raw = b""
+        while True:
+            try:
+                chunk = b.recv(1 << 20)
+            except BlockingIOError:
+                break
+            raw += chunk
+        got = [
+            [tuple(h) for h in ev.headers]
+            for ev in peer.receive_data(raw)
+            if isinstance(ev, h2.events.RequestReceived)
+        ]
+        assert got == sent
+        trace = dict(sent[-1])["traceparent"]
+        assert trace.encode() in raw, "a literal was Huffman-coded"
+        names = {n for n, _ in peer.decoder.header_table.dynamic_entries}
+        assert names == {b":method", b":authority", b"baggage"}, names  # CONNECT is not static
+        conn.close()
+        b.close()
+
+    asyncio.run(main())
