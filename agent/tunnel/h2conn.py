@@ -692,6 +692,8 @@ class H2Conn(asyncio.Protocol):
         self._ping: tuple[bytes, asyncio.Future[None]] | None = None
         self._closing = False
         self._batching = False  # inside data_received: acks wait for its flush
+        self._flush_soon = False  # a _flush_later is scheduled
+        self._loop = asyncio.get_running_loop()
         _live.add(self)
 
     # -- asyncio protocol ----------------------------------------------------
@@ -944,7 +946,17 @@ class H2Conn(asyncio.Protocol):
                 self.transport.writelines(_coalesce(out))
 
     def flush_stream(self, s: H2Stream) -> None:
+        """A stream's app wrote (or ended): frame it now, write it once this
+        turn of the loop's callbacks is done, so that what several of them
+        produce (an app's reply and its FIN, reads of several streams) goes
+        out as one TLS write and one syscall instead of one each."""
         self._send_pending(s)
+        if not self._flush_soon:
+            self._flush_soon = True
+            self._loop.call_soon(self._flush_later)
+
+    def _flush_later(self) -> None:
+        self._flush_soon = False
         self._flush()
 
     def _send_pending(self, s: H2Stream) -> None:

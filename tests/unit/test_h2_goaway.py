@@ -1033,3 +1033,55 @@ def test_already_sent_reads_what_is_there_without_waiting_and_raises_a_reset() -
         assert select.select([s], [], [], 2)[0], "the reset never arrived"
         with pytest.raises(ConnectionResetError):
             already_sent(s)
+
+
+# -- writes of one turn of the loop go out together --------------------------------------
+
+
+def test_stream_writes_of_one_loop_turn_go_out_in_one_transport_write() -> None:
+    """An app's reply and its FIN, or reads of several streams, produced in
+    one turn of the loop's callbacks: framed at once, written to the TLS
+    transport once (one record, one syscall), bytes and order unchanged."""
+
+    async def main() -> None:
+        conn, srv = await pair(lambda: H2Conn(client=True), peer_client_side=False)
+        await asyncio.wait_for(conn.ready, WAIT)
+        s1, s3 = conn.open_stream(GOOD), conn.open_stream(GOOD)
+        await srv.until(lambda: len(srv.of(h2.events.RequestReceived)) == 2)
+        for sid in (1, 3):
+            srv.h2.send_headers(sid, [(":status", "200")])
+        srv.flush()
+        await asyncio.wait_for(asyncio.gather(s1.response, s3.response), WAIT)
+        assert conn.transport is not None
+        calls: list[int] = []
+        real_write, real_writelines = conn.transport.write, conn.transport.writelines
+        inside: list[bool] = []  # asyncio's writelines calls write: count the outer call
+
+        def counted(real: Callable[[Any], None]) -> Callable[[Any], None]:
+            def call(data: Any) -> None:
+                if not inside:
+                    calls.append(1)
+                inside.append(True)
+                try:
+                    real(data)
+                finally:
+                    inside.pop()
+
+            return call
+
+        conn.transport.write = counted(real_write)  # type: ignore[method-assign]
+        conn.transport.writelines = counted(real_writelines)  # type: ignore[method-assign]
+        s1.write(b"reply, ")
+        s3.write(b"other stream")
+        s1.write(b"then the end")
+        s1.write_eof()
+        assert calls == []  # framed, not yet written
+        await srv.until(lambda: bool(srv.of(h2.events.StreamEnded)))
+        assert calls == [1]
+        got: dict[int, bytes] = {1: b"", 3: b""}
+        for e in srv.of(h2.events.DataReceived):
+            got[e.stream_id] += e.data
+        assert got == {1: b"reply, then the end", 3: b"other stream"}
+        conn.close()
+
+    run(main())
