@@ -208,7 +208,7 @@ class Agent:
             a.metrics_port,
             tlssock.path(),
         )
-        loop.call_later(STARTUP_TRIM_S, self._trim_after_start)
+        loop.call_later(limits.STARTUP_TRIM_S, self._trim_after_start)
         tasks = [loop.create_task(self._check_netns())]
         if self.file is not None:
             tasks.append(loop.create_task(self.file.watch(self.apply)))
@@ -445,9 +445,6 @@ class Agent:
         except OSError as e:
             raise DatapathError(str(e)) from e
         return [admin, readiness, prom]
-
-
-STARTUP_TRIM_S = 15.0  # after ready: the start's transient allocations are freed by then
 
 
 def main_run(config_path: str, skmsg: bool | None, kube: dict[str, Any] | None = None) -> int:

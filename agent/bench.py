@@ -30,7 +30,7 @@ from typing import Any
 
 from agent.sim.harness import PY, AgentNode, Cluster, proc_cpu, proc_rss_mib
 from agent.sim.topology import Node, Pod, Testbed
-from agent.tunnel import tlssock
+from agent.tunnel import limits, tlssock
 
 IPERF_PORT = 5201
 SOCKPERF_PORT = 11111
@@ -1516,6 +1516,18 @@ def _settle_rss(pid: int, wait: float = 3.0) -> float:
     return proc_rss_mib(pid)
 
 
+def _rss_after_trim(an: AgentNode) -> float | None:
+    """RSS once the agent logged its trim after start; None if it did not
+    within limits.STARTUP_TRIM_S + 20 s (reported as missing, not guessed)."""
+    assert an.agent is not None
+    deadline = time.monotonic() + limits.STARTUP_TRIM_S + 20
+    while time.monotonic() < deadline:
+        if "memory after start:" in an.log_tail(400):
+            return _settle_rss(an.agent.pid, 1.0)
+        time.sleep(0.5)
+    return None
+
+
 def run_memory(pods: int = MEM_PODS, conns: int = MEM_CONNS) -> dict[str, Any]:
     report: dict[str, Any] = {"pods": pods, "connections": conns}
     with Testbed() as tb:
@@ -1535,6 +1547,9 @@ def run_memory(pods: int = MEM_PODS, conns: int = MEM_CONNS) -> dict[str, Any]:
             report["enrolled_node1"] = int(m.group(1)) if m else None
             report["rss_rest_mib"] = _settle_rss(n1.agent.pid)
             report["rss_rest_server_node_mib"] = proc_rss_mib(n2.agent.pid)
+            # and once the agent has returned its start's freed heap (it
+            # logs that STARTUP_TRIM_S after ready): the figure at rest
+            report["rss_rest_trimmed_mib"] = _rss_after_trim(n1)
             srv = tb.spawn(
                 server,
                 [PY, "-c", _HOLD_SCRIPT, "serve", "0.0.0.0", str(MEM_PORT)],
@@ -1584,6 +1599,8 @@ def _format_memory(r: dict[str, Any]) -> str:
         f"({r['enrolled_node1']} enrolled)\n"
         f"  at rest: node1 {r['rss_rest_mib']} MiB, node2 (1 pod) "
         f"{r['rss_rest_server_node_mib']} MiB\n"
+        f"  at rest after the agent's trim after start: node1 "
+        f"{r.get('rss_rest_trimmed_mib') or 'n/a (no trim logged)'} MiB\n"
         f"  with {r['connections']} open cross-node HBONE connections (opened in "
         f"{r['open_s']} s): node1 {r['rss_open_mib']} MiB, node2 "
         f"{r['rss_open_server_node_mib']} MiB\n"

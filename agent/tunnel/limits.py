@@ -49,6 +49,7 @@ MAX_PER_POD = int(_env("MAX_CONNS_PER_POD", 4096))  # per pod listener (4 and 6)
 MAX_PER_AGENT = int(_env("MAX_CONNS", 16384))  # every pod of the agent
 RESET_BURST = _env("RESET_BURST", 200.0)  # stream resets a connection may make at once,
 RESET_RATE = _env("RESET_RATE", 50.0)  # and per second after that (nghttp2: 1000, 33)
+STARTUP_TRIM_S = 15.0  # after ready: the start's transient allocations are freed by then
 LOG_EVERY = 10.0  # seconds between two "limited" log lines of one reason
 
 # Called with the reason each time a limit turns something away (metrics).
