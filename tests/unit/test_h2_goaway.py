@@ -1039,9 +1039,11 @@ def test_already_sent_reads_what_is_there_without_waiting_and_raises_a_reset() -
 
 
 def test_stream_writes_of_one_loop_turn_go_out_in_one_transport_write() -> None:
-    """An app's reply and its FIN, or reads of several streams, produced in
-    one turn of the loop's callbacks: framed at once, written to the TLS
-    transport once (one record, one syscall), bytes and order unchanged."""
+    """Bulk reads of several streams and a FIN, produced in one turn of the
+    loop's callbacks: framed at once, written to the TLS transport once (one
+    write, one syscall), bytes and order unchanged.  A small write with
+    nothing scheduled goes out at once (a message is not delayed)."""
+    from agent.tunnel.h2conn import DEFER_FLUSH_MIN
 
     async def main() -> None:
         conn, srv = await pair(lambda: H2Conn(client=True), peer_client_side=False)
@@ -1071,7 +1073,8 @@ def test_stream_writes_of_one_loop_turn_go_out_in_one_transport_write() -> None:
 
         conn.transport.write = counted(real_write)  # type: ignore[method-assign]
         conn.transport.writelines = counted(real_writelines)  # type: ignore[method-assign]
-        s1.write(b"reply, ")
+        bulk = bytes(range(256)) * (DEFER_FLUSH_MIN // 256)
+        s1.write(bulk)
         s3.write(b"other stream")
         s1.write(b"then the end")
         s1.write_eof()
@@ -1081,7 +1084,10 @@ def test_stream_writes_of_one_loop_turn_go_out_in_one_transport_write() -> None:
         got: dict[int, bytes] = {1: b"", 3: b""}
         for e in srv.of(h2.events.DataReceived):
             got[e.stream_id] += e.data
-        assert got == {1: b"reply, then the end", 3: b"other stream"}
+        assert got == {1: bulk + b"then the end", 3: b"other stream"}
+        s3.write(b"a message")
+        assert calls == [1, 1]  # at once
+        await srv.until(lambda: sum(len(e.data) for e in srv.of(h2.events.DataReceived)) > 0)
         conn.close()
 
     run(main())
