@@ -437,12 +437,15 @@ def _measure_path(
         )
         if rate is not None:
             row["vcpu_at_1k_rps"] = round(rate["vcpu"], 3)
+    cpu0 = procs.cpu() if procs else 0.0
     cps = guarded(
         "cps",
         lambda: _t_cps(tb, client, server, host, ports.get(CPS_PORT, CPS_PORT), min(seconds, 2.0)),
     )
     if cps is not None:
         row["conn_per_s"] = round(cps["conn_per_s"])
+        if procs and cps["ok"]:  # the relaying processes' CPU per new connection
+            row["cpu_ms_per_conn"] = round((procs.cpu() - cpu0) / cps["ok"] * 1000, 3)
         row["conn_p50_us"] = round(cps["p50_us"], 1) if cps["p50_us"] else None
         if cps["errors"]:
             row["errors"]["cps"] = f"{cps['errors']} failed, first: {cps['first_error']}"
@@ -759,6 +762,8 @@ def run_tunnel(
             "~0.06 vCPU per ztunnel at 1000 req/s, 1 KB)",
             "conn_per_s": "python stdlib client, 1 connection at a time: connect, "
             "1 byte each way, close (server closes first)",
+            "cpu_ms_per_conn": "the relaying processes' CPU ms per new connection "
+            "during the conn/s measurement",
         },
         "config": config,
         "results": results,
