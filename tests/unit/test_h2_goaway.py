@@ -569,20 +569,38 @@ def test_resets_of_established_streams_do_not_spend_the_budget() -> None:
     run(main())
 
 
-def test_pool_drops_a_connection_on_goaway_and_dials_a_fresh_one() -> None:
-    """A peer's GOAWAY: the connection leaves the pool at once (its open
-    stream keeps going), the next CONNECT dials a new connection."""
+def _client_with(dial: Callable[[Any], Awaitable[H2Conn]]) -> tuple[Any, Any]:
+    """An HboneClient whose connections come from `dial`, and a pool key."""
     from agent.identity.spiffe import SpiffeId
     from agent.tunnel.hbone import HboneClient, PoolKey
 
+    async def no_context(_: SpiffeId) -> Any:
+        raise AssertionError("not dialled for real")
+
+    client = HboneClient(no_context)
+    client._dial = dial  # type: ignore[method-assign]
+    ident = SpiffeId("cluster.local", "ns", "sa")
+    return client, PoolKey(ident, ident, "/proc/self/ns/net", ("10.0.0.1", 15008))
+
+
+def _raw_dialer(peers: list[RawPeer]) -> Callable[[Any], Awaitable[H2Conn]]:
+    """Dials a tether client H2Conn to a RawPeer server, kept in `peers`."""
+
+    async def dial(key: Any) -> H2Conn:
+        conn, srv = await pair(lambda: H2Conn(client=True), peer_client_side=False)
+        await asyncio.wait_for(conn.ready, WAIT)
+        peers.append(srv)
+        return conn
+
+    return dial
+
+
+def test_pool_drops_a_connection_on_goaway_and_dials_a_fresh_one() -> None:
+    """A peer's GOAWAY: the connection leaves the pool at once (its open
+    stream keeps going), the next CONNECT dials a new connection."""
+
     async def main() -> None:
         servers: list[RawPeer] = []
-
-        async def dial(key: PoolKey) -> H2Conn:
-            conn, srv = await pair(lambda: H2Conn(client=True), peer_client_side=False)
-            await asyncio.wait_for(conn.ready, WAIT)
-            servers.append(srv)
-            return conn
 
         async def answer(srv: RawPeer, n: int) -> None:
             await srv.until(lambda: len(srv.of(h2.events.RequestReceived)) >= n)
@@ -590,13 +608,7 @@ def test_pool_drops_a_connection_on_goaway_and_dials_a_fresh_one() -> None:
             srv.h2.send_headers(sid, [(":status", "200")])
             srv.flush()
 
-        async def no_context(_: SpiffeId) -> Any:
-            raise AssertionError("not dialled for real")
-
-        client = HboneClient(no_context)
-        client._dial = dial  # type: ignore[method-assign]
-        ident = SpiffeId("cluster.local", "ns", "sa")
-        key = PoolKey(ident, ident, "/proc/self/ns/net", ("10.0.0.1", 15008))
+        client, key = _client_with(_raw_dialer(servers))
         first = asyncio.get_running_loop().create_task(client.open(key, GOOD))
         await asyncio.sleep(0.05)
         await answer(servers[0], 1)
@@ -636,6 +648,19 @@ async def tether_pair(
     return cli, srv
 
 
+def _tether_dialer(
+    on_request: Callable[[H2Conn, H2Stream], Awaitable[None]], servers: list[H2Conn]
+) -> Callable[[Any], Awaitable[H2Conn]]:
+    """Dials a tether client H2Conn to a tether server H2Conn, kept in `servers`."""
+
+    async def dial(key: Any) -> H2Conn:
+        cli, srv = await tether_pair(on_request)
+        servers.append(srv)
+        return cli
+
+    return dial
+
+
 def test_refused_connects_leave_no_stream_on_either_end() -> None:
     """A 401 or 503 ends the server's side of the stream.  Before, neither
     end closed the other side: each refusal left a half-closed stream (an
@@ -645,8 +670,7 @@ def test_refused_connects_leave_no_stream_on_either_end() -> None:
     had streams), until the server's per-source limit refused the pod
     altogether.  Now 150 refusals go over one connection, nothing is left
     on either end, and an allowed request still goes through on it."""
-    from agent.identity.spiffe import SpiffeId
-    from agent.tunnel.hbone import HboneClient, HboneError, PoolKey
+    from agent.tunnel.hbone import HboneError
 
     async def main() -> None:
         servers: list[H2Conn] = []
@@ -657,18 +681,7 @@ def test_refused_connects_leave_no_stream_on_either_end() -> None:
             if status == "200":
                 s.attach(lambda d: s.write(d), s.write_eof, lambda e: None)
 
-        async def dial(key: PoolKey) -> H2Conn:
-            cli, srv = await tether_pair(on_request)
-            servers.append(srv)
-            return cli
-
-        async def no_context(_: SpiffeId) -> Any:
-            raise AssertionError("not dialled for real")
-
-        client = HboneClient(no_context)
-        client._dial = dial  # type: ignore[method-assign]
-        ident = SpiffeId("cluster.local", "ns", "sa")
-        key = PoolKey(ident, ident, "/proc/self/ns/net", ("10.0.0.1", 15008))
+        client, key = _client_with(_tether_dialer(on_request, servers))
         for i in range(150):
             status = (401, 503)[i % 2]
             with pytest.raises(HboneError) as e:
@@ -727,20 +740,10 @@ def test_a_client_that_does_not_end_a_refused_stream_gets_rst_no_error() -> None
 def test_a_refusal_from_a_server_that_does_not_reset_is_ended_by_the_client() -> None:
     """A server (Go's, Envoy's) may end its side with the refusal and leave
     the stream half-closed: the client resets it."""
-    from agent.identity.spiffe import SpiffeId
-    from agent.tunnel.hbone import HboneClient, HboneError, PoolKey
+    from agent.tunnel.hbone import HboneError
 
     async def main() -> None:
         peers: list[RawPeer] = []
-
-        async def dial(key: PoolKey) -> H2Conn:
-            conn, srv = await pair(lambda: H2Conn(client=True), peer_client_side=False)
-            await asyncio.wait_for(conn.ready, WAIT)
-            peers.append(srv)
-            return conn
-
-        async def no_context(_: SpiffeId) -> Any:
-            raise AssertionError("not dialled for real")
 
         async def refuse(n: int) -> None:
             srv = peers[0]
@@ -749,10 +752,7 @@ def test_a_refusal_from_a_server_that_does_not_reset_is_ended_by_the_client() ->
             srv.h2.send_headers(sid, [(":status", "401")], end_stream=True)
             srv.flush()
 
-        client = HboneClient(no_context)
-        client._dial = dial  # type: ignore[method-assign]
-        ident = SpiffeId("cluster.local", "ns", "sa")
-        key = PoolKey(ident, ident, "/proc/self/ns/net", ("10.0.0.1", 15008))
+        client, key = _client_with(_raw_dialer(peers))
         loop = asyncio.get_running_loop()
         for n in range(1, 4):
             opening = loop.create_task(client.open(key, GOOD))
@@ -875,33 +875,13 @@ def test_a_frame_spanning_reads_reaches_the_consumer_in_pieces_unjoined_and_whol
 # -- early data: the app's first bytes go out with the CONNECT ---------------------------
 
 
-def _client_with(dial: Callable[[Any], Awaitable[H2Conn]]) -> tuple[Any, Any]:
-    from agent.identity.spiffe import SpiffeId
-    from agent.tunnel.hbone import HboneClient, PoolKey
-
-    async def no_context(_: SpiffeId) -> Any:
-        raise AssertionError("not dialled for real")
-
-    client = HboneClient(no_context)
-    client._dial = dial  # type: ignore[method-assign]
-    ident = SpiffeId("cluster.local", "ns", "sa")
-    return client, PoolKey(ident, ident, "/proc/self/ns/net", ("10.0.0.1", 15008))
-
-
 def test_early_data_is_sent_with_the_connect_before_the_answer_and_delivered_once() -> None:
     """The server sees the request's DATA before it answers (the round trip
     saved); after the 200 the stream carries on in order, each byte once."""
 
     async def main() -> None:
         peers: list[RawPeer] = []
-
-        async def dial(key: Any) -> H2Conn:
-            conn, srv = await pair(lambda: H2Conn(client=True), peer_client_side=False)
-            await asyncio.wait_for(conn.ready, WAIT)
-            peers.append(srv)
-            return conn
-
-        client, key = _client_with(dial)
+        client, key = _client_with(_raw_dialer(peers))
         early = bytes(range(256)) * 8
         opening = asyncio.get_running_loop().create_task(client.open(key, GOOD, early))
         await poll(lambda: bool(peers))
@@ -929,14 +909,7 @@ def test_early_data_of_a_stream_refused_by_goaway_is_sent_again_on_the_new_conne
 
     async def main() -> None:
         peers: list[RawPeer] = []
-
-        async def dial(key: Any) -> H2Conn:
-            conn, srv = await pair(lambda: H2Conn(client=True), peer_client_side=False)
-            await asyncio.wait_for(conn.ready, WAIT)
-            peers.append(srv)
-            return conn
-
-        client, key = _client_with(dial)
+        client, key = _client_with(_raw_dialer(peers))
         opening = asyncio.get_running_loop().create_task(client.open(key, GOOD, b"GET / HTTP/1.1"))
         await poll(lambda: bool(peers))
         await peers[0].until(lambda: bool(peers[0].of(h2.events.DataReceived)))
@@ -971,12 +944,7 @@ def test_early_data_then_a_refusal_is_dropped_and_leaves_nothing() -> None:
             held.append(sum(len(x) for x in s._early))
             c.respond(s, 401)
 
-        async def dial(key: Any) -> H2Conn:
-            cli, srv = await tether_pair(on_request)
-            servers.append(srv)
-            return cli
-
-        client, key = _client_with(dial)
+        client, key = _client_with(_tether_dialer(on_request, servers))
         for _ in range(3):
             with pytest.raises(HboneError):
                 await client.open(key, GOOD, b"x" * 1000)
