@@ -315,6 +315,17 @@ def labels_of(c: Connection) -> dict[str, str]:
     }
 
 
+def _children(
+    cache: dict[tuple[str, ...], tuple[Any, ...]], key: tuple[str, ...], metrics: tuple[Any, ...]
+) -> tuple[Any, ...]:
+    """Each metric's child for the label values `key`, looked up once and
+    kept (bounded like the label values it is keyed by)."""
+    series = cache.get(key)
+    if series is None:
+        series = cache[key] = tuple(m.labels(*key) for m in metrics)
+    return series
+
+
 class _BpfCollector(Collector):
     def __init__(self, stats: Callable[[], dict[str, int]]) -> None:
         self.stats = stats
@@ -393,8 +404,8 @@ class Metrics:
         )
         self.request_labels = RequestLabels()
         # label values -> the four metrics' children (labels() costs more than the update)
-        self._request_series: dict[tuple[str, ...], tuple[Any, Any, Any, Any]] = {}
-        self._tcp_series: dict[tuple[str, ...], tuple[Any, Any, Any, Any]] = {}
+        self._request_series: dict[tuple[str, ...], tuple[Any, ...]] = {}
+        self._tcp_series: dict[tuple[str, ...], tuple[Any, ...]] = {}
         limits.on_limited.append(self.on_limited)
         tlssock.on_established.append(self.on_tls)
         if bpf_stats is not None:
@@ -406,22 +417,15 @@ class Metrics:
     def on_tls(self, side: str, path: str) -> None:
         self.tls.labels(side=side, path=path).inc()
 
-    def _tcp(self, c: Connection) -> tuple[Any, Any, Any, Any]:
-        """The four TCP metrics' children for c's labels, looked up once per
-        label set (labels() with twelve keyword labels cost more than the
-        four updates, twice per connection)."""
+    def _tcp(self, c: Connection) -> tuple[Any, ...]:
+        """The four TCP metrics' children for c's labels (labels() with
+        twelve keyword labels cost more than the four updates, twice per
+        connection)."""
         lab = labels_of(c)
         key = tuple(lab[k] for k in LABELS)
-        series = self._tcp_series.get(key)
-        if series is None:  # bounded like the label values it is keyed by
-            series = (
-                self.opened.labels(*key),
-                self.closed.labels(*key),
-                self.sent.labels(*key),
-                self.received.labels(*key),
-            )
-            self._tcp_series[key] = series
-        return series
+        return _children(
+            self._tcp_series, key, (self.opened, self.closed, self.sent, self.received)
+        )
 
     def on_open(self, c: Connection) -> None:
         self._tcp(c)[0].inc()
@@ -436,16 +440,11 @@ class Metrics:
         """One HTTP request through a local waypoint (an xDS server thread)."""
         lab = self.request_labels.labels(view, rec)
         key = tuple(lab[k] for k in REQUEST_LABELS)
-        series = self._request_series.get(key)
-        if series is None:  # bounded like the label values it is keyed by
-            series = (
-                self.requests.labels(*key),
-                self.request_duration.labels(*key),
-                self.request_bytes.labels(*key),
-                self.response_bytes.labels(*key),
-            )
-            self._request_series[key] = series
-        count, duration, req_bytes, resp_bytes = series
+        count, duration, req_bytes, resp_bytes = _children(
+            self._request_series,
+            key,
+            (self.requests, self.request_duration, self.request_bytes, self.response_bytes),
+        )
         count.inc()
         duration.observe(rec.duration_ms)
         req_bytes.observe(rec.request_bytes)
