@@ -595,11 +595,15 @@ class H2Stream:
     def write(self, data: bytes) -> None:
         if self.closed or not data:
             return
+        self._queue(data)
+        self.conn.flush_stream(self, len(data))
+
+    def _queue(self, data: bytes) -> None:
+        """Take `data` to send; the connection frames it as windows allow."""
         self.bytes_out += len(data)
         self._pending.append(data)
         self._pending_bytes += len(data)
         self._drained.clear()
-        self.conn.flush_stream(self, len(data))
 
     def write_eof(self) -> None:
         if self.closed:
@@ -1036,9 +1040,7 @@ class H2Conn(asyncio.Protocol):
         s = H2Stream(self, sid, headers)
         self.streams[sid] = s
         if early:
-            s.bytes_out += len(early)
-            s._pending.append(early)
-            s._pending_bytes += len(early)
+            s._queue(early)
             self._send_pending(s)
         self._flush()
         self.last_used = asyncio.get_running_loop().time()
