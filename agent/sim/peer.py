@@ -509,7 +509,9 @@ def http_requests(
             conn.request(method, path, headers=hdrs)
             resp = conn.getresponse()
             head = b""
-            while chunk := resp.read(65536):
+            # read1: one recv at most, so a reset loses nothing already read
+            # (read(n) fills n first and drops a partial fill on the error)
+            while chunk := resp.read1(65536):
                 head += chunk[: 200 - len(head)]
                 got += len(chunk)
             lengths.append(got)

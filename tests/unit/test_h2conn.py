@@ -272,13 +272,14 @@ def test_request_headers_go_out_without_huffman_and_unique_ones_unindexed() -> N
     asyncio.run(main())
 
 
-def test_consumed_bytes_are_handed_back_at_ack_min_not_half_a_window() -> None:
-    """A sender ahead of us gets its window back once ACK_MIN bytes are
-    consumed, not after half a 4 MiB window (h2's rule): a response a little
-    over the window then never waits for us, which Envoy punishes by
-    discarding it when its inner connection closes.  The bytes handed back
-    are exactly those acknowledged, for the stream and the connection."""
-    from agent.tunnel.h2conn import ACK_MIN, STREAM_WINDOW, _H2Connection
+def test_consumed_bytes_are_handed_back_early_not_after_half_a_window() -> None:
+    """A sender with a burst ready gets its window back once ACK_FIRST bytes
+    are consumed (a window's first refresh), not after half a 4 MiB window
+    (h2's rule, kept for later refreshes): a response a little over the
+    window then never waits for us, which Envoy punishes by discarding it
+    when its inner connection closes.  The bytes handed back are exactly
+    those acknowledged, for the stream and the connection."""
+    from agent.tunnel.h2conn import ACK_FIRST, STREAM_WINDOW, _H2Connection
 
     c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
     s = _H2Connection(h2.config.H2Configuration(client_side=False))
@@ -289,7 +290,7 @@ def test_consumed_bytes_are_handed_back_at_ack_min_not_half_a_window() -> None:
     _settle(c, s)
     c.send_headers(1, GOOD)
     assert c.local_flow_control_window(1) == STREAM_WINDOW
-    frame = 16384
+    frame = 4096
 
     def send_and_consume(n: int) -> list[h2.events.WindowUpdated]:
         for i in range(0, n, frame):
@@ -300,22 +301,24 @@ def test_consumed_bytes_are_handed_back_at_ack_min_not_half_a_window() -> None:
         events = c.receive_data(s.data_to_send())
         return [e for e in events if isinstance(e, h2.events.WindowUpdated)]
 
-    sent = 0
-    while sent + frame < ACK_MIN:
-        assert send_and_consume(frame) == [], sent  # nothing handed back yet
-        sent += frame
-    updates = send_and_consume(ACK_MIN - sent)
-    assert sorted((u.stream_id, u.delta) for u in updates) == [(0, ACK_MIN), (1, ACK_MIN)]
-    assert c.local_flow_control_window(1) == STREAM_WINDOW  # all of it back, no more
+    half = STREAM_WINDOW // 2
+    for threshold, ids in ((ACK_FIRST, [0, 1]), (half, [1]), (half, [1])):
+        sent = 0
+        while sent + frame < threshold:
+            assert send_and_consume(frame) == [], (threshold, sent)  # nothing handed back yet
+            sent += frame
+        updates = send_and_consume(threshold - sent)
+        assert sorted((u.stream_id, u.delta) for u in updates) == [(i, threshold) for i in ids]
+        assert c.local_flow_control_window(1) == STREAM_WINDOW  # all of it back, no more
     # the same for data held and acknowledged later (an app that was not reading)
-    for _ in range(ACK_MIN // frame):
+    for _ in range(half // frame):
         c.send_data(1, b"y" * frame)
     held = sum(
         ev.flow_controlled_length
         for ev in s.receive_data(c.data_to_send())
         if isinstance(ev, h2.events.DataReceived)
     )
-    assert c.local_flow_control_window(1) == STREAM_WINDOW - ACK_MIN
+    assert c.local_flow_control_window(1) == STREAM_WINDOW - half
     s.acknowledge_received_data(held, 1)
     c.receive_data(s.data_to_send())
     assert c.local_flow_control_window(1) == STREAM_WINDOW
