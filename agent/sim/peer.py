@@ -510,8 +510,10 @@ def http_requests(
             resp = conn.getresponse()
             head = b""
             # read1: one recv at most, so a reset loses nothing already read
-            # (read(n) fills n first and drops a partial fill on the error)
-            while chunk := resp.read1(65536):
+            # (read(n) fills n first and drops a partial fill on the error);
+            # the last read() marks the response done (read1 does not, and
+            # the connection could not be reused)
+            while chunk := resp.read1(65536) or resp.read():
                 head += chunk[: 200 - len(head)]
                 got += len(chunk)
             lengths.append(got)

@@ -1,0 +1,82 @@
+"""The test peer's HTTP client (agent.sim.peer.http_requests), which the netns
+and waypoint tiers count requests and bytes with: it reuses a kept-alive
+connection, reads bodies whole, and counts a cut body to the byte."""
+
+from __future__ import annotations
+
+import fcntl
+import http.server
+import socket
+import socketserver
+import struct
+import termios
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from agent.sim import peer
+
+BIG = 300_000
+_connections: set[int] = set()  # client ports seen
+
+
+def _unacked(sock: socket.socket) -> int:
+    return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0])
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive
+
+    def do_GET(self) -> None:
+        _connections.add(self.client_address[1])
+        n = BIG if self.path.startswith("/big") else 5
+        self.send_response(200)
+        self.send_header("content-length", str(n))
+        self.end_headers()
+        if self.path == "/big-cut":  # half the body, then a reset once the client has it
+            self.wfile.write(b"x" * (n // 2))
+            self.wfile.flush()
+            deadline = time.monotonic() + 5
+            while _unacked(self.connection) and time.monotonic() < deadline:
+                time.sleep(0.005)
+            self.connection.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+            )
+            self.connection.close()
+            self.close_connection = True
+            return
+        self.wfile.write(b"x" * n)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def server() -> Iterator[int]:
+    _connections.clear()
+    srv = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Handler)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        yield srv.server_address[1]
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_requests_reuse_one_kept_alive_connection(server: int) -> None:
+    r = peer.http_requests("127.0.0.1", server, count=5)
+    assert r["ok"] and r["status"] == {"200": 5} and r["lengths"] == [5] * 5, r
+    assert len(_connections) == 1
+
+
+def test_large_bodies_are_read_whole(server: int) -> None:
+    r = peer.http_requests("127.0.0.1", server, count=3, path="/big")
+    assert r["ok"] and r["lengths"] == [BIG] * 3, r
+
+
+def test_a_cut_body_counts_every_byte_read_before_the_reset(server: int) -> None:
+    r = peer.http_requests("127.0.0.1", server, count=1, path="/big-cut")
+    assert not r["ok"] and r["lengths"] == [] and r["cut"] == [BIG // 2], r
