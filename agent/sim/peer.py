@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import ipaddress
 import json
 import os
@@ -228,6 +229,20 @@ def _first_diff(a: bytes, b: bytes) -> int:
     return min(len(a), len(b))
 
 
+def _peername(sock: socket.socket) -> Any:
+    """getpeername, with a connection torn down right after it was made
+    reported as what it is: only an RST takes a connected TCP socket to
+    ENOTCONN (a FIN leaves it in CLOSE_WAIT, still connected)."""
+    try:
+        return sock.getpeername()
+    except OSError as e:
+        if e.errno != errno.ENOTCONN:
+            raise
+        raise ConnectionResetError(
+            errno.ECONNRESET, "connection reset right after it was made (getpeername: ENOTCONN)"
+        ) from e
+
+
 def _connect(host: str, port: int, timeout: float) -> socket.socket:
     sock = socket.create_connection((host, port), timeout=timeout)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -264,7 +279,7 @@ def connect(
     }
     try:
         with _connect(host, port, timeout) as sock:
-            result["getpeername"] = normalize(sock.getpeername())
+            result["getpeername"] = normalize(_peername(sock))
             result["getsockname"] = normalize(sock.getsockname())
             hello, rest = _read_line(sock, timeout)
             result["server_saw_peer"] = hello["peer"]

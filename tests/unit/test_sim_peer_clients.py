@@ -1,6 +1,7 @@
-"""The test peer's HTTP client (agent.sim.peer.http_requests), which the netns
-and waypoint tiers count requests and bytes with: it reuses a kept-alive
-connection, reads bodies whole, and counts a cut body to the byte."""
+"""The test peer's clients, which the netns and waypoint tiers count with.
+The HTTP client (agent.sim.peer.http_requests) reuses a kept-alive
+connection, reads bodies whole, and counts a cut body to the byte; the echo
+client (connect) reports a connection reset at once as a reset."""
 
 from __future__ import annotations
 
@@ -80,3 +81,42 @@ def test_large_bodies_are_read_whole(server: int) -> None:
 def test_a_cut_body_counts_every_byte_read_before_the_reset(server: int) -> None:
     r = peer.http_requests("127.0.0.1", server, count=1, path="/big-cut")
     assert not r["ok"] and r["lengths"] == [] and r["cut"] == [BIG // 2], r
+
+
+def test_a_connection_reset_right_after_it_was_made_is_reported_as_a_reset(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A denial resets an accepted connection at once; when the RST is in
+    before the client's first call (getpeername), the error is still a
+    reset (ENOTCONN was reported as such and read as a different failure)."""
+    lst = socket.create_server(("127.0.0.1", 0))
+    port = lst.getsockname()[1]
+
+    def reset_first() -> None:
+        conn, _ = lst.accept()
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        conn.close()
+
+    server = threading.Thread(target=reset_first, daemon=True)
+    server.start()
+    connect = peer._connect
+
+    def connect_then_wait(host: str, port: int, timeout: float) -> socket.socket:
+        sock = connect(host, port, timeout)
+        server.join(5)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:  # until the RST is in
+            try:
+                sock.getpeername()
+            except OSError:
+                break
+            time.sleep(0.005)
+        return sock
+
+    monkeypatch.setattr(peer, "_connect", connect_then_wait)
+    try:
+        r = peer.connect("127.0.0.1", port, timeout=2)
+    finally:
+        lst.close()
+    assert not r["ok"] and r["server_saw_peer"] is None, r
+    assert r["error"].startswith("ConnectionResetError") and "reset" in r["error"], r
