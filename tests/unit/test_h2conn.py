@@ -223,10 +223,6 @@ def test_request_headers_go_out_without_huffman_and_unique_ones_unindexed() -> N
     import asyncio
     import socket
 
-    import h2.config
-    import h2.connection
-    import h2.events
-
     from agent.tunnel.h2conn import H2Conn
     from agent.tunnel.hbone import request_headers
 

@@ -23,6 +23,12 @@ BIG = 300_000
 _connections: set[int] = set()  # client ports seen
 
 
+def _reset(sock: socket.socket) -> None:
+    """Close with an RST (SO_LINGER 0)."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
 def _unacked(sock: socket.socket) -> int:
     return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0])
 
@@ -42,10 +48,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             deadline = time.monotonic() + 5
             while _unacked(self.connection) and time.monotonic() < deadline:
                 time.sleep(0.005)
-            self.connection.setsockopt(
-                socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
-            )
-            self.connection.close()
+            _reset(self.connection)
             self.close_connection = True
             return
         self.wfile.write(b"x" * n)
@@ -94,8 +97,7 @@ def test_a_connection_reset_right_after_it_was_made_is_reported_as_a_reset(
 
     def reset_first() -> None:
         conn, _ = lst.accept()
-        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-        conn.close()
+        _reset(conn)
 
     server = threading.Thread(target=reset_first, daemon=True)
     server.start()
