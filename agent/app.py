@@ -133,9 +133,9 @@ class Agent:
                 return  # a newer one is queued behind us
             loop = asyncio.get_running_loop()
             change = await loop.run_in_executor(None, self.state.apply, snapshot)
-            self._act(change)
+            await self._act(change)
 
-    def _act(self, change: Change) -> None:
+    async def _act(self, change: Change) -> None:
         view = change.view
         if change.policies_changed:
             for err in view.policy_report.errors:
@@ -154,7 +154,9 @@ class Agent:
                 log.info("policy change closed %d connections of %s", n, pod)
         # what a predecessor handed over is adopted by the first reconcile
         inherited, self._inherited = self._inherited, None
+        await self.pods.prepare(view)  # the netlink worker, awaited
         self.pods.reconcile(view, inherited)
+        await self.pods.settle()
         if self.waypoints is not None:
             self.waypoints.reconcile(view)
 
@@ -236,6 +238,7 @@ class Agent:
         await drain_all(STOP_DRAIN_TIMEOUT)  # GOAWAYs, then close_notify on every connection
         await self.waypoints.close()
         self.pods.close()
+        await self.pods.routing.aclose()
         if hbone is not None:
             hbone.close()
         if self.certs is not None:

@@ -3,6 +3,12 @@ state.  Reads a StateView, never writes state; the datapath changes only
 through here (enroll/unenroll), plus the tunnel's per-connection
 DeliveryBypass.
 
+The delivery routing inside a pod's netns (agent/datapath/podnet.py) is
+installed by a worker process before the pod is enrolled (`prepare`,
+awaited ahead of `reconcile`) and removed after it is unenrolled (`settle`):
+the agent never imports pyroute2, and the worker's start never stalls the
+event loop.
+
 One bad pod is reported and skipped; it never stops the others.  A pod whose
 network namespace disappears under a live agent (deleted without the source
 noticing yet) is found by a periodic check and unenrolled, with the reason
@@ -16,6 +22,7 @@ import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from agent.datapath import podnet
 from agent.datapath.datapath import Datapath, PodSpec, check_pod
 from agent.datapath.errors import DatapathError, PodError
 from agent.datapath.structs import Listen
@@ -47,6 +54,7 @@ class Pods:
         *,
         kube: bool = False,
         report: Report | None = None,
+        routing: podnet.Worker | None = None,
     ) -> None:
         self.datapath = datapath
         self.tunnel = tunnel
@@ -55,9 +63,49 @@ class Pods:
         self.report = report
         self.proxies: dict[str, PodProxy] = tunnel.local
         self.errors: dict[str, str] = {}
+        self.routing = routing if routing is not None else podnet.Worker()
+        # pod key -> the netns its delivery routing is installed in
+        self.routed: dict[str, str] = {}
+        self._route_errors: dict[str, str] = {}
+        self._unroute: list[str] = []  # netns to remove the routing from, in order
         # identities other parts of the agent hold certificates for (the local
         # waypoints'): kept when the pods' set is retained
         self.keep_identities: Callable[[StateView], Iterable[SpiffeId]] | None = None
+
+    async def prepare(self, view: StateView) -> None:
+        """Before `reconcile(view)`: install the delivery routing in the netns
+        of every pod it will enroll.  A pod a previous agent enrolled in the
+        same netns has it already (a handoff does not wait for the worker).
+        A failure is the pod's: `reconcile` reports it and skips the pod."""
+        await self.settle()
+        for w in view.local_enrolled():
+            if w.key in self.proxies or not w.netns or self.routed.get(w.key) == w.netns:
+                continue
+            if w.netns == self.datapath.adopted_netns(w.key):
+                self.routed[w.key] = w.netns
+                continue
+            try:
+                await self.routing.call("prepare", w.netns)
+            except OSError as e:
+                self._route_errors[w.key] = (
+                    f"delivery routing not installed in {w.netns}: {e}; fix the pod's "
+                    "netns (or the agent's privileges) and the next update retries"
+                )
+                continue
+            self.routed[w.key] = w.netns
+            self._route_errors.pop(w.key, None)
+
+    async def settle(self) -> None:
+        """Remove the delivery routing from the netns of pods unenrolled
+        since (those still there: a deleted pod's goes with its netns)."""
+        while self._unroute:
+            ns = self._unroute.pop(0)
+            if not os.path.exists(ns):
+                continue
+            try:
+                await self.routing.call("unprepare", ns)
+            except OSError as e:  # the rules only steer the agent's own marked packets
+                log.warning("delivery routing left in %s: %s", ns, e)
 
     def reconcile(
         self, view: StateView, inherited: dict[str, dict[str, Any]] | None = None
@@ -65,6 +113,7 @@ class Pods:
         want = {w.key: w for w in view.local_enrolled()}
         gone = [k for k in self.proxies if k not in want]
         gone += [k for k in self.datapath.leftover_pods() if k not in want and k not in gone]
+        gone += [k for k in self.routed if k not in want and k not in gone]
         for key in gone:
             self._unenroll(key)
             self.errors.pop(key, None)
@@ -105,6 +154,10 @@ class Pods:
         return lost
 
     def _unenroll(self, key: str) -> None:
+        ns = self.routed.pop(key, None) or self.datapath.adopted_netns(key)
+        self._route_errors.pop(key, None)
+        if ns is not None:
+            self._unroute.append(ns)
         try:
             self.datapath.unenroll(key)
         except (OSError, DatapathError) as e:
@@ -136,6 +189,12 @@ class Pods:
             exclude_out_cidrs=w.exclude_outbound_cidrs,
         )
         check_pod(spec)
+        if self.routed.get(w.key) != w.netns:
+            raise PodError(
+                w.key,
+                self._route_errors.get(w.key)
+                or f"delivery routing not installed in {w.netns} (Pods.prepare did not run)",
+            )
         identity = view.identity_of(w)
         if self.certs is not None:
             self.certs.prefetch(identity)
@@ -161,3 +220,4 @@ class Pods:
     def close(self) -> None:
         for p in self.proxies.values():
             p.close()
+        self.routing.close()

@@ -213,7 +213,10 @@ class Datapath:
         again (same agent or a restarted one) swaps in the new listeners.
 
         The listeners go in before the pod's addresses, so no inbound SYN is
-        steered to a slot without a socket."""
+        steered to a slot without a socket.  The delivery routing inside the
+        pod (podnet) is the caller's to install first, and to remove after
+        unenroll: it runs in a worker process the caller awaits (agent/pods.py).
+        """
         check_pod(spec)
         cookie = netns_cookie(spec.netns, self._map("tether_nscookie"))
         slot = self._slot_for(spec)
@@ -227,8 +230,7 @@ class Datapath:
             for hook, prog in POD_CGROUP_HOOKS.items():
                 if prog in self._progs().prog_fds:
                     links[hook] = self._attach(pod_pins / hook, prog, spec.cgroup)
-            if spec.inbound:
-                podnet.prepare(spec.netns)
+            if spec.inbound:  # the caller installed the delivery routing (podnet)
                 for hook, prog in POD_NETNS_HOOKS.items():
                     links[hook] = self._attach(pod_pins / hook, prog, spec.netns)
             pod = TetherPod(
@@ -271,6 +273,13 @@ class Datapath:
     def leftover_pods(self) -> list[str]:
         """Pods a previous agent enrolled that this one has not claimed yet."""
         return sorted(self._adopted)
+
+    def adopted_netns(self, key: str) -> str | None:
+        """The netns a previous agent enrolled pod `key` in (and installed its
+        delivery routing in), while this one has not claimed it yet."""
+        rec = self._adopted.get(key)
+        ns = rec.get("spec", {}).get("netns") if isinstance(rec, dict) else None
+        return str(ns) if ns else None
 
     # -- for the tunnel ----------------------------------------------------
 
@@ -424,9 +433,6 @@ class Datapath:
                 self._map("tether_listen"),
                 bytes(ctypes.c_uint32(slot * LISTEN_PER_POD + int(kind))),
             )
-        if spec.inbound and os.path.exists(spec.netns):
-            with contextlib.suppress(OSError):
-                podnet.unprepare(spec.netns)
 
     def _drop_incompatible_pins(self) -> None:
         """A pinned map whose layout differs from this build's (an upgrade
@@ -565,7 +571,7 @@ def cleanup(pin_dir: str, state_dir: str) -> dict[str, list[str]]:
             ns = rec.get("spec", {}).get("netns")
             if ns and os.path.exists(ns):
                 with contextlib.suppress(OSError):
-                    podnet.unprepare(ns)
+                    podnet.run_once("unprepare", ns)
                     report["netns"].append(ns)
     for sub in ("pods", "links"):
         report["links"] += detach_pins(pins / sub)

@@ -1,0 +1,133 @@
+"""The podnet worker: the netlink step of an enrollment runs in a child
+process the agent's event loop awaits, so pyroute2 never loads in the agent
+and one pod's failure (or a hung or dead worker) is that pod's error.
+Runs unprivileged: the requests here fail on purpose or never reach netlink;
+tests/netns/test_podnet.py installs real routing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent.datapath import podnet
+
+REPO = Path(__file__).resolve().parents[2]
+MISSING = "/run/netns/tether-no-such-netns-for-this-test"
+
+
+def run(coro):  # type: ignore[no-untyped-def]
+    return asyncio.run(coro)
+
+
+def test_the_agent_never_imports_pyroute2() -> None:
+    code = (
+        "import sys, agent.app, agent.pods, agent.cli, agent.datapath.datapath;"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'pyroute2'))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-P", "-c", code],
+        cwd=REPO,
+        env={"PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.strip() == "[]"
+
+
+def test_a_failed_request_is_that_requests_error_and_the_worker_serves_on() -> None:
+    async def main() -> None:
+        w = podnet.Worker(idle=30)
+        try:
+            with pytest.raises(podnet.RoutingError, match=f"prepare in {MISSING}: .*No such file"):
+                await w.call("prepare", MISSING)
+            assert w.running and w.started == 1
+            with pytest.raises(podnet.RoutingError, match="installed in"):
+                await w.call("installed", MISSING)
+            assert w.started == 1  # the same process answered both
+        finally:
+            await w.aclose()
+        assert not w.running
+
+    run(main())
+
+
+def test_a_bad_request_line_gets_an_answer_not_the_workers_end() -> None:
+    out = subprocess.run(
+        [*podnet._command("serve")],
+        env=podnet._env(),
+        input='not json\n{"op": "frobnicate", "netns": "/x"}\n{"netns": "/x"}\n',
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    replies = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [r["ok"] for r in replies] == [False, False, False]
+    assert "bad request" in replies[0]["error"]
+    assert "unknown op 'frobnicate'" in replies[1]["error"]
+    assert "bad request" in replies[2]["error"]
+
+
+def test_a_hung_worker_times_out_and_the_next_call_starts_a_fresh_one() -> None:
+    async def main() -> None:
+        hang = [sys.executable, "-c", "import time; time.sleep(60)"]
+        w = podnet.Worker(timeout=0.5, command=hang)
+        try:
+            with pytest.raises(podnet.RoutingError, match=r"no answer in 0\.5 s"):
+                await w.call("prepare", "/x")
+            assert not w.running
+            with pytest.raises(podnet.RoutingError, match="no answer"):
+                await w.call("prepare", "/x")
+            assert w.started == 2
+        finally:
+            await w.aclose()
+
+    run(main())
+
+
+def test_a_worker_that_dies_is_an_error_naming_the_netns() -> None:
+    async def main() -> None:
+        w = podnet.Worker(command=[sys.executable, "-c", "pass"])
+        try:
+            with pytest.raises(
+                podnet.RoutingError, match=r"unprepare in /x: worker (exited|failed)"
+            ):
+                await w.call("unprepare", "/x")
+        finally:
+            await w.aclose()
+
+    run(main())
+
+
+def test_the_worker_exits_once_idle_and_is_started_again_on_demand() -> None:
+    async def main() -> None:
+        w = podnet.Worker(idle=0.2)
+        try:
+            with pytest.raises(podnet.RoutingError):
+                await w.call("installed", MISSING)
+            proc = w._proc
+            assert proc is not None
+            await asyncio.wait_for(proc.wait(), 10)  # it exited by itself
+            assert proc.returncode == 0 and not w.running
+            with pytest.raises(podnet.RoutingError):
+                await w.call("installed", MISSING)
+            assert w.started == 2
+        finally:
+            await w.aclose()
+
+    run(main())
+
+
+def test_run_once_and_unknown_ops() -> None:
+    with pytest.raises(podnet.RoutingError, match=f"unprepare in {MISSING}"):
+        podnet.run_once("unprepare", MISSING)
+    with pytest.raises(ValueError, match="unknown podnet op"):
+        podnet.run_once("frobnicate", MISSING)
+    with pytest.raises(ValueError, match="unknown podnet op"):
+        run(podnet.Worker().call("frobnicate", MISSING))
