@@ -61,7 +61,7 @@ OPS = ("prepare", "unprepare", "installed")
 # one-shot form (`run_once`) serves callers off the event loop (`tether
 # cleanup`).
 WORKER_IDLE_S = 5.0  # the worker exits after this long without a request
-WORKER_TIMEOUT_S = float(os.environ.get("TETHER_PODNET_TIMEOUT", "30"))
+WORKER_TIMEOUT_S = 30.0  # per request (a netns being torn down can hold netlink)
 
 
 class RoutingError(OSError):
@@ -97,16 +97,17 @@ def run_once(op: str, path: str, timeout: float = WORKER_TIMEOUT_S) -> bool:
         )
     except subprocess.TimeoutExpired as e:
         raise RoutingError(errno.ETIMEDOUT, f"{op} in {path}: no answer in {timeout:g} s") from e
-    return _answer(op, path, out.stdout.strip().splitlines()[-1:] or [""], out.stderr)
-
-
-def _answer(op: str, path: str, lines: list[str], stderr: str = "") -> bool:
     try:
-        reply = json.loads(lines[0])
+        reply = json.loads(out.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
-        tail = stderr.strip().splitlines()[-1:] or ["no answer"]
+        tail = out.stderr.strip().splitlines()[-1:] or ["no answer"]
         raise RoutingError(errno.EIO, f"{op} in {path}: worker failed: {tail[0]}") from None
-    if not reply.get("ok"):
+    return _reply(op, path, reply)
+
+
+def _reply(op: str, path: str, reply: Any) -> bool:
+    if not isinstance(reply, dict) or not reply.get("ok"):
+        reply = reply if isinstance(reply, dict) else {"error": f"answer {reply!r}"}
         raise RoutingError(errno.EIO, f"{op} in {path}: {reply.get('error', 'failed')}")
     return bool(reply.get("installed", True))
 
@@ -151,16 +152,16 @@ class Worker:
                 proc.stdin.write(json.dumps({"op": op, "netns": path}).encode() + b"\n")
                 await proc.stdin.drain()
                 line = await asyncio.wait_for(proc.stdout.readline(), self.timeout)
-            except (OSError, TimeoutError) as e:
+                if not line:
+                    raise EOFError("worker exited (see its log)")
+                reply = json.loads(line)  # anything else: out of step, never reuse it
+            except (OSError, TimeoutError, EOFError, ValueError) as e:
                 self._kill()
                 why = f"no answer in {self.timeout:g} s" if isinstance(e, TimeoutError) else str(e)
                 raise RoutingError(errno.EIO, f"{op} in {path}: worker failed: {why}") from e
-            if not line:
-                self._kill()
-                raise RoutingError(errno.EIO, f"{op} in {path}: worker exited (see its log)")
             loop = asyncio.get_running_loop()
             self._idle_timer = loop.call_later(self.idle, self._retire)
-            return _answer(op, path, [line.decode(errors="replace")])
+            return _reply(op, path, reply)
 
     async def _process(self) -> asyncio.subprocess.Process:
         self._ending = [p for p in self._ending if p.returncode is None]
@@ -307,6 +308,11 @@ def _serve_one(op: str, path: str) -> dict[str, Any]:
 def main(argv: list[str]) -> int:
     """`serve`: a request per stdin line ({"op", "netns"}), an answer per
     stdout line, until EOF; `OP PATH`: one request, answered on stdout."""
+    # Answers go to the original stdout; anything else that writes there (a
+    # library's print) goes to stderr, so the answers stay one per request.
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
     if argv[:1] == ["serve"]:
         for line in sys.stdin:
             try:
@@ -314,12 +320,13 @@ def main(argv: list[str]) -> int:
                 reply = _serve_one(str(req["op"]), str(req["netns"]))
             except (ValueError, KeyError, TypeError) as e:
                 reply = {"ok": False, "error": f"bad request: {e}"}
-            sys.stdout.write(json.dumps(reply) + "\n")
-            sys.stdout.flush()
+            out.write(json.dumps(reply) + "\n")
+            out.flush()
         return 0
     if len(argv) == 2 and argv[0] in OPS:
         reply = _serve_one(argv[0], argv[1])
-        print(json.dumps(reply))
+        out.write(json.dumps(reply) + "\n")
+        out.flush()
         return 0 if reply["ok"] else 1
     ops = "|".join(OPS)
     print(f"usage: python -m agent.datapath.podnet serve | {{{ops}}} NETNS", file=sys.stderr)

@@ -131,3 +131,44 @@ def test_run_once_and_unknown_ops() -> None:
         podnet.run_once("frobnicate", MISSING)
     with pytest.raises(ValueError, match="unknown podnet op"):
         run(podnet.Worker().call("frobnicate", MISSING))
+
+
+def test_a_worker_out_of_step_is_killed_not_reused() -> None:
+    junk = [sys.executable, "-c", "import sys\nfor _ in sys.stdin: print('hello', flush=True)"]
+
+    async def main() -> None:
+        w = podnet.Worker(command=junk)
+        try:
+            with pytest.raises(podnet.RoutingError, match="prepare in /x: worker failed"):
+                await w.call("prepare", "/x")
+            assert not w.running
+            with pytest.raises(podnet.RoutingError):
+                await w.call("prepare", "/x")
+            assert w.started == 2
+        finally:
+            await w.aclose()
+
+    run(main())
+
+
+def test_what_a_library_prints_never_reaches_the_answers() -> None:
+    code = (
+        "import sys, agent.datapath.podnet as p\n"
+        "real = p._serve_one\n"
+        "def noisy(op, path):\n"
+        "    print('a library talking')\n"
+        "    return real(op, path)\n"
+        "p._serve_one = noisy\n"
+        "sys.exit(p.main(['serve']))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-P", "-c", code],
+        env=podnet._env(),
+        input=json.dumps({"op": "installed", "netns": MISSING}) + "\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert [json.loads(line)["ok"] for line in out.stdout.splitlines()] == [False]
+    assert "a library talking" in out.stderr
