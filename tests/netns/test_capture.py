@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from agent.datapath import bpfsys, inventory
+from agent.datapath import bpfsys, inventory, podnet
 from agent.netns import delete_netns
 from agent.sim.harness import AgentNode, classify, cluster_nodes
 from agent.sim.topology import Testbed
@@ -162,13 +162,22 @@ def test_pod_whose_netns_disappears_is_unenrolled_and_reported(node: AgentNode) 
         node.write_config()
 
 
+def _delivery_rule(netns_path: object) -> bool:
+    """Whether the pod's netns routes the agent's delivery mark back to it
+    (agent/datapath/podnet.py), as iproute2 sees it."""
+    name = os.path.basename(str(netns_path))
+    out = subprocess.run(["ip", "-n", name, "rule"], capture_output=True, text=True, check=True)
+    return f"fwmark {podnet.DELIVERY_MARK:#x} lookup {podnet.DELIVERY_TABLE}" in out.stdout
+
+
 def test_reload_unenrolls_and_reenrolls_a_namespace(node: AgentNode) -> None:
     a, b = node.tb.pod("a"), node.tb.pod("b")
+    assert _delivery_rule(b.netns_path)
     node.enroll_namespace("shop", on=False)
     node.write_config()
     try:
         deadline = time.monotonic() + 10
-        while node.status()["datapath"]["pods"]:
+        while node.status()["datapath"]["pods"] or _delivery_rule(b.netns_path):
             assert time.monotonic() < deadline, node.log_tail()
             time.sleep(0.2)
         r = node.connect(a, b)
@@ -181,8 +190,42 @@ def test_reload_unenrolls_and_reenrolls_a_namespace(node: AgentNode) -> None:
     while len(node.status()["datapath"]["pods"]) < 3:
         assert time.monotonic() < deadline
         time.sleep(0.2)
+    assert _delivery_rule(b.netns_path)
     r = node.connect(a, b)
     assert r["ok"] and _path(node, r) == ("captured", "captured")
+
+
+def test_pod_whose_routing_cannot_be_installed_is_reported_then_retried(node: AgentNode) -> None:
+    """The delivery routing is installed by a worker process before the pod
+    is enrolled: a netns where that fails (loopback down: no local route
+    can go in) fails that pod alone, with the reason, until an update
+    finds it fixed."""
+    h = node.add_pod("h", "shop", "sa-h")
+    name = os.path.basename(str(h.netns_path))
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "down"], check=True)
+        node.write_config()
+        deadline = time.monotonic() + 20
+        while "shop/h" not in node.status()["pod_errors"]:
+            assert time.monotonic() < deadline, node.log_tail()
+            time.sleep(0.2)
+        st = node.status()
+        assert "delivery routing not installed" in st["pod_errors"]["shop/h"]
+        assert "shop/h" not in st["datapath"]["pods"]
+        r = node.connect(node.tb.pod("a"), node.tb.pod("b"))
+        assert r["ok"] and _path(node, r) == ("captured", "captured")
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        node.pod_labels["h"] = {"retry": "1"}  # any update retries
+        node.write_config()
+        deadline = time.monotonic() + 20
+        while "shop/h" not in node.status()["datapath"]["pods"]:
+            assert time.monotonic() < deadline, node.log_tail()
+            time.sleep(0.2)
+        assert "shop/h" not in node.status()["pod_errors"]
+        assert _delivery_rule(h.netns_path)
+    finally:
+        node.pods = [p for p in node.pods if p.name != "h"]
+        node.write_config()
 
 
 @pytest.mark.parametrize("sk_msg", [False, True])
