@@ -26,6 +26,7 @@ from agent.admin import HttpServer, Response
 from agent.datapath.datapath import Datapath, DatapathConfig
 from agent.datapath.errors import DatapathError
 from agent.datapath.loader import BuildOptions
+from agent.identity.embedded import IssueError
 from agent.identity.manager import CertificateManager
 from agent.identity.setup import certificate_manager
 from agent.identity.spiffe import SpiffeId
@@ -171,7 +172,7 @@ class Agent:
         await loop.run_in_executor(None, self.datapath.prepare)
         self._inherited = await handoff.receive(self.settings.agent.state_dir)
         await loop.run_in_executor(None, self.datapath.start)
-        self.certs = certificate_manager(self.settings.identity, self.settings.agent.state_dir)
+        self.certs = certificate_manager(self.settings.identity)
         hbone, server_ctx = self._tls()
         self.tunnel = Tunnel(
             self.state,
@@ -470,7 +471,7 @@ def main_run(config_path: str, skmsg: bool | None, kube: dict[str, Any] | None =
         return 2
     try:
         eventloop.run(agent.run())
-    except DatapathError as e:
+    except (DatapathError, IssueError) as e:
         log.error("%s", e)
         return 1
     return 0

@@ -1096,7 +1096,8 @@ def _tls_path_transfer(path: str, nbytes: int = TLS_PATH_BYTES) -> dict[str, Any
 
     from agent import eventloop
     from agent.identity.ca import CertificateAuthority
-    from agent.identity.manager import CertificateManager, EmbeddedCA
+    from agent.identity.embedded import EmbeddedCA
+    from agent.identity.manager import CertificateManager
     from agent.identity.spiffe import SpiffeId
 
     class End(asyncio.Protocol):

@@ -39,8 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from agent.identity.manager import CertificateManager, CertificateUnavailable
+from agent.identity.pem import SvidLike, utcnow
 from agent.identity.spiffe import SpiffeId
-from agent.identity.svid import Svid, utcnow
 from agent.jwks import JwksFetcher
 from agent.model.waypoint import Waypoint
 from agent.state.state import StateView
@@ -108,7 +108,7 @@ class WaypointProxy:
         self.identity = SpiffeId(trust_domain, wp.namespace, wp.account)
         self.status_ = _Status()
         self.node = ""
-        self.svid: Svid | None = None
+        self.svid: SvidLike | None = None
         self.cache: Any = None
         self.server: Any = None
         self.envoy: Any = None
@@ -133,7 +133,7 @@ class WaypointProxy:
         self.wp, self.view = wp, view
         self._changed.set()
 
-    def on_issued(self, identity: SpiffeId, svid: Svid) -> None:
+    def on_issued(self, identity: SpiffeId, svid: SvidLike) -> None:
         if identity == self.identity:
             self.svid = svid
             self._changed.set()
@@ -350,7 +350,7 @@ class WaypointProxy:
                 log.exception("waypoint %s: request hook failed", key)
 
     def _push(
-        self, view: StateView, wp: Waypoint, svid: Svid, fetched: dict[str, str]
+        self, view: StateView, wp: Waypoint, svid: SvidLike, fetched: dict[str, str]
     ) -> tuple[dict[str, str], Any, frozenset[str]]:
         """Translate and set the snapshot (an executor thread); also the
         jwksUris the waypoint's RequestAuthentications name."""
@@ -451,7 +451,7 @@ class Waypoints:
         td = self.trust_domain
         return [SpiffeId(td, wp.namespace, wp.account) for wp in local_waypoints(view)]
 
-    def _on_issued(self, identity: SpiffeId, svid: Svid) -> None:
+    def _on_issued(self, identity: SpiffeId, svid: SvidLike) -> None:
         for p in self.proxies.values():
             p.on_issued(identity, svid)
 

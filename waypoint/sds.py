@@ -9,13 +9,13 @@ from __future__ import annotations
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2
 
-from agent.identity.svid import Svid
+from agent.identity.pem import SvidLike
 
 CERT_SECRET = "default"
 ROOT_SECRET = "ROOTCA"
 
 
-def tls_certificate_secret(svid: Svid, name: str = CERT_SECRET) -> secret_pb2.Secret:
+def tls_certificate_secret(svid: SvidLike, name: str = CERT_SECRET) -> secret_pb2.Secret:
     """The SVID's chain (leaf first) and private key; a renewal is a new version of it."""
     return secret_pb2.Secret(
         name=name,
@@ -36,6 +36,6 @@ def validation_context_secret(roots_pem: bytes, name: str = ROOT_SECRET) -> secr
     )
 
 
-def svid_secrets(svid: Svid) -> list[secret_pb2.Secret]:
+def svid_secrets(svid: SvidLike) -> list[secret_pb2.Secret]:
     """Both secrets of a waypoint, ready for ``SnapshotCache.set_snapshot``."""
     return [tls_certificate_secret(svid), validation_context_secret(svid.roots_pem())]

@@ -22,22 +22,15 @@ packets are affected; the pod's other traffic routes as before.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
-import json
-import logging
 import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-import agent
-from agent import netns
-
-log = logging.getLogger(__name__)
+from agent import netns, workerproc
 
 DELIVERY_MARK = 0x539
 DELIVERY_TABLE = 133
@@ -52,168 +45,63 @@ SYSCTLS = (
     f"{_PROC}/sys/net/ipv6/fwmark_reflect",
 )
 OPS = ("prepare", "unprepare", "installed")
+MODULE = "agent.datapath.podnet"
 
-# The netlink work runs in a worker process, never in the agent's: pyroute2
-# costs ~11 MiB resident once imported (its package pulls in ndb, sqlite3
-# and more), for four messages per pod.  The agent starts the worker when a
-# burst of enrollments begins (`Worker`, awaited by the pod reconcile, so
-# the worker's start never stalls a relay) and lets it exit once idle; the
-# one-shot form (`run_once`) serves callers off the event loop (`tether
-# cleanup`).
-WORKER_IDLE_S = 5.0  # the worker exits after this long without a request
-WORKER_TIMEOUT_S = 30.0  # per request (a netns being torn down can hold netlink)
+# The netlink work runs in a worker process (agent/workerproc.py), never in
+# the agent's: pyroute2 costs ~11 MiB resident once imported (its package
+# pulls in ndb, sqlite3 and more), for four messages per pod.  The pod
+# reconcile awaits it (`Worker`), so the worker's start never stalls a
+# relay; `run_once` serves callers off the event loop (`tether cleanup`).
 
 
 class RoutingError(OSError):
     """The delivery routing could not be installed or removed in a pod's netns."""
 
 
-def _command(*args: str) -> list[str]:
-    """This interpreter running this tree's podnet module: -P keeps the
-    working directory off sys.path, PYTHONPATH (see _env) puts this tree
-    first, so the worker runs the agent's own code, whatever the cwd."""
-    return [sys.executable, "-P", "-m", "agent.datapath.podnet", *args]
-
-
-def _env() -> dict[str, str]:
-    root = str(Path(agent.__file__).resolve().parent.parent)
-    old = os.environ.get("PYTHONPATH", "")
-    return {**os.environ, "PYTHONPATH": root + (os.pathsep + old if old else "")}
-
-
-def run_once(op: str, path: str, timeout: float = WORKER_TIMEOUT_S) -> bool:
-    """`op` on the netns at `path` in a one-shot worker process, blocking;
-    True/False for "installed".  Raises RoutingError naming the netns."""
+def _request(op: str, path: str) -> dict[str, Any]:
     if op not in OPS:
         raise ValueError(f"unknown podnet op {op!r}")
-    try:
-        out = subprocess.run(
-            _command(op, path),
-            env=_env(),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as e:
-        raise RoutingError(errno.ETIMEDOUT, f"{op} in {path}: no answer in {timeout:g} s") from e
-    try:
-        reply = json.loads(out.stdout.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        tail = out.stderr.strip().splitlines()[-1:] or ["no answer"]
-        raise RoutingError(errno.EIO, f"{op} in {path}: worker failed: {tail[0]}") from None
-    return _reply(op, path, reply)
+    return {"op": op, "netns": path}
 
 
-def _reply(op: str, path: str, reply: Any) -> bool:
-    if not isinstance(reply, dict) or not reply.get("ok"):
-        reply = reply if isinstance(reply, dict) else {"error": f"answer {reply!r}"}
+def _result(op: str, path: str, reply: dict[str, Any]) -> bool:
+    if not reply.get("ok"):
         raise RoutingError(errno.EIO, f"{op} in {path}: {reply.get('error', 'failed')}")
     return bool(reply.get("installed", True))
 
 
-class Worker:
+def run_once(op: str, path: str, timeout: float = workerproc.TIMEOUT_S) -> bool:
+    """`op` on the netns at `path` in a one-shot worker process, blocking;
+    True/False for "installed".  Raises RoutingError naming the netns."""
+    req = _request(op, path)
+    try:
+        reply = workerproc.run_once(MODULE, req, timeout)
+    except workerproc.WorkerError as e:
+        raise RoutingError(e.errno, f"{op} in {path}: {e.strerror}") from e
+    return _result(op, path, reply)
+
+
+class Worker(workerproc.Worker):
     """The netlink worker as the agent's event loop drives it: requests go
     one at a time, in the order they were made (unprepare before a later
-    prepare of the same netns), to one child process that is started on
-    demand and exits WORKER_IDLE_S after its last request."""
+    prepare of the same netns)."""
 
     def __init__(
         self,
-        idle: float = WORKER_IDLE_S,
-        timeout: float = WORKER_TIMEOUT_S,
+        idle: float = workerproc.IDLE_S,
+        timeout: float = workerproc.TIMEOUT_S,
         command: list[str] | None = None,
     ) -> None:
-        self.idle = idle
-        self.timeout = timeout
-        self.command = command or _command("serve")
-        self.started = 0  # worker processes started (tests, `tether status`)
-        self._proc: asyncio.subprocess.Process | None = None
-        self._ending: list[asyncio.subprocess.Process] = []  # retired or killed, not yet reaped
-        self._lock = asyncio.Lock()
-        self._idle_timer: asyncio.TimerHandle | None = None
+        super().__init__(MODULE, idle, timeout, command)
 
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.returncode is None
-
-    async def call(self, op: str, path: str) -> bool:
-        """`op` on the netns at `path`; raises RoutingError (the worker is
-        then stopped, the next call starts a fresh one)."""
-        if op not in OPS:
-            raise ValueError(f"unknown podnet op {op!r}")
-        async with self._lock:
-            if self._idle_timer is not None:
-                self._idle_timer.cancel()
-                self._idle_timer = None
-            try:
-                proc = await self._process()
-                assert proc.stdin is not None and proc.stdout is not None
-                proc.stdin.write(json.dumps({"op": op, "netns": path}).encode() + b"\n")
-                await proc.stdin.drain()
-                line = await asyncio.wait_for(proc.stdout.readline(), self.timeout)
-                if not line:
-                    raise EOFError("worker exited (see its log)")
-                reply = json.loads(line)  # anything else: out of step, never reuse it
-            except (OSError, TimeoutError, EOFError, ValueError) as e:
-                self._kill()
-                why = f"no answer in {self.timeout:g} s" if isinstance(e, TimeoutError) else str(e)
-                raise RoutingError(errno.EIO, f"{op} in {path}: worker failed: {why}") from e
-            loop = asyncio.get_running_loop()
-            self._idle_timer = loop.call_later(self.idle, self._retire)
-            return _reply(op, path, reply)
-
-    async def _process(self) -> asyncio.subprocess.Process:
-        self._ending = [p for p in self._ending if p.returncode is None]
-        if self._proc is None or self._proc.returncode is not None:
-            self._proc = await asyncio.create_subprocess_exec(
-                *self.command,
-                env=_env(),
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-            )
-            self.started += 1
-            log.debug("podnet worker started (pid %d)", self._proc.pid)
-        return self._proc
-
-    def _retire(self) -> None:
-        """Idle: close the worker's stdin, it exits on EOF (reaped by asyncio)."""
-        self._idle_timer = None
-        proc = self._proc
-        if proc is not None and proc.stdin is not None and not self._lock.locked():
-            proc.stdin.close()
-            self._ending.append(proc)
-            self._proc = None
-
-    def _kill(self) -> None:
-        proc, self._proc = self._proc, None
-        if proc is not None:
-            self._ending.append(proc)
-            if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-
-    def close(self) -> None:
-        """Let the worker go (it exits on EOF); `aclose` also waits for it."""
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
-        proc, self._proc = self._proc, None
-        if proc is not None:
-            self._ending.append(proc)
-            if proc.stdin is not None:
-                proc.stdin.close()
-
-    async def aclose(self) -> None:
-        self.close()
-        ending, self._ending = self._ending, []
-        for proc in ending:
-            try:
-                await asyncio.wait_for(proc.wait(), 5.0)
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                await proc.wait()
+    async def call(self, op: str, path: str) -> bool:  # type: ignore[override]
+        """`op` on the netns at `path`; raises RoutingError."""
+        req = _request(op, path)
+        try:
+            reply = await super().call(req)
+        except workerproc.WorkerError as e:
+            raise RoutingError(e.errno, f"{op} in {path}: {e.strerror}") from e
+        return _result(op, path, reply)
 
 
 # -- the worker process ------------------------------------------------------
@@ -290,48 +178,24 @@ def _ignore_exists(fn: object) -> None:
             raise
 
 
-def _serve_one(op: str, path: str) -> dict[str, Any]:
-    try:
-        if op == "prepare":
-            _prepare(path)
-        elif op == "unprepare":
-            _unprepare(path)
-        elif op == "installed":
-            return {"ok": True, "installed": _installed(path)}
-        else:
-            return {"ok": False, "error": f"unknown op {op!r}"}
-    except Exception as e:  # one pod's failure is its answer, never the worker's end
-        return {"ok": False, "error": f"{type(e).__name__}: {e}"}
+def _handle(req: dict[str, Any]) -> dict[str, Any]:
+    op, path = req.get("op"), req.get("netns")
+    if op not in OPS:
+        return {"ok": False, "error": f"unknown op {op!r}"}
+    if not isinstance(path, str):
+        return {"ok": False, "error": "bad request: no netns"}
+    if op == "prepare":
+        _prepare(path)
+    elif op == "unprepare":
+        _unprepare(path)
+    elif op == "installed":
+        return {"ok": True, "installed": _installed(path)}
+    else:
+        return {"ok": False, "error": f"unknown op {op!r}"}
     return {"ok": True}
 
 
-def main(argv: list[str]) -> int:
-    """`serve`: a request per stdin line ({"op", "netns"}), an answer per
-    stdout line, until EOF; `OP PATH`: one request, answered on stdout."""
-    # Answers go to the original stdout; anything else that writes there (a
-    # library's print) goes to stderr, so the answers stay one per request.
-    out = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    if argv[:1] == ["serve"]:
-        for line in sys.stdin:
-            try:
-                req = json.loads(line)
-                reply = _serve_one(str(req["op"]), str(req["netns"]))
-            except (ValueError, KeyError, TypeError) as e:
-                reply = {"ok": False, "error": f"bad request: {e}"}
-            out.write(json.dumps(reply) + "\n")
-            out.flush()
-        return 0
-    if len(argv) == 2 and argv[0] in OPS:
-        reply = _serve_one(argv[0], argv[1])
-        out.write(json.dumps(reply) + "\n")
-        out.flush()
-        return 0 if reply["ok"] else 1
-    ops = "|".join(OPS)
-    print(f"usage: python -m agent.datapath.podnet serve | {{{ops}}} NETNS", file=sys.stderr)
-    return 2
-
-
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    if sys.argv[1:] != ["serve"]:
+        sys.exit(f"usage: python -m {MODULE} serve (requests on stdin, see agent/workerproc.py)")
+    sys.exit(workerproc.serve(_handle))

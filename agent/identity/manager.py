@@ -5,7 +5,8 @@ first appears, renewed at half its life, and on failure retried with a
 per-identity exponential backoff capped at 150 s while the still-valid
 certificate stays in use. Identities no longer on the node are forgotten.
 The source of certificates is pluggable: ``CaClient`` (gRPC to istiod or
-``tether ca``) or ``EmbeddedCA`` (signing in process, local and demo modes).
+``tether ca``) or ``WorkerCA`` (the local CA, signing in a worker process;
+agent/identity/embedded.py).  Nothing here imports cryptography.
 """
 
 from __future__ import annotations
@@ -21,9 +22,8 @@ from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from agent.identity import tls
-from agent.identity.ca import CertificateAuthority
+from agent.identity.pem import SvidLike, utcnow
 from agent.identity.spiffe import SpiffeId, as_spiffe_id
-from agent.identity.svid import Svid, build_csr, generate_key, svid_from_response, utcnow
 from agent.identity.tls import PeerIdentityError, peer_identity, verify_peer
 
 __all__ = [
@@ -31,9 +31,8 @@ __all__ = [
     "CertificateManager",
     "CertificateSource",
     "CertificateUnavailable",
-    "EmbeddedCA",
     "PeerIdentityError",
-    "Svid",
+    "SvidLike",
     "peer_identity",
     "verify_peer",
 ]
@@ -56,7 +55,7 @@ Sleep = Callable[[float], Awaitable[None]]
 class CertificateSource(Protocol):
     """Where certificates come from: a CA client or the embedded CA."""
 
-    async def fetch(self, identity: SpiffeId) -> Svid: ...
+    async def fetch(self, identity: SpiffeId) -> SvidLike: ...
 
 
 class CertificateUnavailable(Exception):
@@ -67,23 +66,6 @@ class CertificateUnavailable(Exception):
         super().__init__(f"no valid certificate for {identity}: {reason}")
         self.identity = identity
         self.cause = cause
-
-
-class EmbeddedCA:
-    """A CertificateSource signing in process with a local CertificateAuthority.
-
-    It goes through the same CSR and response checks as the gRPC path, so
-    local mode exercises the code that production uses.
-    """
-
-    def __init__(self, ca: CertificateAuthority, ttl: timedelta | None = None) -> None:
-        self.ca = ca
-        self.ttl = ttl
-
-    async def fetch(self, identity: SpiffeId) -> Svid:
-        key = generate_key()
-        chain = self.ca.sign_csr(build_csr(identity, key), identity, self.ttl)
-        return svid_from_response(identity, key, chain, trust_roots=self.ca.roots)
 
 
 class Backoff:
@@ -117,7 +99,7 @@ class Backoff:
 class _Entry:
     identity: SpiffeId
     backoff: Backoff
-    svid: Svid | None = None
+    svid: SvidLike | None = None
     last_error: BaseException | None = None
     failures: int = 0
     next_attempt: datetime | None = None
@@ -141,7 +123,6 @@ class CertificateManager:
         backoff_jitter: float = BACKOFF_JITTER,
         clock: Clock = utcnow,
         sleep: Sleep = asyncio.sleep,
-        tls_tmp_dir: str | None = None,
     ) -> None:
         if not 0.0 < renew_ratio < 1.0:
             raise ValueError("renew_ratio must be between 0 and 1")
@@ -150,12 +131,11 @@ class CertificateManager:
         self._backoff_args = (backoff_initial, backoff_max, BACKOFF_MULTIPLIER, backoff_jitter)
         self._clock = clock
         self._sleep = sleep
-        self._tls_tmp_dir = tls_tmp_dir
         self._entries: dict[SpiffeId, _Entry] = {}
         # called on the loop with (identity, svid) after every issuance and
         # renewal: holders of a certificate outside this process (a waypoint
         # Envoy's SDS secret) push the new one
-        self.on_issued: list[Callable[[SpiffeId, Svid], None]] = []
+        self.on_issued: list[Callable[[SpiffeId, SvidLike], None]] = []
 
     # -- lifecycle of identities -------------------------------------------
 
@@ -204,6 +184,9 @@ class CertificateManager:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        aclose = getattr(self.source, "aclose", None)  # WorkerCA: its worker process
+        if aclose is not None:
+            await aclose()
 
     # -- the renewal loop ------------------------------------------------------
 
@@ -226,7 +209,7 @@ class CertificateManager:
                 attempt.set_result(None)
             await self._sleep(delay)
 
-    def _succeeded(self, entry: _Entry, svid: Svid) -> float:
+    def _succeeded(self, entry: _Entry, svid: SvidLike) -> float:
         if svid.identity != entry.identity:
             return self._failed(
                 entry, ValueError(f"source returned {svid.identity} for {entry.identity}")
@@ -281,13 +264,13 @@ class CertificateManager:
 
     # -- access ----------------------------------------------------------------
 
-    def _valid(self, entry: _Entry) -> Svid | None:
+    def _valid(self, entry: _Entry) -> SvidLike | None:
         svid = entry.svid
         if svid is not None and self._clock() < svid.not_after:
             return svid
         return None
 
-    async def get(self, identity: SpiffeId | str) -> Svid:
+    async def get(self, identity: SpiffeId | str) -> SvidLike:
         """The current valid SVID, waiting for an attempt under way; else CertificateUnavailable.
 
         Starts managing the identity if it was not yet.
@@ -306,7 +289,7 @@ class CertificateManager:
             raise CertificateUnavailable(ident, None, "identity was forgotten")
         raise CertificateUnavailable(ident, entry.last_error)
 
-    def peek(self, identity: SpiffeId | str) -> Svid | None:
+    def peek(self, identity: SpiffeId | str) -> SvidLike | None:
         """The current valid SVID without waiting or starting anything."""
         entry = self._entries.get(as_spiffe_id(identity))
         return self._valid(entry) if entry is not None else None
@@ -320,7 +303,7 @@ class CertificateManager:
         if cached is not None and cached[0] == svid.serial:
             return cached[1]
         build = tls.server_context if role == "server" else tls.client_context
-        ctx = build(svid, tmp_dir=self._tls_tmp_dir)
+        ctx = build(svid)
         if entry is not None and entry.svid is svid:
             entry.tls_cache[role] = (svid.serial, ctx)
         return ctx

@@ -9,8 +9,8 @@ import logging
 from datetime import timedelta
 from pathlib import Path
 
-from agent.identity.ca import CertificateAuthority
-from agent.identity.manager import CertificateManager, CertificateSource, EmbeddedCA
+from agent.identity.embedded import WorkerCA
+from agent.identity.manager import CertificateManager, CertificateSource
 from agent.model import IdentitySettings
 
 log = logging.getLogger(__name__)
@@ -18,12 +18,10 @@ log = logging.getLogger(__name__)
 DEFAULT_CERT_TTL = timedelta(hours=24)
 
 
-def certificate_manager(ident: IdentitySettings, state_dir: str) -> CertificateManager | None:
+def certificate_manager(ident: IdentitySettings) -> CertificateManager | None:
     """None when no identity source is configured (mesh traffic then goes
     in plaintext, and the agent says so)."""
     ttl = timedelta(seconds=ident.cert_ttl) if ident.cert_ttl else None
-    tmp = Path(state_dir) / "tls"
-    tmp.mkdir(mode=0o700, parents=True, exist_ok=True)
     source: CertificateSource
     if ident.ca_address:
         # grpc only when a remote CA is used: it costs ~18 MiB resident
@@ -45,9 +43,10 @@ def certificate_manager(ident: IdentitySettings, state_dir: str) -> CertificateM
             ttl=ttl or DEFAULT_CERT_TTL,
         )
     elif ident.ca_dir:
-        ca = CertificateAuthority.load_or_generate(ident.ca_dir, ident.trust_domain)
-        source = EmbeddedCA(ca, ttl)
+        local = WorkerCA(ident.ca_dir, ident.trust_domain, ttl)
+        local.check()  # a broken caDir stops the agent here, with the reason
+        source = local
     else:
         log.warning("no identity.caDir or caAddress: mesh traffic is passed through in plaintext")
         return None
-    return CertificateManager(source, tls_tmp_dir=str(tmp))
+    return CertificateManager(source)

@@ -11,22 +11,21 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from agent.identity.pem import PemSvid, refresh_time, utcnow
 from agent.identity.spiffe import SpiffeId, SpiffeIdError
+
+__all__ = ["ChainError", "PemSvid", "Svid", "utcnow"]
 
 
 class ChainError(ValueError):
     """A certificate chain fails a check; the message names the certificate and the check."""
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def generate_key() -> ec.EllipticCurvePrivateKey:
@@ -203,14 +202,7 @@ class Svid:
         return self.leaf.serial_number
 
     def refresh_at(self, ratio: float = 0.5) -> datetime:
-        """When to renew: ``ratio`` of the lifetime left when the certificate arrived.
-
-        ztunnel measures half-life from notBefore; the CA backdates notBefore for
-        clock skew, so measuring from arrival keeps short test TTLs meaningful and
-        differs by under a minute on a 24 h certificate.
-        """
-        start = max(self.received_at, self.not_before)
-        return start + (self.not_after - start) * ratio
+        return refresh_time(self.received_at, self.not_before, self.not_after, ratio)
 
     def is_valid(self, now: datetime) -> bool:
         return self.not_before <= now < self.not_after
@@ -230,6 +222,19 @@ class Svid:
         )
         return self.key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, enc
+        )
+
+    def pem(self) -> PemSvid:
+        """The same SVID as the agent process holds it (agent/identity/pem.py)."""
+        return PemSvid(
+            identity=self.identity,
+            chain=self.chain_pem(),
+            roots=self.roots_pem(),
+            key=self.key_pem(),
+            not_before=self.not_before,
+            not_after=self.not_after,
+            serial=self.serial,
+            received_at=self.received_at,
         )
 
 

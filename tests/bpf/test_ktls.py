@@ -28,7 +28,8 @@ import pytest
 
 from agent import bench
 from agent.identity.ca import CertificateAuthority
-from agent.identity.manager import CertificateManager, EmbeddedCA
+from agent.identity.embedded import EmbeddedCA
+from agent.identity.manager import CertificateManager
 from agent.identity.spiffe import SpiffeId
 from agent.tunnel import tlssock
 

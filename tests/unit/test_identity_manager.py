@@ -13,12 +13,12 @@ import pytest
 
 from agent.identity.ca import CertificateAuthority
 from agent.identity.client import CaClient, CaClientError
+from agent.identity.embedded import EmbeddedCA
 from agent.identity.manager import (
     BACKOFF_MAX,
     Backoff,
     CertificateManager,
     CertificateUnavailable,
-    EmbeddedCA,
 )
 from agent.identity.server import CaServer, StaticAuthenticator
 from agent.identity.spiffe import SpiffeId

@@ -14,7 +14,8 @@ from typing import TypeVar
 import pytest
 
 from agent.identity.ca import CertificateAuthority
-from agent.identity.manager import CertificateManager, EmbeddedCA
+from agent.identity.embedded import EmbeddedCA
+from agent.identity.manager import CertificateManager
 from agent.identity.spiffe import SpiffeId
 from agent.identity.svid import Svid, build_csr, generate_key, load_pem_certificates
 from agent.identity.tls import (

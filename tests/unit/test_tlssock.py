@@ -21,7 +21,8 @@ from prometheus_client import generate_latest
 from agent import eventloop
 from agent.bench import loopback_tcp_pair
 from agent.identity.ca import CertificateAuthority
-from agent.identity.manager import CertificateManager, EmbeddedCA
+from agent.identity.embedded import EmbeddedCA
+from agent.identity.manager import CertificateManager
 from agent.identity.spiffe import SpiffeId
 from agent.identity.tls import peer_identity
 from agent.tunnel import tlssock
