@@ -583,7 +583,7 @@ def cleanup(pin_dir: str, state_dir: str) -> dict[str, list[str]]:
     for name in (STATE_FILE, "handoff.sock"):
         with contextlib.suppress(FileNotFoundError):
             (Path(state_dir) / name).unlink()
-    shutil.rmtree(Path(state_dir) / "tls", ignore_errors=True)  # identity manager's temp
+    shutil.rmtree(Path(state_dir) / "tls", ignore_errors=True)  # older agents wrote TLS files here
     with contextlib.suppress(OSError):
         Path(state_dir).rmdir()
     return report
