@@ -1,10 +1,18 @@
 """The local CA's worker process (agent/workerproc.py): key generation, CSR,
 signing and the response checks, with cryptography, for embedded.WorkerCA.
 
-Requests: {"op": "load" | "issue", "ca_dir", "trust_domain"} and, to
-issue, "identity" (a SPIFFE URI) and "ttl_s" (seconds or null: the CA's
-default).  An answer to "issue" carries the SVID as pem.PemSvid.to_json.
-The CA is loaded (or generated) once per worker and kept while it lives.
+Requests, for embedded.WorkerCA (the local CA): {"op": "load" | "issue",
+"ca_dir", "trust_domain"} and, to issue, "identity" (a SPIFFE URI) and
+"ttl_s" (seconds or null: the CA's default).  The CA is loaded (or
+generated) once per worker and kept while it lives.
+
+For client.CaClient (a remote CA): {"op": "csr", "identity"} answers a
+fresh key and its CSR; {"op": "check", "identity", "key", "cert_chain",
+"root_certs", "trust_roots"} the SVID the CA's answer makes, after
+svid_from_response's checks (a refusal has "kind": "chain"); {"op":
+"roots", "trust_roots"} whether the PEMs parse.
+
+An answer that carries an SVID has it as pem.PemSvid.to_json.
 """
 
 from __future__ import annotations
@@ -13,10 +21,20 @@ import sys
 from datetime import timedelta
 from typing import Any
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
 from agent import workerproc
 from agent.identity.ca import CertificateAuthority
 from agent.identity.spiffe import SpiffeId
-from agent.identity.svid import build_csr, generate_key, svid_from_response
+from agent.identity.svid import (
+    ChainError,
+    build_csr,
+    generate_key,
+    load_pem_certificates,
+    svid_from_response,
+    utcnow,
+)
 
 _cas: dict[tuple[str, str], CertificateAuthority] = {}
 
@@ -31,8 +49,47 @@ def _ca(req: dict[str, Any]) -> CertificateAuthority:
     return ca
 
 
+def _strings(req: dict[str, Any], name: str) -> list[str]:
+    v = req.get(name)
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise ValueError(f"bad request: {name} is a list of strings")
+    return v
+
+
+def _remote(op: str, req: dict[str, Any]) -> dict[str, Any]:
+    if op == "roots":
+        load_pem_certificates(_strings(req, "trust_roots"))
+        return {"ok": True}
+    identity = SpiffeId.parse(str(req.get("identity")))
+    if op == "csr":
+        key = generate_key()
+        pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        return {"ok": True, "key": pem.decode("ascii"), "csr": build_csr(identity, key)}
+    loaded = serialization.load_pem_private_key(str(req.get("key")).encode("ascii"), None)
+    if not isinstance(loaded, ec.EllipticCurvePrivateKey):
+        raise ValueError("bad request: key is not an EC private key")
+    try:
+        svid = svid_from_response(
+            identity,
+            loaded,
+            _strings(req, "cert_chain"),
+            _strings(req, "root_certs"),
+            trust_roots=load_pem_certificates(_strings(req, "trust_roots")),
+            now=utcnow(),
+        )
+    except ChainError as e:
+        return {"ok": False, "kind": "chain", "error": str(e)}
+    return {"ok": True, "svid": svid.pem().to_json()}
+
+
 def handle(req: dict[str, Any]) -> dict[str, Any]:
     op = req.get("op")
+    if op in ("csr", "check", "roots"):
+        return _remote(str(op), req)
     if op == "load":
         _ca(req)
         return {"ok": True}

@@ -9,7 +9,8 @@ import logging
 from datetime import timedelta
 from pathlib import Path
 
-from agent.identity.embedded import WorkerCA
+from agent import workerproc
+from agent.identity.embedded import ISSUER, IssueError, WorkerCA
 from agent.identity.manager import CertificateManager, CertificateSource
 from agent.model import IdentitySettings
 
@@ -35,12 +36,17 @@ def certificate_manager(ident: IdentitySettings) -> CertificateManager | None:
             if ident.ca_plaintext
             else grpc.ssl_channel_credentials(roots.encode() if roots else None)
         )
+        if roots:  # a bad root file stops the agent here, with the reason
+            reply = workerproc.run_once(ISSUER, {"op": "roots", "trust_roots": [roots]})
+            if not reply.get("ok"):
+                raise IssueError(f"identity.caRootFile {ident.ca_root_file}: {reply.get('error')}")
         source = CaClient(
             ident.ca_address,
             token=token_file(ident.token_file) if ident.token_file else None,
             trust_roots=[roots] if roots else (),
             channel_credentials=creds,
             ttl=ttl or DEFAULT_CERT_TTL,
+            worker=workerproc.Worker(ISSUER),  # key, CSR and checks: no cryptography here
         )
     elif ident.ca_dir:
         local = WorkerCA(ident.ca_dir, ident.trust_domain, ttl)

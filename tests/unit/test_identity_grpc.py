@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -12,8 +13,11 @@ import grpc
 import grpc.aio
 import pytest
 
+from agent import workerproc
 from agent.identity.ca import CertificateAuthority
 from agent.identity.client import CaClient, CaClientError, token_file
+from agent.identity.embedded import ISSUER
+from agent.identity.pem import PemSvid
 from agent.identity.proto import ca_pb2, ca_pb2_grpc
 from agent.identity.serve_ca import run_ca
 from agent.identity.server import (
@@ -25,7 +29,13 @@ from agent.identity.server import (
     StaticAuthenticator,
 )
 from agent.identity.spiffe import SpiffeId
-from agent.identity.svid import build_csr, generate_key, identity_of, verify_chain
+from agent.identity.svid import (
+    build_csr,
+    generate_key,
+    identity_of,
+    load_pem_certificates,
+    verify_chain,
+)
 
 T = TypeVar("T")
 
@@ -271,3 +281,58 @@ def test_run_ca_serves_tls_with_persistent_root(tmp_path: Path) -> None:
     # The root persisted: a second CA from the same directory has the same root.
     again = CertificateAuthority.load(tmp_path / "root")
     assert again.roots_pem() == roots
+
+
+# -- the node agent's way: key, CSR and checks in a worker process -----------
+
+
+def test_round_trip_through_the_certificate_worker(ca: CertificateAuthority) -> None:
+    """What the agent gets is PEM; checked here independently."""
+    auth = RecordingAuthenticator()
+    worker = workerproc.Worker(ISSUER)
+
+    async def body(target: str) -> Any:
+        client = CaClient(target, token="token-a", trust_roots=ca.roots_pem(), worker=worker)
+        try:
+            return await client.fetch(WEB), worker.started
+        finally:
+            await client.aclose()
+
+    svid, started = run(lambda: with_server(ca, auth, body))
+    assert isinstance(svid, PemSvid) and svid.identity == WEB and started == 1
+    assert not worker.running  # aclose ended it
+    chain = load_pem_certificates([svid.chain_pem()])
+    roots = load_pem_certificates([svid.roots_pem()])
+    assert identity_of(chain[0]) == WEB and roots == list(ca.roots)
+    verify_chain(chain, roots, datetime.now(UTC))
+    assert svid.serial == chain[0].serial_number
+    ((caller, ident),) = auth.impersonations
+    assert caller.node == "node-a" and ident == WEB
+
+
+def test_the_worker_refuses_a_chain_from_an_untrusted_root(ca: CertificateAuthority) -> None:
+    other = CertificateAuthority.generate("cluster.local")
+
+    async def body(target: str) -> None:
+        worker = workerproc.Worker(ISSUER)
+        client = CaClient(target, token="token-a", trust_roots=other.roots_pem(), worker=worker)
+        try:
+            with pytest.raises(CaClientError, match=r"returned a bad certificate: .*trusted root"):
+                await client.fetch(WEB)
+        finally:
+            await client.aclose()
+
+    run(lambda: with_server(ca, RecordingAuthenticator(), body))
+
+
+def test_a_dead_certificate_worker_is_the_fetchs_error(ca: CertificateAuthority) -> None:
+    async def body(target: str) -> None:
+        worker = workerproc.Worker("dead", argv=[sys.executable, "-c", "pass"])
+        client = CaClient(target, token="token-a", worker=worker)
+        try:
+            with pytest.raises(CaClientError, match=f"certificate worker for {WEB}: worker failed"):
+                await client.fetch(WEB)
+        finally:
+            await client.aclose()
+
+    run(lambda: with_server(ca, RecordingAuthenticator(), body))

@@ -1,8 +1,10 @@
-"""The podnet worker: the netlink step of an enrollment runs in a child
-process the agent's event loop awaits, so pyroute2 never loads in the agent
-and one pod's failure (or a hung or dead worker) is that pod's error.
-Runs unprivileged: the requests here fail on purpose or never reach netlink;
-tests/netns/test_podnet.py installs real routing."""
+"""The worker processes (agent/workerproc.py), through the podnet worker:
+the netlink step of an enrollment and the certificate work run in child
+processes the agent's event loop awaits, so neither pyroute2 nor
+cryptography loads in the agent, and one pod's failure (or a hung or dead
+worker) is that request's error.  Runs unprivileged: the requests here fail
+on purpose or never reach netlink; tests/netns/test_podnet.py installs real
+routing, tests/unit/test_identity_worker.py issues certificates."""
 
 from __future__ import annotations
 
@@ -34,6 +36,22 @@ def test_the_agent_never_imports_pyroute2_or_cryptography() -> None:
         " agent.identity.setup, agent.identity.embedded, agent.waypoints, waypoint.sds;"
         "heavy = {'pyroute2', 'cryptography', 'grpc', 'kubernetes'};"
         "print(sorted({m.split('.')[0] for m in sys.modules} & heavy))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-P", "-c", code],
+        cwd=REPO,
+        env={"PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_remote_ca_client_does_not_import_cryptography_either() -> None:
+    code = (
+        "import sys, agent.identity.setup, agent.identity.client;"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'cryptography', 'pyroute2'}))"
     )
     out = subprocess.run(
         [sys.executable, "-P", "-c", code],
