@@ -276,10 +276,17 @@ class Datapath:
 
     def adopted_netns(self, key: str) -> str | None:
         """The netns a previous agent enrolled pod `key` in (and installed its
-        delivery routing in), while this one has not claimed it yet."""
+        delivery routing in), while this one has not claimed it yet; None if
+        that path now names another netns (its inode changed) or none."""
         rec = self._adopted.get(key)
         ns = rec.get("spec", {}).get("netns") if isinstance(rec, dict) else None
-        return str(ns) if ns else None
+        if not ns:
+            return None
+        try:
+            same = os.stat(ns).st_ino == rec.get("netns_ino")
+        except OSError:
+            same = False
+        return str(ns) if same else None
 
     # -- for the tunnel ----------------------------------------------------
 
