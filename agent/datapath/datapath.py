@@ -279,7 +279,9 @@ class Datapath:
         delivery routing in), while this one has not claimed it yet; None if
         that path now names another netns (its inode changed) or none."""
         rec = self._adopted.get(key)
-        ns = rec.get("spec", {}).get("netns") if isinstance(rec, dict) else None
+        if not isinstance(rec, dict):
+            return None
+        ns = rec.get("spec", {}).get("netns")
         if not ns:
             return None
         try:
