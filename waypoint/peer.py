@@ -117,10 +117,13 @@ class PeerGate:
         self._thread.start()
 
     def _accept(self) -> None:
-        assert self._sock is not None
+        # the listener as started: stop() clears self._sock, and a thread
+        # that read the attribute after that raised AttributeError
+        sock = self._sock
+        assert sock is not None
         while True:
             try:
-                conn, _ = self._sock.accept()
+                conn, _ = sock.accept()
             except OSError:
                 return  # stop() shut the listener down
             try:
