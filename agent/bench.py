@@ -703,19 +703,16 @@ def run_tunnel(
                 (f"tether cross-node [{n}]", n, _variant_env(v))
                 for n, v in (variants or {}).items()
             ]
-            if variants_first:
-                rows = rows[1:] + rows[:1]
-            config["cross_row_order"] = [r[0] for r in rows]
+            order = rows[1:] + rows[:1] if variants_first else rows
+            config["cross_row_order"] = [r[0] for r in order]
             measured: dict[str, dict[str, Any]] = {}
-            started: dict[str, str] | None = None
-            for label, name, env in rows:
-                if started is not None:
+            for i, (label, name, env) in enumerate(order):
+                if i:
                     n1.stop_agent()
                     n2.stop_agent()
                 with _env(env or {}):
                     n1.start_agent()
                     n2.start_agent()
-                started = env or {}
                 if env is None:
                     config["agent_code"] = _agent_code(n1)
                 else:
@@ -723,9 +720,9 @@ def run_tunnel(
                 measured[label] = _measure_path(
                     tb, a, b, b.ip4, seconds, _agents(n1, n2), diagnose=logs
                 )
-            for label, _, _ in sorted(rows, key=lambda r: r[2] is not None):
-                results[label] = measured[label]  # the table's order: as it is, then variants
-            if started:  # the same-node rows run the code as it is
+            for label, _, _ in rows:  # the table's order: as it is, then variants
+                results[label] = measured[label]
+            if order[-1][2] is not None:  # the same-node rows run the code as it is
                 n1.stop_agent()
                 n2.stop_agent()
                 n1.start_agent()

@@ -184,14 +184,9 @@ def _handle(req: dict[str, Any]) -> dict[str, Any]:
         return {"ok": False, "error": f"unknown op {op!r}"}
     if not isinstance(path, str):
         return {"ok": False, "error": "bad request: no netns"}
-    if op == "prepare":
-        _prepare(path)
-    elif op == "unprepare":
-        _unprepare(path)
-    elif op == "installed":
+    if op == "installed":
         return {"ok": True, "installed": _installed(path)}
-    else:
-        return {"ok": False, "error": f"unknown op {op!r}"}
+    (_prepare if op == "prepare" else _unprepare)(path)
     return {"ok": True}
 
 

@@ -27,41 +27,37 @@ def run(coro):  # type: ignore[no-untyped-def]
     return asyncio.run(coro)
 
 
+def _loaded(modules: str, of: set[str]) -> list[str]:
+    """Which packages of `of` a fresh interpreter holds after importing `modules`."""
+    code = (
+        f"import sys, {modules}; print(sorted({{m.split('.')[0] for m in sys.modules}} & {of!r}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-P", "-c", code],
+        cwd=REPO,
+        env={"PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return list(json.loads(out.stdout.replace("'", '"')))
+
+
 def test_the_agent_never_imports_pyroute2_or_cryptography() -> None:
     """Both run in worker processes (podnet, identity/issuer): ~11 and ~8.6
     MiB resident that the agent does not keep.  grpc and kubernetes load
     only with a remote CA and --kube."""
-    code = (
-        "import sys, agent.app, agent.pods, agent.cli, agent.datapath.datapath,"
-        " agent.identity.setup, agent.identity.embedded, agent.waypoints, waypoint.sds;"
-        "heavy = {'pyroute2', 'cryptography', 'grpc', 'kubernetes'};"
-        "print(sorted({m.split('.')[0] for m in sys.modules} & heavy))"
+    modules = (
+        "agent.app, agent.pods, agent.cli, agent.datapath.datapath, agent.identity.setup,"
+        " agent.identity.embedded, agent.waypoints, waypoint.sds"
     )
-    out = subprocess.run(
-        [sys.executable, "-P", "-c", code],
-        cwd=REPO,
-        env={"PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert out.stdout.strip() == "[]"
+    assert _loaded(modules, {"pyroute2", "cryptography", "grpc", "kubernetes"}) == []
 
 
 def test_the_remote_ca_client_does_not_import_cryptography_either() -> None:
-    code = (
-        "import sys, agent.identity.setup, agent.identity.client;"
-        "print(sorted({m.split('.')[0] for m in sys.modules} & {'cryptography', 'pyroute2'}))"
+    assert (
+        _loaded("agent.identity.setup, agent.identity.client", {"cryptography", "pyroute2"}) == []
     )
-    out = subprocess.run(
-        [sys.executable, "-P", "-c", code],
-        cwd=REPO,
-        env={"PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert out.stdout.strip() == "[]"
 
 
 def test_a_failed_request_is_that_requests_error_and_the_worker_serves_on() -> None:
