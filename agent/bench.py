@@ -15,6 +15,8 @@ nothing here asserts a speed.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -29,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.sim.harness import PY, AgentNode, Cluster, proc_cpu, proc_rss_mib
-from agent.sim.topology import Node, Pod, Testbed
+from agent.sim.topology import Node, Pod, Testbed, random_prefix
 from agent.tunnel import limits, tlssock
 
 IPERF_PORT = 5201
@@ -1615,6 +1617,139 @@ def run_memory(pods: int = MEM_PODS, conns: int = MEM_CONNS) -> dict[str, Any]:
     return report
 
 
+def _status_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def _loop_gap(work: Any) -> tuple[float, float]:
+    """(seconds `work()` took, the event loop's worst gap meanwhile, seen by
+    a task that sleeps 1 ms at a time)."""
+    worst, done = 0.0, False
+
+    async def tick() -> None:
+        nonlocal worst
+        last = time.perf_counter()
+        while not done:
+            await asyncio.sleep(0.001)
+            now = time.perf_counter()
+            worst, last = max(worst, now - last), now
+
+    ticker = asyncio.create_task(tick())
+    await asyncio.sleep(0.01)
+    t0 = time.perf_counter()
+    await work()
+    took = time.perf_counter() - t0
+    done = True
+    await ticker
+    return took, worst
+
+
+def run_workers(runs: int = 3, pods: int = MEM_PODS) -> dict[str, Any]:
+    """What the two worker processes cost, against the same work done in the
+    agent's process on its event loop (as before the workers), in one run:
+    `pods` fresh netns get the delivery routing (podnet), `pods` identities
+    a certificate from the local CA (issuer).  Medians of `runs`."""
+    from agent import netns as nsmod
+    from agent.datapath import podnet
+    from agent.identity.ca import CertificateAuthority
+    from agent.identity.embedded import EmbeddedCA, WorkerCA
+    from agent.identity.spiffe import SpiffeId
+
+    prefix = random_prefix("tw")
+    names = [f"{prefix}-p{i}" for i in range(pods)]
+    ids = [SpiffeId("cluster.local", "bench", f"sa{i}") for i in range(pods)]
+    rows: list[dict[str, float]] = []
+    load0 = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix=f"tether-{prefix}-") as tmp:
+        paths = [str(nsmod.create_netns(n)) for n in names]
+        try:
+            for n in names:
+                subprocess.run(["ip", "-n", n, "link", "set", "lo", "up"], check=True)
+            ca_dir = f"{tmp}/ca"
+            WorkerCA(ca_dir, "cluster.local").check()
+            embedded = EmbeddedCA(CertificateAuthority.load(ca_dir, "cluster.local"))
+
+            async def one() -> dict[str, float]:
+                row: dict[str, float] = {}
+                w = podnet.Worker()
+                first: list[float] = []
+
+                async def routing() -> None:
+                    t0 = time.perf_counter()
+                    await w.call("prepare", paths[0])
+                    first.append(time.perf_counter() - t0)
+                    for p in paths[1:]:
+                        await w.call("prepare", p)
+                    row["podnet_worker_rss_mib"] = _status_rss_mib(w._proc.pid) if w._proc else 0
+
+                took, gap = await _loop_gap(routing)
+                row["podnet_first_ms"] = first[0] * 1e3
+                row["podnet_next_ms"] = (took - first[0]) / (pods - 1) * 1e3
+                row["podnet_loop_gap_ms"] = gap * 1e3
+                for p in paths:
+                    await w.call("unprepare", p)
+
+                async def routing_in_process() -> None:
+                    # as Datapath.enroll did: pyroute2 on a thread (it runs a
+                    # loop of its own), the event loop blocked until it ended
+                    for p in paths:
+                        with concurrent.futures.ThreadPoolExecutor(1) as ex:
+                            ex.submit(podnet._prepare, p).result()
+                        await asyncio.sleep(0)
+
+                took, gap = await _loop_gap(routing_in_process)
+                row["podnet_in_process_ms"] = took / pods * 1e3
+                row["podnet_in_process_loop_gap_ms"] = gap * 1e3
+                for p in paths:
+                    await w.call("unprepare", p)
+                await w.aclose()
+
+                local = WorkerCA(ca_dir, "cluster.local")
+                first.clear()
+
+                async def issue() -> None:
+                    t0 = time.perf_counter()
+                    await local.fetch(ids[0])
+                    first.append(time.perf_counter() - t0)
+                    for i in ids[1:]:
+                        await local.fetch(i)
+                    proc = local.worker._proc
+                    row["issuer_worker_rss_mib"] = _status_rss_mib(proc.pid) if proc else 0
+
+                took, gap = await _loop_gap(issue)
+                row["issuer_first_ms"] = first[0] * 1e3
+                row["issuer_next_ms"] = (took - first[0]) / (pods - 1) * 1e3
+                row["issuer_loop_gap_ms"] = gap * 1e3
+                await local.aclose()
+
+                async def issue_in_process() -> None:
+                    for i in ids:
+                        await embedded.fetch(i)
+                        await asyncio.sleep(0)
+
+                took, gap = await _loop_gap(issue_in_process)
+                row["issuer_in_process_ms"] = took / pods * 1e3
+                row["issuer_in_process_loop_gap_ms"] = gap * 1e3
+                return row
+
+            for _ in range(runs):
+                rows.append(asyncio.run(one()))
+        finally:
+            for n in names:
+                nsmod.delete_netns(n)
+    med = {k: round(statistics.median(r[k] for r in rows), 1) for k in rows[0]}
+    return {
+        "pods": pods,
+        "runs": runs,
+        "loadavg": [round(x, 2) for x in (*load0, *os.getloadavg())],
+        "median": med,
+        "per_run": [{k: round(v, 1) for k, v in r.items()} for r in rows],
+    }
+
+
 def _format_memory(r: dict[str, Any]) -> str:
     return (
         f"tether bench memory: agent RSS, node1 with {r['pods']} pods in the mesh "
@@ -1809,6 +1944,9 @@ def main(
     connections: int = MEM_CONNS,
     busy: int = 0,
 ) -> int:
+    if what == "workers":
+        print(json.dumps(run_workers(max(runs, 3)), indent=1))
+        return 0
     if what == "memory":
         mreport = run_memory(conns=connections)
         print(json.dumps(mreport, indent=1) if json_out else _format_memory(mreport))

@@ -251,12 +251,18 @@ def parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks (numbers as ratios to a same-run baseline)")
     b.add_argument(
-        "what", choices=["datapath", "tunnel", "h2", "profile", "memory", "waypoint", "ktls"]
+        "what",
+        choices=["datapath", "tunnel", "h2", "profile", "memory", "waypoint", "ktls", "workers"],
     )
     b.add_argument("--seconds", type=float, default=3.0)
     b.add_argument("--json", action="store_true")
     b.add_argument("--out", default="profile", help="profile: where py-spy's stacks go")
-    b.add_argument("--runs", type=int, default=1, help="tunnel, waypoint: runs, medians reported")
+    b.add_argument(
+        "--runs",
+        type=int,
+        default=1,
+        help="tunnel, waypoint, workers (at least 3): runs, medians reported",
+    )
     b.add_argument("--connections", type=int, default=1000, help="memory: open connections to hold")
     b.add_argument(
         "--workload",
