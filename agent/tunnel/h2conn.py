@@ -51,7 +51,7 @@ import hpack
 import hyperframe.exceptions
 import hyperframe.frame
 
-from agent.tunnel import limits
+from agent.tunnel import limits, reads
 
 
 def data_body_repr(self: hyperframe.frame.DataFrame) -> str:
@@ -186,7 +186,12 @@ class _FrameBuffer(h2.frame_buffer.FrameBuffer):
         self._size = 0
 
     def add_data(self, data: bytes) -> None:  # type: ignore[override]
-        view = memoryview(data if isinstance(data, bytes) else bytes(data))
+        # a memoryview is H2Conn's read arena (tunnel/reads.py), never
+        # written again while a view of it lives; anything else mutable is copied
+        if isinstance(data, memoryview):
+            view = data
+        else:
+            view = memoryview(data if isinstance(data, bytes) else bytes(data))
         if self._preamble_len:
             n = min(self._preamble_len, len(view))
             if self._preamble[:n] != view[:n]:
@@ -703,8 +708,13 @@ class H2Stream:
 RequestHandler = Callable[["H2Conn", H2Stream], Awaitable[None]]
 
 
-class H2Conn(asyncio.Protocol):
+class H2Conn(asyncio.BufferedProtocol):
     """One HTTP/2 connection (client or server side) over a TLS transport.
+
+    A BufferedProtocol: the loop's TLS decrypts into the connection's read
+    arenas (tunnel/reads.py) and the frames are parsed from views of them;
+    `data_received` takes bytes from a transport that has its own (the
+    socket TLS path, tests).
 
     Abuse bounds (server side): at most MAX_STREAMS requests are handled at
     once, counting handlers still delivering after their stream went away;
@@ -755,6 +765,7 @@ class H2Conn(asyncio.Protocol):
         self._acks: dict[int, int] = {}  # stream id -> bytes consumed in this batch
         self._flush_soon = False  # a _flush_later is scheduled
         self._loop = asyncio.get_running_loop()
+        self._reads = reads.ReadArenas()
         _live.add(self)
 
     # -- asyncio protocol ----------------------------------------------------
@@ -780,7 +791,13 @@ class H2Conn(asyncio.Protocol):
             self.ready.set_result(None)
         self._arm_idle()
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._reads.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(self._reads.filled(nbytes))
+
+    def data_received(self, data: bytes | memoryview) -> None:
         refused = self.h2.refused
         try:
             events = self.h2.receive_data(data)
@@ -995,10 +1012,13 @@ class H2Conn(asyncio.Protocol):
     def _check_idle(self) -> None:
         assert self.idle_timeout is not None
         idle = asyncio.get_running_loop().time() - self.last_used
-        if not self.streams and not self._handlers and idle >= self.idle_timeout:
-            log.info("HBONE connection from %s idle %.0f s: closing", self.peer.get("addr"), idle)
-            self.close()
-            return
+        if not self.streams and not self._handlers:
+            if idle >= self.idle_timeout:
+                addr = self.peer.get("addr")
+                log.info("HBONE connection from %s idle %.0f s: closing", addr, idle)
+                self.close()
+                return
+            self._reads.trim()  # no stream: give the read arenas' memory back
         self._arm_idle()
 
     # -- sending ----------------------------------------------------------------
