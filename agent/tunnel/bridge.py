@@ -9,7 +9,8 @@ import struct
 import termios
 from typing import cast
 
-from agent.tunnel.h2conn import HIGH_WATER, H2Stream
+from agent.tunnel import reads
+from agent.tunnel.h2conn import HIGH_WATER, H2Stream, unpinned
 from agent.tunnel.relay import poll_until, reset_transport
 
 # A stream reset by the peer (RST_STREAM, or its HBONE connection lost) ends
@@ -37,15 +38,26 @@ def unacked_bytes(transport: asyncio.Transport) -> int:
     return pending + int(struct.unpack("i", out)[0])
 
 
-class _SocketSide(asyncio.Protocol):
+class _SocketSide(asyncio.BufferedProtocol):
+    """The app's socket: read into the loop's arenas (tunnel/reads.py), what
+    it sends goes to the stream as views of them; one smaller than a quarter
+    of its arena is copied (it may wait for the peer's window)."""
+
     def __init__(self, bridge: Bridge) -> None:
         self.bridge = bridge
         self.transport: asyncio.Transport | None = None
+        self._reads = reads.shared()
 
     def connection_made(self, base: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses (same interface)
         self.transport = transport = cast(asyncio.Transport, base)
         self.bridge._socket_ready(transport)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._reads.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(cast(bytes, unpinned(self._reads.filled(nbytes))))
 
     def data_received(self, data: bytes) -> None:
         self.bridge.from_socket += len(data)

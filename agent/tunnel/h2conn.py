@@ -154,7 +154,7 @@ class DataPieces(h2.events.DataReceived):
 PIN_RATIO = 4  # a kept DATA payload view may hold alive at most this many times its size
 
 
-def _unpinned(v: memoryview) -> memoryview:
+def unpinned(v: memoryview) -> memoryview:
     """A DATA payload outlives the read it came in (queued for the app
     socket, or held until the stream is attached), and a view keeps the
     whole read alive.  A payload that is a small part of a large read is
@@ -184,10 +184,11 @@ class _FrameBuffer(h2.frame_buffer.FrameBuffer):
         super().__init__(server=server)
         self._chunks: collections.deque[memoryview] = collections.deque()
         self._size = 0
+        self._fresh = 0  # chunks added since the last _wait_for_more
 
     def add_data(self, data: bytes) -> None:  # type: ignore[override]
-        # a memoryview is H2Conn's read arena (tunnel/reads.py), never
-        # written again while a view of it lives; anything else mutable is copied
+        # a memoryview is a read arena's (tunnel/reads.py), never written
+        # again while a view of it lives; anything else mutable is copied
         if isinstance(data, memoryview):
             view = data
         else:
@@ -202,6 +203,7 @@ class _FrameBuffer(h2.frame_buffer.FrameBuffer):
         if len(view):
             self._chunks.append(view)
             self._size += len(view)
+            self._fresh += 1
 
     def _peek(self, n: int) -> memoryview:
         first = self._chunks[0]
@@ -243,9 +245,25 @@ class _FrameBuffer(h2.frame_buffer.FrameBuffer):
                 n = 0
         return parts
 
+    def _wait_for_more(self) -> StopIteration:
+        """What waits for the rest of its frame keeps the reads it is in
+        alive: a part smaller than a quarter of its read is copied (as a
+        kept payload is, `unpinned`), so a peer cannot pin a read per
+        connection with a few bytes of an unfinished frame.  Only the parts
+        added since the last wait, and the first (partly taken), can have
+        changed: a frame fed a byte at a time stays linear."""
+        chunks = self._chunks
+        n = len(chunks)
+        if n:
+            chunks[0] = unpinned(chunks[0])
+            for i in range(max(1, n - self._fresh), n):
+                chunks[i] = unpinned(chunks[i])
+        self._fresh = 0
+        return StopIteration()
+
     def __next__(self) -> hyperframe.frame.Frame:
         if self._size < 9:
-            raise StopIteration
+            raise self._wait_for_more()
         head = self._peek(9)
         if FAST_DATA and head[3] == 0 and head[4] == 0 and not self._headers_buffer:
             # type DATA, no flags, outside a header block (where only
@@ -255,10 +273,10 @@ class _FrameBuffer(h2.frame_buffer.FrameBuffer):
             if sid:  # DATA on stream 0 is h2's (and hyperframe's) error to raise
                 length = (hi << 8) | lo
                 if self._size < length + 9:
-                    raise StopIteration
+                    raise self._wait_for_more()
                 self._validate_frame_length(length)
                 self._take(9)
-                pieces = [_unpinned(p) for p in self._take_pieces(length)]
+                pieces = [unpinned(p) for p in self._take_pieces(length)]
                 return PlainData(sid, pieces, length)  # type: ignore[return-value]
         try:
             f, length = hyperframe.frame.Frame.parse_frame_header(head)
@@ -268,12 +286,12 @@ class _FrameBuffer(h2.frame_buffer.FrameBuffer):
         ) as e:
             raise h2.exceptions.ProtocolError(f"Received frame with invalid header: {e!s}") from e
         if self._size < length + 9:
-            raise StopIteration
+            raise self._wait_for_more()
         self._validate_frame_length(length)
         self._take(9)
         body = self._take(length)
         if type(f) is hyperframe.frame.DataFrame and "PADDED" not in f.flags:
-            f.data = _unpinned(body)  # type: ignore[assignment]  # read-only view, no copy
+            f.data = unpinned(body)  # type: ignore[assignment]  # read-only view, no copy
             f.body_len = length
         else:
             try:
@@ -711,8 +729,8 @@ RequestHandler = Callable[["H2Conn", H2Stream], Awaitable[None]]
 class H2Conn(asyncio.BufferedProtocol):
     """One HTTP/2 connection (client or server side) over a TLS transport.
 
-    A BufferedProtocol: the loop's TLS decrypts into the connection's read
-    arenas (tunnel/reads.py) and the frames are parsed from views of them;
+    A BufferedProtocol: the loop's TLS decrypts into the loop's read arenas
+    (tunnel/reads.py) and the frames are parsed from views of them;
     `data_received` takes bytes from a transport that has its own (the
     socket TLS path, tests).
 
@@ -765,7 +783,7 @@ class H2Conn(asyncio.BufferedProtocol):
         self._acks: dict[int, int] = {}  # stream id -> bytes consumed in this batch
         self._flush_soon = False  # a _flush_later is scheduled
         self._loop = asyncio.get_running_loop()
-        self._reads = reads.ReadArenas()
+        self._reads = reads.shared()
         _live.add(self)
 
     # -- asyncio protocol ----------------------------------------------------
@@ -1012,13 +1030,10 @@ class H2Conn(asyncio.BufferedProtocol):
     def _check_idle(self) -> None:
         assert self.idle_timeout is not None
         idle = asyncio.get_running_loop().time() - self.last_used
-        if not self.streams and not self._handlers:
-            if idle >= self.idle_timeout:
-                addr = self.peer.get("addr")
-                log.info("HBONE connection from %s idle %.0f s: closing", addr, idle)
-                self.close()
-                return
-            self._reads.trim()  # no stream: give the read arenas' memory back
+        if not self.streams and not self._handlers and idle >= self.idle_timeout:
+            log.info("HBONE connection from %s idle %.0f s: closing", self.peer.get("addr"), idle)
+            self.close()
+            return
         self._arm_idle()
 
     # -- sending ----------------------------------------------------------------

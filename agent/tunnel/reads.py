@@ -1,37 +1,42 @@
-"""Where the event loop's TLS decrypts an HBONE connection's bytes.
+"""Where the agent's relay reads land: one set of arenas per event loop.
 
-As an ordinary asyncio.Protocol, H2Conn got each batch of decrypted bytes as
-a new `bytes`: uvloop's SSLProtocol asks OpenSSL for up to 256 KiB into a
-fresh 256 KiB object per record (malloc, then a realloc down to the record:
-an mmap, an mremap and a munmap each time for small messages) and, when one
-socket read held several records, joined them into one more object (a copy
-of every received byte: 13 % of the receiving agent's CPU in `tether bench
-profile` at 4 Gbit/s).  As a BufferedProtocol it is asked for a buffer
-(`get_buffer`) and OpenSSL decrypts into it directly; the bytes are then
-handed to the frame parser as views of that buffer, without a copy.
+As ordinary asyncio.Protocols, HBONE's H2Conn and the app-socket side of a
+bridge got each read as a new `bytes`.  Under uvloop that is a copy of every
+byte read from an app socket (from the loop's own read buffer), and on the
+TLS side a fresh 256 KiB object per record (malloc, then a realloc down to
+the record: an mmap, an mremap and a munmap each time for small messages)
+plus, when one socket read held several records, one more object joining
+them (a copy of every received byte: 13 % of the receiving agent's CPU in
+`tether bench profile` at 4 Gbit/s).  As BufferedProtocols they are asked
+for a buffer (`get_buffer`), the kernel or OpenSSL writes into it, and the
+bytes are handed on as read-only views of it, without a copy.
 
-The buffers are arenas, anonymous mappings reused for as long as the
-connection lives.  A DATA payload handed on is a view of its arena and may
-outlive the read (queued for the app socket, or held for a stream not yet
-attached), so a region is never written twice while anything still refers to
-its arena: each `get_buffer` hands out the arena's unused tail, and an arena
-starts again from its beginning only when no view of it is left (its
-reference count is back to what the pool alone holds).  A pinned arena is
-left alone and another one taken or made, at most POOL_MAX kept per
-connection.  What a kept view may pin is bounded where payloads are kept:
-`h2conn._unpinned` copies one smaller than a quarter of its arena (the same
-bound as when each read was its own object).
+The buffers are arenas, anonymous mappings shared by every protocol on the
+loop's thread (reads are sequential there) and reused for the life of the
+process.  A view handed on may outlive the read (queued for a socket or the
+HBONE peer, held for a stream not yet attached), so a byte is never handed
+out twice while anything still refers to its arena: each `get_buffer` hands
+out the current arena's unused tail, and an arena starts again from its
+beginning only when no view of it is left (its reference count is back to
+what the pool alone holds).  A pinned arena is left alone and another one
+taken or made; at most POOL_MAX are kept, so the agent holds at most
+POOL_MAX * ARENA_MAX of them at rest whatever its connection count.  What a
+kept view may pin is bounded where views are kept: `h2conn.unpinned` copies
+one smaller than a quarter of its arena (the bound of the old reads, each
+its own object), for received payloads, a frame waiting for its end and
+app bytes queued for the peer alike.
 """
 
 from __future__ import annotations
 
 import mmap
 import sys
+import threading
 
 ARENA_MIN = 16 * 1024  # small reads (messages) get an arena this large
 ARENA_MAX = 256 * 1024  # the most the loop's TLS hands over per read
 TAIL_MIN = 16 * 1024  # a pinned arena's tail shorter than this is not handed out
-POOL_MAX = 4  # arenas a connection keeps for reuse (bulk: ~3 in use at once)
+POOL_MAX = 4  # arenas kept for reuse (a bulk transfer has ~3 in use at once)
 
 
 def _refs(pool: list[mmap.mmap], i: int) -> int:
@@ -45,7 +50,8 @@ _FREE = _refs([mmap.mmap(-1, mmap.PAGESIZE)], 0)
 
 
 class ReadArenas:
-    """One connection's receive buffers (see the module docstring)."""
+    """Receive buffers for the protocols of one thread (see the module
+    docstring); not thread-safe: take them with `shared()`."""
 
     __slots__ = ("_i", "_off", "_pool", "_region", "allocated")
 
@@ -86,16 +92,6 @@ class ReadArenas:
         self._off += nbytes
         return region[:nbytes].toreadonly()
 
-    def trim(self) -> None:
-        """Unmap every arena nothing refers to (an idle connection keeps
-        none).  Called from a timer, never inside the loop's read, so a
-        region handed out and not filled (the read found no whole record)
-        is not in use."""
-        self._region = None
-        pool = self._pool
-        self._pool = [pool[j] for j in range(len(pool)) if _refs(pool, j) > _FREE]
-        self._i = -1  # the next read takes (or makes) one
-
     def _take(self, want: int) -> int:
         """The index of a free arena of at least `want` bytes, or of a new one."""
         self._off = 0
@@ -121,3 +117,14 @@ class ReadArenas:
     @property
     def arenas(self) -> int:
         return len(self._pool)
+
+
+_local = threading.local()
+
+
+def shared() -> ReadArenas:
+    """This thread's arenas (an event loop's protocols run on its thread)."""
+    arenas: ReadArenas | None = getattr(_local, "arenas", None)
+    if arenas is None:
+        arenas = _local.arenas = ReadArenas()
+    return arenas
