@@ -19,8 +19,10 @@ out twice while anything still refers to its arena: each `get_buffer` hands
 out the current arena's unused tail, and an arena starts again from its
 beginning only when no view of it is left (its reference count is back to
 what the pool alone holds).  A pinned arena is left alone and another one
-taken or made; at most POOL_MAX are kept, so the agent holds at most
-POOL_MAX * ARENA_MAX of them at rest whatever its connection count.  What a
+taken or made (up to POOL_MAX tracked: what waits for a slow reader), and
+TRIM_DELAY after the pool grew past POOL_KEEP the free ones beyond it are
+unmapped, so at rest the agent holds at most POOL_KEEP * ARENA_MAX whatever
+its connection count.  What a
 kept view may pin is bounded where views are kept: `h2conn.unpinned` copies
 one smaller than a quarter of its arena (the bound of the old reads, each
 its own object), for received payloads, a frame waiting for its end and
@@ -29,6 +31,7 @@ app bytes queued for the peer alike.
 
 from __future__ import annotations
 
+import asyncio
 import mmap
 import sys
 import threading
@@ -36,7 +39,9 @@ import threading
 ARENA_MIN = 16 * 1024  # small reads (messages) get an arena this large
 ARENA_MAX = 256 * 1024  # the most the loop's TLS hands over per read
 TAIL_MIN = 16 * 1024  # a pinned arena's tail shorter than this is not handed out
-POOL_MAX = 4  # arenas kept for reuse (a bulk transfer has ~3 in use at once)
+POOL_KEEP = 4  # arenas kept at rest (a bulk transfer to a fast reader has ~3 in use)
+POOL_MAX = 64  # arenas tracked for reuse at once (16 MiB: what waits for a slow reader)
+TRIM_DELAY = 2.0  # after the pool grew past POOL_KEEP, free arenas beyond it go
 
 
 def _refs(pool: list[mmap.mmap], i: int) -> int:
@@ -53,7 +58,7 @@ class ReadArenas:
     """Receive buffers for the protocols of one thread (see the module
     docstring); not thread-safe: take them with `shared()`."""
 
-    __slots__ = ("_i", "_off", "_pool", "_region", "allocated")
+    __slots__ = ("_i", "_off", "_pool", "_region", "_timer", "allocated")
 
     def __init__(self) -> None:
         self._pool: list[mmap.mmap] = []
@@ -61,6 +66,7 @@ class ReadArenas:
         self._off = 0  # where its unused tail starts
         self._region: memoryview | None = None  # handed out, not yet filled
         self.allocated = 0  # arenas ever made (tests, stats)
+        self._timer: asyncio.TimerHandle | None = None
 
     def get_buffer(self, hint: int) -> memoryview:
         """A writable region for the next read: never empty, never a byte
@@ -103,6 +109,8 @@ class ReadArenas:
         self.allocated += 1
         if len(pool) < POOL_MAX:
             pool.append(arena)
+            if len(pool) > POOL_KEEP:
+                self._trim_later()
             return len(pool) - 1
         # full: replace a free (too small) arena, else stop tracking a pinned
         # one (its views keep it alive; it is unmapped when the last goes)
@@ -113,6 +121,35 @@ class ReadArenas:
             j = (self._i + 1) % len(pool)
         pool[j] = arena
         return j
+
+    def _trim_later(self) -> None:
+        if self._timer is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (a test driving the arenas itself): trim() is public
+            return
+        self._timer = loop.call_later(TRIM_DELAY, self.trim)
+
+    def trim(self) -> None:
+        """Unmap free arenas beyond POOL_KEEP (the current one stays); again
+        later while pinned ones keep the pool above it."""
+        self._timer = None
+        pool = self._pool
+        free = [_refs(pool, j) == _FREE for j in range(len(pool))]  # before any local ref
+        keep: list[mmap.mmap] = []
+        spare = POOL_KEEP - sum(1 for j in range(len(pool)) if j == self._i or not free[j])
+        for j in range(len(pool)):
+            if j == self._i or not free[j]:
+                keep.append(pool[j])
+            elif spare > 0:
+                keep.append(pool[j])
+                spare -= 1
+        if self._i >= 0:
+            self._i = next(k for k in range(len(keep)) if keep[k] is pool[self._i])
+        self._pool = keep
+        if len(keep) > POOL_KEEP:
+            self._trim_later()
 
     @property
     def arenas(self) -> int:

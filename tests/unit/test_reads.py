@@ -23,7 +23,7 @@ from agent.identity.manager import CertificateManager
 from agent.identity.spiffe import SpiffeId
 from agent.tunnel import reads, tlssock
 from agent.tunnel.h2conn import PIN_RATIO, H2Conn, H2Stream
-from agent.tunnel.reads import ARENA_MAX, ARENA_MIN, POOL_MAX, TAIL_MIN, ReadArenas
+from agent.tunnel.reads import ARENA_MAX, ARENA_MIN, POOL_KEEP, POOL_MAX, TAIL_MIN, ReadArenas
 
 LOOPS = ["asyncio"] + (["uvloop"] if eventloop.loop_factory("uvloop")[0] == "uvloop" else [])
 CONNECT = [(":method", "CONNECT"), (":authority", "10.0.0.1:80")]
@@ -64,7 +64,7 @@ def test_no_region_overlaps_a_view_that_is_still_alive() -> None:
         assert arenas.arenas <= POOL_MAX
         for v, want in kept:
             assert bytes(v) == want, f"step {step}: a kept view was overwritten"
-    assert arenas.allocated > POOL_MAX  # pinned arenas made new ones
+    assert arenas.allocated > POOL_KEEP  # pinned arenas made new ones
 
 
 def test_an_arena_nothing_refers_to_is_reused_from_its_start() -> None:
@@ -106,6 +106,39 @@ def test_a_region_is_never_empty_and_filled_checks_its_count() -> None:
     arenas.filled(1)
     with pytest.raises(ValueError):
         arenas.filled(1)  # no region handed out since
+
+
+def test_the_pool_grows_for_what_waits_and_shrinks_back_when_it_is_gone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A slow reader keeps many arenas pinned: the pool tracks them (no map
+    and unmap per read once they are free again), and TRIM_DELAY later the
+    free ones beyond POOL_KEEP are unmapped, on the loop's timer."""
+    monkeypatch.setattr(reads, "TRIM_DELAY", 0.05)
+    rnd = random.Random(4)
+
+    async def main() -> None:
+        arenas = ReadArenas()
+        held = [_read(arenas, ARENA_MAX + 256, ARENA_MAX, rnd) for _ in range(20)]
+        assert arenas.arenas == 20 and arenas.allocated == 20
+        held.clear()  # the reader caught up
+        for _ in range(20):
+            v, _ = _read(arenas, ARENA_MAX + 256, ARENA_MAX, rnd)
+            del v
+        assert arenas.allocated == 20  # reused, none made
+        pinned = _read(arenas, ARENA_MAX + 256, ARENA_MAX, rnd)
+        await asyncio.sleep(0.2)
+        assert arenas.arenas == POOL_KEEP  # the pinned one among them
+        assert bytes(pinned[0]) == pinned[1]
+        for _ in range(3 * POOL_MAX):  # past POOL_MAX: tracked arenas are replaced
+            held.append(_read(arenas, ARENA_MAX + 256, ARENA_MAX, rnd))
+        assert arenas.arenas == POOL_MAX
+        assert all(bytes(v) == d for v, d in held)
+        held.clear()
+        await asyncio.sleep(0.2)
+        assert arenas.arenas == POOL_KEEP
+
+    eventloop.run(main(), "asyncio")
 
 
 def test_the_free_count_matches_how_the_pool_reads_it() -> None:
