@@ -102,7 +102,9 @@ class ReadArenas:
         """The index of a free arena of at least `want` bytes, or of a new one."""
         self._off = 0
         pool = self._pool
-        for j in range(len(pool)):
+        n = len(pool)
+        for k in range(1, n + 1):  # oldest first: the one after the current
+            j = (self._i + k) % n
             if _refs(pool, j) == _FREE and len(pool[j]) >= want:
                 return j
         arena = mmap.mmap(-1, want)  # pages are touched (and resident) only as used
