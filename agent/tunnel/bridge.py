@@ -10,7 +10,7 @@ import termios
 from typing import cast
 
 from agent.tunnel import reads
-from agent.tunnel.h2conn import HIGH_WATER, H2Stream, unpinned
+from agent.tunnel.h2conn import HIGH_WATER, H2Stream
 from agent.tunnel.relay import poll_until, reset_transport
 
 # A stream reset by the peer (RST_STREAM, or its HBONE connection lost) ends
@@ -39,9 +39,9 @@ def unacked_bytes(transport: asyncio.Transport) -> int:
 
 
 class _SocketSide(asyncio.BufferedProtocol):
-    """The app's socket: read into the loop's arenas (tunnel/reads.py), what
-    it sends goes to the stream as views of them; one smaller than a quarter
-    of its arena is copied (it may wait for the peer's window)."""
+    """The app's socket: read into the loop's arenas (tunnel/reads.py); a
+    large read goes to the stream as a view of its arena, a small one as
+    bytes (it may wait for the peer's window, and must not pin an arena)."""
 
     def __init__(self, bridge: Bridge) -> None:
         self.bridge = bridge
@@ -57,7 +57,7 @@ class _SocketSide(asyncio.BufferedProtocol):
         return self._reads.get_buffer(sizehint)
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(cast(bytes, unpinned(self._reads.filled(nbytes))))
+        self.data_received(cast(bytes, self._reads.filled(nbytes)))
 
     def data_received(self, data: bytes) -> None:
         self.bridge.from_socket += len(data)

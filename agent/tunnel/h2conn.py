@@ -151,7 +151,7 @@ class DataPieces(h2.events.DataReceived):
         self.pieces = [value]
 
 
-PIN_RATIO = 4  # a kept DATA payload view may hold alive at most this many times its size
+PIN_RATIO = reads.PIN_RATIO  # a kept DATA payload view may hold alive this many times its size
 
 
 def unpinned(v: memoryview) -> memoryview:

@@ -35,7 +35,9 @@ import asyncio
 import mmap
 import sys
 import threading
+from typing import cast
 
+PIN_RATIO = 4  # a kept view may hold alive at most this many times its size
 ARENA_MIN = 16 * 1024  # small reads (messages) get an arena this large
 ARENA_MAX = 256 * 1024  # the most the loop's TLS hands over per read
 TAIL_MIN = 16 * 1024  # a pinned arena's tail shorter than this is not handed out
@@ -88,13 +90,18 @@ class ReadArenas:
         self._region = region
         return region
 
-    def filled(self, nbytes: int) -> memoryview:
-        """The `nbytes` the loop wrote into the last region, as a read-only
-        view (whoever gets a payload cannot write into the arena)."""
+    def filled(self, nbytes: int) -> bytes | memoryview:
+        """The `nbytes` the loop wrote into the last region: as a read-only
+        view (whoever gets it cannot write into the arena) when they are at
+        least 1/PIN_RATIO of the arena, else as bytes (the copy a kept
+        payload that small gets anyway, see `h2conn.unpinned`), and the
+        region is free again for the next read."""
         region = self._region
         if region is None or not 0 < nbytes <= len(region):
             raise ValueError(f"buffer_updated({nbytes}) without a region that large")
         self._region = None
+        if nbytes * PIN_RATIO < len(cast(mmap.mmap, region.obj)):
+            return region[:nbytes].tobytes()
         self._off += nbytes
         return region[:nbytes].toreadonly()
 
