@@ -91,6 +91,8 @@ class Bridge:
     """Bytes from the socket go out as DATA on the stream and back.  `done`
     resolves when both directions have ended (or either side failed)."""
 
+    socket_side: type[_SocketSide] = _SocketSide  # `tether bench reads` swaps it
+
     def __init__(self, stream: H2Stream, initiator: str = "socket") -> None:
         self.stream = stream
         self.initiator = initiator  # which side opened the connection, for byte counts
@@ -103,7 +105,9 @@ class Bridge:
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     async def start(self, sock: socket.socket) -> None:
-        await asyncio.get_running_loop().connect_accepted_socket(lambda: _SocketSide(self), sock)
+        await asyncio.get_running_loop().connect_accepted_socket(
+            lambda: self.socket_side(self), sock
+        )
 
     @property
     def to_socket(self) -> int:

@@ -60,21 +60,31 @@ class ReadArenas:
     """Receive buffers for the protocols of one thread (see the module
     docstring); not thread-safe: take them with `shared()`."""
 
-    __slots__ = ("_i", "_off", "_pool", "_region", "_timer", "allocated")
+    __slots__ = ("_i", "_last", "_off", "_pool", "_region", "_timer", "_timer_loop", "allocated")
 
     def __init__(self) -> None:
         self._pool: list[mmap.mmap] = []
         self._i = -1  # the arena being filled, an index into _pool
         self._off = 0  # where its unused tail starts
         self._region: memoryview | None = None  # handed out, not yet filled
+        self._last: memoryview | None = None  # filled by a small read (copied out): free again
         self.allocated = 0  # arenas ever made (tests, stats)
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_loop: asyncio.AbstractEventLoop | None = None
 
     def get_buffer(self, hint: int) -> memoryview:
         """A writable region for the next read: never empty, never a byte
         that a live view can still see.  `hint` is what the loop expects to
         write (uvloop: the encrypted bytes pending; asyncio's plain
         sockets: -1)."""
+        last = self._last
+        if last is not None:
+            if hint <= len(last):
+                # the last read was copied out and nothing else came since:
+                # the same region again (messages: no bookkeeping per read)
+                self._region = last
+                return last
+            self._last = last = None  # it refers to its arena: not before the count below
         want = ARENA_MAX if hint <= 0 else min(max(hint, ARENA_MIN), ARENA_MAX)
         pool = self._pool
         i = self._i
@@ -101,7 +111,9 @@ class ReadArenas:
             raise ValueError(f"buffer_updated({nbytes}) without a region that large")
         self._region = None
         if nbytes * PIN_RATIO < len(cast(mmap.mmap, region.obj)):
+            self._last = region  # no view of it left: the next read may take it again
             return region[:nbytes].tobytes()
+        self._last = None
         self._off += nbytes
         return region[:nbytes].toreadonly()
 
@@ -132,18 +144,20 @@ class ReadArenas:
         return j
 
     def _trim_later(self) -> None:
-        if self._timer is not None:
-            return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # no loop (a test driving the arenas itself): trim() is public
             return
+        if self._timer is not None and self._timer_loop is loop:
+            return  # scheduled (one of a loop that has ended never fires: ignored)
         self._timer = loop.call_later(TRIM_DELAY, self.trim)
+        self._timer_loop = loop
 
     def trim(self) -> None:
         """Unmap free arenas beyond POOL_KEEP (the current one stays); again
         later while pinned ones keep the pool above it."""
         self._timer = None
+        self._last = self._region = None  # a timer: never inside a read
         pool = self._pool
         free = [_refs(pool, j) == _FREE for j in range(len(pool))]  # before any local ref
         keep: list[mmap.mmap] = []
