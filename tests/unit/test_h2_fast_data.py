@@ -382,3 +382,46 @@ def test_a_small_payload_in_a_large_read_does_not_keep_the_read_alive(fast: bool
     (big,) = got[3]
     assert bytes(big) == bulk
     assert len(big.obj) == len(read)  # a view of the read itself
+
+
+def test_the_start_of_a_frame_waiting_for_its_end_does_not_keep_the_read_alive(
+    fast: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read that ends inside a frame leaves that frame's first bytes in the
+    frame buffer until the rest comes.  5 bytes of a header at the end of a
+    200 KiB read must not keep the 200 KiB alive (a peer could do it on each
+    of the hundreds of connections it may open); the start of a frame that
+    is most of its read stays a view of it; a frame fed a byte at a time
+    stays linear."""
+    peer, ours = _pair()
+    peer.send_headers(1, CONNECT)
+    ours.receive_data(peer.data_to_send())
+    bulk = os.urandom(200 * 1024)
+    tail = os.urandom(150 * 1024)
+    whole = _data(1, tail)
+    ours.receive_data(_data(1, bulk) + whole[:5])
+    (waiting,) = ours.incoming_buffer._chunks
+    assert bytes(waiting) == whole[:5]
+    assert waiting.obj is not None and len(waiting.obj) <= 4 * len(waiting), len(waiting.obj)
+    ours.receive_data(whole[5:-1000])  # most of its read: a view of it
+    big = ours.incoming_buffer._chunks[-1]
+    assert len(big.obj) == len(whole) - 1005
+    got = b"".join(
+        bytes(e.data)
+        for e in ours.receive_data(whole[-1000:])
+        if isinstance(e, h2.events.DataReceived)
+    )
+    assert got == tail
+    calls = 0
+    real = h2conn.unpinned
+
+    def counted(v: memoryview) -> memoryview:
+        nonlocal calls
+        calls += 1
+        return real(v)
+
+    monkeypatch.setattr(h2conn, "unpinned", counted)
+    wire = _data(1, os.urandom(16 * 1024))
+    for b in wire:
+        ours.receive_data(bytes([b]))
+    assert calls <= 3 * len(wire), calls  # each wait looks at the new byte and the first
