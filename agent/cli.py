@@ -109,12 +109,6 @@ def _cmd_bench(a: argparse.Namespace) -> int:
         from agent.bench_waypoint import main as waypoint_main
 
         return waypoint_main(seconds=a.seconds, runs=a.runs, json_out=a.json)
-    if a.what == "reads":
-        from agent import bench_reads
-
-        report = bench_reads.run(runs=max(a.runs, 3))
-        print(json.dumps(report, indent=1) if a.json else bench_reads.render(report))
-        return 0 if all(report[v]["intact"] for v in bench_reads.VARIANTS) else 1
     from agent.bench import main as bench_main
 
     variants = {}
@@ -258,17 +252,7 @@ def parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks (numbers as ratios to a same-run baseline)")
     b.add_argument(
         "what",
-        choices=[
-            "datapath",
-            "tunnel",
-            "h2",
-            "profile",
-            "memory",
-            "waypoint",
-            "ktls",
-            "workers",
-            "reads",
-        ],
+        choices=["datapath", "tunnel", "h2", "profile", "memory", "waypoint", "ktls", "workers"],
     )
     b.add_argument("--seconds", type=float, default=3.0)
     b.add_argument("--json", action="store_true")

@@ -9,7 +9,6 @@ import struct
 import termios
 from typing import cast
 
-from agent.tunnel import reads
 from agent.tunnel.h2conn import HIGH_WATER, H2Stream
 from agent.tunnel.relay import poll_until, reset_transport
 
@@ -38,26 +37,15 @@ def unacked_bytes(transport: asyncio.Transport) -> int:
     return pending + int(struct.unpack("i", out)[0])
 
 
-class _SocketSide(asyncio.BufferedProtocol):
-    """The app's socket: read into the loop's arenas (tunnel/reads.py); a
-    large read goes to the stream as a view of its arena, a small one as
-    bytes (it may wait for the peer's window, and must not pin an arena)."""
-
+class _SocketSide(asyncio.Protocol):
     def __init__(self, bridge: Bridge) -> None:
         self.bridge = bridge
         self.transport: asyncio.Transport | None = None
-        self._reads = reads.shared()
 
     def connection_made(self, base: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses (same interface)
         self.transport = transport = cast(asyncio.Transport, base)
         self.bridge._socket_ready(transport)
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self._reads.get_buffer(sizehint)
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(cast(bytes, self._reads.filled(nbytes)))
 
     def data_received(self, data: bytes) -> None:
         self.bridge.from_socket += len(data)
@@ -91,8 +79,6 @@ class Bridge:
     """Bytes from the socket go out as DATA on the stream and back.  `done`
     resolves when both directions have ended (or either side failed)."""
 
-    socket_side: type[_SocketSide] = _SocketSide  # `tether bench reads` swaps it
-
     def __init__(self, stream: H2Stream, initiator: str = "socket") -> None:
         self.stream = stream
         self.initiator = initiator  # which side opened the connection, for byte counts
@@ -105,9 +91,7 @@ class Bridge:
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     async def start(self, sock: socket.socket) -> None:
-        await asyncio.get_running_loop().connect_accepted_socket(
-            lambda: self.socket_side(self), sock
-        )
+        await asyncio.get_running_loop().connect_accepted_socket(lambda: _SocketSide(self), sock)
 
     @property
     def to_socket(self) -> int:

@@ -51,7 +51,7 @@ import hpack
 import hyperframe.exceptions
 import hyperframe.frame
 
-from agent.tunnel import limits, reads
+from agent.tunnel import limits
 
 
 def data_body_repr(self: hyperframe.frame.DataFrame) -> str:
@@ -151,10 +151,10 @@ class DataPieces(h2.events.DataReceived):
         self.pieces = [value]
 
 
-PIN_RATIO = reads.PIN_RATIO  # a kept DATA payload view may hold alive this many times its size
+PIN_RATIO = 4  # a kept DATA payload view may hold alive at most this many times its size
 
 
-def unpinned(v: memoryview) -> memoryview:
+def _unpinned(v: memoryview) -> memoryview:
     """A DATA payload outlives the read it came in (queued for the app
     socket, or held until the stream is attached), and a view keeps the
     whole read alive.  A payload that is a small part of a large read is
@@ -187,12 +187,7 @@ class _FrameBuffer(h2.frame_buffer.FrameBuffer):
         self._fresh = 0  # chunks added since the last _wait_for_more
 
     def add_data(self, data: bytes) -> None:  # type: ignore[override]
-        # a memoryview is a read arena's (tunnel/reads.py), never written
-        # again while a view of it lives; anything else mutable is copied
-        if isinstance(data, memoryview):
-            view = data
-        else:
-            view = memoryview(data if isinstance(data, bytes) else bytes(data))
+        view = memoryview(data if isinstance(data, bytes) else bytes(data))
         if self._preamble_len:
             n = min(self._preamble_len, len(view))
             if self._preamble[:n] != view[:n]:
@@ -248,16 +243,17 @@ class _FrameBuffer(h2.frame_buffer.FrameBuffer):
     def _wait_for_more(self) -> StopIteration:
         """What waits for the rest of its frame keeps the reads it is in
         alive: a part smaller than a quarter of its read is copied (as a
-        kept payload is, `unpinned`), so a peer cannot pin a read per
-        connection with a few bytes of an unfinished frame.  Only the parts
-        added since the last wait, and the first (partly taken), can have
-        changed: a frame fed a byte at a time stays linear."""
+        kept payload is, `_unpinned`), so a peer cannot pin a whole read
+        (up to 256 KiB) on each connection it opens with the few bytes of
+        an unfinished frame at its end.  Only the parts added since the last
+        wait, and the first (partly taken), can have changed: a frame fed a
+        byte at a time stays linear."""
         chunks = self._chunks
         n = len(chunks)
         if n:
-            chunks[0] = unpinned(chunks[0])
+            chunks[0] = _unpinned(chunks[0])
             for i in range(max(1, n - self._fresh), n):
-                chunks[i] = unpinned(chunks[i])
+                chunks[i] = _unpinned(chunks[i])
         self._fresh = 0
         return StopIteration()
 
@@ -276,7 +272,7 @@ class _FrameBuffer(h2.frame_buffer.FrameBuffer):
                     raise self._wait_for_more()
                 self._validate_frame_length(length)
                 self._take(9)
-                pieces = [unpinned(p) for p in self._take_pieces(length)]
+                pieces = [_unpinned(p) for p in self._take_pieces(length)]
                 return PlainData(sid, pieces, length)  # type: ignore[return-value]
         try:
             f, length = hyperframe.frame.Frame.parse_frame_header(head)
@@ -291,7 +287,7 @@ class _FrameBuffer(h2.frame_buffer.FrameBuffer):
         self._take(9)
         body = self._take(length)
         if type(f) is hyperframe.frame.DataFrame and "PADDED" not in f.flags:
-            f.data = unpinned(body)  # type: ignore[assignment]  # read-only view, no copy
+            f.data = _unpinned(body)  # type: ignore[assignment]  # read-only view, no copy
             f.body_len = length
         else:
             try:
@@ -726,13 +722,8 @@ class H2Stream:
 RequestHandler = Callable[["H2Conn", H2Stream], Awaitable[None]]
 
 
-class H2Conn(asyncio.BufferedProtocol):
+class H2Conn(asyncio.Protocol):
     """One HTTP/2 connection (client or server side) over a TLS transport.
-
-    A BufferedProtocol: the loop's TLS decrypts into the loop's read arenas
-    (tunnel/reads.py) and the frames are parsed from views of them;
-    `data_received` takes bytes from a transport that has its own (the
-    socket TLS path, tests).
 
     Abuse bounds (server side): at most MAX_STREAMS requests are handled at
     once, counting handlers still delivering after their stream went away;
@@ -783,7 +774,6 @@ class H2Conn(asyncio.BufferedProtocol):
         self._acks: dict[int, int] = {}  # stream id -> bytes consumed in this batch
         self._flush_soon = False  # a _flush_later is scheduled
         self._loop = asyncio.get_running_loop()
-        self._reads = reads.shared()
         _live.add(self)
 
     # -- asyncio protocol ----------------------------------------------------
@@ -809,13 +799,7 @@ class H2Conn(asyncio.BufferedProtocol):
             self.ready.set_result(None)
         self._arm_idle()
 
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self._reads.get_buffer(sizehint)
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(self._reads.filled(nbytes))
-
-    def data_received(self, data: bytes | memoryview) -> None:
+    def data_received(self, data: bytes) -> None:
         refused = self.h2.refused
         try:
             events = self.h2.receive_data(data)

@@ -34,7 +34,7 @@ import os
 import socket
 import ssl
 from collections.abc import Callable
-from typing import Any, Protocol, cast, runtime_checkable
+from typing import Any
 
 from agent.tunnel import limits
 
@@ -54,19 +54,6 @@ WRITEV_BATCH = 64  # pieces per writev (IOV_MAX is 1024)
 CHOICES = ("loop", "socket")
 
 
-@runtime_checkable
-class Receiver(Protocol):
-    """What TlsSocketTransport drives: asyncio.Protocol's callbacks (H2Conn
-    is a BufferedProtocol for the loop's TLS and takes data_received too)."""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None: ...
-    def data_received(self, data: bytes) -> None: ...
-    def eof_received(self) -> bool | None: ...
-    def connection_lost(self, exc: Exception | None) -> None: ...
-    def pause_writing(self) -> None: ...
-    def resume_writing(self) -> None: ...
-
-
 def path() -> str:
     """The TLS path asked for (TETHER_TLS), "loop" when unset or unknown."""
     return _path_of(os.environ.get("TETHER_TLS", "loop"))
@@ -84,7 +71,7 @@ def _path_of(value: str) -> str:
 
 async def start_tls(
     loop: asyncio.AbstractEventLoop,
-    protocol: asyncio.BaseProtocol,
+    protocol: asyncio.Protocol,
     sock: socket.socket,
     ctx: ssl.SSLContext,
     *,
@@ -97,7 +84,6 @@ async def start_tls(
     the handshake raises (ssl.SSLError, OSError, TimeoutError)."""
     transport: asyncio.BaseTransport
     if path() == "socket":
-        assert isinstance(protocol, Receiver)
         transport = await connect(
             loop, protocol, sock, ctx, server_side=side == "server", timeout=timeout
         )
@@ -167,7 +153,7 @@ async def _ready(loop: asyncio.AbstractEventLoop, fd: int, write: bool) -> None:
 
 async def connect(
     loop: asyncio.AbstractEventLoop,
-    protocol: Receiver,
+    protocol: asyncio.Protocol,
     sock: socket.socket,
     ctx: ssl.SSLContext,
     *,
@@ -205,7 +191,7 @@ async def connect(
 
 class TlsSocketTransport(asyncio.Transport):
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, tls: ssl.SSLSocket, protocol: Receiver
+        self, loop: asyncio.AbstractEventLoop, tls: ssl.SSLSocket, protocol: asyncio.Protocol
     ) -> None:
         super().__init__()
         self._loop = loop
@@ -453,8 +439,8 @@ class TlsSocketTransport(asyncio.Transport):
         return self._extra.get(name, default)
 
     def get_protocol(self) -> asyncio.BaseProtocol:
-        return cast(asyncio.BaseProtocol, self._protocol)  # set through start_tls or below
+        return self._protocol
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
-        assert isinstance(protocol, Receiver)
+        assert isinstance(protocol, asyncio.Protocol)
         self._protocol = protocol

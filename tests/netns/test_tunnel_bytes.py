@@ -1,8 +1,7 @@
 """netns tier: bytes through the cross-node HBONE path arrive unchanged on
 either event loop (TETHER_LOOP=asyncio and uvloop) with the copy-free DATA
 path (header + payload pieces written with writelines, frames parsed from
-views of the read arenas both sides' reads land in, agent/tunnel/reads.py):
-large transfers, several streams multiplexed on the
+views of h2's buffer): large transfers, several streams multiplexed on the
 pooled connection at once, IPv4 and IPv6.  The peer sends random bytes and
 compares the whole echo (length and content); both agents' records must
 count every byte."""

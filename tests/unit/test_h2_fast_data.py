@@ -413,14 +413,14 @@ def test_the_start_of_a_frame_waiting_for_its_end_does_not_keep_the_read_alive(
     )
     assert got == tail
     calls = 0
-    real = h2conn.unpinned
+    real = h2conn._unpinned
 
     def counted(v: memoryview) -> memoryview:
         nonlocal calls
         calls += 1
         return real(v)
 
-    monkeypatch.setattr(h2conn, "unpinned", counted)
+    monkeypatch.setattr(h2conn, "_unpinned", counted)
     wire = _data(1, os.urandom(16 * 1024))
     for b in wire:
         ours.receive_data(bytes([b]))
