@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import json
 import os
 import re
@@ -1617,13 +1618,6 @@ def run_memory(pods: int = MEM_PODS, conns: int = MEM_CONNS) -> dict[str, Any]:
     return report
 
 
-def _status_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 async def _loop_gap(work: Any) -> tuple[float, float]:
     """(seconds `work()` took, the event loop's worst gap meanwhile, seen by
     a task that sleeps 1 ms at a time)."""
@@ -1645,6 +1639,26 @@ async def _loop_gap(work: Any) -> tuple[float, float]:
     done = True
     await ticker
     return took, worst
+
+
+async def _first_and_next(row: dict[str, float], key: str, calls: list[Any]) -> None:
+    """Awaits each of `calls` in turn under _loop_gap; row[key_first_ms] is
+    the first (the worker's start with it), row[key_next_ms] the mean of the
+    rest, row[key_loop_gap_ms] the loop's worst gap throughout."""
+    first = 0.0
+
+    async def work() -> None:
+        nonlocal first
+        t0 = time.perf_counter()
+        await calls[0]()
+        first = time.perf_counter() - t0
+        for call in calls[1:]:
+            await call()
+
+    took, gap = await _loop_gap(work)
+    row[f"{key}_first_ms"] = first * 1e3
+    row[f"{key}_next_ms"] = (took - first) / (len(calls) - 1) * 1e3
+    row[f"{key}_loop_gap_ms"] = gap * 1e3
 
 
 def run_workers(runs: int = 3, pods: int = MEM_PODS) -> dict[str, Any]:
@@ -1675,20 +1689,9 @@ def run_workers(runs: int = 3, pods: int = MEM_PODS) -> dict[str, Any]:
             async def one() -> dict[str, float]:
                 row: dict[str, float] = {}
                 w = podnet.Worker()
-                first: list[float] = []
-
-                async def routing() -> None:
-                    t0 = time.perf_counter()
-                    await w.call("prepare", paths[0])
-                    first.append(time.perf_counter() - t0)
-                    for p in paths[1:]:
-                        await w.call("prepare", p)
-                    row["podnet_worker_rss_mib"] = _status_rss_mib(w._proc.pid) if w._proc else 0
-
-                took, gap = await _loop_gap(routing)
-                row["podnet_first_ms"] = first[0] * 1e3
-                row["podnet_next_ms"] = (took - first[0]) / (pods - 1) * 1e3
-                row["podnet_loop_gap_ms"] = gap * 1e3
+                prepares = [functools.partial(w.call, "prepare", p) for p in paths]
+                await _first_and_next(row, "podnet", prepares)
+                row["podnet_worker_rss_mib"] = proc_rss_mib(w._proc.pid) if w._proc else 0
                 for p in paths:
                     await w.call("unprepare", p)
 
@@ -1708,21 +1711,10 @@ def run_workers(runs: int = 3, pods: int = MEM_PODS) -> dict[str, Any]:
                 await w.aclose()
 
                 local = WorkerCA(ca_dir, "cluster.local")
-                first.clear()
-
-                async def issue() -> None:
-                    t0 = time.perf_counter()
-                    await local.fetch(ids[0])
-                    first.append(time.perf_counter() - t0)
-                    for i in ids[1:]:
-                        await local.fetch(i)
-                    proc = local.worker._proc
-                    row["issuer_worker_rss_mib"] = _status_rss_mib(proc.pid) if proc else 0
-
-                took, gap = await _loop_gap(issue)
-                row["issuer_first_ms"] = first[0] * 1e3
-                row["issuer_next_ms"] = (took - first[0]) / (pods - 1) * 1e3
-                row["issuer_loop_gap_ms"] = gap * 1e3
+                fetches = [functools.partial(local.fetch, i) for i in ids]
+                await _first_and_next(row, "issuer", fetches)
+                proc = local.worker._proc
+                row["issuer_worker_rss_mib"] = proc_rss_mib(proc.pid) if proc else 0
                 await local.aclose()
 
                 async def issue_in_process() -> None:
