@@ -310,29 +310,32 @@ def test_round_trip_through_the_certificate_worker(ca: CertificateAuthority) -> 
     assert caller.node == "node-a" and ident == WEB
 
 
-def test_the_worker_refuses_a_chain_from_an_untrusted_root(ca: CertificateAuthority) -> None:
-    other = CertificateAuthority.generate("cluster.local")
+def _worker_fetch_fails(
+    ca: CertificateAuthority, worker: workerproc.Worker, match: str, trust_roots: str = ""
+) -> None:
+    """A fetch through `worker` from the CA fails with CaClientError `match`."""
 
     async def body(target: str) -> None:
-        worker = workerproc.Worker(ISSUER)
-        client = CaClient(target, token="token-a", trust_roots=other.roots_pem(), worker=worker)
+        client = CaClient(target, token="token-a", trust_roots=trust_roots or (), worker=worker)
         try:
-            with pytest.raises(CaClientError, match=r"returned a bad certificate: .*trusted root"):
+            with pytest.raises(CaClientError, match=match):
                 await client.fetch(WEB)
         finally:
             await client.aclose()
 
     run(lambda: with_server(ca, RecordingAuthenticator(), body))
+
+
+def test_the_worker_refuses_a_chain_from_an_untrusted_root(ca: CertificateAuthority) -> None:
+    other = CertificateAuthority.generate("cluster.local")
+    _worker_fetch_fails(
+        ca,
+        workerproc.Worker(ISSUER),
+        r"returned a bad certificate: .*trusted root",
+        trust_roots=other.roots_pem(),
+    )
 
 
 def test_a_dead_certificate_worker_is_the_fetchs_error(ca: CertificateAuthority) -> None:
-    async def body(target: str) -> None:
-        worker = workerproc.Worker("dead", argv=[sys.executable, "-c", "pass"])
-        client = CaClient(target, token="token-a", worker=worker)
-        try:
-            with pytest.raises(CaClientError, match=f"certificate worker for {WEB}: worker failed"):
-                await client.fetch(WEB)
-        finally:
-            await client.aclose()
-
-    run(lambda: with_server(ca, RecordingAuthenticator(), body))
+    worker = workerproc.Worker("dead", argv=[sys.executable, "-c", "pass"])
+    _worker_fetch_fails(ca, worker, f"certificate worker for {WEB}: worker failed")

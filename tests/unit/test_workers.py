@@ -94,21 +94,29 @@ def test_a_bad_request_line_gets_an_answer_not_the_workers_end() -> None:
     assert "unknown op None" in replies[2]["error"]
 
 
-def test_a_hung_worker_times_out_and_the_next_call_starts_a_fresh_one() -> None:
+def _killed_then_started_again(w: podnet.Worker, first: str, second: str | None) -> None:
+    """A worker whose call fails as `first` says is not kept; the next call
+    starts another, which fails as `second` says."""
+
     async def main() -> None:
-        hang = [sys.executable, "-c", "import time; time.sleep(60)"]
-        w = podnet.Worker(timeout=0.5, command=hang)
         try:
-            with pytest.raises(podnet.RoutingError, match=r"no answer in 0\.5 s"):
+            with pytest.raises(podnet.RoutingError, match=first):
                 await w.call("prepare", "/x")
             assert not w.running
-            with pytest.raises(podnet.RoutingError, match="no answer"):
+            with pytest.raises(podnet.RoutingError, match=second):
                 await w.call("prepare", "/x")
             assert w.started == 2
         finally:
             await w.aclose()
 
     run(main())
+
+
+def test_a_hung_worker_times_out_and_the_next_call_starts_a_fresh_one() -> None:
+    hang = [sys.executable, "-c", "import time; time.sleep(60)"]
+    _killed_then_started_again(
+        podnet.Worker(timeout=0.5, command=hang), r"no answer in 0\.5 s", "no answer"
+    )
 
 
 def test_a_worker_that_dies_is_an_error_naming_the_netns() -> None:
@@ -155,20 +163,7 @@ def test_run_once_and_unknown_ops() -> None:
 
 def test_a_worker_out_of_step_is_killed_not_reused() -> None:
     junk = [sys.executable, "-c", "import sys\nfor _ in sys.stdin: print('hello', flush=True)"]
-
-    async def main() -> None:
-        w = podnet.Worker(command=junk)
-        try:
-            with pytest.raises(podnet.RoutingError, match="prepare in /x: worker failed"):
-                await w.call("prepare", "/x")
-            assert not w.running
-            with pytest.raises(podnet.RoutingError):
-                await w.call("prepare", "/x")
-            assert w.started == 2
-        finally:
-            await w.aclose()
-
-    run(main())
+    _killed_then_started_again(podnet.Worker(command=junk), "prepare in /x: worker failed", None)
 
 
 def test_what_a_library_prints_never_reaches_the_answers() -> None:
