@@ -27,7 +27,7 @@ from agent.model import (
     Workload,
     norm_ip,
 )
-from agent.policy import LoadReport, PolicySet, compile_policies
+from agent.policy import Decision, LoadReport, PolicySet, compile_policies
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +55,11 @@ class StateView:
     # workload key -> the waypoints whose traffic it must come through (the
     # waypoint of a service selecting it, its own waypoint for workload traffic)
     guards: Mapping[str, tuple[Waypoint, ...]] = dataclasses.field(default_factory=dict)
+    # agent.tunnel.context.authorize's decisions made with this view (never
+    # copied by dataclasses.replace: a new view starts empty)
+    authz_cache: dict[tuple[Any, ...], tuple[Workload, Decision]] = dataclasses.field(
+        default_factory=dict, init=False, repr=False, compare=False, hash=False
+    )
 
     @property
     def node(self) -> str:

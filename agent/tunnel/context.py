@@ -80,32 +80,30 @@ class Tunnel:
 
 
 AUTHZ_CACHE_MAX = 4096
-# Decisions of one StateView: a pure function of (view, source IP, source
-# identity, destination, the pod's workload record), so a repeat connection
-# skips parsing and evaluation.  A new view (any policy or workload change:
-# a new generation) starts an empty cache.
-_authz_view: StateView | None = None
-_authz: dict[tuple[str, SpiffeId | None, tuple[str, int], str], tuple[Workload, Decision]] = {}
 
 
 def authorize(
     view: StateView, pod: PodRef, src_ip: str, ident: SpiffeId | None, dst: tuple[str, int]
 ) -> Decision:
-    """L4 authorization at the destination pod (ztunnel's inbound check)."""
-    global _authz_view
+    """L4 authorization at the destination pod (ztunnel's inbound check).
+
+    Decisions are cached on the view they were made with (`authz_cache`): a
+    pure function of (view, source IP, source identity, destination, the
+    pod's workload record), so a repeat connection skips parsing and
+    evaluation.  A new view (any policy or workload change) has an empty
+    cache, and a decision made with an older view can never land in a newer
+    view's cache, whichever loop's thread made it (agent/tunnel/loops.py)."""
     if pod.workload is None:
         return Decision(True, None, "no workload record: no policy applies")
-    if view is not _authz_view:
-        _authz.clear()
-        _authz_view = view
+    cache = view.authz_cache
     key = (src_ip, ident, dst, pod.key)
-    hit = _authz.get(key)
+    hit = cache.get(key)
     if hit is not None and hit[0] is pod.workload:
         return hit[1]
     decision = view.policies.evaluate(Conn.make(src_ip, ident, dst[0], dst[1], pod.workload))
-    if len(_authz) >= AUTHZ_CACHE_MAX:
-        _authz.clear()
-    _authz[key] = (pod.workload, decision)
+    if len(cache) >= AUTHZ_CACHE_MAX:
+        cache.clear()
+    cache[key] = (pod.workload, decision)
     return decision
 
 
@@ -128,6 +126,33 @@ def waypoint_bypass(t: Tunnel, pod: PodRef, ident: SpiffeId | None) -> str | Non
         f"waypoint bypass: {pod.key} takes mesh traffic only through waypoint {names}; "
         f"{who} is not it"
     )
+
+
+def recheck(
+    t: Tunnel,
+    pod: PodRef,
+    src_ip: str,
+    ident: SpiffeId | None,
+    dst: tuple[str, int],
+    view: StateView,
+) -> str | None:
+    """Why a connection authorized with `view` may no longer go live (None:
+    it may).  A path calls this after its last await before the connection
+    is live, in the same step that makes it live (sets `Connection.kill`):
+    a policy change while it was connecting to the app swapped the view and
+    revalidated the live connections, and this one was not live yet.  The
+    same checks as `watcher.revalidate`, with the view now in force."""
+    if t.view is view:
+        return None
+    now = t.view
+    current = t.local.get(pod.key)
+    if current is not None:
+        pod = current.pod  # its workload record as the new state has it
+    bypass = waypoint_bypass(t, pod, ident)
+    if bypass is not None:
+        return bypass
+    decision = authorize(now, pod, src_ip, ident, dst)
+    return None if decision.allowed else f"denied after a policy change: {decision.reason}"
 
 
 def original_dst(sock: socket.socket) -> tuple[str, int]:

@@ -22,6 +22,7 @@ from agent.tunnel.context import (
     Tunnel,
     authorize,
     err,
+    recheck,
     refuse,
     waypoint_bypass,
 )
@@ -137,7 +138,8 @@ class InboundHbone:
             conn.respond(stream, 401)
             t.conns.refuse(c, bypass, "DENY")
             return
-        decision = authorize(t.view, self.pod, peer[0], ident, dst)
+        view = t.view
+        decision = authorize(view, self.pod, peer[0], ident, dst)
         if not decision.allowed:
             conn.respond(stream, 401)
             t.conns.refuse(c, f"denied: {decision.reason}", "DENY")
@@ -155,6 +157,14 @@ class InboundHbone:
             t.conns.opened(c)
             t.conns.end(c, "client went away during delivery", "DC")
             return
+        why = recheck(t, self.pod, peer[0], ident, dst, view)
+        if why is not None:
+            app.close()
+            undeliver(t.bypass, c)
+            conn.respond(stream, 401)
+            t.conns.refuse(c, why, "DENY")
+            return
+        # from here to run_bridge's kill, nothing awaits (see recheck)
         conn.respond(stream, 200)
         t.conns.opened(c)
         await run_bridge(t.conns, t.bypass, c, app, stream, initiator="stream")

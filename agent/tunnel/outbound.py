@@ -22,6 +22,7 @@ from agent.tunnel.context import (
     authorize,
     err,
     original_dst,
+    recheck,
     refuse,
     waypoint_bypass,
 )
@@ -219,7 +220,8 @@ async def _same_node(
         for c in (out, inn):
             t.conns.refuse(c, bypass, "DENY")
         return
-    decision = authorize(t.view, peer, src_ip, req.src_identity, target)
+    view = t.view
+    decision = authorize(view, peer, src_ip, req.src_identity, target)
     if not decision.allowed:
         refuse(app)
         for c in (out, inn):
@@ -233,6 +235,15 @@ async def _same_node(
             t.conns.refuse(c, f"deliver to {req.authority}: {err(e)}", "UF")
         return
     inn.delivered_as = delivered
+    why = recheck(t, peer, src_ip, req.src_identity, target, view)
+    if why is not None:
+        up.close()
+        undeliver(t.bypass, inn)
+        refuse(app)
+        for c in (out, inn):
+            t.conns.refuse(c, why, "DENY")
+        return
+    # from here to run_relay's kill, nothing awaits (see recheck)
     for c in (out, inn):
         t.conns.opened(c)
     inn.relay = _Mirror(out)

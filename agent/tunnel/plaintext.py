@@ -9,8 +9,16 @@ from __future__ import annotations
 import socket
 
 from agent.model import plain
-from agent.tunnel.context import PodRef, Tunnel, authorize, err, refuse, waypoint_bypass
-from agent.tunnel.delivery import deliver, run_relay
+from agent.tunnel.context import (
+    PodRef,
+    Tunnel,
+    authorize,
+    err,
+    recheck,
+    refuse,
+    waypoint_bypass,
+)
+from agent.tunnel.delivery import deliver, run_relay, undeliver
 
 
 async def inbound_plain(t: Tunnel, pod: PodRef, client: socket.socket) -> None:
@@ -49,5 +57,21 @@ async def inbound_plain(t: Tunnel, pod: PodRef, client: socket.socket) -> None:
         t.conns.refuse(c, f"deliver to {dst[0]}:{dst[1]}: {err(e)}", "UF")
         return
     c.delivered_as = local
+    why = recheck(t, pod, src[0], None, dst, view)
+    strict = (
+        why is None
+        and t.view is not view
+        and pod.workload is not None
+        and not t.view.policies.plaintext_allowed(pod.workload, dst[1])
+    )
+    if strict:
+        why = "plaintext refused after a policy change: PeerAuthentication STRICT"
+    if why is not None:
+        app.close()
+        undeliver(t.bypass, c)
+        refuse(client)
+        t.conns.refuse(c, why, "DENY")
+        return
+    # from here to run_relay's kill, nothing awaits (see recheck)
     t.conns.opened(c)
     await run_relay(t.conns, t.bypass, c, client, app)
