@@ -40,6 +40,7 @@ from agent.tunnel.conns import ConnTable
 from agent.tunnel.context import Tunnel
 from agent.tunnel.h2conn import drain_all
 from agent.tunnel.hbone import HboneClient
+from agent.tunnel.loops import Loops, call_on, configured
 from agent.tunnel.watcher import revalidate
 from agent.waypoints import Waypoints
 
@@ -114,6 +115,7 @@ class Agent:
         self.pods: Pods | None = None
         self.tunnel: Tunnel | None = None
         self.waypoints: Waypoints | None = None
+        self.loops = Loops(configured(s.tunnel_loops))
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
         self._applying = asyncio.Lock()
@@ -151,7 +153,16 @@ class Agent:
         self._waypoints_reported = seen
         assert self.pods is not None and self.tunnel is not None
         if change.policies_changed or change.guards_changed:
-            for pod, n in revalidate(self.tunnel).items():
+            tunnel = self.tunnel
+
+            async def here() -> dict[str, int]:
+                return revalidate(tunnel)
+
+            closed: dict[str, int] = {}
+            for per_loop in await self.loops.each(here):
+                for pod, n in per_loop.items():
+                    closed[pod] = closed.get(pod, 0) + n
+            for pod, n in closed.items():
                 log.info("policy change closed %d connections of %s", n, pod)
         # what a predecessor handed over is adopted by the first reconcile
         inherited, self._inherited = self._inherited, None
@@ -173,7 +184,8 @@ class Agent:
         self._inherited = await handoff.receive(self.settings.agent.state_dir)
         await loop.run_in_executor(None, self.datapath.start)
         self.certs = certificate_manager(self.settings.identity)
-        hbone, server_ctx = self._tls()
+        client_ctx, server_ctx = self._tls()
+        hbone = HboneClient(client_ctx) if client_ctx is not None else None
         self.tunnel = Tunnel(
             self.state,
             self.datapath.delivery_bypass(),
@@ -183,6 +195,19 @@ class Agent:
             splicing=self.datapath.config.skmsg,
             require_waypoint=self.settings.agent.require_waypoint,
         )
+        self.loops.start()
+        for lt in self.loops.extra:  # each extra loop: its own pool, the main loop's certificates
+            self.tunnel.loop_tunnels.append(
+                (
+                    lt.loop,
+                    dataclasses.replace(
+                        self.tunnel,
+                        hbone=HboneClient(self.loops.on_main(client_ctx)) if client_ctx else None,
+                        server_context=self.loops.on_main(server_ctx) if server_ctx else None,
+                        loop_tunnels=[],
+                    ),
+                )
+            )
         self.pods = Pods(self.datapath, self.tunnel, self.certs, kube=self.kube is not None)
         self.waypoints = Waypoints(
             self.settings.agent.state_dir,
@@ -228,7 +253,7 @@ class Agent:
         giver.close()
         if self.handed_off:
             # GOAWAY moves the peers' new streams to the successor at once
-            await asyncio.gather(drain_all(DRAIN_TIMEOUT), self._drain())
+            await asyncio.gather(self.loops.each(lambda: drain_all(DRAIN_TIMEOUT)), self._drain())
             if self.kube is not None:
                 # A DaemonSet restarts an exited container, and a restarted old
                 # agent would take everything back: stay idle until the pod is
@@ -236,18 +261,25 @@ class Agent:
                 self._stop.clear()
                 log.info("handed over and drained; idle until terminated")
                 await self._stop.wait()
-        await drain_all(STOP_DRAIN_TIMEOUT)  # GOAWAYs, then close_notify on every connection
+        # GOAWAYs, then close_notify on every connection, on every loop
+        await self.loops.each(lambda: drain_all(STOP_DRAIN_TIMEOUT))
         await self.waypoints.close()
         self.pods.close()
         await self.pods.routing.aclose()
         if hbone is not None:
             hbone.close()
+        for loop, extra in self.tunnel.loop_tunnels:
+            if extra.hbone is not None:
+                call_on(loop, extra.hbone.close)
+        self.loops.stop()  # what is left on them is cancelled there
         if self.certs is not None:
             await self.certs.close()
         self.datapath.close()
         log.info("agent stopped")
 
-    def _tls(self) -> tuple[HboneClient | None, Any]:
+    def _tls(self) -> tuple[Any, Any]:
+        """The certificate manager's client and server TLS contexts (None,
+        None without an identity source: plaintext only)."""
         if self.certs is None:
             return None, None
         certs = self.certs
@@ -258,7 +290,7 @@ class Agent:
         async def server_ctx(i: SpiffeId) -> ssl.SSLContext:
             return await certs.ssl_context_server(i)
 
-        return HboneClient(client_ctx), server_ctx
+        return client_ctx, server_ctx
 
     async def _start_kube(self, loop: asyncio.AbstractEventLoop) -> Snapshot | None:
         """Start the watchers and wait (bounded) for their first full snapshot."""
@@ -403,12 +435,37 @@ class Agent:
             "waypoint_deployer": self.deployer.describe() if self.deployer else None,
             "certificates": self.certs.describe() if self.certs else [],
             "hbone_tls": tlssock.path(),
-            "hbone_pool": self.tunnel.hbone.describe() if self.tunnel and self.tunnel.hbone else [],
+            "hbone_pool": self._pools(),
+            "tunnel_loops": self._loops_status(),
             "connections": {
                 "open": [c.record() for c in self.conns.open.values()],
                 "closed": [c.record() for c in self.conns.closed[-200:]],
             },
         }
+
+    def _pools(self) -> list[dict[str, Any]]:
+        """Every loop's HBONE pool (each entry says its loop)."""
+        if self.tunnel is None:
+            return []
+        out: list[dict[str, Any]] = []
+        for i, t in enumerate([self.tunnel, *(t for _, t in self.tunnel.loop_tunnels)]):
+            if t.hbone is not None:
+                out += [{**p, "loop": i} for p in t.hbone.describe()]
+        return out
+
+    def _loops_status(self) -> dict[str, Any]:
+        """How many loops serve the tunnel and the open connections on each."""
+        opened = [0] * self.loops.count
+        recent = [0] * self.loops.count
+        if self.loops.main is not None:
+            for c in list(self.conns.open.values()):
+                i = self.loops.index_of(c.loop) or 0
+                opened[i] += 1
+                recent[i] += 1
+            for c in list(self.conns.closed):
+                recent[self.loops.index_of(c.loop) or 0] += 1
+        # recent: the open ones and the last closed ones the table keeps
+        return {"count": self.loops.count, "open_connections": opened, "recent_connections": recent}
 
     async def _serve_http(self) -> list[HttpServer]:
         def ready() -> Response:

@@ -36,6 +36,7 @@ from agent.sim.topology import Node, Pod, Testbed, random_prefix
 from agent.tunnel import limits, tlssock
 
 IPERF_PORT = 5201
+PARALLEL_STREAMS = 8  # bench tunnel: many connections at once (more than one core)
 SOCKPERF_PORT = 11111
 
 
@@ -201,6 +202,9 @@ class _Procs:
     def cpu(self) -> float:
         return sum(proc_cpu(pid) for pid in self.pids.values())
 
+    def cpu_each(self) -> dict[str, float]:
+        return {name: proc_cpu(pid) for name, pid in self.pids.items()}
+
     def rss_mib(self) -> dict[str, float]:
         return {name: proc_rss_mib(pid) for name, pid in self.pids.items()}
 
@@ -260,7 +264,7 @@ def _kill(p: subprocess.Popen[Any]) -> None:
 
 
 def _t_iperf(
-    tb: Testbed, client: Pod, server: Pod, host: str, port: int, seconds: float
+    tb: Testbed, client: Pod, server: Pod, host: str, port: int, seconds: float, streams: int = 1
 ) -> dict[str, float]:
     srv = tb.spawn(
         server,
@@ -272,7 +276,7 @@ def _t_iperf(
         _wait_listening(srv, IPERF_PORT)
         p = tb.spawn(
             client,
-            ["iperf3", "-c", host, "-p", str(port), "-t", str(seconds), "-J"],
+            ["iperf3", "-c", host, "-p", str(port), "-t", str(seconds), "-P", str(streams), "-J"],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
@@ -423,6 +427,26 @@ def _measure_path(
             cpu = procs.cpu() - cpu0
             row["cpu_s"] = round(cpu, 2)
             row["cpu_s_per_gb"] = round(cpu / (ip["bytes"] / 1e9), 3) if ip["bytes"] else None
+    each0 = procs.cpu_each() if procs else {}
+    many = guarded(
+        f"iperf3 -P {PARALLEL_STREAMS}",
+        lambda: _t_iperf(
+            tb,
+            client,
+            server,
+            host,
+            ports.get(IPERF_PORT, IPERF_PORT),
+            seconds,
+            PARALLEL_STREAMS,
+        ),
+    )
+    if many is not None:
+        row["parallel_gbit_s"] = round(many["bits_per_second"] / 1e9, 2)
+        if procs and many["bytes"]:
+            used = {k: v - each0[k] for k, v in procs.cpu_each().items()}
+            row["parallel_cpu_s_per_gb"] = round(sum(used.values()) / (many["bytes"] / 1e9), 3)
+            # the busiest relaying process's cores: above 1.0 it used more than one
+            row["parallel_max_cores"] = round(max(used.values()) / seconds, 2)
     sp = guarded(
         "sockperf",
         lambda: _t_sockperf(
@@ -758,6 +782,8 @@ def run_tunnel(
         if row.get("p50_us") is not None and base.get("p50_us") is not None:
             row["p50_added_us"] = round(row["p50_us"] - base["p50_us"], 1)
         for key, ratio in (
+            ("parallel_gbit_s", "parallel_x_stunnel"),
+            ("parallel_cpu_s_per_gb", "parallel_cpu_x_stunnel"),
             ("throughput_gbit_s", "throughput_x_stunnel"),
             ("conn_per_s", "conn_x_stunnel"),
             ("p50_added_us", "p50_added_x_stunnel"),
@@ -775,6 +801,8 @@ def run_tunnel(
         "variants": variants or {},
         "tools": {
             "throughput": "iperf3 -J, 1 stream",
+            "parallel": f"iperf3 -J -P {PARALLEL_STREAMS}: Gbit/s, CPU s/GB and the busiest "
+            "relaying process's cores (more than 1.0: it used more than one core)",
             "latency": "sockperf pp --tcp -m 1024 --full-rtt",
             "vcpu_at_1k_rps": f"relaying processes' CPU s per s while sockperf pp "
             f"--mps {RATE_MPS} -m 1024 runs (Istio publishes "
@@ -1814,6 +1842,16 @@ def _print_tunnel(report: dict[str, Any]) -> None:
             f"{v(r, 'cpu_s_per_gb'):>8} {v(r, 'cpu_x_stunnel'):>5} "
             f"{v(r, 'vcpu_at_1k_rps'):>7} {v(r, 'vcpu_x_stunnel'):>5} "
             f"{v(r, 'rss_mib_total'):>8} {v(r, 'rss_x_stunnel'):>5}"
+        )
+    print(
+        f"\n{PARALLEL_STREAMS} streams at once (iperf3 -P {PARALLEL_STREAMS}):\n"
+        f"{'path':34} {'Gbit/s':>7} {'x st':>5} {'CPU s/GB':>8} {'x st':>5} {'max cores':>9}"
+    )
+    for name, r in report["results"].items():
+        print(
+            f"{name:34} {v(r, 'parallel_gbit_s'):>7} {v(r, 'parallel_x_stunnel'):>5} "
+            f"{v(r, 'parallel_cpu_s_per_gb'):>8} {v(r, 'parallel_cpu_x_stunnel'):>5} "
+            f"{v(r, 'parallel_max_cores'):>9}"
         )
     for name, r in report["results"].items():
         if r.get("rss_mib"):

@@ -17,6 +17,9 @@ class IdentitySettings:
     ca_plaintext: bool = False  # gRPC without TLS to the CA (tests; never across nodes)
 
 
+MAX_TUNNEL_LOOPS = 64  # agent.tunnelLoops
+
+
 @dataclasses.dataclass(frozen=True)
 class AgentSettings:
     pin_dir: str = "/sys/fs/bpf/tether"
@@ -39,6 +42,9 @@ class AgentSettings:
     # Gateways (agent/sources/waypoint_deploy.py); off where istiod does it.
     waypoint_deployer: bool = True
     waypoint_image: str | None = None  # None: the agent pod's own image
+    # Event loops serving the tunnel, each on its own thread
+    # (agent/tunnel/loops.py); TETHER_TUNNEL_LOOPS overrides it.
+    tunnel_loops: int = 1
 
 
 @dataclasses.dataclass(frozen=True)

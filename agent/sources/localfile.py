@@ -36,6 +36,7 @@ from agent.model import (
     Waypoint,
     Workload,
 )
+from agent.model.settings import MAX_TUNNEL_LOOPS
 
 log = logging.getLogger(__name__)
 
@@ -351,6 +352,7 @@ _AGENT_FIELDS = {
     "waypointAccessLog",
     "waypointDeployer",
     "waypointImage",
+    "tunnelLoops",
 }
 
 
@@ -383,7 +385,17 @@ def _agent_settings(a: Any) -> AgentSettings:
         waypoint_access_log=_bool(a.get("waypointAccessLog", True), "agent.waypointAccessLog"),
         waypoint_deployer=_bool(a.get("waypointDeployer", True), "agent.waypointDeployer"),
         waypoint_image=_opt_str(a.get("waypointImage"), "agent.waypointImage"),
+        tunnel_loops=_loops(a.get("tunnelLoops", 1)),
     )
+
+
+def _loops(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_TUNNEL_LOOPS:
+        raise ConfigError(
+            f"agent.tunnelLoops: expected a whole number from 1 to {MAX_TUNNEL_LOOPS} (event loops "
+            f"serving the tunnel, one thread each; about one per core), got {short(v, 40)!r}"
+        )
+    return v
 
 
 def _identity_settings(ident: Any) -> IdentitySettings:

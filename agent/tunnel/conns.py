@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -60,6 +62,9 @@ class Connection:
     sent_base: int = 0  # bytes counted before a handoff
     received_base: int = 0
     kill: Callable[[], None] | None = None  # tear the connection down (policy change)
+    # the event loop serving it (agent/tunnel/loops.py): kill, freeze and
+    # drain run there, never from another loop's thread
+    loop: asyncio.AbstractEventLoop | None = dataclasses.field(default=None, repr=False)
 
     @property
     def bytes_sent(self) -> int:
@@ -98,7 +103,9 @@ class Connection:
 
 class ConnTable:
     """Open and recently closed connections (bounded).  Every end is written
-    to the JSON access log and handed to the close callbacks (metrics)."""
+    to the JSON access log and handed to the close callbacks (metrics).
+    Every tunnel loop adds and ends its connections here: each change is one
+    dict or list operation, atomic under the interpreter lock."""
 
     def __init__(self, keep_closed: int = 1000) -> None:
         self._ids = itertools.count(1)
@@ -118,6 +125,10 @@ class ConnTable:
         **fields: Any,
     ) -> Connection:
         c = Connection(next(self._ids), pod, direction, src, dst, path, time.monotonic(), **fields)
+        if c.loop is None:
+            # outside a loop (tests) it stays None: served by whoever holds it
+            with contextlib.suppress(RuntimeError):
+                c.loop = asyncio.get_running_loop()
         self.open[c.id] = c
         return c
 
@@ -134,9 +145,8 @@ class ConnTable:
         self.end(c, error, flag)
 
     def end(self, c: Connection, error: str | None, flag: str | None = None) -> None:
-        if c.id not in self.open:
-            return
-        del self.open[c.id]
+        if self.open.pop(c.id, None) is None:
+            return  # already ended (by its loop, or a freeze for a handoff)
         c.ended = time.monotonic()
         c.error = c.error or error  # a reason given earlier (policy change) wins
         abort = getattr(c.relay, "abort_flag", None)  # DC | UC: a side reset mid-transfer

@@ -10,7 +10,7 @@ import socket
 import ssl
 import struct
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.identity.spiffe import SpiffeId
 from agent.model import HBONE_PORT, Workload, norm_ip
@@ -69,6 +69,10 @@ class Tunnel:
     local: dict[str, PodProxy] = dataclasses.field(default_factory=dict)  # this node's pods
     limits: HboneLimits = dataclasses.field(default_factory=HboneLimits)  # inbound 15008
     require_waypoint: bool = True  # agent.requireWaypoint: refuse traffic that skipped one
+    # agent.tunnelLoops > 1 (agent/tunnel/loops.py): each extra loop and the
+    # Tunnel it serves with (the same state, table, limits and pods; its own
+    # HBONE pool and certificate getters); on the main loop's Tunnel only
+    loop_tunnels: list[tuple[Any, Tunnel]] = dataclasses.field(default_factory=list)
 
     @property
     def view(self) -> StateView:

@@ -774,7 +774,7 @@ class H2Conn(asyncio.Protocol):
         self._acks: dict[int, int] = {}  # stream id -> bytes consumed in this batch
         self._flush_soon = False  # a _flush_later is scheduled
         self._loop = asyncio.get_running_loop()
-        _live.add(self)
+        _live_here().add(self)
 
     # -- asyncio protocol ----------------------------------------------------
 
@@ -827,7 +827,7 @@ class H2Conn(asyncio.Protocol):
         self._flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        _live.discard(self)
+        _live_here().discard(self)
         if self._idle_timer is not None:
             self._idle_timer.cancel()
         # Lost with streams open (no END_STREAM both ways): an abort, never a
@@ -1223,14 +1223,34 @@ def _coalesce(pieces: list[bytes]) -> list[bytes]:
     return out
 
 
-_live: weakref.WeakSet[H2Conn] = weakref.WeakSet()
+# Every open HBONE connection of this process, per event loop (a loop's
+# connections are drained on it; agent/tunnel/loops.py).  Each loop changes
+# only its own set.
+_live: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, weakref.WeakSet[H2Conn]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def live_count(loop: asyncio.AbstractEventLoop) -> int:
+    """How many HBONE connections `loop` serves (read from any thread)."""
+    live = _live.get(loop)
+    return len(live) if live is not None else 0
+
+
+def _live_here() -> weakref.WeakSet[H2Conn]:
+    loop = asyncio.get_running_loop()
+    live = _live.get(loop)
+    if live is None:
+        live = _live[loop] = weakref.WeakSet()
+    return live
 
 
 async def drain_all(timeout: float) -> None:
-    """Drain every HBONE connection of this process (agent shutdown, end of
-    a handoff): graceful GOAWAYs, streams finish within `timeout`, then each
-    connection closes with close_notify, waited for up to CLOSE_WAIT."""
-    conns = list(_live)
+    """Drain every HBONE connection of this event loop (agent shutdown, end
+    of a handoff; with more than one loop the agent runs this on each):
+    graceful GOAWAYs, streams finish within `timeout`, then each connection
+    closes with close_notify, waited for up to CLOSE_WAIT."""
+    conns = list(_live_here())
     if not conns:
         return
     log.info("draining %d HBONE connections", len(conns))

@@ -272,7 +272,7 @@ class HboneClient:
                 "streams": sum(len(c.streams) for c in v),
                 "tls": sorted({str(c.peer.get("tls")) for c in v}),
             }
-            for k, v in self.pool.items()
+            for k, v in list(self.pool.items())  # one step: the admin may read another loop's
         ]
 
     def close(self) -> None:

@@ -20,6 +20,7 @@ import ctypes.util
 import gc
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 
@@ -163,7 +164,10 @@ class Admission:
 
 
 class HboneLimits:
-    """The agent's admission state: one Admission per pod under one for the agent."""
+    """The agent's admission state: one Admission per pod under one for the
+    agent.  Every loop's listeners admit here (agent/tunnel/loops.py), so a
+    lock keeps the counts exact: a lost update would let a source past its
+    limit, or shut it out for good."""
 
     def __init__(
         self,
@@ -175,6 +179,7 @@ class HboneLimits:
         self.per_source = per_source
         self.per_pod = per_pod
         self.pods: dict[str, Admission] = {}
+        self._lock = threading.Lock()
 
     def pod(self, key: str) -> Admission:
         a = self.pods.get(key)
@@ -185,18 +190,20 @@ class HboneLimits:
     def admit(self, pod: str, source: str) -> bool:
         """Take a slot for a connection from `source` to `pod`'s 15008, or
         count, log (rate-limited) and refuse it."""
-        refused = self.pod(pod).admit(source)
+        with self._lock:
+            refused = self.pod(pod).admit(source)
         if refused is None:
             return True
         limited(refused, "connection from %s to %s refused", source, pod)
         return False
 
     def release(self, pod: str, source: str) -> None:
-        a = self.pods.get(pod)
-        if a is not None:
-            a.release(source)
-            if not a.count:
-                del self.pods[pod]
+        with self._lock:
+            a = self.pods.get(pod)
+            if a is not None:
+                a.release(source)
+                if not a.count:
+                    del self.pods[pod]
 
 
 class ResetBudget:

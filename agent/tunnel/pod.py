@@ -18,14 +18,17 @@ import asyncio
 import errno
 import logging
 import socket
+import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from agent import netns
+from agent.tunnel import h2conn
 from agent.tunnel.conns import parse_endpoint
 from agent.tunnel.context import PodRef, Ports, Tunnel
 from agent.tunnel.delivery import run_relay
 from agent.tunnel.inbound import InboundHbone
+from agent.tunnel.loops import call_on, run_on
 from agent.tunnel.outbound import outbound
 from agent.tunnel.plaintext import inbound_plain
 from agent.tunnel.relay import Relay, tcp_socket
@@ -33,6 +36,14 @@ from agent.tunnel.relay import Relay, tcp_socket
 log = logging.getLogger(__name__)
 
 Handler = Callable[[socket.socket], Awaitable[None]]
+
+
+def _dup_all(listeners: dict[str, socket.socket]) -> dict[str, socket.socket]:
+    dups = {}
+    for n, s in listeners.items():
+        d = dups[n] = socket.socket(fileno=socket.dup(s.fileno()))
+        d.setblocking(False)
+    return dups
 
 
 class PodProxy:
@@ -52,7 +63,10 @@ class PodProxy:
         self.ports = ports
         self.t = tunnel
         self.listeners: dict[str, socket.socket] = {}
-        self._accepting: list[asyncio.Task[None]] = []
+        self._accepting: list[asyncio.Task[None]] = []  # every loop's (see serve)
+        self._lock = threading.Lock()  # _accepting and _stopped, across loops
+        self._stopped = False  # released or closed: an extra loop starting late serves nothing
+        self._hbone_on: dict[asyncio.AbstractEventLoop, Handler] = {}  # each loop's 15008 handler
         self._handlers: set[asyncio.Task[None]] = set()  # strong refs until done
 
     # -- listeners -------------------------------------------------------------
@@ -89,8 +103,18 @@ class PodProxy:
         self.listeners = listeners
 
     def serve(self) -> None:
+        """Accept on every tunnel loop: this one, and each extra loop of
+        agent.tunnelLoops on a duplicate of each listener that the loop owns
+        and closes itself (a socket is never closed under another thread's
+        poller).  Call on the main loop."""
+        extra = [(loop, t, _dup_all(self.listeners)) for loop, t in self.t.loop_tunnels]
+        self._serve_on(self.t, dict(self.listeners), owned=False)
+        for loop, t, dups in extra:
+            loop.call_soon_threadsafe(self._serve_on, t, dups, True)
+
+    def _serve_on(self, t: Tunnel, listeners: dict[str, socket.socket], owned: bool) -> None:
         loop = asyncio.get_running_loop()
-        t, pod = self.t, self.pod
+        pod = self.pod
 
         async def out(s: socket.socket) -> None:
             await outbound(t, pod, self.ports, s)
@@ -101,27 +125,71 @@ class PodProxy:
         handlers: dict[str, Handler] = {"out": out, "in": plain_in}
         if pod.identity is not None and t.server_context is not None:
             handlers["hbone"] = InboundHbone(t, pod).accept
-        for name, sock in self.listeners.items():
+        for name, sock in listeners.items():
             handler = handlers.get(name.rstrip("46"))
             if handler is None:
-                log.warning("pod %s: no handler for listener %s; closing it", pod.key, name)
+                if not owned:
+                    log.warning("pod %s: no handler for listener %s; closing it", pod.key, name)
                 sock.close()
                 continue
-            self._accepting.append(loop.create_task(self._accept_loop(sock, handler)))
+            if name.startswith("hbone"):
+                self._hbone_on[loop] = handler
+            with self._lock:
+                if not self._stopped:
+                    self._accepting.append(
+                        loop.create_task(self._accept_loop(sock, handler, owned))
+                    )
+                    continue
+            if owned:  # released while this loop was getting to it
+                sock.close()
 
-    async def _accept_loop(self, listener: socket.socket, handler: Handler) -> None:
+    async def _accept_loop(self, listener: socket.socket, handler: Handler, owned: bool) -> None:
         loop = asyncio.get_running_loop()
-        while True:
-            try:
-                conn, _ = await loop.sock_accept(listener)
-            except OSError as e:
-                if listener.fileno() < 0:
-                    return
-                log.warning("accept on %s failed: %s", self.pod.key, e)
-                await asyncio.sleep(0.05)
-                continue
-            conn.setblocking(False)
-            self._track(loop.create_task(self._guard(handler, conn)))
+        try:
+            while True:
+                try:
+                    conn, _ = await loop.sock_accept(listener)
+                except OSError as e:
+                    if listener.fileno() < 0:
+                        return
+                    log.warning("accept on %s failed: %s", self.pod.key, e)
+                    await asyncio.sleep(0.05)
+                    continue
+                conn.setblocking(False)
+                target = self._balance(loop, handler)
+                if target is None:
+                    self._track(loop.create_task(self._guard(handler, conn)))
+                else:
+                    try:
+                        target[0].call_soon_threadsafe(self._start, target[1], conn)
+                    except RuntimeError:  # that loop has stopped (shutdown)
+                        conn.close()
+        finally:
+            if owned:
+                listener.close()
+
+    def _balance(
+        self, here: asyncio.AbstractEventLoop, handler: Handler
+    ) -> tuple[asyncio.AbstractEventLoop, Handler] | None:
+        """Where an accepted 15008 connection is served: the loop with the
+        fewest HBONE connections, if it has fewer than this one (None: here).
+        Each carries a peer's pooled streams for minutes, and which loop's
+        accept wins is a race, so without this two peers' connections could
+        share one loop while another idles.  App connections (15001, 15006)
+        stay where they were accepted: the loop free to accept is the one
+        not busy."""
+        if len(self._hbone_on) < 2 or self._hbone_on.get(here) is not handler:
+            return None
+        fewest = min(self._hbone_on, key=h2conn.live_count)
+        if h2conn.live_count(fewest) >= h2conn.live_count(here):
+            return None
+        return fewest, self._hbone_on[fewest]
+
+    def _start(self, handler: Handler, conn: socket.socket) -> None:
+        if self._stopped:
+            conn.close()
+            return
+        self._track(asyncio.get_running_loop().create_task(self._guard(handler, conn)))
 
     async def _guard(self, handler: Handler, conn: socket.socket) -> None:
         """One bad connection is logged and closed; nothing else is touched."""
@@ -137,16 +205,15 @@ class PodProxy:
         """Stop accepting and freeze every plain relay of this pod; give back
         the listeners and those connections' sockets for a successor
         (agent.handoff).  HBONE connections cannot move (their TLS state is in
-        this process): they keep running here until they end."""
-        listeners = {
-            n: socket.socket(fileno=socket.dup(s.fileno())) for n, s in self.listeners.items()
-        }
+        this process): they keep running here until they end.  A relay on
+        another tunnel loop is frozen there."""
+        listeners = _dup_all(self.listeners)
         self.release()
         conns = []
         for c in [c for c in self.t.conns.open.values() if c.pod == self.pod.key]:
             if not isinstance(c.relay, Relay):
                 continue  # HBONE, or still connecting: drains here
-            socks = await c.relay.freeze()
+            socks = await run_on(c.loop, c.relay.freeze())
             if socks is not None:
                 info = c.record()
                 info["src"], info["dst"] = list(c.src), list(c.dst)
@@ -157,9 +224,8 @@ class PodProxy:
     def release(self) -> None:
         """Stop accepting and close the listeners (a successor binds its own);
         every open connection of the pod carries on here until it ends."""
-        for t in self._accepting:
-            t.cancel()
-        self._accepting.clear()
+        for t in self._stop_accepting():
+            call_on(t.get_loop(), t.cancel)  # an extra loop's task closes its own duplicate
         for s in self.listeners.values():
             s.close()
         self.listeners.clear()
@@ -186,10 +252,15 @@ class PodProxy:
         self._handlers.add(task)
         task.add_done_callback(self._handlers.discard)
 
+    def _stop_accepting(self) -> list[asyncio.Task[None]]:
+        with self._lock:
+            self._stopped = True
+            tasks, self._accepting = self._accepting, []
+        return tasks
+
     def close(self) -> None:
-        for t in [*self._accepting, *self._handlers]:
-            t.cancel()
-        self._accepting.clear()
+        for t in [*self._stop_accepting(), *self._handlers]:
+            call_on(t.get_loop(), t.cancel)
         for s in self.listeners.values():
             s.close()
         self.listeners.clear()
