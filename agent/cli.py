@@ -109,6 +109,10 @@ def _cmd_bench(a: argparse.Namespace) -> int:
         from agent.bench_waypoint import main as waypoint_main
 
         return waypoint_main(seconds=a.seconds, runs=a.runs, json_out=a.json)
+    if a.what == "loops":
+        from agent.bench_loops import main as loops_main
+
+        return loops_main(loops_n=a.loops, runs=a.runs, json_out=a.json)
     from agent.bench import main as bench_main
 
     variants = {}
@@ -252,7 +256,17 @@ def parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks (numbers as ratios to a same-run baseline)")
     b.add_argument(
         "what",
-        choices=["datapath", "tunnel", "h2", "profile", "memory", "waypoint", "ktls", "workers"],
+        choices=[
+            "datapath",
+            "tunnel",
+            "h2",
+            "profile",
+            "memory",
+            "waypoint",
+            "ktls",
+            "workers",
+            "loops",
+        ],
     )
     b.add_argument("--seconds", type=float, default=3.0)
     b.add_argument("--json", action="store_true")
@@ -264,6 +278,7 @@ def parser() -> argparse.ArgumentParser:
         help="tunnel, waypoint, workers (at least 3): runs, medians reported",
     )
     b.add_argument("--connections", type=int, default=1000, help="memory: open connections to hold")
+    b.add_argument("--loops", type=int, default=2, help="loops: tunnel loops against 1")
     b.add_argument(
         "--workload",
         choices=["throughput", "connections", "messages"],

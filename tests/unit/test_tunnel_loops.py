@@ -231,3 +231,14 @@ def test_every_loop_accepts_on_a_pods_listener_and_release_closes_every_copy(
 class _NoBypass:
     def add(self, src: tuple[str, int], dst: tuple[str, int]) -> None: ...
     def remove(self, src: tuple[str, int], dst: tuple[str, int]) -> None: ...
+
+
+def test_hbone_relays_on_two_loops_at_once_are_intact() -> None:
+    """Four whole HBONE relays (bridge, H2Conn, mutual TLS, H2Conn, bridge)
+    in one process, two on each loop's thread at the same time (connection k
+    runs on loop k mod 2): every byte arrives, in order (CRC-32 and length)."""
+    from agent import bench_loops, eventloop
+
+    r = eventloop.run(bench_loops._one(2, 4, 8 << 20))
+    assert r["intact"], r
+    assert r["mb_s"] > 0
