@@ -76,9 +76,16 @@ def _cmd_status(a: argparse.Namespace) -> int:
         print(
             f"hbone pool {p['src']} -> {p['dst']} at {p['address']}: "
             f"{p['connections']} connections, {p['streams']} streams"
+            + (f" (loop {p['loop']})" if "loop" in p else "")
         )
     opened = data["connections"]["open"]
-    print(f"open connections: {len(opened)}")
+    loops = data.get("tunnel_loops")
+    per_loop = (
+        f" (per tunnel loop: {', '.join(map(str, loops['open_connections']))})"
+        if loops and loops.get("count", 1) > 1
+        else ""
+    )
+    print(f"open connections: {len(opened)}{per_loop}")
     for c in opened:
         ids = f" [{c['src_identity'] or '-'} -> {c['dst_identity'] or '-'}]"
         print(f"  {c['pod']:20} {c['direction']:8} {c['src']} -> {c['dst']} via {c['path']}" + ids)

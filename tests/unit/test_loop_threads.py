@@ -242,3 +242,39 @@ def test_hbone_relays_on_two_loops_at_once_are_intact() -> None:
     r = eventloop.run(bench_loops._one(2, 4, 8 << 20))
     assert r["intact"], r
     assert r["mb_s"] > 0
+
+
+def test_tether_status_says_how_many_connections_each_loop_holds(
+    monkeypatch: Any, capsys: Any
+) -> None:
+    import io
+    import json
+    import urllib.request
+
+    from agent import cli
+
+    dump = {
+        "node": "n1",
+        "ready": True,
+        "datapath": {"skmsg": False, "pin_dir": "/p", "programs": {}, "pods": {}, "stats": {}},
+        "pod_errors": {},
+        "hbone_pool": [
+            {
+                "src": "a",
+                "dst": "b",
+                "address": "10.0.0.2:15008",
+                "connections": 1,
+                "streams": 3,
+                "loop": 1,
+            }
+        ],
+        "tunnel_loops": {"count": 2, "open_connections": [2, 3], "recent_connections": [9, 8]},
+        "connections": {"open": [], "closed": []},
+    }
+    monkeypatch.setattr(
+        urllib.request, "urlopen", lambda *_a, **_k: io.BytesIO(json.dumps(dump).encode())
+    )
+    assert cli.main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert "open connections: 0 (per tunnel loop: 2, 3)" in out
+    assert "3 streams (loop 1)" in out
