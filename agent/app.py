@@ -438,7 +438,7 @@ class Agent:
             "hbone_pool": self._pools(),
             "tunnel_loops": self._loops_status(),
             "connections": {
-                "open": [c.record() for c in self.conns.open.values()],
+                "open": [c.record() for c in list(self.conns.open.values())],
                 "closed": [c.record() for c in self.conns.closed[-200:]],
             },
         }

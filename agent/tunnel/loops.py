@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import os
 import threading
@@ -168,6 +169,8 @@ class Loops:
         here = asyncio.get_running_loop()
         waits: list[Awaitable[T]] = []
         for lp in self.all():
+            if lp.is_closed():  # its thread ended (logged there): nothing of it is left
+                continue
             if lp is here:
                 waits.append(fn())
             else:
@@ -189,8 +192,9 @@ def call_on(loop: asyncio.AbstractEventLoop | None, fn: Callable[[], Any]) -> No
         here = None
     if loop is None or loop is here:
         fn()
-    elif not loop.is_closed():
-        loop.call_soon_threadsafe(fn)
+    else:
+        with contextlib.suppress(RuntimeError):  # that loop has ended: nothing left to call
+            loop.call_soon_threadsafe(fn)
 
 
 async def run_on(loop: asyncio.AbstractEventLoop | None, coro: Coroutine[Any, Any, T]) -> T:

@@ -180,7 +180,8 @@ class PodProxy:
         not busy."""
         if len(self._hbone_on) < 2 or self._hbone_on.get(here) is not handler:
             return None
-        fewest = min(self._hbone_on, key=h2conn.live_count)
+        # a copy in one step: another loop may be adding its handler
+        fewest = min(list(self._hbone_on), key=h2conn.live_count)
         if h2conn.live_count(fewest) >= h2conn.live_count(here):
             return None
         return fewest, self._hbone_on[fewest]
@@ -210,7 +211,7 @@ class PodProxy:
         listeners = _dup_all(self.listeners)
         self.release()
         conns = []
-        for c in [c for c in self.t.conns.open.values() if c.pod == self.pod.key]:
+        for c in [c for c in list(self.t.conns.open.values()) if c.pod == self.pod.key]:
             if not isinstance(c.relay, Relay):
                 continue  # HBONE, or still connecting: drains here
             socks = await run_on(c.loop, c.relay.freeze())
