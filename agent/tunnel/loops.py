@@ -5,13 +5,15 @@ lock is let go inside OpenSSL's record work (`SSL_read`/`SSL_write`:
 AES-GCM and its copies) and around socket syscalls, which are most of a
 relay's cost per byte (README, "Benchmarks": syscalls 29-36 %, copies 28 %,
 AES-GCM 21-22 % of each agent's CPU per GB).  So `agent.tunnelLoops: N`
-(or `TETHER_TUNNEL_LOOPS=N`) runs N-1 more loops, each on its own thread,
-and every loop accepts on every pod's listeners: the kernel hands a new
-connection to whichever loop asks first, which is the one not busy.  A
-connection stays on the loop that accepted it for its whole life, with
-everything it owns (its relay, its HBONE connection: each loop has its own
-pool).  One stream runs on one loop and the others sleep in `epoll_wait`
-without the interpreter lock, so a single stream is not slowed.
+(or `TETHER_TUNNEL_LOOPS=N`) runs N-1 more loops, each on its own thread.
+The main loop accepts on every pod's listeners and places each connection
+on a loop (`PodProxy._place`: the fewest connections in hand, or for 15008
+the fewest HBONE connections; a connection at a time never leaves the main
+loop, so no other thread is woken for it).  A connection stays on its loop
+for its whole life, with everything it owns (its relay, its HBONE
+connection: each loop has its own pool).  One stream runs on one loop and
+the others sleep in `epoll_wait` without the interpreter lock, so a single
+stream is not slowed.
 
 What the loops share, and how it stays correct across threads:
 

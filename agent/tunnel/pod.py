@@ -18,7 +18,7 @@ import asyncio
 import errno
 import logging
 import socket
-import threading
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -36,6 +36,9 @@ from agent.tunnel.relay import Relay, tcp_socket
 log = logging.getLogger(__name__)
 
 Handler = Callable[[socket.socket], Awaitable[None]]
+# connections each tunnel loop has in hand (its handler tasks; each loop's
+# thread changes only its own count): where `PodProxy._place` sends new ones
+_active: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, int] = weakref.WeakKeyDictionary()
 
 
 def _dup_all(listeners: dict[str, socket.socket]) -> dict[str, socket.socket]:
@@ -63,10 +66,9 @@ class PodProxy:
         self.ports = ports
         self.t = tunnel
         self.listeners: dict[str, socket.socket] = {}
-        self._accepting: list[asyncio.Task[None]] = []  # every loop's (see serve)
-        self._lock = threading.Lock()  # _accepting and _stopped, across loops
-        self._stopped = False  # released or closed: an extra loop starting late serves nothing
-        self._hbone_on: dict[asyncio.AbstractEventLoop, Handler] = {}  # each loop's 15008 handler
+        self._accepting: list[asyncio.Task[None]] = []  # on the main loop
+        self._on: dict[asyncio.AbstractEventLoop, dict[str, Handler]] = {}  # per tunnel loop
+        self._stopped = False  # released or closed: a connection still on its way is closed
         self._handlers: set[asyncio.Task[None]] = set()  # strong refs until done
 
     # -- listeners -------------------------------------------------------------
@@ -103,17 +105,22 @@ class PodProxy:
         self.listeners = listeners
 
     def serve(self) -> None:
-        """Accept on every tunnel loop: this one, and each extra loop of
-        agent.tunnelLoops on a duplicate of each listener that the loop owns
-        and closes itself (a socket is never closed under another thread's
-        poller).  Call on the main loop."""
-        extra = [(loop, t, _dup_all(self.listeners)) for loop, t in self.t.loop_tunnels]
-        self._serve_on(self.t, dict(self.listeners), owned=False)
-        for loop, t, dups in extra:
-            loop.call_soon_threadsafe(self._serve_on, t, dups, True)
-
-    def _serve_on(self, t: Tunnel, listeners: dict[str, socket.socket], owned: bool) -> None:
+        """Accept on this (the main) loop; each connection is served on the
+        tunnel loop `_place` picks (agent.tunnelLoops; one loop: here)."""
         loop = asyncio.get_running_loop()
+        self._on = {loop: self._handlers_with(self.t)}
+        for extra, t in self.t.loop_tunnels:
+            self._on[extra] = self._handlers_with(t)
+        for name, sock in self.listeners.items():
+            kind = name.rstrip("46")
+            if kind not in self._on[loop]:
+                log.warning("pod %s: no handler for listener %s; closing it", self.pod.key, name)
+                sock.close()
+                continue
+            self._accepting.append(loop.create_task(self._accept_loop(sock, kind)))
+
+    def _handlers_with(self, t: Tunnel) -> dict[str, Handler]:
+        """This pod's connection handlers with one loop's Tunnel (its pool)."""
         pod = self.pod
 
         async def out(s: socket.socket) -> None:
@@ -125,66 +132,43 @@ class PodProxy:
         handlers: dict[str, Handler] = {"out": out, "in": plain_in}
         if pod.identity is not None and t.server_context is not None:
             handlers["hbone"] = InboundHbone(t, pod).accept
-        for name, sock in listeners.items():
-            handler = handlers.get(name.rstrip("46"))
-            if handler is None:
-                if not owned:
-                    log.warning("pod %s: no handler for listener %s; closing it", pod.key, name)
-                sock.close()
-                continue
-            if name.startswith("hbone"):
-                self._hbone_on[loop] = handler
-            with self._lock:
-                if not self._stopped:
-                    self._accepting.append(
-                        loop.create_task(self._accept_loop(sock, handler, owned))
-                    )
-                    continue
-            if owned:  # released while this loop was getting to it
-                sock.close()
+        return handlers
 
-    async def _accept_loop(self, listener: socket.socket, handler: Handler, owned: bool) -> None:
+    async def _accept_loop(self, listener: socket.socket, kind: str) -> None:
         loop = asyncio.get_running_loop()
-        try:
-            while True:
-                try:
-                    conn, _ = await loop.sock_accept(listener)
-                except OSError as e:
-                    if listener.fileno() < 0:
-                        return
-                    log.warning("accept on %s failed: %s", self.pod.key, e)
-                    await asyncio.sleep(0.05)
-                    continue
-                conn.setblocking(False)
-                target = self._balance(loop, handler)
-                if target is None:
-                    self._track(loop.create_task(self._guard(handler, conn)))
-                else:
-                    try:
-                        target[0].call_soon_threadsafe(self._start, target[1], conn)
-                    except RuntimeError:  # that loop has stopped (shutdown)
-                        conn.close()
-        finally:
-            if owned:
-                listener.close()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(listener)
+            except OSError as e:
+                if listener.fileno() < 0:
+                    return
+                log.warning("accept on %s failed: %s", self.pod.key, e)
+                await asyncio.sleep(0.05)
+                continue
+            conn.setblocking(False)
+            target = self._place(loop, kind) if len(self._on) > 1 else loop
+            handler = self._on[target][kind]
+            if target is loop:
+                self._track(loop.create_task(self._guard(handler, conn)))
+                continue
+            try:
+                target.call_soon_threadsafe(self._start, handler, conn)
+            except RuntimeError:  # that loop has ended (shutdown)
+                conn.close()
 
-    def _balance(
-        self, here: asyncio.AbstractEventLoop, handler: Handler
-    ) -> tuple[asyncio.AbstractEventLoop, Handler] | None:
-        """Where an accepted 15008 connection is served: the loop with the
-        fewest HBONE connections, if it has fewer than this one (None: here).
-        Each carries a peer's pooled streams for minutes, and which loop's
-        accept wins is a race, so without this two peers' connections could
-        share one loop while another idles.  App connections (15001, 15006)
-        stay where they were accepted: the loop free to accept is the one
-        not busy."""
-        if len(self._hbone_on) < 2 or self._hbone_on.get(here) is not handler:
-            return None
-        # a copy in one step: another loop may be adding its handler
-        fewest = min(list(self._hbone_on), key=h2conn.live_count)
-        if h2conn.live_count(fewest) >= h2conn.live_count(here):
-            return None
-        return fewest, self._hbone_on[fewest]
+    def _place(self, here: asyncio.AbstractEventLoop, kind: str) -> asyncio.AbstractEventLoop:
+        """The loop a new connection is served on.  A 15008 connection goes
+        to the loop with the fewest HBONE connections, if it has fewer than
+        this one: each carries a peer's pooled streams for minutes.  An app
+        connection (15001, 15006) stays here unless another loop has at
+        least two fewer connections in hand (`_active`): one at a time they
+        never leave this loop (no other thread is woken), many spread out."""
+        loops = list(self._on)
+        if kind == "hbone":
+            fewest = min(loops, key=h2conn.live_count)
+            return fewest if h2conn.live_count(fewest) < h2conn.live_count(here) else here
+        fewest = min(loops, key=lambda lp: _active.get(lp, 0))
+        return fewest if _active.get(fewest, 0) + 2 <= _active.get(here, 0) else here
 
     def _start(self, handler: Handler, conn: socket.socket) -> None:
         if self._stopped:
@@ -225,8 +209,10 @@ class PodProxy:
     def release(self) -> None:
         """Stop accepting and close the listeners (a successor binds its own);
         every open connection of the pod carries on here until it ends."""
-        for t in self._stop_accepting():
-            call_on(t.get_loop(), t.cancel)  # an extra loop's task closes its own duplicate
+        self._stopped = True
+        for t in self._accepting:
+            t.cancel()
+        self._accepting.clear()
         for s in self.listeners.values():
             s.close()
         self.listeners.clear()
@@ -250,18 +236,22 @@ class PodProxy:
         self._track(asyncio.get_running_loop().create_task(coro))
 
     def _track(self, task: asyncio.Task[None]) -> None:
+        """Keep a connection's task (on its own loop) and count it there."""
+        loop = task.get_loop()
+        _active[loop] = _active.get(loop, 0) + 1  # only this loop's thread writes its count
         self._handlers.add(task)
-        task.add_done_callback(self._handlers.discard)
+        task.add_done_callback(self._untrack)
 
-    def _stop_accepting(self) -> list[asyncio.Task[None]]:
-        with self._lock:
-            self._stopped = True
-            tasks, self._accepting = self._accepting, []
-        return tasks
+    def _untrack(self, task: asyncio.Task[None]) -> None:
+        loop = task.get_loop()
+        _active[loop] = _active.get(loop, 1) - 1
+        self._handlers.discard(task)
 
     def close(self) -> None:
-        for t in [*self._stop_accepting(), *self._handlers]:
+        self._stopped = True
+        for t in [*self._accepting, *self._handlers]:
             call_on(t.get_loop(), t.cancel)
+        self._accepting.clear()
         for s in self.listeners.values():
             s.close()
         self.listeners.clear()

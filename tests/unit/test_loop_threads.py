@@ -6,7 +6,6 @@ across threads.  Real threads, real loopback sockets, no root."""
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import sys
 import threading
@@ -168,64 +167,68 @@ def test_a_connection_ended_by_two_threads_is_ended_once(fast_switching: None) -
     assert table.open == {}
 
 
-def _fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-def test_every_loop_accepts_on_a_pods_listener_and_release_closes_every_copy(
-    monkeypatch: Any,
-) -> None:
-    """A pod's listener served on three loops: while the loops that took
-    connections are busy, the idle one takes the next, and after release
-    no duplicate of the listener is left open on any loop's thread."""
+def _serve_three_loops(monkeypatch: Any, hold: float, count: int) -> dict[int, int]:
+    """A pod's 15006 listener on three tunnel loops; `count` clients one
+    after another, each connection held `hold` seconds by its handler.
+    Returns how many connections each thread served."""
     handled: dict[int, int] = {}
     lock = threading.Lock()
 
     async def handler(t: Tunnel, pod: PodRef, sock: socket.socket) -> None:
         with lock:
             handled[threading.get_ident()] = handled.get(threading.get_ident(), 0) + 1
-        time.sleep(0.02)  # busy: this loop cannot accept meanwhile
+        await asyncio.sleep(hold)  # in hand: this loop's count stays up meanwhile
         sock.close()
 
     monkeypatch.setattr(podmod, "inbound_plain", handler)
 
-    async def main() -> tuple[int, int]:
+    async def main() -> None:
         loops = Loops(3)
         loops.start()
-        before = _fds()
-        t = Tunnel(ProxyState("n1", "cluster.local"), _NoBypass(), ConnTable())
-        t.loop_tunnels = [(lt.loop, t) for lt in loops.extra]
-        proxy = podmod.PodProxy(PodRef("ns/p", "/proc/self/ns/net", ()), Ports(), t)
-        lsock = socket.socket()
-        lsock.bind(("127.0.0.1", 0))
-        lsock.listen(128)
-        lsock.setblocking(False)
-        proxy.adopt({"in4": lsock})
-        proxy.serve()
-        port = lsock.getsockname()[1]
-        clients = []
-        for _ in range(60):
-            c = socket.create_connection(("127.0.0.1", port))
-            clients.append(c)
-            await asyncio.sleep(0.002)
-        deadline = time.monotonic() + 10
-        while sum(handled.values()) < 60 and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        served = sum(handled.values())
-        proxy.release()
-        for c in clients:
-            c.close()
-        deadline = time.monotonic() + 5
-        while _fds() > before and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        left = _fds() - before
-        loops.stop()
-        return served, left
+        try:
+            t = Tunnel(ProxyState("n1", "cluster.local"), _NoBypass(), ConnTable())
+            t.loop_tunnels = [(lt.loop, t) for lt in loops.extra]
+            proxy = podmod.PodProxy(PodRef("ns/p", "/proc/self/ns/net", ()), Ports(), t)
+            lsock = socket.socket()
+            lsock.bind(("127.0.0.1", 0))
+            lsock.listen(128)
+            lsock.setblocking(False)
+            proxy.adopt({"in4": lsock})
+            proxy.serve()
+            clients = []
+            for _ in range(count):
+                clients.append(socket.create_connection(lsock.getsockname()))
+                deadline = time.monotonic() + 5
+                while sum(handled.values()) < len(clients) and time.monotonic() < deadline:
+                    await asyncio.sleep(0.002)
+            deadline = time.monotonic() + 10
+            while sum(handled.values()) < count and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            proxy.release()
+            assert lsock.fileno() < 0
+            for c in clients:
+                c.close()
+        finally:
+            loops.stop()
 
-    served, left = asyncio.run(main())
-    assert served == 60
-    assert len(handled) >= 2, f"one loop took every connection: {handled}"
-    assert left <= 0, f"{left} descriptors left open after release"
+    asyncio.run(main())
+    assert sum(handled.values()) == count, handled
+    return handled
+
+
+def test_connections_in_hand_spread_over_the_loops(monkeypatch: Any) -> None:
+    """Held connections: once the main loop has two more in hand than
+    another loop, the next goes there; all three loops end up serving."""
+    handled = _serve_three_loops(monkeypatch, hold=2.0, count=12)
+    assert len(handled) == 3, handled
+    assert max(handled.values()) - min(handled.values()) <= 2, handled
+
+
+def test_one_connection_at_a_time_stays_on_the_main_loop(monkeypatch: Any) -> None:
+    """Connections that end before the next arrives never wake another
+    loop's thread."""
+    handled = _serve_three_loops(monkeypatch, hold=0.0, count=20)
+    assert list(handled) == [threading.get_ident()], handled
 
 
 class _NoBypass:
