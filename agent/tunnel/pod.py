@@ -18,6 +18,7 @@ import asyncio
 import errno
 import logging
 import socket
+import threading
 import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -36,9 +37,16 @@ from agent.tunnel.relay import Relay, tcp_socket
 log = logging.getLogger(__name__)
 
 Handler = Callable[[socket.socket], Awaitable[None]]
-# connections each tunnel loop has in hand (its handler tasks; each loop's
-# thread changes only its own count): where `PodProxy._place` sends new ones
+# Connections each tunnel loop has in hand: counted when placed there (on
+# the main loop's thread, so a burst of accepts sees its own placements) and
+# uncounted when its task ends (on that loop's thread): under a lock.
 _active: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, int] = weakref.WeakKeyDictionary()
+_active_lock = threading.Lock()
+
+
+def _count(loop: asyncio.AbstractEventLoop, delta: int) -> None:
+    with _active_lock:
+        _active[loop] = _active.get(loop, 0) + delta
 
 
 def _dup_all(listeners: dict[str, socket.socket]) -> dict[str, socket.socket]:
@@ -148,12 +156,14 @@ class PodProxy:
             conn.setblocking(False)
             target = self._place(loop, kind) if len(self._on) > 1 else loop
             handler = self._on[target][kind]
+            _count(target, 1)
             if target is loop:
-                self._track(loop.create_task(self._guard(handler, conn)))
+                self._track(loop.create_task(self._guard(handler, conn)), counted=True)
                 continue
             try:
                 target.call_soon_threadsafe(self._start, handler, conn)
             except RuntimeError:  # that loop has ended (shutdown)
+                _count(target, -1)
                 conn.close()
 
     def _place(self, here: asyncio.AbstractEventLoop, kind: str) -> asyncio.AbstractEventLoop:
@@ -171,10 +181,13 @@ class PodProxy:
         return fewest if _active.get(fewest, 0) + 2 <= _active.get(here, 0) else here
 
     def _start(self, handler: Handler, conn: socket.socket) -> None:
+        """A connection placed on this loop by the main loop (counted there)."""
+        loop = asyncio.get_running_loop()
         if self._stopped:
+            _count(loop, -1)
             conn.close()
             return
-        self._track(asyncio.get_running_loop().create_task(self._guard(handler, conn)))
+        self._track(loop.create_task(self._guard(handler, conn)), counted=True)
 
     async def _guard(self, handler: Handler, conn: socket.socket) -> None:
         """One bad connection is logged and closed; nothing else is touched."""
@@ -235,16 +248,16 @@ class PodProxy:
         coro = run_relay(self.t.conns, self.t.bypass, c, handed["a"], handed["b"])
         self._track(asyncio.get_running_loop().create_task(coro))
 
-    def _track(self, task: asyncio.Task[None]) -> None:
-        """Keep a connection's task (on its own loop) and count it there."""
-        loop = task.get_loop()
-        _active[loop] = _active.get(loop, 0) + 1  # only this loop's thread writes its count
+    def _track(self, task: asyncio.Task[None], counted: bool = False) -> None:
+        """Keep a connection's task (on its own loop); it is in hand there
+        until it ends (`counted`: already counted when placed)."""
+        if not counted:
+            _count(task.get_loop(), 1)
         self._handlers.add(task)
         task.add_done_callback(self._untrack)
 
     def _untrack(self, task: asyncio.Task[None]) -> None:
-        loop = task.get_loop()
-        _active[loop] = _active.get(loop, 1) - 1
+        _count(task.get_loop(), -1)
         self._handlers.discard(task)
 
     def close(self) -> None:

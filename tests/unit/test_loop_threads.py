@@ -167,10 +167,13 @@ def test_a_connection_ended_by_two_threads_is_ended_once(fast_switching: None) -
     assert table.open == {}
 
 
-def _serve_three_loops(monkeypatch: Any, hold: float, count: int) -> dict[int, int]:
+def _serve_three_loops(
+    monkeypatch: Any, hold: float, count: int, burst: bool = False
+) -> dict[int, int]:
     """A pod's 15006 listener on three tunnel loops; `count` clients one
-    after another, each connection held `hold` seconds by its handler.
-    Returns how many connections each thread served."""
+    after another (`burst`: all connected before the loop gets to any), each
+    connection held `hold` seconds by its handler.  Returns how many
+    connections each thread served."""
     handled: dict[int, int] = {}
     lock = threading.Lock()
 
@@ -194,9 +197,11 @@ def _serve_three_loops(monkeypatch: Any, hold: float, count: int) -> dict[int, i
             lsock.listen(128)
             lsock.setblocking(False)
             proxy.adopt({"in4": lsock})
-            proxy.serve()
             clients = []
-            for _ in range(count):
+            if burst:  # queued in the kernel before anything accepts
+                clients = [socket.create_connection(lsock.getsockname()) for _ in range(count)]
+            proxy.serve()
+            for _ in range(0 if burst else count):
                 clients.append(socket.create_connection(lsock.getsockname()))
                 deadline = time.monotonic() + 5
                 while sum(handled.values()) < len(clients) and time.monotonic() < deadline:
@@ -220,6 +225,14 @@ def test_connections_in_hand_spread_over_the_loops(monkeypatch: Any) -> None:
     """Held connections: once the main loop has two more in hand than
     another loop, the next goes there; all three loops end up serving."""
     handled = _serve_three_loops(monkeypatch, hold=2.0, count=12)
+    assert len(handled) == 3, handled
+    assert max(handled.values()) - min(handled.values()) <= 2, handled
+
+
+def test_a_burst_of_connections_is_placed_evenly(monkeypatch: Any) -> None:
+    """Connections waiting in the accept queue at once are counted where they
+    are placed, before their loop has started them: no loop gets the burst."""
+    handled = _serve_three_loops(monkeypatch, hold=2.0, count=30, burst=True)
     assert len(handled) == 3, handled
     assert max(handled.values()) - min(handled.values()) <= 2, handled
 
