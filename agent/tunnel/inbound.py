@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import socket
 import ssl
 from typing import Any
@@ -29,6 +28,24 @@ from agent.tunnel.context import (
 from agent.tunnel.delivery import deliver, run_bridge, undeliver
 from agent.tunnel.h2conn import H2Conn, H2Stream
 from agent.tunnel.hbone import HboneError, check_request
+from agent.tunnel.limits import HboneLimits
+
+
+class AdmissionSlot:
+    """One admitted 15008 connection's place under HboneLimits, given back
+    once (whichever of its ends comes first)."""
+
+    def __init__(self, limits: HboneLimits, pod: str, source: str) -> None:
+        self._limits = limits
+        self._pod = pod
+        self._source = source
+        self._released = False
+        self.taken = False  # InboundHbone.serve owns it (and releases it)
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._limits.release(self._pod, self._source)
 
 
 class InboundHbone:
@@ -40,7 +57,21 @@ class InboundHbone:
         self.pod = pod
         self.identity: SpiffeId = pod.identity
 
-    async def accept(self, sock: socket.socket) -> None:
+    def admit(self, sock: socket.socket) -> AdmissionSlot | None:
+        """Take the connection's place under the admission limits, on the
+        loop that accepted it, before it is placed on a loop (so a flood
+        is refused at once, never queued for another loop's thread); None:
+        refused (counted, logged, reset)."""
+        source = plain(sock.getpeername())[0]
+        if not self.t.limits.admit(self.pod.key, source):
+            refuse(sock)
+            return None
+        return AdmissionSlot(self.t.limits, self.pod.key, source)
+
+    async def serve(self, sock: socket.socket, slot: AdmissionSlot) -> None:
+        """An admitted connection: TLS as the pod's identity, then HTTP/2;
+        `slot` is released when the connection ends (or fails to start)."""
+        slot.taken = True
         t = self.t
         server_context = t.server_context
         assert server_context is not None
@@ -48,10 +79,7 @@ class InboundHbone:
         peer = plain(sock.getpeername())
         local = plain(sock.getsockname())
         state: dict[str, Any] = {"addr": peer, "local": local}
-        if not t.limits.admit(self.pod.key, peer[0]):
-            refuse(sock)
-            return
-        release = functools.partial(t.limits.release, self.pod.key, peer[0])
+        release = slot.release
         try:
             ctx = await server_context(self.identity)
             conn = H2Conn(

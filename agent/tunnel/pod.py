@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import logging
 import socket
 import threading
@@ -28,7 +29,7 @@ from agent.tunnel import h2conn
 from agent.tunnel.conns import parse_endpoint
 from agent.tunnel.context import PodRef, Ports, Tunnel
 from agent.tunnel.delivery import run_relay
-from agent.tunnel.inbound import InboundHbone
+from agent.tunnel.inbound import AdmissionSlot, InboundHbone
 from agent.tunnel.loops import call_on, run_on
 from agent.tunnel.outbound import outbound
 from agent.tunnel.plaintext import inbound_plain
@@ -76,6 +77,7 @@ class PodProxy:
         self.listeners: dict[str, socket.socket] = {}
         self._accepting: list[asyncio.Task[None]] = []  # on the main loop
         self._on: dict[asyncio.AbstractEventLoop, dict[str, Handler]] = {}  # per tunnel loop
+        self._hbone: dict[asyncio.AbstractEventLoop, InboundHbone] = {}  # 15008, per tunnel loop
         self._stopped = False  # released or closed: a connection still on its way is closed
         self._handlers: set[asyncio.Task[None]] = set()  # strong refs until done
 
@@ -116,19 +118,20 @@ class PodProxy:
         """Accept on this (the main) loop; each connection is served on the
         tunnel loop `_place` picks (agent.tunnelLoops; one loop: here)."""
         loop = asyncio.get_running_loop()
-        self._on = {loop: self._handlers_with(self.t)}
-        for extra, t in self.t.loop_tunnels:
-            self._on[extra] = self._handlers_with(t)
+        for lp, t in [(loop, self.t), *self.t.loop_tunnels]:
+            self._on[lp] = self._handlers_with(t)
+            if self.pod.identity is not None and t.server_context is not None:
+                self._hbone[lp] = InboundHbone(t, self.pod)
         for name, sock in self.listeners.items():
             kind = name.rstrip("46")
-            if kind not in self._on[loop]:
+            if kind not in self._on[loop] and not (kind == "hbone" and self._hbone):
                 log.warning("pod %s: no handler for listener %s; closing it", self.pod.key, name)
                 sock.close()
                 continue
             self._accepting.append(loop.create_task(self._accept_loop(sock, kind)))
 
     def _handlers_with(self, t: Tunnel) -> dict[str, Handler]:
-        """This pod's connection handlers with one loop's Tunnel (its pool)."""
+        """This pod's app-side handlers with one loop's Tunnel (its pool)."""
         pod = self.pod
 
         async def out(s: socket.socket) -> None:
@@ -137,10 +140,7 @@ class PodProxy:
         async def plain_in(s: socket.socket) -> None:
             await inbound_plain(t, pod, s)
 
-        handlers: dict[str, Handler] = {"out": out, "in": plain_in}
-        if pod.identity is not None and t.server_context is not None:
-            handlers["hbone"] = InboundHbone(t, pod).accept
-        return handlers
+        return {"out": out, "in": plain_in}
 
     async def _accept_loop(self, listener: socket.socket, kind: str) -> None:
         loop = asyncio.get_running_loop()
@@ -154,40 +154,62 @@ class PodProxy:
                 await asyncio.sleep(0.05)
                 continue
             conn.setblocking(False)
+            slot = None
+            if kind == "hbone":  # admitted here, before it is queued anywhere
+                slot = self._hbone[loop].admit(conn)
+                if slot is None:
+                    continue
             target = self._place(loop, kind) if len(self._on) > 1 else loop
-            handler = self._on[target][kind]
             _count(target, 1)
             if target is loop:
-                self._track(loop.create_task(self._guard(handler, conn)), counted=True)
+                task = loop.create_task(self._guard(self._handler(loop, kind, slot), conn))
+                self._track(task, counted=True, slot=slot)
                 continue
             try:
-                target.call_soon_threadsafe(self._start, handler, conn)
+                target.call_soon_threadsafe(self._start, kind, conn, slot)
             except RuntimeError:  # that loop has ended (shutdown)
                 _count(target, -1)
+                if slot is not None:
+                    slot.release()
                 conn.close()
+
+    def _handler(
+        self, loop: asyncio.AbstractEventLoop, kind: str, slot: AdmissionSlot | None
+    ) -> Handler:
+        if slot is not None:
+            return functools.partial(self._hbone[loop].serve, slot=slot)
+        return self._on[loop][kind]
 
     def _place(self, here: asyncio.AbstractEventLoop, kind: str) -> asyncio.AbstractEventLoop:
         """The loop a new connection is served on.  A 15008 connection goes
-        to the loop with the fewest HBONE connections, if it has fewer than
-        this one: each carries a peer's pooled streams for minutes.  An app
+        to the loop with the fewest HBONE connections (and connections in
+        hand), if it has fewer than this one: each carries a peer's pooled
+        streams for minutes.  An app
         connection (15001, 15006) stays here unless another loop has at
         least two fewer connections in hand (`_active`): one at a time they
         never leave this loop (no other thread is woken), many spread out."""
         loops = list(self._on)
-        if kind == "hbone":
-            fewest = min(loops, key=h2conn.live_count)
-            return fewest if h2conn.live_count(fewest) < h2conn.live_count(here) else here
+        if kind == "hbone":  # its HBONE connections and those still on their way to it
+
+            def hbone(lp: asyncio.AbstractEventLoop) -> int:
+                return h2conn.live_count(lp) + _active.get(lp, 0)
+
+            fewest = min(loops, key=hbone)
+            return fewest if hbone(fewest) < hbone(here) else here
         fewest = min(loops, key=lambda lp: _active.get(lp, 0))
         return fewest if _active.get(fewest, 0) + 2 <= _active.get(here, 0) else here
 
-    def _start(self, handler: Handler, conn: socket.socket) -> None:
+    def _start(self, kind: str, conn: socket.socket, slot: AdmissionSlot | None) -> None:
         """A connection placed on this loop by the main loop (counted there)."""
         loop = asyncio.get_running_loop()
         if self._stopped:
             _count(loop, -1)
+            if slot is not None:
+                slot.release()
             conn.close()
             return
-        self._track(loop.create_task(self._guard(handler, conn)), counted=True)
+        task = loop.create_task(self._guard(self._handler(loop, kind, slot), conn))
+        self._track(task, counted=True, slot=slot)
 
     async def _guard(self, handler: Handler, conn: socket.socket) -> None:
         """One bad connection is logged and closed; nothing else is touched."""
@@ -248,17 +270,23 @@ class PodProxy:
         coro = run_relay(self.t.conns, self.t.bypass, c, handed["a"], handed["b"])
         self._track(asyncio.get_running_loop().create_task(coro))
 
-    def _track(self, task: asyncio.Task[None], counted: bool = False) -> None:
+    def _track(
+        self, task: asyncio.Task[None], counted: bool = False, slot: AdmissionSlot | None = None
+    ) -> None:
         """Keep a connection's task (on its own loop); it is in hand there
-        until it ends (`counted`: already counted when placed)."""
+        until it ends (`counted`: already counted when placed).  An admitted
+        15008 connection whose task never ran (cancelled first) gives its
+        admission back here."""
         if not counted:
             _count(task.get_loop(), 1)
         self._handlers.add(task)
-        task.add_done_callback(self._untrack)
+        task.add_done_callback(functools.partial(self._untrack, slot))
 
-    def _untrack(self, task: asyncio.Task[None]) -> None:
+    def _untrack(self, slot: AdmissionSlot | None, task: asyncio.Task[None]) -> None:
         _count(task.get_loop(), -1)
         self._handlers.discard(task)
+        if slot is not None and not slot.taken:
+            slot.release()
 
     def close(self) -> None:
         self._stopped = True

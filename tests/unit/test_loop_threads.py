@@ -6,6 +6,7 @@ across threads.  Real threads, real loopback sockets, no root."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import sys
 import threading
@@ -294,3 +295,53 @@ def test_tether_status_says_how_many_connections_each_loop_holds(
     out = capsys.readouterr().out
     assert "open connections: 0 (per tunnel loop: 2, 3)" in out
     assert "3 streams (loop 1)" in out
+
+
+def test_an_admitted_15008_connection_that_never_starts_gives_its_place_back() -> None:
+    """Admission is taken on the accepting loop before a connection is placed;
+    if it is never served (its pod released meanwhile, its task cancelled
+    before it ran) the place must come back, or the source stays shut out."""
+    from agent.tunnel.inbound import AdmissionSlot
+
+    async def main() -> None:
+        t = Tunnel(ProxyState("n1", "cluster.local"), _NoBypass(), ConnTable())
+        proxy = podmod.PodProxy(PodRef("ns/p", "/proc/self/ns/net", ()), Ports(), t)
+        loop = asyncio.get_running_loop()
+
+        def admitted() -> AdmissionSlot:
+            assert t.limits.admit("ns/p", "10.0.0.9")
+            return AdmissionSlot(t.limits, "ns/p", "10.0.0.9")
+
+        # released while on its way to its loop
+        a, b = socket.socketpair()
+        podmod._count(loop, 1)
+        proxy._stopped = True
+        proxy._start("hbone", a, admitted())
+        assert a.fileno() < 0 and t.limits.agent.count == 0
+        b.close()
+        # its task cancelled before it ran
+        slot = admitted()
+
+        async def never() -> None:
+            raise AssertionError("cancelled before it ran")
+
+        task = loop.create_task(never())
+        proxy._track(task, slot=slot)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0)
+        assert t.limits.agent.count == 0 and not t.limits.pods
+        # one that was served keeps its place until it ends (serve releases it)
+        slot = admitted()
+        slot.taken = True
+        done = loop.create_task(asyncio.sleep(0))
+        proxy._track(done, slot=slot)
+        await done
+        await asyncio.sleep(0)
+        assert t.limits.agent.count == 1
+        slot.release()
+        slot.release()  # once only
+        assert t.limits.agent.count == 0
+
+    asyncio.run(main())
