@@ -59,21 +59,32 @@ def _wait(cond: Any, bound: float = 30.0) -> bool:
     return bool(cond())
 
 
-def test_connections_on_both_loops_are_byte_exact(mesh: Any) -> None:
+def test_connections_on_both_loops_are_byte_exact(mesh: Any, tmp_path: Path) -> None:
+    """Held connections first, until both of node2's loops serve some (so
+    node1 has dialled from both of its loops' pools); then transfers of
+    every size at once, cross-node v4/v6 and same-node, while they hold."""
     _, n1, n2 = mesh
     a, b, c = n1.tb.pod("a"), n2.tb.pod("b"), n1.tb.pod("c")
-    jobs = [(b, 4, 3 << 20), (b, 6, 3 << 20), (c, 4, 1 << 20), (b, 4, 1), (b, 4, 16385)] * 6
-    with concurrent.futures.ThreadPoolExecutor(12) as ex:
-        results = list(ex.map(lambda j: n1.connect(a, j[0], family=j[1], nbytes=j[2]), jobs))
-    assert all(r["ok"] for r in results), [r for r in results if not r["ok"]]
-    sent = [x["bytes_sent"] for x in n2.connections() if x["direction"] == "inbound"]
-    for size in (3 << 20, 1, 16385):
-        assert sent.count(size) >= jobs.count((b, 4, size)), (size, sent)
-    for n in (n1, n2):
-        per_loop = _served(n)
-        assert all(per_loop), f"{n.node.name}: a loop served nothing: {per_loop}"
-    pools = {p["loop"] for p in n1.status()["hbone_pool"]}
-    assert pools == {0, 1}, n1.status()["hbone_pool"]
+    release = tmp_path / "release"
+    held = _hold_until_both_loops(n1, n2, a, b, release)
+    try:
+        jobs = [(b, 4, 3 << 20), (b, 6, 3 << 20), (c, 4, 1 << 20), (b, 4, 1), (b, 4, 16385)] * 6
+        with concurrent.futures.ThreadPoolExecutor(12) as ex:
+            results = list(ex.map(lambda j: n1.connect(a, j[0], family=j[1], nbytes=j[2]), jobs))
+        assert all(r["ok"] for r in results), [r for r in results if not r["ok"]]
+        sent = [x["bytes_sent"] for x in n2.connections() if x["direction"] == "inbound"]
+        for size in (3 << 20, 1, 16385):
+            assert sent.count(size) >= jobs.count((b, 4, size)), (size, sent)
+        for n in (n1, n2):
+            per_loop = _served(n)
+            assert all(per_loop), f"{n.node.name}: a loop served nothing: {per_loop}"
+        pools = {p["loop"] for p in n1.status()["hbone_pool"]}
+        assert pools == {0, 1}, n1.status()["hbone_pool"]
+    finally:
+        release.touch()
+    for h in held:
+        out = h.communicate(timeout=60)[0]
+        assert h.returncode == 0, out
 
 
 def _hold_until_both_loops(
