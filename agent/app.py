@@ -423,6 +423,7 @@ class Agent:
         )
         return {
             "node": self.settings.node,
+            "pid": os.getpid(),  # which agent answers (two run during a handoff)
             "ready": self.ready.is_set(),
             "datapath": self.datapath.status(),
             "pod_errors": self.pods.errors if self.pods else {},

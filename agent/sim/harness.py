@@ -240,8 +240,10 @@ class AgentNode:
                 raise RuntimeError(
                     f"agent exited with {proc.returncode}; log:\n" + self.log_tail(40)
                 )
+            # the agent started, not a predecessor still holding the admin
+            # port during a handoff, must be the one answering
             with contextlib.suppress(OSError, ValueError):
-                if self.admin("/ready") == "ready\n":
+                if self.admin("/ready") == "ready\n" and self.status().get("pid") == proc.pid:
                     return
             time.sleep(0.1)
         raise RuntimeError("agent not ready in time; log:\n" + self.log_tail(40))
