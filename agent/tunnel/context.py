@@ -132,7 +132,7 @@ def waypoint_bypass(t: Tunnel, pod: PodRef, ident: SpiffeId | None) -> str | Non
     )
 
 
-def recheck(
+def why_denied(
     t: Tunnel,
     pod: PodRef,
     src_ip: str,
@@ -140,23 +140,46 @@ def recheck(
     dst: tuple[str, int],
     view: StateView,
 ) -> str | None:
+    """Why `view` refuses an inbound connection to `pod` (None: it allows
+    it): the waypoint guard, then L4 policy.  What the policy watcher and
+    `recheck` ask of a connection already authorized once."""
+    bypass = waypoint_bypass(t, pod, ident)
+    if bypass is not None:
+        return bypass
+    decision = authorize(view, pod, src_ip, ident, dst)
+    return None if decision.allowed else decision.reason
+
+
+def recheck(
+    t: Tunnel,
+    pod: PodRef,
+    src_ip: str,
+    ident: SpiffeId | None,
+    dst: tuple[str, int],
+    view: StateView,
+    plaintext: bool = False,
+) -> str | None:
     """Why a connection authorized with `view` may no longer go live (None:
     it may).  A path calls this after its last await before the connection
     is live, in the same step that makes it live (sets `Connection.kill`):
     a policy change while it was connecting to the app swapped the view and
     revalidated the live connections, and this one was not live yet.  The
-    same checks as `watcher.revalidate`, with the view now in force."""
-    if t.view is view:
-        return None
+    same checks as `watcher.revalidate`, with the view now in force, and for
+    `plaintext` (15006) PeerAuthentication's as well."""
     now = t.view
+    if now is view:
+        return None
     current = t.local.get(pod.key)
     if current is not None:
         pod = current.pod  # its workload record as the new state has it
-    bypass = waypoint_bypass(t, pod, ident)
-    if bypass is not None:
-        return bypass
-    decision = authorize(now, pod, src_ip, ident, dst)
-    return None if decision.allowed else f"denied after a policy change: {decision.reason}"
+    if (
+        plaintext
+        and pod.workload is not None
+        and not now.policies.plaintext_allowed(pod.workload, dst[1])
+    ):
+        return "plaintext refused after a policy change: PeerAuthentication STRICT"
+    why = why_denied(t, pod, src_ip, ident, dst, now)
+    return None if why is None else f"denied after a policy change: {why}"
 
 
 def original_dst(sock: socket.socket) -> tuple[str, int]:

@@ -57,15 +57,7 @@ async def inbound_plain(t: Tunnel, pod: PodRef, client: socket.socket) -> None:
         t.conns.refuse(c, f"deliver to {dst[0]}:{dst[1]}: {err(e)}", "UF")
         return
     c.delivered_as = local
-    why = recheck(t, pod, src[0], None, dst, view)
-    strict = (
-        why is None
-        and t.view is not view
-        and pod.workload is not None
-        and not t.view.policies.plaintext_allowed(pod.workload, dst[1])
-    )
-    if strict:
-        why = "plaintext refused after a policy change: PeerAuthentication STRICT"
+    why = recheck(t, pod, src[0], None, dst, view, plaintext=True)
     if why is not None:
         app.close()
         undeliver(t.bypass, c)

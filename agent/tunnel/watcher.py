@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 
 from agent.identity.spiffe import SpiffeId
-from agent.tunnel.context import Tunnel, authorize, waypoint_bypass
+from agent.tunnel.context import Tunnel, why_denied
 
 
 def revalidate(t: Tunnel) -> dict[str, int]:
@@ -34,11 +34,10 @@ def revalidate(t: Tunnel) -> dict[str, int]:
         if c.loop is not None and c.loop is not here:
             continue  # another loop's: checked there
         ident = SpiffeId.parse(c.src_identity) if c.src_identity else None
-        bypass = waypoint_bypass(t, proxy.pod, ident)
-        decision = authorize(view, proxy.pod, c.src[0], ident, c.dst)
-        if bypass is not None or not decision.allowed:
+        why = why_denied(t, proxy.pod, c.src[0], ident, c.dst, view)
+        if why is not None:
             c.flag = "DENY"
-            c.error = f"closed by policy change: {bypass or decision.reason}"
+            c.error = f"closed by policy change: {why}"
             c.kill()
             closed[c.pod] = closed.get(c.pod, 0) + 1
     return closed
