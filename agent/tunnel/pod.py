@@ -50,14 +50,6 @@ def _count(loop: asyncio.AbstractEventLoop, delta: int) -> None:
         _active[loop] = _active.get(loop, 0) + delta
 
 
-def _dup_all(listeners: dict[str, socket.socket]) -> dict[str, socket.socket]:
-    dups = {}
-    for n, s in listeners.items():
-        d = dups[n] = socket.socket(fileno=socket.dup(s.fileno()))
-        d.setblocking(False)
-    return dups
-
-
 class PodProxy:
     """Listeners and connections of one enrolled pod."""
 
@@ -77,6 +69,9 @@ class PodProxy:
         self.listeners: dict[str, socket.socket] = {}
         self._accepting: list[asyncio.Task[None]] = []  # on the main loop
         self._on: dict[asyncio.AbstractEventLoop, dict[str, Handler]] = {}  # per tunnel loop
+        # more than one loop: connections are placed, and counted per loop
+        # for it (with one, nothing on the accept path is spent on that)
+        self._multi = bool(tunnel.loop_tunnels)
         self._hbone: dict[asyncio.AbstractEventLoop, InboundHbone] = {}  # 15008, per tunnel loop
         self._stopped = False  # released or closed: a connection still on its way is closed
         self._handlers: set[asyncio.Task[None]] = set()  # strong refs until done
@@ -159,8 +154,10 @@ class PodProxy:
                 slot = self._hbone[loop].admit(conn)
                 if slot is None:
                     continue
-            target = self._place(loop, kind) if len(self._on) > 1 else loop
-            _count(target, 1)
+            target = loop
+            if self._multi:
+                target = self._place(loop, kind)
+                _count(target, 1)
             if target is loop:
                 task = loop.create_task(self._guard(self._handler(loop, kind, slot), conn))
                 self._track(task, counted=True, slot=slot)
@@ -227,7 +224,9 @@ class PodProxy:
         (agent.handoff).  HBONE connections cannot move (their TLS state is in
         this process): they keep running here until they end.  A relay on
         another tunnel loop is frozen there."""
-        listeners = _dup_all(self.listeners)
+        listeners = {
+            n: socket.socket(fileno=socket.dup(s.fileno())) for n, s in self.listeners.items()
+        }
         self.release()
         conns = []
         for c in [c for c in list(self.t.conns.open.values()) if c.pod == self.pod.key]:
@@ -277,13 +276,14 @@ class PodProxy:
         until it ends (`counted`: already counted when placed).  An admitted
         15008 connection whose task never ran (cancelled first) gives its
         admission back here."""
-        if not counted:
+        if self._multi and not counted:
             _count(task.get_loop(), 1)
         self._handlers.add(task)
         task.add_done_callback(functools.partial(self._untrack, slot))
 
     def _untrack(self, slot: AdmissionSlot | None, task: asyncio.Task[None]) -> None:
-        _count(task.get_loop(), -1)
+        if self._multi:
+            _count(task.get_loop(), -1)
         self._handlers.discard(task)
         if slot is not None and not slot.taken:
             slot.release()
