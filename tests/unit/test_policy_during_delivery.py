@@ -59,11 +59,17 @@ def _tunnel() -> tuple[Tunnel, PodRef, _Bypass]:
     return t, pod, bypass
 
 
-def _deliver_while_policy_changes(t: Tunnel, bypass: _Bypass, apps: list[socket.socket]) -> Any:
+def _deliver_while_policy_changes(
+    t: Tunnel, bypass: _Bypass, apps: list[socket.socket], to: Snapshot | None = None
+) -> Any:
+    """A fake delivery during which the state changes to `to` (default: a
+    policy denying everything to db)."""
+    snap = to if to is not None else _snap(DENY_ALL)
+
     async def deliver(
         pod: PodRef, _b: Any, src_ip: str, dst: tuple[str, int]
     ) -> tuple[socket.socket, tuple[str, int]]:
-        t.state.apply(_snap(DENY_ALL))  # the change lands while we "connect"
+        t.state.apply(snap)  # the change lands while we "connect"
         await asyncio.sleep(0)
         app, peer = socket.socketpair()
         apps.extend([app, peer])
@@ -111,18 +117,12 @@ def test_plaintext_connection_still_allowed_after_an_unrelated_change_goes_live(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The check is with the new view, not a refusal of every change."""
-    t, pod, _bypass = _tunnel()
+    t, pod, bypass = _tunnel()
     apps: list[socket.socket] = []
-
-    async def deliver(
-        pod: PodRef, _b: Any, src_ip: str, dst: tuple[str, int]
-    ) -> tuple[socket.socket, tuple[str, int]]:
-        t.state.apply(_snap())  # a new view with the same (empty) policy
-        app, peer = socket.socketpair()
-        apps.extend([app, peer])
-        return app, (src_ip, 40000)
-
-    monkeypatch.setattr(plaintext, "deliver", deliver)
+    # a new view with the same (empty) policy
+    monkeypatch.setattr(
+        plaintext, "deliver", _deliver_while_policy_changes(t, bypass, apps, _snap())
+    )
     cli, srv = _tcp_pair()
 
     async def main() -> None:
