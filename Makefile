@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml vagrant/provision.sh
+$(STAMP): pyproject.toml vagrant/provision.sh agent/tunnel/_tlscore.c
 	vagrant/provision.sh $(VENV)
 
 demo: setup

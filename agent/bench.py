@@ -1133,7 +1133,8 @@ async def loopback_tcp_pair() -> tuple[Any, Any]:
 
 def _tls_path_transfer(path: str, nbytes: int = TLS_PATH_BYTES) -> dict[str, Any]:
     """`nbytes` one way between two HBONE TLS transports of one path ("loop":
-    the event loop's SSLProtocol; "socket": agent/tunnel/tlssock.py) over
+    the event loop's SSLProtocol; "socket": agent/tunnel/tlssock.py; "c":
+    the same with the records moved by agent/tunnel/_tlscore.c) over
     loopback, both ends in this process on the agent's loop, mesh mTLS
     contexts.  CPU is the process's (both ends: encrypt and decrypt) without
     the receiver's hashing; SHA-256 and length checked."""
@@ -1179,10 +1180,11 @@ def _tls_path_transfer(path: str, nbytes: int = TLS_PATH_BYTES) -> dict[str, Any
         loop = asyncio.get_running_loop()
         s, c = await loopback_tcp_pair()
         server, client = End(), End()
-        if path == "socket":
+        if path in ("socket", "c"):
+            connect = tlssock.connect if path == "socket" else tlssock.connect_core
             await asyncio.gather(
-                tlssock.connect(loop, server, s, sctx, server_side=True, timeout=30),
-                tlssock.connect(loop, client, c, cctx, server_side=False, timeout=30),
+                connect(loop, server, s, sctx, server_side=True, timeout=30),
+                connect(loop, client, c, cctx, server_side=False, timeout=30),
             )
         else:
             await asyncio.gather(
@@ -1219,6 +1221,8 @@ def run_tls_paths(runs: int = 3) -> dict[str, Any]:
     from agent import eventloop
 
     rows: dict[str, list[dict[str, Any]]] = {"loop": [], "socket": []}
+    if tlssock.core_available():
+        rows["c"] = []
     for _ in range(runs):
         for path in rows:
             rows[path].append(_tls_path_transfer(path))
@@ -1231,7 +1235,12 @@ def run_tls_paths(runs: int = 3) -> dict[str, Any]:
             "path": rs[0]["path"],
             "each": [(r["mb_s"], r["cpu_s_per_gb"]) for r in rs],
         }
-    out["socket_cpu_ratio"] = round(out["socket"]["cpu_s_per_gb"] / out["loop"]["cpu_s_per_gb"], 2)
+    for path in rows:
+        if path != "loop":
+            out[f"{path}_cpu_ratio"] = round(
+                out[path]["cpu_s_per_gb"] / out["loop"]["cpu_s_per_gb"], 2
+            )
+            out[f"{path}_mb_s_ratio"] = round(out[path]["mb_s"] / out["loop"]["mb_s"], 2)
     return out
 
 
@@ -1282,13 +1291,21 @@ def _print_ktls(r: dict[str, Any], seconds: float) -> None:
     )
     head = f"{'TETHER_TLS':12} {'path':10} {'MB/s':>6} {'CPU s/GB':>9} {'intact':>7}"
     print(f"{head}  each (MB/s, s/GB)")
-    for name in ("loop", "socket"):
+    for name in ("loop", "socket", "c"):
+        if name not in p:
+            print(f"{name:12} (not built: pip install -e . with gcc, python3-dev, libssl-dev)")
+            continue
         x = p[name]
         print(
             f"{name:12} {x['path']:10} {x['mb_s']:>6} {x['cpu_s_per_gb']:>9} "
             f"{x['intact']!s:>7}  {x['each']}"
         )
-    print(f"socket / loop CPU per GB: {p['socket_cpu_ratio']}x")
+    for name in ("socket", "c"):
+        if name in p:
+            print(
+                f"{name} / loop: CPU per GB {p[name + '_cpu_ratio']}x, "
+                f"MB/s {p[name + '_mb_s_ratio']}x"
+            )
 
 
 @contextlib.contextmanager

@@ -27,8 +27,9 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 # --- Debian packages -------------------------------------------------------
-pkgs=(python3 python3-venv python3-bpfcc bpfcc-tools libbpfcc iproute2
-      iperf3 sockperf stunnel4 tshark procps make wrk)
+# gcc, python3-dev and libssl-dev build agent/tunnel/_tlscore.c (TETHER_TLS=c).
+pkgs=(python3 python3-venv python3-dev python3-bpfcc bpfcc-tools libbpfcc iproute2
+      gcc libssl-dev iperf3 sockperf stunnel4 tshark procps make wrk)
 # Debugging aid only (Ubuntu 22.04 has no bpftool package): installed if available.
 optional=(bpftool)
 missing=()

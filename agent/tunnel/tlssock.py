@@ -12,9 +12,12 @@ transport then writes the frames to the socket itself, a batch per writev:
 the kernel makes and encrypts the records.  Where it has not, the same
 transport is user-space TLS on a socket BIO.
 
-`TETHER_TLS=loop|socket` picks the path (default: loop, see README
+`TETHER_TLS=loop|socket|c` picks the path (default: loop, see README
 Benchmarks for why); `tlssock.path()` says which is in force, and every
 HBONE connection's record says whether the kernel took its sending side.
+"c" is OpenSSL on BIO pairs whose records agent/tunnel/_tlscore.c moves
+to and from the socket (TlsCoreTransport, at the end of this file); where
+the extension is not built it is the loop's TLS, said once in the log.
 
 The transport is the subset of asyncio.Transport that H2Conn uses: write,
 writelines, close, abort, is_closing, get_extra_info, pause/resume_reading,
@@ -51,7 +54,7 @@ READ_MAX = 256 * 1024  # decrypted bytes handed to the protocol per readable eve
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
 WRITEV_BATCH = 64  # pieces per writev (IOV_MAX is 1024)
-CHOICES = ("loop", "socket")
+CHOICES = ("loop", "socket", "c")
 
 
 def path() -> str:
@@ -65,6 +68,8 @@ def _path_of(value: str) -> str:
     name = value.strip().lower() or "loop"
     if name not in CHOICES:
         log.warning("TETHER_TLS=%r is none of %s: using loop", name, "|".join(CHOICES))
+        return "loop"
+    if name == "c" and not core_available():
         return "loop"
     return name
 
@@ -83,8 +88,13 @@ async def start_tls(
     transport.  Returns the path in use (see `established`).  Raises what
     the handshake raises (ssl.SSLError, OSError, TimeoutError)."""
     transport: asyncio.BaseTransport
-    if path() == "socket":
+    chosen = path()
+    if chosen == "socket":
         transport = await connect(
+            loop, protocol, sock, ctx, server_side=side == "server", timeout=timeout
+        )
+    elif chosen == "c":
+        transport = await connect_core(
             loop, protocol, sock, ctx, server_side=side == "server", timeout=timeout
         )
     elif side == "server":
@@ -122,7 +132,9 @@ def kernel_ulp(sock: socket.socket) -> str:
 
 def established(transport: asyncio.BaseTransport, side: str) -> str:
     """Which TLS path a handshaken HBONE transport is on; the hooks hear of it."""
-    if isinstance(transport, TlsSocketTransport):
+    if isinstance(transport, TlsCoreTransport):
+        used = "c"
+    elif isinstance(transport, TlsSocketTransport):
         used = "kernel_tx" if transport.ktls_tx else "socket"
     else:
         used = "loop"
@@ -183,20 +195,28 @@ async def connect(
                 except ssl.SSLWantWriteError:
                     await _ready(loop, tls.fileno(), write=True)
         # (a peer gone right after the handshake fails getpeername() here)
-        return TlsSocketTransport(loop, tls, protocol)
+        return TlsSocketTransport(loop, tls, tls, protocol)
     except BaseException:
         tls.close()
         raise
 
 
 class TlsSocketTransport(asyncio.Transport):
+    """OpenSSL on the socket (ssl.SSLSocket), or on a subclass's own I/O:
+    `sock` is the TCP socket, `ssl_object` answers getpeercert()."""
+
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, tls: ssl.SSLSocket, protocol: asyncio.Protocol
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        ssl_object: ssl.SSLSocket | ssl.SSLObject,
+        protocol: asyncio.Protocol,
     ) -> None:
         super().__init__()
         self._loop = loop
-        self._tls = tls
-        self._fd = tls.fileno()
+        self._sock = sock
+        self._tls: Any = ssl_object
+        self._fd = sock.fileno()
         self._protocol = protocol
         self._out: collections.deque[bytes | memoryview] = collections.deque()
         self._out_bytes = 0
@@ -208,19 +228,19 @@ class TlsSocketTransport(asyncio.Transport):
         self._protocol_paused = False
         self._close_timer: asyncio.TimerHandle | None = None
         self.close_timeout = limits.SHUTDOWN_TIMEOUT
-        self.ktls_tx = kernel_ulp(tls) == "tls"
+        self.ktls_tx = kernel_ulp(sock) == "tls"
         self._extra = {
-            "ssl_object": tls,
-            "socket": tls,
-            "peername": tls.getpeername(),
-            "sockname": tls.getsockname(),
-            "cipher": tls.cipher(),
+            "ssl_object": ssl_object,
+            "socket": sock,
+            "peername": sock.getpeername(),
+            "sockname": sock.getsockname(),
+            "cipher": ssl_object.cipher(),
             "ktls_tx": self.ktls_tx,
         }
         protocol.connection_made(self)
         if not self._closing:
             loop.add_reader(self._fd, self._read_ready)
-            if tls.pending():
+            if self._pending():
                 loop.call_soon(self._read_ready)
 
     # -- reading ------------------------------------------------------------
@@ -250,7 +270,7 @@ class TlsSocketTransport(asyncio.Transport):
             self._protocol.data_received(chunks[0] if len(chunks) == 1 else b"".join(chunks))
         if eof:
             self._eof()
-        elif total >= READ_MAX and self._reading and not self._lost and self._tls.pending():
+        elif total >= READ_MAX and self._reading and not self._lost and self._pending():
             self._loop.call_soon(self._read_ready)  # decrypted bytes epoll cannot see
 
     def _eof(self) -> None:
@@ -270,8 +290,12 @@ class TlsSocketTransport(asyncio.Transport):
         if not self._reading and not self._lost and not self._closing:
             self._reading = True
             self._loop.add_reader(self._fd, self._read_ready)
-            if self._tls.pending():
+            if self._pending():
                 self._loop.call_soon(self._read_ready)
+
+    def _pending(self) -> bool:
+        """Decrypted bytes that no readable event will announce."""
+        return bool(self._tls.pending())
 
     def is_reading(self) -> bool:
         return self._reading and not self._lost
@@ -294,7 +318,7 @@ class TlsSocketTransport(asyncio.Transport):
     def _flush(self) -> None:
         """Write what is queued until the socket would block."""
         try:
-            done = self._flush_kernel() if self.ktls_tx else self._flush_ssl()
+            done = self._flush_out()
         except (OSError, ssl.SSLError) as e:
             self._fatal(e)
             return
@@ -309,6 +333,9 @@ class TlsSocketTransport(asyncio.Transport):
         self._maybe_resume()
         if self._closing:
             self._finish_close()
+
+    def _flush_out(self) -> bool:
+        return self._flush_kernel() if self.ktls_tx else self._flush_ssl()
 
     def _flush_ssl(self) -> bool:
         """Through SSL_write, one queued piece at a time.  A write that blocks
@@ -405,9 +432,12 @@ class TlsSocketTransport(asyncio.Transport):
             return
         # close_notify; a non-blocking SSL_shutdown that would wait for the
         # peer's reply stops there (the alert is sent: that is all we want)
+        self._close_notify()
+        self._lose(None)
+
+    def _close_notify(self) -> None:
         with contextlib.suppress(OSError, ssl.SSLError, ValueError):
             self._tls.unwrap()
-        self._lose(None)
 
     def abort(self) -> None:
         self._lose(None)
@@ -430,7 +460,7 @@ class TlsSocketTransport(asyncio.Transport):
         self._out.clear()
         self._out_bytes = 0
         with contextlib.suppress(OSError):
-            self._tls.close()
+            self._sock.close()
         self._loop.call_soon(self._protocol.connection_lost, exc)
 
     # -- information ---------------------------------------------------------
@@ -444,3 +474,118 @@ class TlsSocketTransport(asyncio.Transport):
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
         assert isinstance(protocol, asyncio.Protocol)
         self._protocol = protocol
+
+
+# -- the C path: OpenSSL records moved by agent/tunnel/_tlscore.c ------------
+
+try:
+    from agent.tunnel import _tlscore
+except ImportError as e:  # not built (a checkout without `pip install`), or another OpenSSL
+    _tlscore = None  # type: ignore[assignment]
+    _core_missing = str(e)
+else:
+    _core_missing = ""
+
+
+def core_available() -> bool:
+    """Whether the C path can run here; says once why not."""
+    if _tlscore is None:
+        _warn_core_missing()
+    return _tlscore is not None
+
+
+@functools.cache
+def _warn_core_missing() -> None:
+    log.warning("TETHER_TLS=c: the C extension is not available (%s): using loop", _core_missing)
+
+
+async def connect_core(
+    loop: asyncio.AbstractEventLoop,
+    protocol: asyncio.Protocol,
+    sock: socket.socket,
+    ctx: ssl.SSLContext,
+    *,
+    server_side: bool,
+    timeout: float,
+) -> TlsCoreTransport:
+    """As `connect`, with the records moved by the C extension: Python's ssl
+    configures and owns the TLS object (SSLContext.wrap_bio), the extension
+    moves its records between a BIO pair and `sock`.  `sock` is consumed."""
+    assert _tlscore is not None
+    sock.setblocking(False)
+    try:
+        incoming = ssl.MemoryBIO()
+        tls = ctx.wrap_bio(incoming, ssl.MemoryBIO(), server_side=server_side)
+        # the extension proves it found this object's OpenSSL handle by
+        # reading these bytes back out of its read BIO (_tlscore.c)
+        marker = os.urandom(16)
+        incoming.write(marker)
+        core = _tlscore.Core(tls._sslobj, sock.fileno(), marker, server_side)  # type: ignore[attr-defined]
+        async with asyncio.timeout(timeout):
+            while (want := core.handshake()) != 0:
+                await _ready(loop, sock.fileno(), write=want == 2)
+        return TlsCoreTransport(loop, sock, tls, protocol, core)
+    except BaseException:
+        sock.close()
+        raise
+
+
+class TlsCoreTransport(TlsSocketTransport):
+    """The socket path's transport with the C extension moving the records:
+    a read() per readable event (up to READ_MAX decrypted, one syscall per
+    256 KiB of records), a write() per batch of queued pieces."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        tls: ssl.SSLObject,
+        protocol: asyncio.Protocol,
+        core: _tlscore.Core,
+    ) -> None:
+        self._core = core
+        super().__init__(loop, sock, tls, protocol)
+        if core.unsent() and not self._lost:  # the server's session tickets
+            self._flush()
+
+    def _pending(self) -> bool:
+        return bool(self._core.pending())
+
+    def _read_ready(self) -> None:
+        if self._lost or self._closing or not self._reading:
+            return
+        try:
+            data, state = self._core.read(READ_MAX)
+        except (OSError, ssl.SSLError) as e:
+            self._fatal(e)
+            return
+        if data:
+            self._protocol.data_received(data)
+        if self._core.unsent() and not self._writer and not self._lost:
+            self._flush()  # records of its own a read made (key updates)
+        if state == 1:
+            if not self._lost:
+                self._eof()
+        elif state == 2 and self._reading and not self._lost:
+            self._loop.call_soon(self._read_ready)
+
+    def _flush_out(self) -> bool:
+        """Queued pieces encrypted and written a batch per call; False: the
+        socket would block (what is left stays queued, the piece it stopped
+        in cut where it stopped: OpenSSL has taken the part before)."""
+        out = self._out
+        while out:
+            batch = list(itertools.islice(out, WRITEV_BATCH))
+            whole, offset = self._core.write(batch)
+            for _ in range(whole):
+                self._out_bytes -= len(out.popleft())
+            if offset:
+                out[0] = memoryview(out[0])[offset:]
+                self._out_bytes -= offset
+            if whole < len(batch):
+                return False
+        return bool(self._core.flush())
+
+    def _close_notify(self) -> None:
+        with contextlib.suppress(OSError, ssl.SSLError):
+            self._core.close_notify()
