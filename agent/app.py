@@ -516,6 +516,7 @@ def main_run(config_path: str, skmsg: bool | None, kube: dict[str, Any] | None =
     )
     soft, hard = raise_fd_limit()
     log.info("open files limit %d (hard %d)", soft, hard)
+    log.info("malloc: %s", limits.tune_malloc())
     # which code runs (an A/B benchmark checks it ran the tree it asked for)
     log.info(
         "agent code at %s; h2 DATA fast path %s",

@@ -650,6 +650,25 @@ def _agent_code(an: AgentNode) -> str:
     return str(found[-1])
 
 
+_SETUP_LINES = {
+    "malloc": re.compile(r"malloc: (.+)$", re.M),
+    "hbone_tls": re.compile(r"HBONE TLS: (\S+)", re.M),
+    "event_loop": re.compile(r"event loop: (\S+)", re.M),
+}
+
+
+def _agent_setup(an: AgentNode) -> dict[str, str]:
+    """What the running agent says it set up (its start log): the malloc
+    thresholds, the HBONE TLS path and the event loop, so a report shows
+    that each row ran what its variant asked for."""
+    tail = an.log_tail(200_000)
+    out = {}
+    for key, rx in _SETUP_LINES.items():
+        found = rx.findall(tail)
+        out[key] = found[-1].strip() if found else "?"
+    return out
+
+
 def _variant_env(env: dict[str, str]) -> dict[str, str]:
     """A variant naming another tree (PYTHONPATH) also gets PYTHONSAFEPATH:
     `python -m agent.cli` otherwise puts the working directory first on
@@ -744,6 +763,7 @@ def run_tunnel(
                     config["agent_code"] = _agent_code(n1)
                 else:
                     config[f"agent_code [{name}]"] = _check_variant_code(name, env, n1, n2)
+                config[f"agent_setup [{name or 'as is'}]"] = [_agent_setup(n) for n in (n1, n2)]
                 measured[label] = _measure_path(
                     tb, a, b, b.ip4, seconds, _agents(n1, n2), diagnose=logs
                 )
@@ -1835,6 +1855,11 @@ def _print_tunnel(report: dict[str, Any]) -> None:
         print(f"  {what}: {tool}")
     for name, env in report.get("variants", {}).items():
         print(f"  variant [{name}]: agents started with {env}")
+    setups = {k: v for k, v in report.get("config", {}).items() if k.startswith("agent_setup")}
+    for key, per_node in setups.items():
+        said = {tuple(sorted(d.items())) for d in per_node}
+        shown = "; ".join(", ".join(f"{k}: {v}" for k, v in t) for t in sorted(said))
+        print(f"  {key[len('agent_setup ') :]} agents said: {shown}")
     print(
         "  x = ratio to direct; x st = ratio to the stunnel pair (same run); CPU and RSS are "
         "of the relaying processes (both agents, or both stunnels); +p50 = p50 added over "

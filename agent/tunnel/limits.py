@@ -112,6 +112,34 @@ def trim() -> None:
         _libc.malloc_trim(0)
 
 
+# glibc's malloc, left to itself, returns the top of the heap to the system
+# whenever more than 128 KiB of it is free (M_TRIM_THRESHOLD), and takes
+# buffers above a threshold that drifts between 128 KiB and 32 MiB from
+# mmap.  A relay's buffers are exactly that size (256 KiB reads, DATA frames
+# up to 1 MiB, a bytes object per read): each one freed gave its pages back
+# (brk), the next one faulted them in again, and the profile of a sending
+# agent counted those faults in its memcpy (README, "The C TLS path").
+# These two fixed thresholds keep such buffers on the heap and up to
+# MALLOC_TRIM of free heap mapped; trim() still returns everything.
+MALLOC_MMAP = 4 << 20
+MALLOC_TRIM = 16 << 20
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # malloc.h
+
+
+def tune_malloc() -> str:
+    """Set glibc's mmap and trim thresholds for the relay's buffer sizes
+    (unless TETHER_MALLOC=default).  Returns what is in force, for the log:
+    "tuned (...)", "default (TETHER_MALLOC=default)" or "default (why)"."""
+    if os.environ.get("TETHER_MALLOC", "").strip().lower() == "default":
+        return "default (TETHER_MALLOC=default)"
+    mallopt = getattr(_libc, "mallopt", None)
+    if mallopt is None:
+        return "default (no glibc mallopt)"
+    if not (mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP) and mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM)):
+        return "default (mallopt refused)"
+    return f"tuned (mmap above {MALLOC_MMAP >> 20} MiB, trim above {MALLOC_TRIM >> 20} MiB)"
+
+
 def anon_mib() -> float:
     """This process's resident anonymous memory (RssAnon), MiB; 0 if unknown."""
     try:

@@ -12,12 +12,13 @@ transport then writes the frames to the socket itself, a batch per writev:
 the kernel makes and encrypts the records.  Where it has not, the same
 transport is user-space TLS on a socket BIO.
 
-`TETHER_TLS=loop|socket|c` picks the path (default: loop, see README
-Benchmarks for why); `tlssock.path()` says which is in force, and every
-HBONE connection's record says whether the kernel took its sending side.
-"c" is OpenSSL on BIO pairs whose records agent/tunnel/_tlscore.c moves
-to and from the socket (TlsCoreTransport, at the end of this file); where
-the extension is not built it is the loop's TLS, said once in the log.
+`TETHER_TLS=c|loop|socket` picks the path; `tlssock.path()` says which is
+in force, and every HBONE connection's record says which it is on and
+whether the kernel took its sending side.  "c", the default, is OpenSSL on
+a BIO pair whose records agent/tunnel/_tlscore.c moves to and from the
+socket (TlsCoreTransport, at the end of this file): fewer copies and
+syscalls than either of the others (README, "The C TLS path").  Where the
+extension is not built, "c" is the loop's TLS, said once in the log.
 
 The transport is the subset of asyncio.Transport that H2Conn uses: write,
 writelines, close, abort, is_closing, get_extra_info, pause/resume_reading,
@@ -57,9 +58,13 @@ WRITEV_BATCH = 64  # pieces per writev (IOV_MAX is 1024)
 CHOICES = ("loop", "socket", "c")
 
 
+DEFAULT = "c"  # README, "The C TLS path": measured ahead of the loop's TLS
+
+
 def path() -> str:
-    """The TLS path asked for (TETHER_TLS), "loop" when unset or unknown."""
-    return _path_of(os.environ.get("TETHER_TLS", "loop"))
+    """The TLS path in force: TETHER_TLS, else "c"; "loop" when the value is
+    unknown or "c" cannot run here (the extension not built)."""
+    return _path_of(os.environ.get("TETHER_TLS", DEFAULT))
 
 
 @functools.cache

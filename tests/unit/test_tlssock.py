@@ -257,8 +257,10 @@ def test_certificate_from_another_ca_is_refused(loop_name: str, path: str) -> No
     run(loop_name, main)
 
 
-def test_path_is_loop_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_path_is_c_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TETHER_TLS", raising=False)
+    assert tlssock.path() == "c"
+    monkeypatch.setenv("TETHER_TLS", "loop")
     assert tlssock.path() == "loop"
     monkeypatch.setenv("TETHER_TLS", "socket")
     assert tlssock.path() == "socket"
@@ -266,6 +268,23 @@ def test_path_is_loop_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
     assert tlssock.path() == "c"
     monkeypatch.setenv("TETHER_TLS", "ktls-please")
     assert tlssock.path() == "loop"
+
+
+def test_c_without_the_extension_is_the_loop_said_in_the_log(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.delenv("TETHER_TLS", raising=False)
+    monkeypatch.setattr(tlssock, "_tlscore", None)
+    monkeypatch.setattr(tlssock, "_core_missing", "No module named 'agent.tunnel._tlscore'")
+    tlssock._path_of.cache_clear()
+    tlssock._warn_core_missing.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="agent.tunnel.tlssock"):
+            assert tlssock.path() == "loop"
+        assert "C extension is not available (No module named" in caplog.text
+    finally:
+        tlssock._path_of.cache_clear()
+        tlssock._warn_core_missing.cache_clear()
 
 
 @pytest.mark.parametrize("path", PATHS)

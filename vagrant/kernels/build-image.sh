@@ -172,7 +172,9 @@ EOF
   (cd "$repo" && { git ls-files -z --cached --others --exclude-standard 2>/dev/null ||
      find . -path ./.venv -prune -o -type f -print0; } | xargs -0 cp --parents -t "$rootfs/tether")
   log "fetching wheels for tether[dev] with $hostpy"
-  "$hostpy" -m pip wheel -q -w "$rootfs/wheels" "$rootfs/tether[dev]" wheel >"$base/wheels.log" 2>&1 ||
+  # setuptools too: the image's venv has Debian's 66, older than the 74.1 that
+  # reads pyproject's ext-modules (the install below runs without isolation)
+  "$hostpy" -m pip wheel -q -w "$rootfs/wheels" "$rootfs/tether[dev]" wheel "setuptools>=74.1" >"$base/wheels.log" 2>&1 ||
     { tail -20 "$base/wheels.log" >&2; die "pip wheel failed (log: $base/wheels.log)"; }
   rm -f "$rootfs"/wheels/tether-*.whl
   rm -rf "$rootfs/tether/build" "$rootfs"/tether/*.egg-info
@@ -181,7 +183,7 @@ EOF
     set -e
     unset PIP_FIND_LINKS PIP_CERT
     python3 -m venv --system-site-packages /opt/tether-venv
-    /opt/tether-venv/bin/pip install -q --no-index --find-links /wheels wheel
+    /opt/tether-venv/bin/pip install -q --no-index --find-links /wheels wheel "setuptools>=74.1"
     /opt/tether-venv/bin/pip install -q --no-index --find-links /wheels --no-build-isolation -e "/tether[dev]"
     /opt/tether-venv/bin/python -c "import bcc, agent.datapath.loader, pytest"
   ' >"$base/pip.log" 2>&1 || { tail -20 "$base/pip.log" >&2; die "pip in the image failed (log: $base/pip.log)"; }
