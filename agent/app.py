@@ -436,6 +436,7 @@ class Agent:
             "waypoint_deployer": self.deployer.describe() if self.deployer else None,
             "certificates": self.certs.describe() if self.certs else [],
             "hbone_tls": tlssock.path(),
+            "malloc": limits.malloc_state,
             "hbone_pool": self._pools(),
             "tunnel_loops": self._loops_status(),
             "connections": {

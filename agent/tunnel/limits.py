@@ -124,20 +124,26 @@ def trim() -> None:
 MALLOC_MMAP = 4 << 20
 MALLOC_TRIM = 16 << 20
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # malloc.h
+malloc_state = "default (not tuned)"  # what tune_malloc() put in force (/config_dump)
 
 
 def tune_malloc() -> str:
     """Set glibc's mmap and trim thresholds for the relay's buffer sizes
     (unless TETHER_MALLOC=default).  Returns what is in force, for the log:
     "tuned (...)", "default (TETHER_MALLOC=default)" or "default (why)"."""
-    if os.environ.get("TETHER_MALLOC", "").strip().lower() == "default":
-        return "default (TETHER_MALLOC=default)"
+    global malloc_state
     mallopt = getattr(_libc, "mallopt", None)
-    if mallopt is None:
-        return "default (no glibc mallopt)"
-    if not (mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP) and mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM)):
-        return "default (mallopt refused)"
-    return f"tuned (mmap above {MALLOC_MMAP >> 20} MiB, trim above {MALLOC_TRIM >> 20} MiB)"
+    if os.environ.get("TETHER_MALLOC", "").strip().lower() == "default":
+        malloc_state = "default (TETHER_MALLOC=default)"
+    elif mallopt is None:
+        malloc_state = "default (no glibc mallopt)"
+    elif not (mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP) and mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM)):
+        malloc_state = "default (mallopt refused)"
+    else:
+        malloc_state = (
+            f"tuned (mmap above {MALLOC_MMAP >> 20} MiB, trim above {MALLOC_TRIM >> 20} MiB)"
+        )
+    return malloc_state
 
 
 def anon_mib() -> float:

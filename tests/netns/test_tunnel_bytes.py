@@ -55,6 +55,7 @@ def mesh(request: Any) -> Iterator[tuple[str, Cluster, AgentNode, AgentNode]]:
             tail = n.log_tail(400)
             assert f"event loop: {loop_name}" in tail
             assert f"HBONE TLS: {tls_path}" in tail
+            assert n.status()["malloc"].startswith("tuned"), n.status()["malloc"]
         yield tls_path, cluster, n1, n2
 
 
