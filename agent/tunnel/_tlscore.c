@@ -27,8 +27,10 @@
  * _ssl._SSLSocket, and the pointer found there is an SSL whose read BIO
  * holds exactly the marker bytes the caller just wrote into its incoming
  * MemoryBIO (and whose role is the one asked for).  Any mismatch raises
- * TypeError and the caller stays on the event loop's TLS.  The module also
- * refuses to load against a different OpenSSL than the ssl module's.
+ * TypeError and the connection fails.  The module does not build for a
+ * CPython outside 3.7-3.13, and refuses to load when the ssl module runs
+ * another OpenSSL than the one this module is linked to (a Python built
+ * with its own OpenSSL: the handle would belong to a different library).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -39,6 +41,10 @@
 #include <openssl/ssl.h>
 #include <string.h>
 #include <unistd.h>
+
+#if PY_VERSION_HEX < 0x03070000 || PY_VERSION_HEX >= 0x030E0000
+#error "the _ssl._SSLSocket layout this module reads is known for CPython 3.7-3.13 only"
+#endif
 
 typedef struct {
     PyObject_HEAD
@@ -477,10 +483,13 @@ PyMODINIT_FUNC PyInit__tlscore(void)
     }
     unsigned long theirs = PyLong_AsUnsignedLong(num);
     Py_DECREF(num);
-    if (theirs != OpenSSL_version_num()) {
+    /* both are the running libraries' own numbers: they differ when the ssl
+     * module was linked to another OpenSSL than this module */
+    if (theirs != OpenSSL_version_num() || (OPENSSL_VERSION_NUMBER >> 28) != (theirs >> 28)) {
         PyErr_Format(PyExc_ImportError,
-                     "ssl module uses OpenSSL %lx, this extension %lx: rebuild it", theirs,
-                     OpenSSL_version_num());
+                     "the ssl module runs OpenSSL %lx, this extension %lx (built for %lx): "
+                     "rebuild it against the ssl module's OpenSSL",
+                     theirs, OpenSSL_version_num(), (unsigned long)OPENSSL_VERSION_NUMBER);
         return NULL;
     }
     if (PyType_Ready(&CoreType) < 0)
