@@ -391,19 +391,31 @@ static PyObject *Core_write(Core *c, PyObject *pieces)
     return leave(c, result);
 }
 
-/* flush() -> True when every record made so far is on the socket */
-static PyObject *Core_flush(Core *c, PyObject *Py_UNUSED(unused))
+/* Records made so far written to the socket, after a close_notify when
+ * `shutdown`: True when all of them are on it. */
+static PyObject *flush_call(Core *c, int shutdown)
 {
     if (!enter(c))
         return NULL;
     int io, saved = 0;
     Py_BEGIN_ALLOW_THREADS
+    if (shutdown) {
+        ERR_clear_error();
+        (void)SSL_shutdown(c->ssl);   /* 0: sent, the peer's not awaited */
+        ERR_clear_error();
+    }
     io = flush_net(c);
     if (io < 0) saved = errno;
     Py_END_ALLOW_THREADS
     if (saved)
         return leave(c, raise_errno(saved));
     return leave(c, PyBool_FromLong(io == 0));
+}
+
+/* flush() -> True when every record made so far is on the socket */
+static PyObject *Core_flush(Core *c, PyObject *Py_UNUSED(unused))
+{
+    return flush_call(c, 0);
 }
 
 /* unsent() -> bytes of records not yet on the socket */
@@ -426,19 +438,7 @@ static PyObject *Core_pending(Core *c, PyObject *Py_UNUSED(unused))
 /* close_notify() -> True when the alert is on the socket */
 static PyObject *Core_close_notify(Core *c, PyObject *Py_UNUSED(unused))
 {
-    if (!enter(c))
-        return NULL;
-    int io, saved = 0;
-    Py_BEGIN_ALLOW_THREADS
-    ERR_clear_error();
-    (void)SSL_shutdown(c->ssl);   /* 0: sent, the peer's not awaited */
-    ERR_clear_error();
-    io = flush_net(c);
-    if (io < 0) saved = errno;
-    Py_END_ALLOW_THREADS
-    if (saved)
-        return leave(c, raise_errno(saved));
-    return leave(c, PyBool_FromLong(io == 0));
+    return flush_call(c, 1);
 }
 
 static PyMethodDef Core_methods[] = {
