@@ -211,6 +211,11 @@ def test_workloads_captured(node: Node) -> None:
     text = json.dumps(dump)
     for p in pods(node, NS):
         assert p["status"]["podIP"] in text, f"{p['metadata']['name']} not in /config_dump"
+    # the image built agent/tunnel/_tlscore.c and the agent runs HBONE on it,
+    # with the relay's malloc thresholds (README, "The C TLS path and the heap")
+    _report("agent_hbone_tls", dump["hbone_tls"])
+    assert dump["hbone_tls"] == "c", dump["hbone_tls"]
+    assert dump["malloc"].startswith("tuned"), dump["malloc"]
 
 
 def _echo_ips(node: Node) -> list[str]:
