@@ -17,8 +17,9 @@ in force, and every HBONE connection's record says which it is on and
 whether the kernel took its sending side.  "c", the default, is OpenSSL on
 a BIO pair whose records agent/tunnel/_tlscore.c moves to and from the
 socket (TlsCoreTransport, at the end of this file): fewer copies and
-syscalls than either of the others (README, "The C TLS path").  Where the
-extension is not built, "c" is the loop's TLS, said once in the log.
+syscalls than either of the others (README, "The C TLS path and the
+heap").  Where the extension is not built, "c" is the loop's TLS, said
+once in the log.
 
 The transport is the subset of asyncio.Transport that H2Conn uses: write,
 writelines, close, abort, is_closing, get_extra_info, pause/resume_reading,
@@ -58,7 +59,7 @@ WRITEV_BATCH = 64  # pieces per writev (IOV_MAX is 1024)
 CHOICES = ("loop", "socket", "c")
 
 
-DEFAULT = "c"  # README, "The C TLS path": measured ahead of the loop's TLS
+DEFAULT = "c"  # measured ahead of the loop's TLS: README, "The C TLS path and the heap"
 
 
 def path() -> str:
