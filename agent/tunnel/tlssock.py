@@ -1,4 +1,5 @@
-"""HBONE's TLS on the socket itself, for kernel TLS.
+"""HBONE's TLS transports besides the event loop's: OpenSSL on the socket
+(for kernel TLS) and the C path (records moved by _tlscore.c, the default).
 
 The event loop's TLS (asyncio's and uvloop's SSLProtocol) runs OpenSSL over
 memory BIOs: every byte is copied into and out of them, and OpenSSL cannot
