@@ -321,10 +321,11 @@ static PyObject *Core_read(Core *c, PyObject *arg)
     return leave(c, Py_BuildValue("(Ni)", out, state));
 }
 
-/* write(pieces) -> (n_whole, offset): encrypts the pieces in order and
- * writes the records to the socket until it would block.  `n_whole` pieces
- * were taken entirely, and `offset` bytes of the next one; the rest is for
- * the next call (after the socket is writable). */
+/* write(pieces) -> (taken, blocked): encrypts the pieces in order and
+ * writes the records to the socket until it would block.  `taken` bytes of
+ * the pieces, from the first, are OpenSSL's now; `blocked`: the socket
+ * would block, with records or pieces left (the rest is for the next call,
+ * once the socket is writable). */
 static PyObject *Core_write(Core *c, PyObject *pieces)
 {
     PyObject *seq = PySequence_Fast(pieces, "write() takes a sequence of buffers");
@@ -346,7 +347,7 @@ static PyObject *Core_write(Core *c, PyObject *pieces)
             break;
     PyObject *result = NULL;
     if (got == n) {
-        Py_ssize_t whole = 0, offset = 0;
+        Py_ssize_t whole = 0, offset = 0, taken = 0;
         int saved = 0, sslerr = 0, blocked = 0, stuck = 0;
         Py_BEGIN_ALLOW_THREADS
         while (whole < n && !blocked) {
@@ -358,6 +359,7 @@ static PyObject *Core_write(Core *c, PyObject *pieces)
             int rc = SSL_write_ex(c->ssl, p, left, &wrote);
             if (rc == 1) {
                 stuck = 0;
+                taken += (Py_ssize_t)wrote;
                 offset += (Py_ssize_t)wrote;
                 if ((size_t)wrote == left) { whole++; offset = 0; }
                 continue;
@@ -373,6 +375,7 @@ static PyObject *Core_write(Core *c, PyObject *pieces)
         if (!saved && !sslerr && !blocked) {
             int io = flush_net(c);
             if (io < 0) saved = errno;
+            blocked = io == 1;
         }
         Py_END_ALLOW_THREADS
         if (saved)
@@ -382,7 +385,7 @@ static PyObject *Core_write(Core *c, PyObject *pieces)
         else if (sslerr)
             raise_ssl("TLS write");
         else
-            result = Py_BuildValue("(nn)", whole, offset);
+            result = Py_BuildValue("(nO)", taken, blocked ? Py_True : Py_False);
     }
     for (Py_ssize_t i = 0; i < got; i++)
         PyBuffer_Release(&views[i]);

@@ -371,16 +371,22 @@ class TlsSocketTransport(asyncio.Transport):
                 n = os.writev(self._fd, batch)
             except BlockingIOError:
                 return False
-            self._out_bytes -= n
-            while n:
-                head = self._out[0]
-                if n >= len(head):
-                    n -= len(head)
-                    self._out.popleft()
-                else:
-                    self._out[0] = memoryview(head)[n:]
-                    n = 0
+            self._taken(n)
         return True
+
+    def _taken(self, n: int) -> None:
+        """The first `n` queued bytes are on their way: off the queue (a
+        piece taken in part is cut where it stopped)."""
+        self._out_bytes -= n
+        out = self._out
+        while n:
+            head = out[0]
+            if n >= len(head):
+                n -= len(head)
+                out.popleft()
+            else:
+                out[0] = memoryview(head)[n:]
+                n = 0
 
     def _write_ready(self) -> None:
         if not self._lost:
@@ -578,20 +584,16 @@ class TlsCoreTransport(TlsSocketTransport):
 
     def _flush_out(self) -> bool:
         """Queued pieces encrypted and written a batch per call; False: the
-        socket would block (what is left stays queued, the piece it stopped
-        in cut where it stopped: OpenSSL has taken the part before)."""
+        socket would block (what OpenSSL took is off the queue)."""
         out = self._out
+        if not out:  # records of its own only (session tickets, key updates)
+            return bool(self._core.flush())
         while out:
-            batch = list(itertools.islice(out, WRITEV_BATCH))
-            whole, offset = self._core.write(batch)
-            for _ in range(whole):
-                self._out_bytes -= len(out.popleft())
-            if offset:
-                out[0] = memoryview(out[0])[offset:]
-                self._out_bytes -= offset
-            if whole < len(batch):
+            taken, blocked = self._core.write(list(itertools.islice(out, WRITEV_BATCH)))
+            self._taken(taken)
+            if blocked:
                 return False
-        return bool(self._core.flush())
+        return True
 
     def _close_notify(self) -> None:
         with contextlib.suppress(OSError, ssl.SSLError):
