@@ -4,6 +4,9 @@ they feed, and how connection records write endpoints and response flags."""
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -140,10 +143,6 @@ print((faults() - f0) / (300 * 1.25))
 
 
 def _faults_per_mib(env: dict[str, str]) -> tuple[str, float]:
-    import os
-    import subprocess
-    import sys
-
     out = subprocess.run(
         [sys.executable, "-c", _FAULTS],
         env={**os.environ, **env},
