@@ -5,7 +5,6 @@ Used by every inbound path and by same-node connections."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import socket
 
@@ -16,7 +15,7 @@ from agent.tunnel.conns import Connection, ConnTable
 from agent.tunnel.context import DeliveryBypass, PodRef
 from agent.tunnel.h2conn import H2Stream
 from agent.tunnel.hbone import CONNECT_TIMEOUT
-from agent.tunnel.relay import Relay, tcp_socket
+from agent.tunnel.relay import Relay, connect, tcp_socket
 
 IP_TRANSPARENT = 19
 IPV6_TRANSPARENT = 75
@@ -46,9 +45,7 @@ async def deliver(
         # uses it to recognise this hop for sk_msg when it is established.
         bypass.add(local, dst)
         try:
-            await asyncio.wait_for(
-                asyncio.get_running_loop().sock_connect(app, dst), CONNECT_TIMEOUT
-            )
+            await connect(app, dst, CONNECT_TIMEOUT)
         except BaseException:
             bypass.remove(local, dst)
             raise

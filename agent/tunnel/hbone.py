@@ -36,7 +36,7 @@ from agent.identity.tls import peer_identity
 from agent.model import format_authority, norm_ip
 from agent.tunnel import tlssock
 from agent.tunnel.h2conn import H2Conn, H2Stream, StreamReset
-from agent.tunnel.relay import tcp_socket
+from agent.tunnel.relay import connect, tcp_socket
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ class HboneClient:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
         try:
-            await asyncio.wait_for(loop.sock_connect(sock, (host, port)), CONNECT_TIMEOUT)
+            await connect(sock, (host, port), CONNECT_TIMEOUT)
             ctx = await self.client_context(key.src_identity)
             conn = H2Conn(client=True, peer={"addr": key.dst})
             conn.peer["tls"] = await tlssock.start_tls(

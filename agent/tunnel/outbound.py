@@ -6,7 +6,6 @@ reset (a waypoint that cannot be reached: never sent around it)."""
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
 import socket
@@ -28,7 +27,7 @@ from agent.tunnel.context import (
 )
 from agent.tunnel.delivery import deliver, run_bridge, run_relay, undeliver
 from agent.tunnel.hbone import CONNECT_TIMEOUT, HboneError, PoolKey, request_headers
-from agent.tunnel.relay import tcp_socket
+from agent.tunnel.relay import connect, tcp_socket
 
 log = logging.getLogger(__name__)
 
@@ -144,9 +143,7 @@ async def _passthrough(
         up = tcp_socket(family(req.target[0]))
     up.setblocking(False)
     try:
-        await asyncio.wait_for(
-            asyncio.get_running_loop().sock_connect(up, req.target), CONNECT_TIMEOUT
-        )
+        await connect(up, req.target, CONNECT_TIMEOUT)
     except (OSError, TimeoutError) as e:
         up.close()
         refuse(app)
