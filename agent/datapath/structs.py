@@ -6,12 +6,29 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import functools
 import ipaddress
 import socket
 import sys
 from typing import ClassVar
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+@functools.lru_cache(maxsize=4096)
+def _words(ip: str | IPAddress) -> tuple[int, tuple[int, int, int, int]]:
+    """(family, ip words) of TetherAddr for an address (v4-mapped IPv6 as
+    IPv4).  Cached as agent.model.addr.norm_ip is: the same few addresses
+    make every connection's datapath keys, and ipaddress parses in Python;
+    text that is no address raises ValueError and is not cached."""
+    addr = ipaddress.ip_address(ip)
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    raw = addr.packed
+    if isinstance(addr, ipaddress.IPv4Address):
+        return socket.AF_INET, (int.from_bytes(raw, sys.byteorder), 0, 0, 0)
+    w = [int.from_bytes(raw[4 * i : 4 * i + 4], sys.byteorder) for i in range(4)]
+    return socket.AF_INET6, (w[0], w[1], w[2], w[3])
 
 
 class TetherAddr(ctypes.Structure):
@@ -25,18 +42,9 @@ class TetherAddr(ctypes.Structure):
 
     @classmethod
     def of(cls, ip: str | IPAddress, port: int) -> TetherAddr:
-        addr = ipaddress.ip_address(ip)
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
         a = cls()
-        raw = addr.packed
-        if isinstance(addr, ipaddress.IPv4Address):
-            a.family = socket.AF_INET
-            a.ip[0] = int.from_bytes(raw, sys.byteorder)
-        else:
-            a.family = socket.AF_INET6
-            for i in range(4):
-                a.ip[i] = int.from_bytes(raw[4 * i : 4 * i + 4], sys.byteorder)
+        a.family, words = _words(ip)
+        a.ip[:] = words
         a.port = socket.htons(port)
         return a
 

@@ -5,6 +5,7 @@ log line and policy match uses the plain form, so they agree."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import socket
 from collections.abc import Iterable
@@ -13,6 +14,14 @@ from typing import Any
 HBONE_PORT = 15008  # every mesh pod's inbound HBONE (Istio ambient)
 
 
+# Cached: every connection asks for the same few pod and node addresses
+# several times over (socket names, the authority, the datapath's keys), and
+# ipaddress parses text in Python.  A text that is no address raises and is
+# not cached; the cache holds at most ADDR_CACHE answers, least recent out.
+ADDR_CACHE = 4096
+
+
+@functools.lru_cache(maxsize=ADDR_CACHE)
 def norm_ip(ip: str) -> str:
     """Canonical text of an address, IPv4-mapped IPv6 folded to IPv4.
     Raises ValueError for text that is no address."""
