@@ -88,8 +88,10 @@ static int flush_net(Core *c)
 }
 
 /* Read from the socket into the pair's free space.  1: bytes came; 0: the
- * socket would block (or the pair is full); 2: EOF; -1: errno set. */
-static int fill_net(Core *c)
+ * socket would block (or the pair is full); 2: EOF; -1: errno set.
+ * `drained` (may be NULL) is set when the bytes came from a read shorter
+ * than the room offered: the socket had nothing more at that moment. */
+static int fill_net(Core *c, int *drained)
 {
     if (c->eof)
         return 2;
@@ -101,6 +103,8 @@ static int fill_net(Core *c)
         ssize_t r = read(c->fd, p, (size_t)room);
         if (r > 0) {
             BIO_nwrite(c->net, &p, (int)r);
+            if (drained)
+                *drained = r < room;
             return 1;
         }
         if (r == 0) {
@@ -245,7 +249,7 @@ static PyObject *Core_handshake(Core *c, PyObject *Py_UNUSED(unused))
         if (err == SSL_ERROR_NONE) { result = io == 1 ? 2 : 0; break; }
         if (err != SSL_ERROR_WANT_READ && err != SSL_ERROR_WANT_WRITE) { result = -1; break; }
         if (io == 1) { result = 2; break; }
-        io = fill_net(c);
+        io = fill_net(c, NULL);
         if (io < 0) { saved = errno; break; }
         if (io == 2) { result = -2; break; }
         if (io == 0) { result = 1; break; }
@@ -279,7 +283,7 @@ static PyObject *Core_read(Core *c, PyObject *arg)
         return leave(c, NULL);
     char *buf = PyBytes_AS_STRING(out);
     Py_ssize_t total = 0;
-    int state = 0, saved = 0, sslerr = 0;
+    int state = 0, saved = 0, sslerr = 0, drained = 0;
     Py_BEGIN_ALLOW_THREADS
     while (total < max) {
         size_t got = 0;
@@ -304,7 +308,13 @@ static PyObject *Core_read(Core *c, PyObject *arg)
          * queued records of our own: they go out first */
         int io = flush_net(c);
         if (io < 0) { saved = errno; break; }
-        io = fill_net(c);
+        /* the last read was short and every whole record since is read:
+         * the socket was empty then, and anything after it makes it
+         * readable again (the loop polls level-triggered).  One read
+         * syscall per readable event instead of a second one for EAGAIN */
+        if (drained)
+            break;
+        io = fill_net(c, &drained);
         if (io < 0) { saved = errno; break; }
         if (io == 0) break;
         /* 1: bytes came; 2: EOF came, the pair's records are read first */
