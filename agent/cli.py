@@ -120,12 +120,16 @@ def _cmd_bench(a: argparse.Namespace) -> int:
         from agent.bench_loops import main as loops_main
 
         return loops_main(loops_n=a.loops, runs=a.runs, json_out=a.json)
-    from agent.bench import main as bench_main
-
     variants = {}
     for spec in a.variant:
         name, _, env = spec.partition(":")
         variants[name] = dict(kv.split("=", 1) for kv in env.split(",") if kv)
+    if a.what == "syscalls":
+        from agent.bench_syscalls import main as syscalls_main
+
+        return syscalls_main(a.seconds, a.out, variants, json_out=a.json)
+    from agent.bench import main as bench_main
+
     return bench_main(
         a.what,
         seconds=a.seconds,
@@ -273,11 +277,16 @@ def parser() -> argparse.ArgumentParser:
             "ktls",
             "workers",
             "loops",
+            "syscalls",
         ],
     )
     b.add_argument("--seconds", type=float, default=3.0)
     b.add_argument("--json", action="store_true")
-    b.add_argument("--out", default="profile", help="profile: where py-spy's stacks go")
+    b.add_argument(
+        "--out",
+        default="profile",
+        help="profile: where py-spy's stacks go; syscalls: strace's summaries",
+    )
     b.add_argument(
         "--runs",
         type=int,
@@ -305,7 +314,7 @@ def parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="NAME:K=V[,K=V]",
-        help="tunnel: one more cross-node row, agents restarted with this environment",
+        help="tunnel, syscalls: one more cross-node row, agents restarted with this environment",
     )
     b.set_defaults(fn=_cmd_bench)
 

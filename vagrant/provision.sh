@@ -27,9 +27,10 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 # --- Debian packages -------------------------------------------------------
-# gcc, python3-dev and libssl-dev build agent/tunnel/_tlscore.c (TETHER_TLS=c).
+# gcc, python3-dev and libssl-dev build agent/tunnel/_tlscore.c (TETHER_TLS=c);
+# strace counts system calls for `tether bench syscalls`.
 pkgs=(python3 python3-venv python3-dev python3-bpfcc bpfcc-tools libbpfcc iproute2
-      gcc libssl-dev iperf3 sockperf stunnel4 tshark procps make wrk)
+      gcc libssl-dev iperf3 sockperf stunnel4 tshark procps make wrk strace)
 # Debugging aid only (Ubuntu 22.04 has no bpftool package): installed if available.
 optional=(bpftool)
 missing=()

@@ -1,0 +1,183 @@
+"""`tether bench syscalls`: system calls per new connection and per message,
+each agent, counted by strace on the two-node testbed of `tether bench
+tunnel`.
+
+CPU figures on a shared 2-core machine move 10-20 % from run to run; a
+count of system calls does not depend on how loaded the machine is, so a
+change to the per-connection or per-message path shows in it at once, and
+each call is a kernel entry the CPU figures pay for.  strace slows the
+agents a great deal while it is attached: only the counts are reported,
+never its times.
+
+- connections: the connect-per-request client of `bench tunnel` (connect,
+  1 byte each way, close), counted per connection it completed;
+- messages: sockperf's 1 KiB TCP ping-pong at 1000/s (the vCPU@1k
+  workload), counted per message it received back (a request and its reply
+  through both agents).
+
+`--variant NAME:K=V` counts again with both agents restarted under that
+environment (`PYTHONPATH=<tree>`: another tree's agent, checked as in
+`bench tunnel`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from agent.bench import (
+    CPS_PORT,
+    RATE_MPS,
+    SOCKPERF_PORT,
+    _check_variant_code,
+    _env,
+    _sockperf_pp,
+    _t_cps,
+    _variant_env,
+)
+from agent.sim.harness import AgentNode, Cluster
+from agent.sim.topology import Testbed
+
+ATTACH_S = 0.5  # strace's attach to every thread, before the workload starts
+# "[Total Run] RunTime=2.000 sec; Warm up time=400 msec; SentMessages=2001; ReceivedMessages=2000"
+_RECEIVED = re.compile(r"\[Total Run\].*?ReceivedMessages=(\d+)")
+
+
+def parse_strace_summary(text: str) -> dict[str, int]:
+    """`strace -c` summary table -> {syscall: calls}."""
+    calls: dict[str, int] = {}
+    for line in text.splitlines():
+        f = line.split()
+        if len(f) < 5 or not f[0][0].isdigit() or f[-1] == "total":
+            continue
+        # % time, seconds, usecs/call, calls, [errors], syscall
+        calls[f[-1]] = calls.get(f[-1], 0) + int(f[3])
+    return calls
+
+
+def _counted(
+    agents: dict[str, AgentNode], out: Path, tag: str, workload: Any
+) -> tuple[int, dict[str, dict[str, int]]]:
+    """Run `workload` (-> units done) with strace -c on every agent."""
+    strace = shutil.which("strace")
+    if strace is None:
+        raise RuntimeError("strace not installed (apt-get install strace)")
+    procs = {}
+    for role, an in agents.items():
+        assert an.agent is not None
+        path = out / f"{tag}-{an.node.name}.txt"
+        procs[role] = (
+            subprocess.Popen(
+                [strace, "-f", "-c", "-o", str(path), "-p", str(an.agent.pid)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            ),
+            path,
+        )
+    try:
+        time.sleep(ATTACH_S)
+        units = int(workload())
+    finally:
+        for p, _ in procs.values():
+            p.send_signal(signal.SIGINT)  # detach: strace writes its summary
+        for p, _ in procs.values():
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+    counts = {role: parse_strace_summary(path.read_text()) for role, (_, path) in procs.items()}
+    return units, counts
+
+
+def _per_unit(units: int, calls: dict[str, dict[str, int]]) -> dict[str, Any]:
+    out: dict[str, Any] = {"units": units}
+    for role, c in calls.items():
+        per = {k: round(v / units, 2) for k, v in sorted(c.items(), key=lambda kv: -kv[1])}
+        out[role] = {"total": round(sum(c.values()) / units, 1), "calls": per}
+    return out
+
+
+def run_syscalls(
+    seconds: float, out_dir: str, variants: dict[str, dict[str, str]] | None = None
+) -> dict[str, Any]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"seconds": seconds, "rows": {}}
+    rows: list[tuple[str, dict[str, str]]] = [("as is", {})]
+    rows += [(n, _variant_env(v)) for n, v in (variants or {}).items()]
+    with Testbed() as tb:
+        cluster = Cluster(tb)
+        try:
+            n1 = AgentNode(tb, "node1", cluster=cluster)
+            n2 = AgentNode(tb, "node2", cluster=cluster)
+            a = n1.add_pod("a", "mesh", "client")
+            b = n2.add_pod("b", "mesh", "server")
+            n1.enroll_namespace("mesh")
+            agents = {"sender (node1)": n1, "receiver (node2)": n2}
+            for name, env in rows:
+                for an in (n1, n2):
+                    an.stop_agent()
+                with _env(env):
+                    n1.start_agent()
+                    n2.start_agent()
+                code = _check_variant_code(name, env, n1, n2)
+                _t_cps(tb, a, b, b.ip4, CPS_PORT, 1.0)  # the pooled HBONE connection up
+
+                def conns() -> int:
+                    return int(_t_cps(tb, a, b, b.ip4, CPS_PORT, seconds)["ok"])
+
+                def messages() -> int:
+                    t = max(2, round(seconds))
+                    args = ["--mps", str(RATE_MPS), "-t", str(t)]
+                    rc, text, _ = _sockperf_pp(tb, a, b, b.ip4, SOCKPERF_PORT, args, t + 30)
+                    m = _RECEIVED.search(text)
+                    if rc != 0 or m is None:
+                        raise RuntimeError(f"sockperf --mps: {text[-500:]}")
+                    return int(m.group(1))
+
+                tag = re.sub(r"\W+", "_", name)
+                row: dict[str, Any] = {"agent_code": code}
+                for workload, fn in (("connection", conns), ("message", messages)):
+                    units, calls = _counted(agents, out, f"{tag}-{workload}", fn)
+                    if units <= 0:
+                        raise RuntimeError(f"{name}: no {workload} completed under strace")
+                    row[workload] = _per_unit(units, calls)
+                report["rows"][name] = row
+        finally:
+            cluster.close()
+    return report
+
+
+def _format(report: dict[str, Any]) -> str:
+    lines = [
+        "tether bench syscalls: system calls per unit, each agent, counted by strace -f -c "
+        "(its times are not reported: it slows the agents)",
+        "",
+    ]
+    for name, row in report["rows"].items():
+        lines.append(f"[{name}] agent code at {row['agent_code']}")
+        for workload in ("connection", "message"):
+            r = row[workload]
+            lines.append(f"  per {workload} ({r['units']} counted):")
+            for role in ("sender (node1)", "receiver (node2)"):
+                top = ", ".join(f"{k} {v:g}" for k, v in list(r[role]["calls"].items())[:10])
+                lines.append(f"    {role:17} {r[role]['total']:6.1f}  ({top})")
+    return "\n".join(lines)
+
+
+def main(
+    seconds: float,
+    out_dir: str,
+    variants: dict[str, dict[str, str]] | None = None,
+    json_out: bool = False,
+) -> int:
+    report = run_syscalls(seconds, out_dir, variants)
+    print(json.dumps(report, indent=1) if json_out else _format(report))
+    return 0
