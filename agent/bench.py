@@ -707,6 +707,7 @@ def run_tunnel(
     config: dict[str, Any] = {}
     t0 = time.monotonic()
     load0 = os.getloadavg()
+    cpu0 = cpu_times()
     with Testbed() as tb, tempfile.TemporaryDirectory(prefix=f"tether-{tb.prefix}-tls-") as tmp:
         cluster = Cluster(tb)
         try:
@@ -818,6 +819,7 @@ def run_tunnel(
         "seconds": seconds,
         "wall_s": round(time.monotonic() - t0, 1),
         "loadavg": [round(x, 2) for x in (*load0, *os.getloadavg())],
+        "cpu_shares": cpu_shares(cpu0, cpu_times()),
         "variants": variants or {},
         "tools": {
             "throughput": "iperf3 -J, 1 stream",
@@ -1849,6 +1851,14 @@ def _print_tunnel(report: dict[str, Any]) -> None:
     )
     loads = report.get("loadavg_runs") or [report.get("loadavg")]
     print("  load average (1/5/15 min) at start and end of each run: " + "; ".join(map(str, loads)))
+    shares = report.get("cpu_shares_runs") or [report.get("cpu_shares")]
+    if any(shares):
+        print(
+            "  the machine's CPU time in each run (/proc/stat, % of all cores): "
+            + "; ".join(
+                ", ".join(f"{k} {v}" for k, v in sh.items()) if sh else "-" for sh in shares
+            )
+        )
     if report.get("busy"):
         print(f"  under load: {report['busy']} busy-loop process(es) spinning throughout (--busy)")
     for what, tool in report["tools"].items():
@@ -1950,6 +1960,32 @@ def _print_h2(report: dict[str, Any]) -> None:
     )
 
 
+_CPU_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+
+
+def cpu_times() -> dict[str, int]:
+    """The machine's CPU time so far, all cores (/proc/stat's first line, ticks)."""
+    with open("/proc/stat") as f:
+        values = f.readline().split()[1:]
+    return {k: int(v) for k, v in zip(_CPU_FIELDS, values, strict=False)}
+
+
+def cpu_shares(before: dict[str, int], after: dict[str, int]) -> dict[str, float]:
+    """% of all cores' time between two cpu_times() spent busy, idle, and
+    stolen by the hypervisor (steal: time this VM's vCPUs wanted and did
+    not get, one cause of run-to-run spread no load average shows)."""
+    d = {k: after.get(k, 0) - before.get(k, 0) for k in _CPU_FIELDS}
+    total = sum(d.values())
+    if total <= 0:
+        return {"busy": 0.0, "idle": 0.0, "steal": 0.0}
+    idle = d["idle"] + d["iowait"]
+    return {
+        "busy": round(100 * (total - idle - d["steal"]) / total, 1),
+        "idle": round(100 * idle / total, 1),
+        "steal": round(100 * d["steal"] / total, 1),
+    }
+
+
 def median_runs(reports: list[dict[str, Any]]) -> dict[str, Any]:
     """One report from several runs: each number the median over the runs that have
     it (ratios are taken within each run first, then their median)."""
@@ -1958,6 +1994,7 @@ def median_runs(reports: list[dict[str, Any]]) -> dict[str, Any]:
     out["per_run"] = [r["results"] for r in reports]
     out["wall_s"] = round(sum(r["wall_s"] for r in reports), 1)
     out["loadavg_runs"] = [r["loadavg"] for r in reports]
+    out["cpu_shares_runs"] = [r.get("cpu_shares") for r in reports]
     out["row_order_runs"] = [r.get("config", {}).get("cross_row_order") for r in reports]
     results: dict[str, dict[str, Any]] = {}
     for name in reports[0]["results"]:

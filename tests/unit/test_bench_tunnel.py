@@ -70,3 +70,13 @@ def test_every_second_run_measures_the_variants_first(
         "tether cross-node [v]",
         "tether cross-node (HBONE)",
     ]
+
+
+def test_cpu_shares_split_busy_idle_steal() -> None:
+    from agent.bench import _CPU_FIELDS, cpu_shares
+
+    before = dict.fromkeys(_CPU_FIELDS, 0)
+    after = {**before, "user": 50, "system": 20, "softirq": 10, "idle": 90, "iowait": 10}
+    after["steal"] = 20
+    assert cpu_shares(before, after) == {"busy": 40.0, "idle": 50.0, "steal": 10.0}
+    assert cpu_shares(before, before) == {"busy": 0.0, "idle": 0.0, "steal": 0.0}
