@@ -1449,6 +1449,23 @@ def _collapsed_buckets(path: Path) -> dict[str, int]:
     return counts
 
 
+@contextlib.contextmanager
+def two_nodes() -> Iterator[tuple[Testbed, AgentNode, AgentNode, Pod, Pod]]:
+    """Two simulated nodes with a client pod `a` on node1 and a server pod `b`
+    on node2, both in the enrolled namespace `mesh`; no agent started yet."""
+    with Testbed() as tb:
+        cluster = Cluster(tb)
+        try:
+            n1 = AgentNode(tb, "node1", cluster=cluster)
+            n2 = AgentNode(tb, "node2", cluster=cluster)
+            a = n1.add_pod("a", "mesh", "client")
+            b = n2.add_pod("b", "mesh", "server")
+            n1.enroll_namespace("mesh")
+            yield tb, n1, n2, a, b
+        finally:
+            cluster.close()
+
+
 def run_profile(seconds: float, out_dir: str, workload: str = "throughput") -> dict[str, Any]:
     """``workload``: throughput (iperf3, one stream), connections (the
     connect-per-request client of `bench tunnel`) or messages (sockperf's 1 KiB
@@ -1460,68 +1477,59 @@ def run_profile(seconds: float, out_dir: str, workload: str = "throughput") -> d
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"seconds": seconds, "workload": workload, "agents": {}}
-    with Testbed() as tb:
-        cluster = Cluster(tb)
-        try:
-            n1 = AgentNode(tb, "node1", cluster=cluster)
-            n2 = AgentNode(tb, "node2", cluster=cluster)
-            a = n1.add_pod("a", "mesh", "client")
-            b = n2.add_pod("b", "mesh", "server")
-            n1.enroll_namespace("mesh")
-            n1.start_agent()
-            n2.start_agent()
-            agents = {"sender (node1)": n1, "receiver (node2)": n2}
-            procs = _agents(n1, n2)
-            spies: dict[str, tuple[subprocess.Popen[Any], Path]] = {}
-            for role, an in agents.items():
-                assert an.agent is not None
-                tag = an.node.name
-                raw = out / f"{tag}.txt"
-                spies[role] = (
-                    subprocess.Popen(
-                        [
-                            pyspy,
-                            "record",
-                            "--native",
-                            "--format",
-                            "raw",
-                            "-r",
-                            str(PROFILE_RATE),
-                            "-d",
-                            str(int(seconds) + 2),
-                            "-o",
-                            str(raw),
-                            "--pid",
-                            str(an.agent.pid),
-                        ],
-                        stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL,
-                    ),
-                    raw,
-                )
-            time.sleep(1.0)
-            cpu0 = {r: proc_cpu(an.agent.pid) for r, an in agents.items() if an.agent}
-            if workload == "connections":
-                cps = _t_cps(tb, a, b, b.ip4, CPS_PORT, seconds)
-                ip = {"bytes": cps["ok"] * 1e6, "bits_per_second": 0.0}  # "GB" = 1,000 conns
-                report["conn_per_s"] = round(cps["conn_per_s"])
-            elif workload == "messages":
-                t = max(2, round(seconds))
-                rc, text, wall = _sockperf_pp(
-                    tb, a, b, b.ip4, SOCKPERF_PORT, ["--mps", str(RATE_MPS), "-t", str(t)], t + 20
-                )
-                if rc != 0:
-                    raise RuntimeError(f"sockperf --mps: {text[-500:]}")
-                ip = {"bytes": RATE_MPS * wall * 1e6, "bits_per_second": 0.0}  # "GB" = 1,000 msgs
-                report["messages_per_s"] = RATE_MPS
-            else:
-                ip = _t_iperf(tb, a, b, b.ip4, IPERF_PORT, seconds)
-            cpu = {r: proc_cpu(an.agent.pid) - cpu0[r] for r, an in agents.items() if an.agent}
-            for p, _ in spies.values():
-                p.wait(seconds + 30)
-            del procs
-        finally:
-            cluster.close()
+    with two_nodes() as (tb, n1, n2, a, b):
+        n1.start_agent()
+        n2.start_agent()
+        agents = {"sender (node1)": n1, "receiver (node2)": n2}
+        procs = _agents(n1, n2)
+        spies: dict[str, tuple[subprocess.Popen[Any], Path]] = {}
+        for role, an in agents.items():
+            assert an.agent is not None
+            tag = an.node.name
+            raw = out / f"{tag}.txt"
+            spies[role] = (
+                subprocess.Popen(
+                    [
+                        pyspy,
+                        "record",
+                        "--native",
+                        "--format",
+                        "raw",
+                        "-r",
+                        str(PROFILE_RATE),
+                        "-d",
+                        str(int(seconds) + 2),
+                        "-o",
+                        str(raw),
+                        "--pid",
+                        str(an.agent.pid),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                ),
+                raw,
+            )
+        time.sleep(1.0)
+        cpu0 = {r: proc_cpu(an.agent.pid) for r, an in agents.items() if an.agent}
+        if workload == "connections":
+            cps = _t_cps(tb, a, b, b.ip4, CPS_PORT, seconds)
+            ip = {"bytes": cps["ok"] * 1e6, "bits_per_second": 0.0}  # "GB" = 1,000 conns
+            report["conn_per_s"] = round(cps["conn_per_s"])
+        elif workload == "messages":
+            t = max(2, round(seconds))
+            rc, text, wall = _sockperf_pp(
+                tb, a, b, b.ip4, SOCKPERF_PORT, ["--mps", str(RATE_MPS), "-t", str(t)], t + 20
+            )
+            if rc != 0:
+                raise RuntimeError(f"sockperf --mps: {text[-500:]}")
+            ip = {"bytes": RATE_MPS * wall * 1e6, "bits_per_second": 0.0}  # "GB" = 1,000 msgs
+            report["messages_per_s"] = RATE_MPS
+        else:
+            ip = _t_iperf(tb, a, b, b.ip4, IPERF_PORT, seconds)
+        cpu = {r: proc_cpu(an.agent.pid) - cpu0[r] for r, an in agents.items() if an.agent}
+        for p, _ in spies.values():
+            p.wait(seconds + 30)
+        del procs
     gb = ip["bytes"] / 1e9
     report["throughput_gbit_s"] = round(ip["bits_per_second"] / 1e9, 2)
     for role, (_, raw) in spies.items():

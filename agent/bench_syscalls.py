@@ -15,9 +15,11 @@ never its times.
   workload), counted per message it received back (a request and its reply
   through both agents).
 
-`--variant NAME:K=V` counts again with both agents restarted under that
-environment (`PYTHONPATH=<tree>`: another tree's agent, checked as in
-`bench tunnel`).
+The stunnel pair of `bench tunnel` (a C relay doing the same job: TLS 1.3,
+mutual, node to node) is counted the same way first, between two pods of
+a namespace that is not enrolled, as the baseline.  `--variant NAME:K=V`
+counts again with both agents restarted under that environment
+(`PYTHONPATH=<tree>`: another tree's agent, checked as in `bench tunnel`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import re
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -37,12 +40,14 @@ from agent.bench import (
     SOCKPERF_PORT,
     _check_variant_code,
     _env,
+    _kill,
     _sockperf_pp,
+    _start_stunnel,
     _t_cps,
     _variant_env,
+    two_nodes,
 )
-from agent.sim.harness import AgentNode, Cluster
-from agent.sim.topology import Testbed
+from agent.sim.topology import Pod, Testbed
 
 ATTACH_S = 0.5  # strace's attach to every thread, before the workload starts
 # "[Total Run] RunTime=2.000 sec; Warm up time=400 msec; SentMessages=2001; ReceivedMessages=2000"
@@ -62,19 +67,18 @@ def parse_strace_summary(text: str) -> dict[str, int]:
 
 
 def _counted(
-    agents: dict[str, AgentNode], out: Path, tag: str, workload: Any
+    pids: dict[str, int], out: Path, tag: str, workload: Any
 ) -> tuple[int, dict[str, dict[str, int]]]:
-    """Run `workload` (-> units done) with strace -c on every agent."""
+    """Run `workload` (-> units done) with strace -c on every process."""
     strace = shutil.which("strace")
     if strace is None:
         raise RuntimeError("strace not installed (apt-get install strace)")
     procs = {}
-    for role, an in agents.items():
-        assert an.agent is not None
-        path = out / f"{tag}-{an.node.name}.txt"
+    for role, pid in pids.items():
+        path = out / f"{tag}-{re.sub(r'[^a-z0-9]+', '_', role)}.txt"
         procs[role] = (
             subprocess.Popen(
-                [strace, "-f", "-c", "-o", str(path), "-p", str(an.agent.pid)],
+                [strace, "-f", "-c", "-o", str(path), "-p", str(pid)],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             ),
@@ -104,6 +108,35 @@ def _per_unit(units: int, calls: dict[str, dict[str, int]]) -> dict[str, Any]:
     return out
 
 
+def _workloads(tb: Testbed, client: Pod, server: Pod, host: str, seconds: float) -> dict[str, Any]:
+    """The two counted workloads from `client` to `server` at `host`."""
+
+    def conns() -> int:
+        return int(_t_cps(tb, client, server, host, CPS_PORT, seconds)["ok"])
+
+    def messages() -> int:
+        t = max(2, round(seconds))
+        args = ["--mps", str(RATE_MPS), "-t", str(t)]
+        rc, text, _ = _sockperf_pp(tb, client, server, host, SOCKPERF_PORT, args, t + 30)
+        m = _RECEIVED.search(text)
+        if rc != 0 or m is None:
+            raise RuntimeError(f"sockperf --mps: {text[-500:]}")
+        return int(m.group(1))
+
+    return {"connection": conns, "message": messages}
+
+
+def _row(pids: dict[str, int], out: Path, name: str, workloads: dict[str, Any]) -> dict[str, Any]:
+    row: dict[str, Any] = {}
+    tag = re.sub(r"\W+", "_", name)
+    for workload, fn in workloads.items():
+        units, calls = _counted(pids, out, f"{tag}-{workload}", fn)
+        if units <= 0:
+            raise RuntimeError(f"{name}: no {workload} completed under strace")
+        row[workload] = _per_unit(units, calls)
+    return row
+
+
 def run_syscalls(
     seconds: float, out_dir: str, variants: dict[str, dict[str, str]] | None = None
 ) -> dict[str, Any]:
@@ -112,46 +145,36 @@ def run_syscalls(
     report: dict[str, Any] = {"seconds": seconds, "rows": {}}
     rows: list[tuple[str, dict[str, str]]] = [("as is", {})]
     rows += [(n, _variant_env(v)) for n, v in (variants or {}).items()]
-    with Testbed() as tb:
-        cluster = Cluster(tb)
+    with two_nodes() as (tb, n1, n2, a, b), tempfile.TemporaryDirectory() as tmp:
+        # the C baseline first, on an idle machine, between unenrolled pods
+        c = n1.add_pod("c", "plain", "client")
+        d = n2.add_pod("d", "plain", "server")
+        pids, _ = _start_stunnel(tb, Path(tmp), n1.node, n2.node, d)
         try:
-            n1 = AgentNode(tb, "node1", cluster=cluster)
-            n2 = AgentNode(tb, "node2", cluster=cluster)
-            a = n1.add_pod("a", "mesh", "client")
-            b = n2.add_pod("b", "mesh", "server")
-            n1.enroll_namespace("mesh")
-            agents = {"sender (node1)": n1, "receiver (node2)": n2}
-            for name, env in rows:
-                for an in (n1, n2):
-                    an.stop_agent()
-                with _env(env):
-                    n1.start_agent()
-                    n2.start_agent()
-                code = _check_variant_code(name, env, n1, n2)
-                _t_cps(tb, a, b, b.ip4, CPS_PORT, 1.0)  # the pooled HBONE connection up
-
-                def conns() -> int:
-                    return int(_t_cps(tb, a, b, b.ip4, CPS_PORT, seconds)["ok"])
-
-                def messages() -> int:
-                    t = max(2, round(seconds))
-                    args = ["--mps", str(RATE_MPS), "-t", str(t)]
-                    rc, text, _ = _sockperf_pp(tb, a, b, b.ip4, SOCKPERF_PORT, args, t + 30)
-                    m = _RECEIVED.search(text)
-                    if rc != 0 or m is None:
-                        raise RuntimeError(f"sockperf --mps: {text[-500:]}")
-                    return int(m.group(1))
-
-                tag = re.sub(r"\W+", "_", name)
-                row: dict[str, Any] = {"agent_code": code}
-                for workload, fn in (("connection", conns), ("message", messages)):
-                    units, calls = _counted(agents, out, f"{tag}-{workload}", fn)
-                    if units <= 0:
-                        raise RuntimeError(f"{name}: no {workload} completed under strace")
-                    row[workload] = _per_unit(units, calls)
-                report["rows"][name] = row
+            work = _workloads(tb, c, d, n1.node.gateway4, seconds)
+            work["connection"]()  # as the agents' rows get: one warm-up second
+            stunnel = {"sender (node1)": pids["stunnel-client"]}
+            stunnel["receiver (node2)"] = pids["stunnel-server"]
+            report["rows"]["stunnel pair"] = _row(stunnel, out, "stunnel pair", work)
+            report["rows"]["stunnel pair"]["what"] = "stunnel (C), client and server"
         finally:
-            cluster.close()
+            for p in tb._spawned:
+                if p.proc.pid in pids.values():
+                    _kill(p.proc)
+        work = _workloads(tb, a, b, b.ip4, seconds)
+        for name, env in rows:
+            for an in (n1, n2):
+                an.stop_agent()
+            with _env(env):
+                n1.start_agent()
+                n2.start_agent()
+            code = _check_variant_code(name, env, n1, n2)
+            _t_cps(tb, a, b, b.ip4, CPS_PORT, 1.0)  # the pooled HBONE connection up
+            agents = {"sender (node1)": n1.agent, "receiver (node2)": n2.agent}
+            row = _row({k: p.pid for k, p in agents.items() if p is not None}, out, name, work)
+            row["agent_code"] = code
+            row["what"] = f"agent code at {code}"
+            report["rows"][name] = row
     return report
 
 
@@ -162,7 +185,7 @@ def _format(report: dict[str, Any]) -> str:
         "",
     ]
     for name, row in report["rows"].items():
-        lines.append(f"[{name}] agent code at {row['agent_code']}")
+        lines.append(f"[{name}] {row['what']}")
         for workload in ("connection", "message"):
             r = row[workload]
             lines.append(f"  per {workload} ({r['units']} counted):")
