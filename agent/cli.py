@@ -128,6 +128,10 @@ def _cmd_bench(a: argparse.Namespace) -> int:
         from agent.bench_syscalls import main as syscalls_main
 
         return syscalls_main(a.seconds, a.out, variants, json_out=a.json)
+    if a.what == "pingpong":
+        from agent.bench_pingpong import main as pingpong_main
+
+        return pingpong_main(a.runs, variants, json_out=a.json)
     from agent.bench import main as bench_main
 
     return bench_main(
@@ -278,6 +282,7 @@ def parser() -> argparse.ArgumentParser:
             "workers",
             "loops",
             "syscalls",
+            "pingpong",
         ],
     )
     b.add_argument("--seconds", type=float, default=3.0)
@@ -291,7 +296,7 @@ def parser() -> argparse.ArgumentParser:
         "--runs",
         type=int,
         default=1,
-        help="tunnel, waypoint, workers (at least 3): runs, medians reported",
+        help="tunnel, waypoint, workers, pingpong (at least 3): runs, medians reported",
     )
     b.add_argument("--connections", type=int, default=1000, help="memory: open connections to hold")
     b.add_argument("--loops", type=int, default=2, help="loops: tunnel loops against 1")
@@ -314,7 +319,8 @@ def parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="NAME:K=V[,K=V]",
-        help="tunnel, syscalls: one more cross-node row, agents restarted with this environment",
+        help="tunnel, syscalls, pingpong: one more row, the agents (pingpong: the process) "
+        "started with this environment",
     )
     b.set_defaults(fn=_cmd_bench)
 

@@ -1,0 +1,268 @@
+"""`tether bench pingpong`: the CPU one 1 KiB request and its reply cost on
+the whole HBONE path, in one process, with no other process in the way.
+
+One connection, the path `tether bench tunnel` measures between two nodes,
+on one event loop (the agent's, uvloop where installed): an app socket,
+the source agent's bridge and H2Conn, mutual TLS 1.3 over loopback (the
+agent's TLS path, `TETHER_TLS`), the destination agent's H2Conn and
+bridge, the destination app's socket, which echoes.  The client sends 1 KiB
+and waits for it back, `MESSAGES` times; the figure is the process's CPU
+per round trip, in µs (user and system, the app ends included: they are
+the same in every row).  Every reply is checked against what was sent.
+
+Why: on a shared 2-core machine `tether bench tunnel` moves 10-40 % between
+rows of the same code (README, A/A runs), so a change of a few µs per
+message cannot be seen there.  Here nothing but this process runs the
+path, and CPU time, not wall time, is measured.
+
+`--variant NAME:K=V` adds a row run in a child process under that
+environment (`PYTHONPATH=<tree>`: another tree's code, which the child
+reports and the bench checks).  Rows alternate, `--runs` times (at least
+3), each run a fresh child; medians, and the median of the paired ratios.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import cProfile
+import json
+import os
+import pstats
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+MESSAGES = 5000
+WARMUP = 300
+SIZE = 1024
+CALLS_TOP = 25
+CALLS_MESSAGES = 1000  # the counted run (under cProfile)
+
+
+def _cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+async def _pingpong(messages: int, calls: bool = False) -> dict[str, Any]:
+    from agent.bench import loopback_tcp_pair
+    from agent.identity.ca import CertificateAuthority
+    from agent.identity.embedded import EmbeddedCA
+    from agent.identity.manager import CertificateManager
+    from agent.identity.spiffe import SpiffeId
+    from agent.tunnel import tlssock
+    from agent.tunnel.bridge import Bridge
+    from agent.tunnel.h2conn import H2Conn, H2Stream
+
+    mgr = CertificateManager(EmbeddedCA(CertificateAuthority.generate("cluster.local")))
+    web, db = SpiffeId("cluster.local", "b", "web"), SpiffeId("cluster.local", "a", "db")
+    sctx, cctx = await mgr.ssl_context_server(web), await mgr.ssl_context_client(db)
+    loop = asyncio.get_running_loop()
+    dst_agent, dst_app = await loopback_tcp_pair()
+    src_agent, src_app = await loopback_tcp_pair()
+    s, c = await loopback_tcp_pair()
+    bridges: list[Bridge] = []
+
+    async def on_request(conn: H2Conn, stream: H2Stream) -> None:
+        conn.respond(stream, 200)
+        b = Bridge(stream, initiator="stream")
+        bridges.append(b)
+        await b.start(dst_agent)
+        await b.done
+
+    server = H2Conn(client=False, on_request=on_request)
+    client = H2Conn(client=True)
+    echo: asyncio.Task[None] | None = None
+    try:
+        paths = await asyncio.gather(
+            tlssock.start_tls(loop, server, s, sctx, side="server", timeout=30),
+            tlssock.start_tls(loop, client, c, cctx, side="client", timeout=30),
+        )
+        await asyncio.wait_for(client.ready, 30)
+        stream = client.open_stream([(":method", "CONNECT"), (":authority", "10.0.0.1:80")])
+        await asyncio.wait_for(stream.response, 30)
+        b = Bridge(stream)
+        bridges.append(b)
+        await b.start(src_agent)
+
+        async def echo_app() -> None:
+            while data := await loop.sock_recv(dst_app, 65536):
+                await loop.sock_sendall(dst_app, data)
+
+        echo = loop.create_task(echo_app())
+        msg = os.urandom(SIZE)
+        intact = True
+
+        async def rounds(n: int) -> None:
+            nonlocal intact
+            for _ in range(n):
+                await loop.sock_sendall(src_app, msg)
+                got = b""
+                while len(got) < SIZE:
+                    part = await loop.sock_recv(src_app, 65536)
+                    if not part:
+                        raise ConnectionError("the path closed mid-message")
+                    got += part
+                intact = intact and got == msg
+
+        await rounds(WARMUP)
+        prof = cProfile.Profile() if calls else None
+        cpu0, t0 = _cpu(), time.monotonic()
+        if prof is not None:
+            prof.enable()
+        await asyncio.wait_for(rounds(messages), 300)
+        if prof is not None:
+            prof.disable()
+        cpu, wall = _cpu() - cpu0, time.monotonic() - t0
+        out: dict[str, Any] = {
+            "cpu_us": round(1e6 * cpu / messages, 1),
+            "wall_us": round(1e6 * wall / messages, 1),
+            "intact": intact,
+            "tls": sorted({str(p) for p in paths}),
+        }
+        if prof is not None:
+            out.update(_calls(prof, messages))
+        return out
+    finally:
+        if echo is not None:
+            echo.cancel()
+        for br in bridges:
+            br.close()
+        client.close()
+        server.close()
+        for sock in (src_app, dst_app, src_agent, dst_agent):
+            sock.close()
+        await mgr.close()
+
+
+def _calls(prof: cProfile.Profile, messages: int) -> dict[str, Any]:
+    """Function calls per round trip (Python functions and the C functions
+    they call), all of them and the most called: a count, which no load
+    moves, of what the interpreter does per message."""
+    stats: dict[Any, Any] = pstats.Stats(prof).stats  # type: ignore[attr-defined]
+    per: dict[str, float] = {}
+    for (path, line, name), (_cc, ncalls, *_rest) in stats.items():
+        where = f"{path.rsplit('site-packages/', 1)[-1].rsplit('/agent/', 1)[-1]}:{line}({name})"
+        per[where] = per.get(where, 0) + ncalls / messages
+    top = sorted(per.items(), key=lambda kv: -kv[1])[:CALLS_TOP]
+    return {
+        "calls": round(sum(per.values()), 1),
+        "top_calls": {k: round(v, 2) for k, v in top},
+    }
+
+
+def measure(messages: int = MESSAGES, calls: bool = False) -> dict[str, Any]:
+    """One measurement in this process, on the agent's event loop; `calls`:
+    under cProfile, counting function calls (its CPU figures are then
+    cProfile's, not the path's)."""
+    import agent
+    from agent import eventloop
+
+    r = eventloop.run(_pingpong(messages, calls))
+    r["loop"] = eventloop.loop_factory()[0]
+    r["code"] = str(Path(agent.__file__).resolve().parent)  # the tree measured
+    return r
+
+
+def _child(env: dict[str, str], messages: int, calls: bool = False) -> dict[str, Any]:
+    """measure() in a fresh interpreter under `env` (another tree, or a
+    switch).  This file is run by path, so an older tree without it can be
+    measured: the harness is this one, the agent code it drives the tree's."""
+    full = {**os.environ, **env}
+    if "PYTHONPATH" in env:
+        full["PYTHONSAFEPATH"] = "1"  # the tree asked for, not the working directory
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"import json, runpy; m = runpy.run_path({str(Path(__file__).resolve())!r}); "
+            f"print(json.dumps(m['measure']({messages}, {calls})))",
+        ],
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"pingpong child failed ({env}):\n{out.stderr[-1500:]}")
+    r: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    if "PYTHONPATH" in env:
+        want = str((Path(env["PYTHONPATH"].split(os.pathsep)[0]) / "agent").resolve())
+        if r["code"] != want:
+            raise RuntimeError(f"the child ran {r['code']}, not {want}")
+    return r
+
+
+def run(
+    runs: int = 3, variants: dict[str, dict[str, str]] | None = None, messages: int = MESSAGES
+) -> dict[str, Any]:
+    rows = {"as is": {}, **(variants or {})}
+    each: dict[str, list[dict[str, Any]]] = {name: [] for name in rows}
+    load0 = os.getloadavg()
+    for i in range(max(3, runs)):
+        order = list(rows) if i % 2 == 0 else list(reversed(rows))
+        for name in order:
+            each[name].append(_child(rows[name], messages))
+    counted = {name: _child(env, CALLS_MESSAGES, calls=True) for name, env in rows.items()}
+    out: dict[str, Any] = {
+        "messages": messages,
+        "size": SIZE,
+        "runs": max(3, runs),
+        "loadavg": [round(x, 2) for x in (*load0, *os.getloadavg())],
+        "variants": variants or {},
+        "results": {},
+    }
+    base = each["as is"]
+    for name, rs in each.items():
+        row: dict[str, Any] = {
+            "cpu_us": statistics.median(r["cpu_us"] for r in rs),
+            "wall_us": statistics.median(r["wall_us"] for r in rs),
+            "each_cpu_us": [r["cpu_us"] for r in rs],
+            "intact": all(r["intact"] for r in rs),
+            "tls": sorted({t for r in rs for t in r["tls"]}),
+            "loop": rs[0]["loop"],
+            "code": rs[0]["code"],
+            "calls": counted[name]["calls"],
+            "top_calls": counted[name]["top_calls"],
+        }
+        if name != "as is":
+            row["calls_x_as_is"] = round(row["calls"] / counted["as is"]["calls"], 3)
+            row["cpu_x_as_is"] = round(
+                statistics.median(v["cpu_us"] / a["cpu_us"] for a, v in zip(base, rs, strict=True)),
+                3,
+            )
+        out["results"][name] = row
+    return out
+
+
+def render(r: dict[str, Any]) -> str:
+    lines = [
+        f"tether bench pingpong: {r['messages']} round trips of {r['size']} bytes through the "
+        f"whole HBONE path in one process (both agents and the app ends); CPU µs per round "
+        f"trip, medians of {r['runs']} alternating runs, each a fresh process; load {r['loadavg']}",
+        "calls: function calls per round trip, counted under cProfile in one more run per row",
+        f"{'row':14} {'CPU µs':>7} {'x as is':>8} {'wall µs':>8} {'calls':>7} {'x as is':>8}  "
+        f"{'intact':6} tls / loop / code",
+    ]
+    for name, x in r["results"].items():
+        lines.append(
+            f"{name:14} {x['cpu_us']:>7} {x.get('cpu_x_as_is', 1.0):>8} {x['wall_us']:>8} "
+            f"{x['calls']:>7} {x.get('calls_x_as_is', 1.0):>8}  {x['intact']!s:6} "
+            f"{','.join(x['tls'])} / {x['loop']} / {x['code']}"
+        )
+        lines.append(f"{'':14} CPU µs each run: {x['each_cpu_us']}")
+    for name, x in r["results"].items():
+        top = ", ".join(f"{k} {v:g}" for k, v in list(x["top_calls"].items())[:12])
+        lines.append(f"most called per round trip [{name}]: {top}")
+    return "\n".join(lines)
+
+
+def main(runs: int, variants: dict[str, dict[str, str]], json_out: bool) -> int:
+    r = run(runs=runs, variants=variants)
+    print(json.dumps(r, indent=1) if json_out else render(r))
+    return 0 if all(x["intact"] for x in r["results"].values()) else 1
