@@ -220,8 +220,8 @@ def run(
     base = each["as is"]
     for name, rs in each.items():
         row: dict[str, Any] = {
-            "cpu_us": statistics.median(r["cpu_us"] for r in rs),
-            "wall_us": statistics.median(r["wall_us"] for r in rs),
+            "cpu_us": round(statistics.median(r["cpu_us"] for r in rs), 1),
+            "wall_us": round(statistics.median(r["wall_us"] for r in rs), 1),
             "each_cpu_us": [r["cpu_us"] for r in rs],
             "intact": all(r["intact"] for r in rs),
             "tls": sorted({t for r in rs for t in r["tls"]}),
