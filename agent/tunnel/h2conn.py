@@ -391,7 +391,8 @@ class _H2Connection(h2.connection.H2Connection):
             inc = _refresh(stream._inbound_window_manager, acknowledged_size)
             if inc:
                 frames.append(_window_update(stream_id, inc))
-        self._prepare_for_sending(frames)
+        if frames:
+            self._prepare_for_sending(frames)
 
     def send_data(
         self,
@@ -979,6 +980,8 @@ class H2Conn(asyncio.Protocol):
     def _start_handlers(self) -> None:
         """Handlers start once the received batch is processed: a request
         reset in the same batch never opens a socket or starts a task."""
+        if not self._starting:  # every batch of DATA: nothing to start
+            return
         starting, self._starting = self._starting, []
         loop = asyncio.get_running_loop()
         for stream in starting:
@@ -1023,7 +1026,10 @@ class H2Conn(asyncio.Protocol):
     # -- sending ----------------------------------------------------------------
 
     def _flush(self) -> None:
-        out = self.h2.chunks_to_send()
+        h = self.h2
+        if not h._out and not h._data_to_send:  # after most received batches
+            return
+        out = h.chunks_to_send()
         if out and self.transport is not None and not self.transport.is_closing():
             if len(out) == 1:
                 self.transport.write(out[0])
