@@ -88,10 +88,10 @@ class Bridge:
         self.stream_eof = False
         self.error: Exception | None = None
         self.abort_flag: str | None = None  # Istio response flag when a side aborted
-        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.done: asyncio.Future[None] = stream.loop.create_future()
 
     async def start(self, sock: socket.socket) -> None:
-        await asyncio.get_running_loop().connect_accepted_socket(lambda: _SocketSide(self), sock)
+        await self.stream.loop.connect_accepted_socket(lambda: _SocketSide(self), sock)
 
     @property
     def to_socket(self) -> int:

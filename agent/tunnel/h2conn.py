@@ -571,11 +571,12 @@ class H2Stream:
 
     def __init__(self, conn: H2Conn, stream_id: int, headers: list[tuple[str, str]]) -> None:
         self.conn = conn
+        # the connection's loop, which every stream of it runs on (asked
+        # once: CPython 3.11's get_running_loop() is a getpid syscall)
+        self.loop = loop = conn._loop
         self.id = stream_id
         self.request_headers = headers
-        self.response: asyncio.Future[list[tuple[str, str]]] = (
-            asyncio.get_running_loop().create_future()
-        )
+        self.response: asyncio.Future[list[tuple[str, str]]] = loop.create_future()
         self.on_data: Callable[[bytes], None] | None = None
         self.on_pieces: Callable[[list[memoryview]], None] | None = None
         self.on_eof: Callable[[], None] | None = None
@@ -589,7 +590,7 @@ class H2Stream:
         self._early_eof = False
         self.eof_received = False  # the peer's END_STREAM: its side ended cleanly
         self.closed = False
-        self.started = asyncio.get_running_loop().time()
+        self.started = loop.time()
         self.bytes_in = 0
         self.bytes_out = 0
         self._drained = asyncio.Event()
@@ -875,7 +876,7 @@ class H2Conn(asyncio.Protocol):
             assert ev.stream_id is not None and ev.headers is not None
             stream = H2Stream(self, ev.stream_id, [(str(k), str(v)) for k, v in ev.headers])
             self.streams[ev.stream_id] = stream
-            self.last_used = asyncio.get_running_loop().time()
+            self.last_used = self._loop.time()
             if self.on_request is None:
                 self.reset_stream(ev.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
                 return
@@ -897,7 +898,7 @@ class H2Conn(asyncio.Protocol):
                 self._maybe_forget(es)
         elif isinstance(ev, h2.events.StreamReset):
             gone = self.streams.pop(ev.stream_id or 0, None)
-            now = asyncio.get_running_loop().time()
+            now = self._loop.time()
             if not self.client and (gone is None or now - gone.started < limits.PREMATURE_RESET):
                 # premature resets only (Envoy's rule): an app aborting a
                 # long transfer is no attack, HEADERS+RST at once is
@@ -957,7 +958,7 @@ class H2Conn(asyncio.Protocol):
             self.close()
 
     def _stream_gone(self) -> None:
-        self.last_used = asyncio.get_running_loop().time()
+        self.last_used = self._loop.time()
         if not self.streams:
             self._close_if_drained()
 
@@ -983,7 +984,7 @@ class H2Conn(asyncio.Protocol):
         if not self._starting:  # every batch of DATA: nothing to start
             return
         starting, self._starting = self._starting, []
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         for stream in starting:
             if stream.closed or self._closing:
                 continue
@@ -1130,7 +1131,7 @@ class H2Conn(asyncio.Protocol):
             s._queue(early)
             self._send_pending(s)
         self._flush()
-        self.last_used = asyncio.get_running_loop().time()
+        self.last_used = self._loop.time()
         return s
 
     def available(self) -> bool:
