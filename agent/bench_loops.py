@@ -31,15 +31,11 @@ import time
 import zlib
 from typing import Any
 
-from agent.bench import loopback_tcp_pair
-from agent.tunnel import tlssock
-from agent.tunnel.bridge import Bridge
-from agent.tunnel.h2conn import H2Conn, H2Stream
+from agent.bench_pingpong import open_path
 from agent.tunnel.loops import Loops, run_on
 
 CONNS = 4
 BULK = 96 << 20  # per connection
-CONNECT = [(":method", "CONNECT"), (":authority", "10.0.0.1:80")]
 
 
 def _cpu() -> float:
@@ -63,31 +59,9 @@ async def _relay(ctxs: Any, nbytes: int, hashing: _Hashing, start: asyncio.Event
     """One HBONE connection's whole relay on this loop; True if intact."""
     sctx, cctx = ctxs
     loop = asyncio.get_running_loop()
-    dst_agent, dst_app = await loopback_tcp_pair()
-    src_agent, src_app = await loopback_tcp_pair()
-    bridges: list[Bridge] = []
-
-    async def on_request(conn: H2Conn, stream: H2Stream) -> None:
-        conn.respond(stream, 200)
-        b = Bridge(stream, initiator="stream")
-        bridges.append(b)
-        await b.start(dst_agent)
-        await b.done
-
-    s, c = await loopback_tcp_pair()
-    server = H2Conn(client=False, on_request=on_request)
-    client = H2Conn(client=True)
+    path = await open_path(sctx, cctx)
+    src_app, dst_app = path.src_app, path.dst_app
     try:
-        await asyncio.gather(
-            tlssock.start_tls(loop, server, s, sctx, side="server", timeout=30),
-            tlssock.start_tls(loop, client, c, cctx, side="client", timeout=30),
-        )
-        await asyncio.wait_for(client.ready, 30)
-        stream = client.open_stream(CONNECT)
-        await asyncio.wait_for(stream.response, 30)
-        b = Bridge(stream)
-        bridges.append(b)
-        await b.start(src_agent)
         chunk = os.urandom(256 * 1024)
         want = got = 0  # CRC-32 of what was sent and what arrived
         received = 0
@@ -116,12 +90,7 @@ async def _relay(ctxs: Any, nbytes: int, hashing: _Hashing, start: asyncio.Event
         await asyncio.wait_for(reader, 600)
         return received == sent and got == want
     finally:
-        for br in bridges:
-            br.close()
-        client.close()
-        server.close()
-        for sock in (src_app, dst_app, src_agent, dst_agent):
-            sock.close()
+        path.close()
 
 
 async def _one(loops_n: int, conns: int, nbytes: int) -> dict[str, Any]:

@@ -48,46 +48,86 @@ def _cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-async def _pingpong(messages: int, calls: bool = False) -> dict[str, Any]:
+class HbonePath:
+    """One HBONE connection's whole path on the running loop: `src_app` and
+    `dst_app` are the two applications' ends, everything between them the
+    agents' (bridges, H2Conns, mutual TLS over loopback).  Also used by
+    `tether bench loops`."""
+
+    def __init__(self) -> None:
+        self.src_app: Any = None
+        self.dst_app: Any = None
+        self.tls: list[str] = []
+        self.bridges: list[Any] = []
+        self.conns: list[Any] = []
+        self.socks: list[Any] = []
+
+    def close(self) -> None:
+        for b in self.bridges:
+            b.close()
+        for c in self.conns:
+            c.close()
+        for sock in self.socks:
+            sock.close()
+
+
+async def open_path(sctx: Any, cctx: Any) -> HbonePath:
+    """An HbonePath with its CONNECT answered and both bridges started."""
     from agent.bench import loopback_tcp_pair
-    from agent.identity.ca import CertificateAuthority
-    from agent.identity.embedded import EmbeddedCA
-    from agent.identity.manager import CertificateManager
-    from agent.identity.spiffe import SpiffeId
     from agent.tunnel import tlssock
     from agent.tunnel.bridge import Bridge
     from agent.tunnel.h2conn import H2Conn, H2Stream
 
-    mgr = CertificateManager(EmbeddedCA(CertificateAuthority.generate("cluster.local")))
-    web, db = SpiffeId("cluster.local", "b", "web"), SpiffeId("cluster.local", "a", "db")
-    sctx, cctx = await mgr.ssl_context_server(web), await mgr.ssl_context_client(db)
     loop = asyncio.get_running_loop()
-    dst_agent, dst_app = await loopback_tcp_pair()
-    src_agent, src_app = await loopback_tcp_pair()
+    path = HbonePath()
+    dst_agent, path.dst_app = await loopback_tcp_pair()
+    src_agent, path.src_app = await loopback_tcp_pair()
+    path.socks = [path.src_app, path.dst_app, src_agent, dst_agent]
     s, c = await loopback_tcp_pair()
-    bridges: list[Bridge] = []
 
     async def on_request(conn: H2Conn, stream: H2Stream) -> None:
         conn.respond(stream, 200)
         b = Bridge(stream, initiator="stream")
-        bridges.append(b)
+        path.bridges.append(b)
         await b.start(dst_agent)
         await b.done
 
     server = H2Conn(client=False, on_request=on_request)
     client = H2Conn(client=True)
-    echo: asyncio.Task[None] | None = None
+    path.conns = [client, server]
     try:
         paths = await asyncio.gather(
             tlssock.start_tls(loop, server, s, sctx, side="server", timeout=30),
             tlssock.start_tls(loop, client, c, cctx, side="client", timeout=30),
         )
+        path.tls = sorted({str(p) for p in paths})
         await asyncio.wait_for(client.ready, 30)
         stream = client.open_stream([(":method", "CONNECT"), (":authority", "10.0.0.1:80")])
         await asyncio.wait_for(stream.response, 30)
         b = Bridge(stream)
-        bridges.append(b)
+        path.bridges.append(b)
         await b.start(src_agent)
+    except BaseException:
+        path.close()
+        raise
+    return path
+
+
+async def _pingpong(messages: int, calls: bool = False) -> dict[str, Any]:
+    from agent.identity.ca import CertificateAuthority
+    from agent.identity.embedded import EmbeddedCA
+    from agent.identity.manager import CertificateManager
+    from agent.identity.spiffe import SpiffeId
+
+    mgr = CertificateManager(EmbeddedCA(CertificateAuthority.generate("cluster.local")))
+    web, db = SpiffeId("cluster.local", "b", "web"), SpiffeId("cluster.local", "a", "db")
+    sctx, cctx = await mgr.ssl_context_server(web), await mgr.ssl_context_client(db)
+    loop = asyncio.get_running_loop()
+    echo: asyncio.Task[None] | None = None
+    path: HbonePath | None = None
+    try:
+        path = await open_path(sctx, cctx)
+        src_app, dst_app = path.src_app, path.dst_app
 
         async def echo_app() -> None:
             while data := await loop.sock_recv(dst_app, 65536):
@@ -122,7 +162,7 @@ async def _pingpong(messages: int, calls: bool = False) -> dict[str, Any]:
             "cpu_us": round(1e6 * cpu / messages, 1),
             "wall_us": round(1e6 * wall / messages, 1),
             "intact": intact,
-            "tls": sorted({str(p) for p in paths}),
+            "tls": path.tls,
         }
         if prof is not None:
             out.update(_calls(prof, messages))
@@ -130,12 +170,8 @@ async def _pingpong(messages: int, calls: bool = False) -> dict[str, Any]:
     finally:
         if echo is not None:
             echo.cancel()
-        for br in bridges:
-            br.close()
-        client.close()
-        server.close()
-        for sock in (src_app, dst_app, src_agent, dst_agent):
-            sock.close()
+        if path is not None:
+            path.close()
         await mgr.close()
 
 
