@@ -1630,59 +1630,50 @@ def _rss_after_trim(an: AgentNode) -> float | None:
 
 def run_memory(pods: int = MEM_PODS, conns: int = MEM_CONNS) -> dict[str, Any]:
     report: dict[str, Any] = {"pods": pods, "connections": conns}
-    with Testbed() as tb:
-        cluster = Cluster(tb)
+    with two_nodes() as (tb, n1, n2, client, server):
+        for i in range(1, pods):
+            n1.add_pod(f"p{i}", "mesh", "idle")
+        n1.start_agent()
+        n2.start_agent()
+        assert n1.agent is not None and n2.agent is not None
+        m = re.search(r"agent ready: (\d+) pods enrolled", n1.log_tail(400))
+        report["enrolled_node1"] = int(m.group(1)) if m else None
+        report["rss_rest_mib"] = _settle_rss(n1.agent.pid)
+        report["rss_rest_server_node_mib"] = proc_rss_mib(n2.agent.pid)
+        # and once the agent has returned its start's freed heap (it
+        # logs that STARTUP_TRIM_S after ready): the figure at rest
+        report["rss_rest_trimmed_mib"] = _rss_after_trim(n1)
+        srv = tb.spawn(
+            server,
+            [PY, "-c", _HOLD_SCRIPT, "serve", "0.0.0.0", str(MEM_PORT)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
         try:
-            n1 = AgentNode(tb, "node1", cluster=cluster)
-            n2 = AgentNode(tb, "node2", cluster=cluster)
-            client = n1.add_pod("a", "mesh", "client")
-            for i in range(1, pods):
-                n1.add_pod(f"p{i}", "mesh", "idle")
-            server = n2.add_pod("b", "mesh", "server")
-            n1.enroll_namespace("mesh")
-            n1.start_agent()
-            n2.start_agent()
-            assert n1.agent is not None and n2.agent is not None
-            m = re.search(r"agent ready: (\d+) pods enrolled", n1.log_tail(400))
-            report["enrolled_node1"] = int(m.group(1)) if m else None
-            report["rss_rest_mib"] = _settle_rss(n1.agent.pid)
-            report["rss_rest_server_node_mib"] = proc_rss_mib(n2.agent.pid)
-            # and once the agent has returned its start's freed heap (it
-            # logs that STARTUP_TRIM_S after ready): the figure at rest
-            report["rss_rest_trimmed_mib"] = _rss_after_trim(n1)
-            srv = tb.spawn(
-                server,
-                [PY, "-c", _HOLD_SCRIPT, "serve", "0.0.0.0", str(MEM_PORT)],
+            assert srv.stdout is not None
+            if b"ready" not in srv.stdout.readline():
+                raise RuntimeError("holding server did not start")
+            cli = tb.spawn(
+                client,
+                [PY, "-c", _HOLD_SCRIPT, "connect", server.ip4, str(MEM_PORT), str(conns)],
+                stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
             )
-            try:
-                assert srv.stdout is not None
-                if b"ready" not in srv.stdout.readline():
-                    raise RuntimeError("holding server did not start")
-                cli = tb.spawn(
-                    client,
-                    [PY, "-c", _HOLD_SCRIPT, "connect", server.ip4, str(MEM_PORT), str(conns)],
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
+            assert cli.stdout is not None and cli.stdin is not None
+            t = time.monotonic()
+            line = cli.stdout.readline()
+            if b"open" not in line:
+                raise RuntimeError(
+                    f"holding client: {cli.stderr.read().decode()[-500:] if cli.stderr else ''}"
                 )
-                assert cli.stdout is not None and cli.stdin is not None
-                t = time.monotonic()
-                line = cli.stdout.readline()
-                if b"open" not in line:
-                    raise RuntimeError(
-                        f"holding client: {cli.stderr.read().decode()[-500:] if cli.stderr else ''}"
-                    )
-                report["open_s"] = round(time.monotonic() - t, 2)
-                report["rss_open_mib"] = _settle_rss(n1.agent.pid, 2.0)
-                report["rss_open_server_node_mib"] = proc_rss_mib(n2.agent.pid)
-                cli.stdin.close()
-                cli.wait(30)
-            finally:
-                _kill(srv)
+            report["open_s"] = round(time.monotonic() - t, 2)
+            report["rss_open_mib"] = _settle_rss(n1.agent.pid, 2.0)
+            report["rss_open_server_node_mib"] = proc_rss_mib(n2.agent.pid)
+            cli.stdin.close()
+            cli.wait(30)
         finally:
-            cluster.close()
+            _kill(srv)
     per = 1000 / conns
     report["client_agent_mib_per_1k"] = round(
         (report["rss_open_mib"] - report["rss_rest_mib"]) * per, 1
