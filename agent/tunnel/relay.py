@@ -34,38 +34,44 @@ def tcp_socket(family: int) -> socket.socket:
     return s
 
 
+async def fd_ready(loop: asyncio.AbstractEventLoop, fd: int, write: bool) -> None:
+    """Until `fd` is writable (`write`) or readable: one callback, one future."""
+    fut: asyncio.Future[None] = loop.create_future()
+
+    def done() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    if write:
+        loop.add_writer(fd, done)
+    else:
+        loop.add_reader(fd, done)
+    try:
+        await fut
+    finally:
+        if write:
+            loop.remove_writer(fd)
+        else:
+            loop.remove_reader(fd)
+
+
 async def connect(sock: socket.socket, addr: tuple[str, int], timeout: float) -> None:
     """Connect the non-blocking `sock` to the numeric address `addr` within
     `timeout` s (TimeoutError; OSError for a refusal).  What
     `loop.sock_connect` does, without its name lookup: uvloop resolves even
     a numeric address through getaddrinfo on its thread pool, two thread
     wake-ups per connection (strace: ~4 futex calls per delivered
-    connection), and `wait_for` around it costs a task.  One future, one
-    writer callback, one timer."""
+    connection), and `wait_for` around it costs a task."""
     try:
         sock.connect(addr)
         return
     except (BlockingIOError, InterruptedError):
         pass  # EINPROGRESS: writable when the handshake is done (or failed)
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[None] = loop.create_future()
-    fd = sock.fileno()
-
-    def writable() -> None:
-        if not done.done():
-            done.set_result(None)
-
-    def expired() -> None:
-        if not done.done():
-            done.set_exception(TimeoutError(f"connect to {addr[0]}:{addr[1]} timed out"))
-
-    loop.add_writer(fd, writable)
-    timer = loop.call_later(timeout, expired)
     try:
-        await done
-    finally:
-        timer.cancel()
-        loop.remove_writer(fd)
+        async with asyncio.timeout(timeout):
+            await fd_ready(asyncio.get_running_loop(), sock.fileno(), write=True)
+    except TimeoutError:
+        raise TimeoutError(f"connect to {addr[0]}:{addr[1]} timed out") from None
     code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     if code:
         raise OSError(code, f"connect to {addr[0]}:{addr[1]}: {os.strerror(code)}")

@@ -43,6 +43,7 @@ from collections.abc import Callable
 from typing import Any
 
 from agent.tunnel import limits
+from agent.tunnel.relay import fd_ready
 
 log = logging.getLogger(__name__)
 
@@ -150,26 +151,6 @@ def established(transport: asyncio.BaseTransport, side: str) -> str:
     return used
 
 
-async def _ready(loop: asyncio.AbstractEventLoop, fd: int, write: bool) -> None:
-    fut: asyncio.Future[None] = loop.create_future()
-
-    def done() -> None:
-        if not fut.done():
-            fut.set_result(None)
-
-    if write:
-        loop.add_writer(fd, done)
-    else:
-        loop.add_reader(fd, done)
-    try:
-        await fut
-    finally:
-        if write:
-            loop.remove_writer(fd)
-        else:
-            loop.remove_reader(fd)
-
-
 async def connect(
     loop: asyncio.AbstractEventLoop,
     protocol: asyncio.Protocol,
@@ -198,9 +179,9 @@ async def connect(
                     tls.do_handshake()
                     break
                 except ssl.SSLWantReadError:
-                    await _ready(loop, tls.fileno(), write=False)
+                    await fd_ready(loop, tls.fileno(), write=False)
                 except ssl.SSLWantWriteError:
-                    await _ready(loop, tls.fileno(), write=True)
+                    await fd_ready(loop, tls.fileno(), write=True)
         # (a peer gone right after the handshake fails getpeername() here)
         return TlsSocketTransport(loop, tls, tls, protocol)
     except BaseException:
@@ -536,7 +517,7 @@ async def connect_core(
         core = _tlscore.Core(tls._sslobj, sock.fileno(), marker, server_side)  # type: ignore[attr-defined]
         async with asyncio.timeout(timeout):
             while (want := core.handshake()) != 0:
-                await _ready(loop, sock.fileno(), write=want == 2)
+                await fd_ready(loop, sock.fileno(), write=want == 2)
         return TlsCoreTransport(loop, sock, tls, protocol, core)
     except BaseException:
         sock.close()
