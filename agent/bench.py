@@ -620,6 +620,13 @@ def _start_stunnel(
     return pids, confs
 
 
+def _stop_stunnel(tb: Testbed, pids: dict[str, int]) -> None:
+    """Kill the pair _start_stunnel spawned (the testbed would at its close)."""
+    for p in tb._spawned:
+        if p.proc.pid in pids.values():
+            _kill(p.proc)
+
+
 def _agents(*nodes: AgentNode) -> _Procs:
     return _Procs({an.node.name: an.agent.pid for an in nodes if an.agent is not None})
 
@@ -735,9 +742,7 @@ def run_tunnel(
             results["stunnel pair, cross-node"] = _measure_path(
                 tb, c, d, n1.node.gateway4, seconds, stun
             )
-            for p in tb._spawned:  # done with stunnel: free the cores for the agents
-                if p.proc.pid in pids.values():
-                    _kill(p.proc)
+            _stop_stunnel(tb, pids)  # done with stunnel: free the cores for the agents
             config["stunnel"] = confs
 
             # The tether cross-node rows, the code as it is first; with

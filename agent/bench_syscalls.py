@@ -20,14 +20,18 @@ mutual, node to node) is counted the same way first, between two pods of
 a namespace that is not enrolled, as the baseline.  `--variant NAME:K=V`
 counts again with both agents restarted under that environment
 (`PYTHONPATH=<tree>`: another tree's agent, checked as in `bench tunnel`).
+`--runs N` repeats the whole measurement N times and reports each count's
+median (and every run's total, to show how little they move).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import tempfile
 import time
@@ -40,9 +44,9 @@ from agent.bench import (
     SOCKPERF_PORT,
     _check_variant_code,
     _env,
-    _kill,
     _sockperf_pp,
     _start_stunnel,
+    _stop_stunnel,
     _t_cps,
     _variant_env,
     two_nodes,
@@ -143,6 +147,7 @@ def run_syscalls(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"seconds": seconds, "rows": {}}
+    load0 = os.getloadavg()
     rows: list[tuple[str, dict[str, str]]] = [("as is", {})]
     rows += [(n, _variant_env(v)) for n, v in (variants or {}).items()]
     with two_nodes() as (tb, n1, n2, a, b), tempfile.TemporaryDirectory() as tmp:
@@ -158,9 +163,7 @@ def run_syscalls(
             report["rows"]["stunnel pair"] = _row(stunnel, out, "stunnel pair", work)
             report["rows"]["stunnel pair"]["what"] = "stunnel (C), client and server"
         finally:
-            for p in tb._spawned:
-                if p.proc.pid in pids.values():
-                    _kill(p.proc)
+            _stop_stunnel(tb, pids)
         work = _workloads(tb, a, b, b.ip4, seconds)
         for name, env in rows:
             for an in (n1, n2):
@@ -175,13 +178,45 @@ def run_syscalls(
             row["agent_code"] = code
             row["what"] = f"agent code at {code}"
             report["rows"][name] = row
+    report["loadavg"] = [round(x, 2) for x in (*load0, *os.getloadavg())]
     return report
+
+
+def median_runs(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """One report from several: every count per unit the median of the runs'
+    (a call a run did not make counts 0 there)."""
+    out: dict[str, Any] = {
+        "seconds": reports[0]["seconds"],
+        "runs": len(reports),
+        "loadavg_runs": [r["loadavg"] for r in reports],
+        "rows": {},
+    }
+    for name, first in reports[0]["rows"].items():
+        rows = [r["rows"][name] for r in reports]
+        merged: dict[str, Any] = {k: v for k, v in first.items() if isinstance(v, str)}
+        for workload in ("connection", "message"):
+            parts = [r[workload] for r in rows]
+            m: dict[str, Any] = {"units": [p["units"] for p in parts]}
+            for role in ("sender (node1)", "receiver (node2)"):
+                per = [p[role] for p in parts]
+                names = {k for p in per for k in p["calls"]}
+                calls = {k: statistics.median(p["calls"].get(k, 0.0) for p in per) for k in names}
+                m[role] = {
+                    "total": statistics.median(p["total"] for p in per),
+                    "totals": [p["total"] for p in per],
+                    "calls": dict(sorted(calls.items(), key=lambda kv: -kv[1])),
+                }
+            merged[workload] = m
+        out["rows"][name] = merged
+    return out
 
 
 def _format(report: dict[str, Any]) -> str:
     lines = [
         "tether bench syscalls: system calls per unit, each agent, counted by strace -f -c "
-        "(its times are not reported: it slows the agents)",
+        "(its times are not reported: it slows the agents); medians of "
+        f"{report['runs']} run(s), load (1/5/15 min) at start and end of each: "
+        + "; ".join(map(str, report["loadavg_runs"])),
         "",
     ]
     for name, row in report["rows"].items():
@@ -191,7 +226,8 @@ def _format(report: dict[str, Any]) -> str:
             lines.append(f"  per {workload} ({r['units']} counted):")
             for role in ("sender (node1)", "receiver (node2)"):
                 top = ", ".join(f"{k} {v:g}" for k, v in list(r[role]["calls"].items())[:10])
-                lines.append(f"    {role:17} {r[role]['total']:6.1f}  ({top})")
+                each = "/".join(f"{t:g}" for t in r[role]["totals"])
+                lines.append(f"    {role:17} {r[role]['total']:6.1f}  (each run {each}; {top})")
     return "\n".join(lines)
 
 
@@ -200,7 +236,8 @@ def main(
     out_dir: str,
     variants: dict[str, dict[str, str]] | None = None,
     json_out: bool = False,
+    runs: int = 1,
 ) -> int:
-    report = run_syscalls(seconds, out_dir, variants)
+    report = median_runs([run_syscalls(seconds, out_dir, variants) for _ in range(max(1, runs))])
     print(json.dumps(report, indent=1) if json_out else _format(report))
     return 0

@@ -127,7 +127,7 @@ def _cmd_bench(a: argparse.Namespace) -> int:
     if a.what == "syscalls":
         from agent.bench_syscalls import main as syscalls_main
 
-        return syscalls_main(a.seconds, a.out, variants, json_out=a.json)
+        return syscalls_main(a.seconds, a.out, variants, json_out=a.json, runs=a.runs)
     if a.what == "pingpong":
         from agent.bench_pingpong import main as pingpong_main
 
@@ -296,7 +296,7 @@ def parser() -> argparse.ArgumentParser:
         "--runs",
         type=int,
         default=1,
-        help="tunnel, waypoint, workers, pingpong (at least 3): runs, medians reported",
+        help="tunnel, waypoint, workers, pingpong (at least 3), syscalls: runs, medians reported",
     )
     b.add_argument("--connections", type=int, default=1000, help="memory: open connections to hold")
     b.add_argument("--loops", type=int, default=2, help="loops: tunnel loops against 1")

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from agent.bench_syscalls import _per_unit, parse_strace_summary
 
 SUMMARY = """\
@@ -39,3 +41,21 @@ def test_per_unit_divides_and_orders() -> None:
     assert got["sender"]["total"] == 7.0  # 28,056 / 4,000
     assert list(got["sender"]["calls"])[:3] == ["read", "epoll_pwait", "write"]
     assert got["sender"]["calls"]["read"] == 3.0
+
+
+def test_runs_merge_to_medians_with_missing_calls_as_zero() -> None:
+    from agent.bench_syscalls import median_runs
+
+    def run(total: float, reads: float, futex: float | None, load: float) -> dict[str, Any]:
+        calls = {"read": reads, **({"futex": futex} if futex is not None else {})}
+        role = {"total": total, "calls": calls}
+        per = {"units": 100, "sender (node1)": role, "receiver (node2)": role}
+        row = {"what": "agent code at x", "connection": per, "message": per}
+        return {"seconds": 3, "loadavg": [load] * 6, "rows": {"as is": row}}
+
+    m = median_runs([run(50, 3, 4, 1.0), run(52, 2, None, 1.1), run(51, 2, 1, 0.9)])
+    conn = m["rows"]["as is"]["connection"]["sender (node1)"]
+    assert m["runs"] == 3 and len(m["loadavg_runs"]) == 3
+    assert conn["total"] == 51 and conn["totals"] == [50, 52, 51]
+    assert conn["calls"] == {"read": 2, "futex": 1}
+    assert m["rows"]["as is"]["what"] == "agent code at x"
