@@ -34,21 +34,33 @@ def tcp_socket(family: int) -> socket.socket:
     return s
 
 
-async def fd_ready(loop: asyncio.AbstractEventLoop, fd: int, write: bool) -> None:
-    """Until `fd` is writable (`write`) or readable: one callback, one future."""
+async def fd_ready(
+    loop: asyncio.AbstractEventLoop, fd: int, write: bool, timeout: float | None = None
+) -> None:
+    """Until `fd` is writable (`write`) or readable, or `timeout` s have
+    passed (TimeoutError): one callback, one future, one timer.  Its own
+    timer rather than asyncio.timeout(): that asks for the running loop and
+    task, each a getpid syscall on CPython 3.11, on every connect."""
     fut: asyncio.Future[None] = loop.create_future()
 
     def done() -> None:
         if not fut.done():
             fut.set_result(None)
 
+    def expired() -> None:
+        if not fut.done():
+            fut.set_exception(TimeoutError())
+
     if write:
         loop.add_writer(fd, done)
     else:
         loop.add_reader(fd, done)
+    timer = loop.call_later(timeout, expired) if timeout is not None else None
     try:
         await fut
     finally:
+        if timer is not None:
+            timer.cancel()
         if write:
             loop.remove_writer(fd)
         else:
@@ -68,8 +80,7 @@ async def connect(sock: socket.socket, addr: tuple[str, int], timeout: float) ->
     except (BlockingIOError, InterruptedError):
         pass  # EINPROGRESS: writable when the handshake is done (or failed)
     try:
-        async with asyncio.timeout(timeout):
-            await fd_ready(asyncio.get_running_loop(), sock.fileno(), write=True)
+        await fd_ready(asyncio.get_running_loop(), sock.fileno(), write=True, timeout=timeout)
     except TimeoutError:
         raise TimeoutError(f"connect to {addr[0]}:{addr[1]} timed out") from None
     code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
