@@ -684,11 +684,17 @@ def _variant_env(env: dict[str, str]) -> dict[str, str]:
     return {**env, "PYTHONSAFEPATH": "1"} if "PYTHONPATH" in env else env
 
 
+def variant_code(env: dict[str, str]) -> str | None:
+    """The agent package a variant's environment names (PYTHONPATH's first
+    tree), None when it names none."""
+    if "PYTHONPATH" not in env:
+        return None
+    return str((Path(env["PYTHONPATH"].split(os.pathsep)[0]) / "agent").resolve())
+
+
 def _check_variant_code(name: str, env: dict[str, str], *nodes: AgentNode) -> str:
     """The code each restarted agent runs: the PYTHONPATH tree's when one is named."""
-    want = None
-    if "PYTHONPATH" in env:
-        want = str((Path(env["PYTHONPATH"].split(os.pathsep)[0]) / "agent").resolve())
+    want = variant_code(env)
     got = ""
     for an in nodes:
         got = _agent_code(an)

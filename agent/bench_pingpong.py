@@ -208,9 +208,9 @@ def _child(env: dict[str, str], messages: int, calls: bool = False) -> dict[str,
     """measure() in a fresh interpreter under `env` (another tree, or a
     switch).  This file is run by path, so an older tree without it can be
     measured: the harness is this one, the agent code it drives the tree's."""
-    full = {**os.environ, **env}
-    if "PYTHONPATH" in env:
-        full["PYTHONSAFEPATH"] = "1"  # the tree asked for, not the working directory
+    from agent.bench import _variant_env, variant_code  # the parent's tree only
+
+    full = {**os.environ, **_variant_env(env)}
     out = subprocess.run(
         [
             sys.executable,
@@ -227,10 +227,9 @@ def _child(env: dict[str, str], messages: int, calls: bool = False) -> dict[str,
     if out.returncode != 0:
         raise RuntimeError(f"pingpong child failed ({env}):\n{out.stderr[-1500:]}")
     r: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
-    if "PYTHONPATH" in env:
-        want = str((Path(env["PYTHONPATH"].split(os.pathsep)[0]) / "agent").resolve())
-        if r["code"] != want:
-            raise RuntimeError(f"the child ran {r['code']}, not {want}")
+    want = variant_code(env)
+    if want is not None and r["code"] != want:
+        raise RuntimeError(f"the child ran {r['code']}, not {want}")
     return r
 
 
