@@ -29,18 +29,28 @@ import json
 import os
 import pstats
 import resource
+import socket
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 MESSAGES = 5000
+CONNECTIONS = 2000
 WARMUP = 300
 SIZE = 1024
+# the connections workload: what `bench tunnel`'s conn/s client and server
+# send (one byte each way there), with a CONNECT as the source agent makes it
+CONN_REQUEST = b"x"
+CONN_REPLY = b"y"
+CONN_DST = ("10.0.0.2", 8080)
+CONN_SRC = ("10.0.0.1", 40000)
+CONN_SERVICE = "web.b.svc.cluster.local"
 CALLS_TOP = 25
-CALLS_MESSAGES = 1000  # the counted run (under cProfile)
+CALLS_N = 1000  # round trips or connections of the counted run (under cProfile)
 
 
 def _cpu() -> float:
@@ -61,8 +71,11 @@ class HbonePath:
         self.bridges: list[Any] = []
         self.conns: list[Any] = []
         self.socks: list[Any] = []
+        self.tasks: list[asyncio.Task[None]] = []
 
     def close(self) -> None:
+        for t in self.tasks:
+            t.cancel()
         for b in self.bridges:
             b.close()
         for c in self.conns:
@@ -71,19 +84,40 @@ class HbonePath:
             sock.close()
 
 
+async def open_conns(path: HbonePath, sctx: Any, cctx: Any, on_request: Any) -> tuple[Any, Any]:
+    """The two agents' H2Conns over mutual TLS on loopback (the agent's TLS
+    path), the client's SETTINGS answered; kept in `path` to close."""
+    from agent.bench import loopback_tcp_pair
+    from agent.tunnel import tlssock
+    from agent.tunnel.h2conn import H2Conn
+
+    loop = asyncio.get_running_loop()
+    s, c = await loopback_tcp_pair()
+    path.socks += [s, c]
+    for sock in (s, c):  # as the agent's (agent.tunnel.relay.tcp_socket)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    server = H2Conn(client=False, on_request=on_request)
+    client = H2Conn(client=True)
+    path.conns += [client, server]
+    paths = await asyncio.gather(
+        tlssock.start_tls(loop, server, s, sctx, side="server", timeout=30),
+        tlssock.start_tls(loop, client, c, cctx, side="client", timeout=30),
+    )
+    path.tls = sorted({str(p) for p in paths})
+    await asyncio.wait_for(client.ready, 30)
+    return client, server
+
+
 async def open_path(sctx: Any, cctx: Any) -> HbonePath:
     """An HbonePath with its CONNECT answered and both bridges started."""
     from agent.bench import loopback_tcp_pair
-    from agent.tunnel import tlssock
     from agent.tunnel.bridge import Bridge
     from agent.tunnel.h2conn import H2Conn, H2Stream
 
-    loop = asyncio.get_running_loop()
     path = HbonePath()
     dst_agent, path.dst_app = await loopback_tcp_pair()
     src_agent, path.src_app = await loopback_tcp_pair()
     path.socks = [path.src_app, path.dst_app, src_agent, dst_agent]
-    s, c = await loopback_tcp_pair()
 
     async def on_request(conn: H2Conn, stream: H2Stream) -> None:
         conn.respond(stream, 200)
@@ -92,16 +126,8 @@ async def open_path(sctx: Any, cctx: Any) -> HbonePath:
         await b.start(dst_agent)
         await b.done
 
-    server = H2Conn(client=False, on_request=on_request)
-    client = H2Conn(client=True)
-    path.conns = [client, server]
     try:
-        paths = await asyncio.gather(
-            tlssock.start_tls(loop, server, s, sctx, side="server", timeout=30),
-            tlssock.start_tls(loop, client, c, cctx, side="client", timeout=30),
-        )
-        path.tls = sorted({str(p) for p in paths})
-        await asyncio.wait_for(client.ready, 30)
+        client, _server = await open_conns(path, sctx, cctx, on_request)
         stream = client.open_stream([(":method", "CONNECT"), (":authority", "10.0.0.1:80")])
         await asyncio.wait_for(stream.response, 30)
         b = Bridge(stream)
@@ -113,7 +139,129 @@ async def open_path(sctx: Any, cctx: Any) -> HbonePath:
     return path
 
 
-async def _pingpong(messages: int, calls: bool = False) -> dict[str, Any]:
+Rounds = Callable[[int], Awaitable[bool]]
+
+
+async def _message_rounds(sctx: Any, cctx: Any) -> tuple[HbonePath, Rounds]:
+    """One path, and `n` 1 KiB round trips over it (True: every reply intact)."""
+    loop = asyncio.get_running_loop()
+    path = await open_path(sctx, cctx)
+    src_app, dst_app = path.src_app, path.dst_app
+
+    async def echo_app() -> None:
+        while data := await loop.sock_recv(dst_app, 65536):
+            await loop.sock_sendall(dst_app, data)
+
+    path.tasks.append(loop.create_task(echo_app()))
+    msg = os.urandom(SIZE)
+
+    async def rounds(n: int) -> bool:
+        intact = True
+        for _ in range(n):
+            await loop.sock_sendall(src_app, msg)
+            got = b""
+            while len(got) < SIZE:
+                part = await loop.sock_recv(src_app, 65536)
+                if not part:
+                    raise ConnectionError("the path closed mid-message")
+                got += part
+            intact = intact and got == msg
+        return intact
+
+    return path, rounds
+
+
+def _socket_pair() -> tuple[socket.socket, socket.socket]:
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(False)
+    return a, b
+
+
+async def _connection_rounds(sctx: Any, cctx: Any) -> tuple[HbonePath, Rounds]:
+    """Two agents' H2Conns (one pooled HBONE connection), and `n` new
+    connections over it, one at a time, each as `bench tunnel`'s conn/s
+    client makes them: the app's request is there before the source agent
+    serves it (early data, sent with the CONNECT), the destination agent
+    checks the request, answers 200 and bridges to its app, which replies
+    and closes once the client has; the round is over when both bridges
+    are done.  The apps' ends are socketpairs (the agents' own work is the
+    same; a loopback TCP pair would add a listen and accept per connection)."""
+    from agent.tunnel.bridge import Bridge
+    from agent.tunnel.h2conn import H2Conn, H2Stream
+    from agent.tunnel.hbone import check_request, request_headers
+    from agent.tunnel.outbound import already_sent
+
+    loop = asyncio.get_running_loop()
+    path = HbonePath()
+    served: asyncio.Queue[bool] = asyncio.Queue()
+    authority = f"{CONN_DST[0]}:{CONN_DST[1]}"
+
+    async def on_request(conn: H2Conn, stream: H2Stream) -> None:
+        ok = check_request(stream.request_headers, CONN_DST[0]) == CONN_DST
+        agent_end, app = _socket_pair()
+        try:
+            conn.respond(stream, 200)
+            if stream.closed:  # answered otherwise (a test's refusal)
+                agent_end.close()
+                served.put_nowait(False)
+                return
+            b = Bridge(stream, initiator="stream")
+            await b.start(agent_end)
+            ok = ok and await loop.sock_recv(app, 65536) == CONN_REQUEST
+            await loop.sock_sendall(app, CONN_REPLY)
+            while await loop.sock_recv(app, 65536):  # until the client's end
+                pass
+        finally:
+            app.close()
+        await b.done
+        served.put_nowait(ok and b.error is None)
+
+    try:
+        client, _server = await open_conns(path, sctx, cctx, on_request)
+    except BaseException:
+        path.close()
+        raise
+
+    async def one() -> bool:
+        app, agent_end = _socket_pair()
+        try:
+            app.send(CONN_REQUEST)
+            early = already_sent(agent_end)
+            headers = request_headers(
+                authority, CONN_SRC, namespace="a", workload="db", service_host=CONN_SERVICE
+            )
+            stream = client.open_stream(headers, early)
+            status = dict(await stream.response).get(":status")
+            if status != "200":
+                agent_end.close()
+                stream.reset()
+                await served.get()  # the destination's side is done as well
+                return False
+            b = Bridge(stream)
+            b.from_socket = len(early)
+            await b.start(agent_end)
+            got = b""
+            while len(got) < len(CONN_REPLY):
+                part = await loop.sock_recv(app, 65536)
+                if not part:
+                    raise ConnectionError("the path closed before the reply")
+                got += part
+        finally:
+            app.close()
+        await b.done
+        return await served.get() and status == "200" and got == CONN_REPLY and b.error is None
+
+    async def rounds(n: int) -> bool:
+        intact = True
+        for _ in range(n):
+            intact = await one() and intact
+        return intact
+
+    return path, rounds
+
+
+async def _pingpong(n: int, calls: bool = False, workload: str = "messages") -> dict[str, Any]:
     from agent.identity.ca import CertificateAuthority
     from agent.identity.embedded import EmbeddedCA
     from agent.identity.manager import CertificateManager
@@ -122,60 +270,36 @@ async def _pingpong(messages: int, calls: bool = False) -> dict[str, Any]:
     mgr = CertificateManager(EmbeddedCA(CertificateAuthority.generate("cluster.local")))
     web, db = SpiffeId("cluster.local", "b", "web"), SpiffeId("cluster.local", "a", "db")
     sctx, cctx = await mgr.ssl_context_server(web), await mgr.ssl_context_client(db)
-    loop = asyncio.get_running_loop()
-    echo: asyncio.Task[None] | None = None
     path: HbonePath | None = None
     try:
-        path = await open_path(sctx, cctx)
-        src_app, dst_app = path.src_app, path.dst_app
-
-        async def echo_app() -> None:
-            while data := await loop.sock_recv(dst_app, 65536):
-                await loop.sock_sendall(dst_app, data)
-
-        echo = loop.create_task(echo_app())
-        msg = os.urandom(SIZE)
-        intact = True
-
-        async def rounds(n: int) -> None:
-            nonlocal intact
-            for _ in range(n):
-                await loop.sock_sendall(src_app, msg)
-                got = b""
-                while len(got) < SIZE:
-                    part = await loop.sock_recv(src_app, 65536)
-                    if not part:
-                        raise ConnectionError("the path closed mid-message")
-                    got += part
-                intact = intact and got == msg
-
-        await rounds(WARMUP)
+        opener = _connection_rounds if workload == "connections" else _message_rounds
+        path, rounds = await opener(sctx, cctx)
+        intact = await rounds(WARMUP)
         prof = cProfile.Profile() if calls else None
         cpu0, t0 = _cpu(), time.monotonic()
         if prof is not None:
             prof.enable()
-        await asyncio.wait_for(rounds(messages), 300)
+        intact = await asyncio.wait_for(rounds(n), 300) and intact
         if prof is not None:
             prof.disable()
         cpu, wall = _cpu() - cpu0, time.monotonic() - t0
         out: dict[str, Any] = {
-            "cpu_us": round(1e6 * cpu / messages, 1),
-            "wall_us": round(1e6 * wall / messages, 1),
+            "workload": workload,
+            "cpu_us": round(1e6 * cpu / n, 1),
+            "wall_us": round(1e6 * wall / n, 1),
             "intact": intact,
             "tls": path.tls,
         }
         if prof is not None:
-            out.update(_calls(prof, messages))
+            out.update(_calls(prof, n))
         return out
     finally:
-        if echo is not None:
-            echo.cancel()
         if path is not None:
             path.close()
         await mgr.close()
 
 
-def _calls(prof: cProfile.Profile, messages: int) -> dict[str, Any]:
+def _calls(prof: cProfile.Profile, n: int) -> dict[str, Any]:
     """Function calls per round trip (Python functions and the C functions
     they call), all of them and the most called: a count, which no load
     moves, of what the interpreter does per message."""
@@ -183,7 +307,7 @@ def _calls(prof: cProfile.Profile, messages: int) -> dict[str, Any]:
     per: dict[str, float] = {}
     for (path, line, name), (_cc, ncalls, *_rest) in stats.items():
         where = f"{path.rsplit('site-packages/', 1)[-1].rsplit('/agent/', 1)[-1]}:{line}({name})"
-        per[where] = per.get(where, 0) + ncalls / messages
+        per[where] = per.get(where, 0) + ncalls / n
     top = sorted(per.items(), key=lambda kv: -kv[1])[:CALLS_TOP]
     return {
         "calls": round(sum(per.values()), 1),
@@ -191,20 +315,23 @@ def _calls(prof: cProfile.Profile, messages: int) -> dict[str, Any]:
     }
 
 
-def measure(messages: int = MESSAGES, calls: bool = False) -> dict[str, Any]:
-    """One measurement in this process, on the agent's event loop; `calls`:
+def measure(n: int = MESSAGES, calls: bool = False, workload: str = "messages") -> dict[str, Any]:
+    """One measurement in this process, on the agent's event loop: `n` round
+    trips (workload messages) or new connections (connections); `calls`:
     under cProfile, counting function calls (its CPU figures are then
     cProfile's, not the path's)."""
     import agent
     from agent import eventloop
 
-    r = eventloop.run(_pingpong(messages, calls))
+    r = eventloop.run(_pingpong(n, calls, workload))
     r["loop"] = eventloop.loop_factory()[0]
     r["code"] = str(Path(agent.__file__).resolve().parent)  # the tree measured
     return r
 
 
-def _child(env: dict[str, str], messages: int, calls: bool = False) -> dict[str, Any]:
+def _child(
+    env: dict[str, str], n: int, calls: bool = False, workload: str = "messages"
+) -> dict[str, Any]:
     """measure() in a fresh interpreter under `env` (another tree, or a
     switch).  This file is run by path, so an older tree without it can be
     measured: the harness is this one, the agent code it drives the tree's."""
@@ -216,7 +343,7 @@ def _child(env: dict[str, str], messages: int, calls: bool = False) -> dict[str,
             sys.executable,
             "-c",
             f"import json, runpy; m = runpy.run_path({str(Path(__file__).resolve())!r}); "
-            f"print(json.dumps(m['measure']({messages}, {calls})))",
+            f"print(json.dumps(m['measure']({n}, {calls}, {workload!r})))",
         ],
         env=full,
         capture_output=True,
@@ -234,19 +361,28 @@ def _child(env: dict[str, str], messages: int, calls: bool = False) -> dict[str,
 
 
 def run(
-    runs: int = 3, variants: dict[str, dict[str, str]] | None = None, messages: int = MESSAGES
+    runs: int = 3,
+    variants: dict[str, dict[str, str]] | None = None,
+    n: int | None = None,
+    workload: str = "messages",
 ) -> dict[str, Any]:
+    conns = workload == "connections"
+    n = n or (CONNECTIONS if conns else MESSAGES)
     rows = {"as is": {}, **(variants or {})}
     each: dict[str, list[dict[str, Any]]] = {name: [] for name in rows}
     load0 = os.getloadavg()
     for i in range(max(3, runs)):
         order = list(rows) if i % 2 == 0 else list(reversed(rows))
         for name in order:
-            each[name].append(_child(rows[name], messages))
-    counted = {name: _child(env, CALLS_MESSAGES, calls=True) for name, env in rows.items()}
+            each[name].append(_child(rows[name], n, workload=workload))
+    counted = {
+        name: _child(env, CALLS_N, calls=True, workload=workload) for name, env in rows.items()
+    }
     out: dict[str, Any] = {
-        "messages": messages,
-        "size": SIZE,
+        "workload": workload,
+        "n": n,
+        "unit": "connection" if conns else "round trip",
+        "size": len(CONN_REQUEST) if conns else SIZE,
         "runs": max(3, runs),
         "loadavg": [round(x, 2) for x in (*load0, *os.getloadavg())],
         "variants": variants or {},
@@ -276,11 +412,18 @@ def run(
 
 
 def render(r: dict[str, Any]) -> str:
+    unit = r["unit"]
+    what = (
+        f"{r['n']} new connections, one at a time, over one pooled HBONE connection (CONNECT "
+        f"with the app's first {r['size']} byte, 200, one byte back, both ends closed)"
+        if r["workload"] == "connections"
+        else f"{r['n']} round trips of {r['size']} bytes"
+    )
     lines = [
-        f"tether bench pingpong: {r['messages']} round trips of {r['size']} bytes through the "
-        f"whole HBONE path in one process (both agents and the app ends); CPU µs per round "
-        f"trip, medians of {r['runs']} alternating runs, each a fresh process; load {r['loadavg']}",
-        "calls: function calls per round trip, counted under cProfile in one more run per row",
+        f"tether bench pingpong: {what} through the whole HBONE path in one process (both "
+        f"agents and the app ends); CPU µs per {unit}, medians of {r['runs']} alternating "
+        f"runs, each a fresh process; load {r['loadavg']}",
+        f"calls: function calls per {unit}, counted under cProfile in one more run per row",
         f"{'row':14} {'CPU µs':>7} {'x as is':>8} {'wall µs':>8} {'calls':>7} {'x as is':>8}  "
         f"{'intact':6} tls / loop / code",
     ]
@@ -293,11 +436,13 @@ def render(r: dict[str, Any]) -> str:
         lines.append(f"{'':14} CPU µs each run: {x['each_cpu_us']}")
     for name, x in r["results"].items():
         top = ", ".join(f"{k} {v:g}" for k, v in list(x["top_calls"].items())[:12])
-        lines.append(f"most called per round trip [{name}]: {top}")
+        lines.append(f"most called per {unit} [{name}]: {top}")
     return "\n".join(lines)
 
 
-def main(runs: int, variants: dict[str, dict[str, str]], json_out: bool) -> int:
-    r = run(runs=runs, variants=variants)
+def main(
+    runs: int, variants: dict[str, dict[str, str]], json_out: bool, workload: str = "messages"
+) -> int:
+    r = run(runs=runs, variants=variants, workload=workload)
     print(json.dumps(r, indent=1) if json_out else render(r))
     return 0 if all(x["intact"] for x in r["results"].values()) else 1

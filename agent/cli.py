@@ -131,7 +131,8 @@ def _cmd_bench(a: argparse.Namespace) -> int:
     if a.what == "pingpong":
         from agent.bench_pingpong import main as pingpong_main
 
-        return pingpong_main(a.runs, variants, json_out=a.json)
+        workload = "connections" if a.workload == "connections" else "messages"
+        return pingpong_main(a.runs, variants, json_out=a.json, workload=workload)
     from agent.bench import main as bench_main
 
     return bench_main(
@@ -304,7 +305,7 @@ def parser() -> argparse.ArgumentParser:
         "--workload",
         choices=["throughput", "connections", "messages"],
         default="throughput",
-        help="profile",
+        help="profile; pingpong: connections (else 1 KiB round trips)",
     )
     b.add_argument("--cross-only", action="store_true", help="tunnel: skip the same-node rows")
     b.add_argument(
