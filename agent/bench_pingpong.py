@@ -197,15 +197,14 @@ async def _connection_rounds(sctx: Any, cctx: Any) -> tuple[HbonePath, Rounds]:
     served: asyncio.Queue[bool] = asyncio.Queue()
     authority = f"{CONN_DST[0]}:{CONN_DST[1]}"
 
-    async def on_request(conn: H2Conn, stream: H2Stream) -> None:
+    async def serve(conn: H2Conn, stream: H2Stream) -> bool:
         ok = check_request(stream.request_headers, CONN_DST[0]) == CONN_DST
         agent_end, app = _socket_pair()
         try:
             conn.respond(stream, 200)
             if stream.closed:  # answered otherwise (a test's refusal)
                 agent_end.close()
-                served.put_nowait(False)
-                return
+                return False
             b = Bridge(stream, initiator="stream")
             await b.start(agent_end)
             ok = ok and await loop.sock_recv(app, 65536) == CONN_REQUEST
@@ -215,7 +214,14 @@ async def _connection_rounds(sctx: Any, cctx: Any) -> tuple[HbonePath, Rounds]:
         finally:
             app.close()
         await b.done
-        served.put_nowait(ok and b.error is None)
+        return ok and b.error is None
+
+    async def on_request(conn: H2Conn, stream: H2Stream) -> None:
+        ok = False
+        try:
+            ok = await serve(conn, stream)
+        finally:  # whatever happened there, the client's round hears of it
+            served.put_nowait(ok)
 
     try:
         client, _server = await open_conns(path, sctx, cctx, on_request)

@@ -63,3 +63,15 @@ def test_a_changed_reply_is_not_intact(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(Bridge, "_on_data", flip)
     assert measure(3, workload="connections")["intact"] is False
+
+
+def test_a_destination_handler_that_fails_ends_the_round(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A destination side that raises (here: its request check) answers 503
+    and the round ends not intact, instead of the client waiting for it."""
+    import agent.tunnel.hbone
+
+    def broken(headers: object, local_ip: str) -> tuple[str, int]:
+        raise RuntimeError("check failed")
+
+    monkeypatch.setattr(agent.tunnel.hbone, "check_request", broken)
+    assert measure(3, workload="connections")["intact"] is False
