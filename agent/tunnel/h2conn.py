@@ -116,7 +116,7 @@ class PlainData:
         self.pieces = pieces
         self.length = length
 
-    def __repr__(self) -> str:  # h2 formats every received frame for a debug log
+    def __repr__(self) -> str:  # for debugging: O(1), never the payload
         return f"PlainData(stream_id={self.stream_id}, <{self.length} bytes>)"
 
     def to_frame(self) -> hyperframe.frame.DataFrame:
@@ -335,7 +335,6 @@ class _H2Connection(h2.connection.H2Connection):
         super().__init__(config=config)
         self._out: list[bytes] = []
         self.incoming_buffer = _FrameBuffer(server=not config.client_side)
-        self._frame_dispatch_table[cast(Any, PlainData)] = self._receive_plain_data
 
     # The DATA fast path (FAST_DATA).  Per 1 KiB message h2 spent most of its
     # time on objects, not decisions: a hyperframe DataFrame with Flags and
@@ -370,20 +369,13 @@ class _H2Connection(h2.connection.H2Connection):
         stream._actual_content_length += n
         return DataPieces(f.stream_id, f.pieces, n)
 
-    def _receive_plain_data(
-        self, f: PlainData
-    ) -> tuple[list[hyperframe.frame.Frame], list[h2.events.Event]]:
-        ev = self._plain_fast(f)
-        if ev is None:
-            return self._receive_data_frame(f.to_frame())
-        return [], [ev]
-
     def receive_data(self, data: Any) -> list[h2.events.Event]:
         """h2's receive_data, except that a DATA frame the fast path takes
         is handled right here, not through h2's _receive_frame: that formats
         every frame with repr() for a trace line nobody logs, looks up its
         handler and queues an empty list of frames to send, per message.
-        Every other frame, and every error, is h2's as before."""
+        One it does not take becomes h2's DataFrame and goes where every
+        other frame goes: h2 decides, and every error is h2's as before."""
         events: list[h2.events.Event] = []
         buf = self.incoming_buffer
         buf.add_data(data)
@@ -395,6 +387,7 @@ class _H2Connection(h2.connection.H2Connection):
                     if ev is not None:
                         events.append(ev)
                         continue
+                    frame = frame.to_frame()
                 events.extend(self._receive_frame(frame))
         except hyperframe.exceptions.InvalidPaddingError as e:
             self._terminate_connection(h2.errors.ErrorCodes.PROTOCOL_ERROR)
