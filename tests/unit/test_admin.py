@@ -78,13 +78,20 @@ def test_handler_error_is_a_500_and_the_server_lives(server: int) -> None:
     "raw", [b"NOT HTTP AT ALL\r\n\r\n", b"GET / HTTP/1.1\r\nX: " + b"a" * 70000 + b"\r\n\r\n"]
 )
 def test_malformed_request_closes_only_that_connection(server: int, raw: bytes) -> None:
+    got = b""
     with socket.create_connection(("127.0.0.1", server), timeout=5) as s:
         s.sendall(raw)
-        s.shutdown(socket.SHUT_WR)
-        got = b""
-        while chunk := s.recv(4096):
-            got += chunk
-        assert not got.startswith(b"HTTP/1.1 200")
+        # The server may close first, with our bytes unread: a reset, and
+        # then shutdown (ENOTCONN) or recv (ECONNRESET) fail. Closed either way.
+        try:
+            s.shutdown(socket.SHUT_WR)
+            while chunk := s.recv(4096):
+                got += chunk
+        except TimeoutError:
+            raise
+        except OSError:
+            pass
+    assert not got.startswith(b"HTTP/1.1 200")
     c = http.client.HTTPConnection("127.0.0.1", server, timeout=5)
     c.request("GET", "/healthz")
     assert c.getresponse().status == 200
