@@ -306,9 +306,9 @@ async def _pingpong(n: int, calls: bool = False, workload: str = "messages") -> 
 
 
 def _calls(prof: cProfile.Profile, n: int) -> dict[str, Any]:
-    """Function calls per round trip (Python functions and the C functions
-    they call), all of them and the most called: a count, which no load
-    moves, of what the interpreter does per message."""
+    """Function calls per round trip or connection (`n` of them; Python
+    functions and the C functions they call), all of them and the most
+    called: a count, which no load moves, of what the interpreter does."""
     stats: dict[Any, Any] = pstats.Stats(prof).stats  # type: ignore[attr-defined]
     per: dict[str, float] = {}
     for (path, line, name), (_cc, ncalls, *_rest) in stats.items():
